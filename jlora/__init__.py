@@ -1,0 +1,28 @@
+"""jlora: LoRA fine-tuning of GPT-2 in JAX, as pure functions over plain pytrees.
+
+    model, params = jlora.load_gpt2("gpt2", lora=jlora.LoraConfig(r=8, alpha=16))
+    lora = jlora.init_lora(jax.random.key(0), model, params)
+    logits = model.apply({"params": params, "lora": lora}, input_ids)
+"""
+
+from jlora.gpt2 import GPT2, GPT2Config, init_params
+from jlora.hf_checkpoint import CheckpointError, load_gpt2, save_gpt2
+from jlora.lora import flatten_adapters, init_lora, lora_delta, unflatten_adapters
+from jlora.lora_config import LoraConfig, alpha_for_rank, effective_lr, scaling
+
+__all__ = [
+    "GPT2",
+    "CheckpointError",
+    "GPT2Config",
+    "LoraConfig",
+    "alpha_for_rank",
+    "effective_lr",
+    "flatten_adapters",
+    "init_lora",
+    "init_params",
+    "load_gpt2",
+    "lora_delta",
+    "save_gpt2",
+    "scaling",
+    "unflatten_adapters",
+]

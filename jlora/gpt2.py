@@ -1,0 +1,276 @@
+"""GPT-2 in Flax linen, with LoRA read from a separate ``"lora"`` collection.
+
+The parameter tree is the Hugging Face checkpoint's, key for key (see `hf_checkpoint`)::
+
+    params: wte/embedding (V, D)   wpe/embedding (P, D)   ln_f/{scale, bias}
+            h/{i}/ln_1, ln_2                 /{scale, bias}
+            h/{i}/attn/c_attn, c_proj        /{kernel (d_in, d_out), bias}
+            h/{i}/mlp/c_fc, c_proj           /{kernel (d_in, d_out), bias}
+
+GPT-2's Conv1D stores its weight (d_in, d_out) and computes ``x @ W + b``; `Linear` keeps
+that layout so no weight is transposed on load. A `Linear` whose path has an entry in the
+``"lora"`` collection adds ``scaling * B A dropout(x)`` to its output; with no ``"lora"``
+collection the model is exactly the base model::
+
+    model.apply({"params": params, "lora": lora}, ids)   # adapted
+    model.apply({"params": params}, ids)                 # base
+
+Pre-LN blocks, gelu_new (tanh approximation), learned positions, LM head tied to `wte`.
+Attention goes through `jax.nn.dot_product_attention`, which can pick the fused GPU kernel.
+Attention-probability dropout is not applied (the fused kernels have none); embedding,
+residual and LoRA dropout are, in training mode (``deterministic=False`` with a
+``"dropout"`` RNG).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jlora.lora import lora_delta
+from jlora.lora_config import QKV, LoraConfig
+
+ACTIVATIONS = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+}
+NUMERICS = ("dtype", "param_dtype", "attention", "remat")  # jlora's options, not the checkpoint's
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """GPT-2 hyperparameters (Hugging Face names) plus jlora's numerics options.
+
+    `dtype` is the compute dtype, `param_dtype` the storage dtype of the base weights;
+    `attention` is passed to `jax.nn.dot_product_attention` (None: let JAX choose,
+    "cudnn": require the fused GPU kernel, "xla": plain XLA); `remat` recomputes each
+    block's activations in the backward pass.
+    """
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None
+    activation_function: str = "gelu_new"
+    layer_norm_epsilon: float = 1e-5
+    embd_pdrop: float = 0.1
+    resid_pdrop: float = 0.1
+    scale_attn_by_inverse_layer_idx: bool = False
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    attention: str | None = None
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.activation_function not in ACTIVATIONS:
+            raise ValueError(
+                f"unsupported activation_function {self.activation_function!r}; valid: {', '.join(ACTIVATIONS)}"
+            )
+        for name in ("dtype", "param_dtype"):
+            value = jnp.dtype(getattr(self, name)).name
+            if value not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"{name} must be float32, bfloat16 or float16, got {value!r}")
+            object.__setattr__(self, name, value)
+
+    @property
+    def d_inner(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+    @classmethod
+    def from_hf(cls, hf: Mapping, **overrides) -> GPT2Config:
+        """From a Hugging Face ``config.json`` dict (unknown keys are ignored)."""
+        model_type = hf.get("model_type", "gpt2")
+        if model_type != "gpt2":
+            raise ValueError(f"not a GPT-2 checkpoint: model_type={model_type!r}")
+        names = {f.name for f in dataclasses.fields(cls)} - set(NUMERICS)  # HF's own "dtype" is not ours
+        return cls(**{k: v for k, v in hf.items() if k in names}, **overrides)
+
+    def to_hf(self) -> dict:
+        """The Hugging Face ``config.json`` fields (without jlora's numerics options)."""
+        keep = {f.name for f in dataclasses.fields(self)} - set(NUMERICS)
+        hf = {k: v for k, v in dataclasses.asdict(self).items() if k in keep}
+        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "tie_word_embeddings": True, **hf}
+
+
+def _normal(std: float):
+    return nn.initializers.normal(stddev=std)
+
+
+class Linear(nn.Module):
+    """GPT-2's Conv1D, ``x @ kernel + bias`` with kernel (d_in, d_out), plus its LoRA path."""
+
+    features: int
+    lora: LoraConfig | None
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        kernel = self.param("kernel", _normal(self.init_std), (x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        x = x.astype(self.dtype)
+        y = x @ kernel.astype(self.dtype) + bias.astype(self.dtype)
+        adapters = self.variables.get("lora")
+        if not adapters:
+            return y
+        if self.lora is None:
+            raise ValueError("a 'lora' collection was given to a model without LoraConfig; use model.clone(lora=cfg)")
+        x = nn.Dropout(self.lora.dropout)(x, deterministic=deterministic or self.lora.dropout == 0)
+        path = ".".join(self.scope.path)
+        if "A" in adapters:
+            return y + self._delta(x, adapters, path)
+        width = self.features // len(QKV)
+        parts = [
+            self._delta(x, adapters[s], f"{path}.{s}") if s in adapters else jnp.zeros((*x.shape[:-1], width), y.dtype)
+            for s in QKV
+        ]
+        return y + jnp.concatenate(parts, axis=-1)
+
+    def _delta(self, x, adapter, path):
+        a, b = adapter["A"], adapter["B"]
+        return lora_delta(x, a, b, self.lora.scaling_for(path, r=a.shape[0]))
+
+
+class _Layer(nn.Module):
+    """Holds what every sub-layer needs: the config, LoRA config and dtypes."""
+
+    config: GPT2Config
+    lora: LoraConfig | None = None
+
+    def linear(self, features: int, name: str, init_std: float = 0.02) -> Linear:
+        c = self.config
+        return Linear(features, self.lora, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype), init_std, name=name)
+
+    def layer_norm(self, name: str) -> nn.LayerNorm:
+        c = self.config
+        return nn.LayerNorm(c.layer_norm_epsilon, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), name=name)
+
+    @property
+    def proj_std(self) -> float:  # GPT-2 scales residual projections by 1/sqrt(2 n_layer) at init
+        return 0.02 / math.sqrt(2 * self.config.n_layer)
+
+
+class Attention(_Layer):
+    layer_idx: int = 0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
+        """x: (B, T, D); mask: (B, 1, 1, T) bool keys to attend to, or None. Returns (B, T, D)."""
+        c = self.config
+        batch, length, d = x.shape
+        head_dim = d // c.n_head
+        qkv = self.linear(3 * d, "c_attn")(x, deterministic)
+        q, k, v = (t.reshape(batch, length, c.n_head, head_dim) for t in jnp.split(qkv, 3, axis=-1))
+        scale = 1.0 / math.sqrt(head_dim)
+        if c.scale_attn_by_inverse_layer_idx:
+            scale /= self.layer_idx + 1
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True, implementation=c.attention)
+        out = self.linear(d, "c_proj", self.proj_std)(out.reshape(batch, length, d), deterministic)
+        return nn.Dropout(c.resid_pdrop)(out, deterministic=deterministic)
+
+
+class MLP(_Layer):
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        c = self.config
+        h = ACTIVATIONS[c.activation_function](self.linear(c.d_inner, "c_fc")(x, deterministic))
+        h = self.linear(c.n_embd, "c_proj", self.proj_std)(h, deterministic)
+        return nn.Dropout(c.resid_pdrop)(h, deterministic=deterministic)
+
+
+class Block(_Layer):
+    layer_idx: int = 0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool = True) -> jax.Array:
+        x = x + Attention(self.config, self.lora, self.layer_idx, name="attn")(self.layer_norm("ln_1")(x), mask, deterministic)
+        return x + MLP(self.config, self.lora, name="mlp")(self.layer_norm("ln_2")(x), deterministic)
+
+
+class Blocks(_Layer):
+    """The stack ``h``; blocks are named "0" .. "n_layer-1" as in the checkpoint."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
+        block = nn.remat(Block, static_argnums=(3,)) if self.config.remat else Block
+        for i in range(self.config.n_layer):
+            x = block(self.config, self.lora, i, name=str(i))(x, mask, deterministic)
+        return x
+
+
+class GPT2(_Layer):
+    """GPT-2 language model: token ids (B, T) -> logits (B, T, V).
+
+    `lora` (a `LoraConfig`) tells the adapted layers their scaling and dropout; which layers
+    are adapted is read from the ``"lora"`` collection passed to `apply`.
+    """
+
+    def setup(self):
+        c = self.config
+        dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        self.wte = nn.Embed(c.vocab_size, c.n_embd, dtype=dtype, param_dtype=param_dtype, embedding_init=_normal(0.02))
+        self.wpe = nn.Embed(c.n_positions, c.n_embd, dtype=dtype, param_dtype=param_dtype, embedding_init=_normal(0.01))
+        self.h = Blocks(c, self.lora)
+        self.ln_f = self.layer_norm("ln_f")
+        self.embd_dropout = nn.Dropout(c.embd_pdrop)
+
+    def hidden(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Final hidden states (B, T, D), after `ln_f`.
+
+        Args:
+          input_ids: (B, T) int token ids.
+          attention_mask: (B, T), 1 for tokens and 0 for padding, or None. With right
+            padding it changes no real token's output (attention is causal), so a training
+            step can leave it out and keep the fused attention kernel eligible.
+          position_ids: (B, T) or None for 0 .. T-1.
+        """
+        length = input_ids.shape[-1]
+        if position_ids is None:
+            position_ids = jnp.arange(length)[None, :]
+        x = self.wte(input_ids) + self.wpe(position_ids)
+        x = self.embd_dropout(x, deterministic=deterministic)
+        mask = None if attention_mask is None else attention_mask[:, None, None, :].astype(bool)
+        return self.ln_f(self.h(x, mask, deterministic))
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """The tied LM head: (..., D) -> (..., V) in the compute dtype."""
+        return self.wte.attend(hidden)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Logits (B, T, V); see `hidden` for the arguments."""
+        return self.logits(self.hidden(input_ids, attention_mask, position_ids, deterministic))
+
+
+def init_params(key: jax.Array, config: GPT2Config) -> dict:
+    """A randomly initialised base parameter tree (GPT-2's initialisation)."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return GPT2(config).init(key, ids)["params"]
+
+
+def param_shapes(config: GPT2Config) -> dict:
+    """The base parameter tree's shapes and dtypes, without allocating it."""
+    return jax.eval_shape(lambda: init_params(jax.random.key(0), config))

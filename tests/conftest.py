@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny Hugging Face GPT-2 checkpoints made offline with transformers.
+
+They are the numerical reference for the Flax model (their PyTorch logits) and stand in
+for Hub checkpoints, which cannot be downloaded here.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+TINY = dict(vocab_size=101, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=100, eos_token_id=100)
+SMALL = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
+
+
+def make_hf_checkpoint(directory, seed: int = 0, **config):
+    """Save a randomly initialised transformers GPT2LMHeadModel; returns the torch model."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(**config)).eval()
+    with torch.no_grad():  # GPT-2's init leaves biases and LayerNorms trivial: make them count
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(0.02 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """(directory, torch model) of a 2-layer, 32-wide GPT-2."""
+    directory = tmp_path_factory.mktemp("tiny_gpt2")
+    return directory, make_hf_checkpoint(directory, **TINY)
+
+
+@pytest.fixture(scope="session")
+def small_hf(tmp_path_factory):
+    """(directory, torch model) of a randomly initialised GPT-2-small-shaped checkpoint."""
+    directory = tmp_path_factory.mktemp("small_gpt2")
+    return directory, make_hf_checkpoint(directory, seed=1, **SMALL)
