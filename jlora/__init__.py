@@ -1,8 +1,8 @@
 """jlora: LoRA fine-tuning of GPT-2 in JAX, as pure functions over plain pytrees.
 
-    model, params = jlora.load_gpt2("gpt2", lora=jlora.LoraConfig(r=8, alpha=16))
-    lora = jlora.init_lora(jax.random.key(0), model, params)
-    logits = model.apply({"params": params, "lora": lora}, input_ids)
+model, params = jlora.load_gpt2("gpt2", lora=jlora.LoraConfig(r=8, alpha=16))
+lora = jlora.init_lora(jax.random.key(0), model, params)
+logits = model.apply({"params": params, "lora": lora}, input_ids)
 """
 
 from jlora.gpt2 import GPT2, GPT2Config, init_params

@@ -155,7 +155,9 @@ class _Layer(nn.Module):
 
     def layer_norm(self, name: str) -> nn.LayerNorm:
         c = self.config
-        return nn.LayerNorm(c.layer_norm_epsilon, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), name=name)
+        return nn.LayerNorm(
+            c.layer_norm_epsilon, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), name=name
+        )
 
     @property
     def proj_std(self) -> float:  # GPT-2 scales residual projections by 1/sqrt(2 n_layer) at init
@@ -195,7 +197,9 @@ class Block(_Layer):
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool = True) -> jax.Array:
-        x = x + Attention(self.config, self.lora, self.layer_idx, name="attn")(self.layer_norm("ln_1")(x), mask, deterministic)
+        x = x + Attention(self.config, self.lora, self.layer_idx, name="attn")(
+            self.layer_norm("ln_1")(x), mask, deterministic
+        )
         return x + MLP(self.config, self.lora, name="mlp")(self.layer_norm("ln_2")(x), deterministic)
 
 

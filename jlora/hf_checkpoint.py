@@ -58,7 +58,9 @@ def hf_key_to_path(key: str) -> tuple[str, ...] | None:
 def _is_buffer(key: str) -> bool:
     key = key.removeprefix("transformer.")
     parts = key.split(".")
-    return key.startswith("lm_head.") or (len(parts) == 4 and parts[2] == "attn" and parts[3] in ("bias", "masked_bias"))
+    return key.startswith("lm_head.") or (
+        len(parts) == 4 and parts[2] == "attn" and parts[3] in ("bias", "masked_bias")
+    )
 
 
 def params_from_state(state: Mapping[str, np.ndarray], config: GPT2Config) -> dict:
@@ -66,7 +68,9 @@ def params_from_state(state: Mapping[str, np.ndarray], config: GPT2Config) -> di
 
     Raises CheckpointError naming missing, unexpected or mis-shaped tensors.
     """
-    expected = {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(param_shapes(config))}
+    expected = {
+        tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(param_shapes(config))
+    }
     found: dict[tuple[str, ...], np.ndarray] = {}
     unexpected = []
     for key, value in state.items():
@@ -81,7 +85,9 @@ def params_from_state(state: Mapping[str, np.ndarray], config: GPT2Config) -> di
         found[path] = value
     missing = sorted(".".join(p) for p in expected if p not in found)
     if missing or unexpected:
-        raise CheckpointError(f"checkpoint does not match GPT-2 config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointError(
+            f"checkpoint does not match GPT-2 config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     tree: dict = {}
     dtype = jnp.dtype(config.param_dtype)
     for path, value in found.items():
@@ -147,12 +153,7 @@ def read_state(directory: Path, *, allow_pickle: bool = False) -> dict[str, np.n
         raise CheckpointError(f"no {WEIGHTS}, {WEIGHTS_INDEX} or {PICKLE_WEIGHTS} in {directory}")
     state: dict[str, np.ndarray] = {}
     for f in files:
-        try:
-            state.update(load_file(f))
-        except (TypeError, ValueError):  # bfloat16 has no numpy dtype: go through JAX
-            from safetensors.flax import load_file as load_flax
-
-            state.update({k: np.asarray(v.astype(jnp.float32)) for k, v in load_flax(f).items()})
+        state.update(load_file(f))  # bfloat16 arrives as ml_dtypes.bfloat16
     return state
 
 

@@ -212,4 +212,3 @@ def alpha_for_rank(cfg: LoraConfig, r: int) -> float:
     """
     _check(isinstance(r, int) and r > 0, f"rank must be a positive integer, got r={r!r}")
     return float(scaling(cfg) * (math.sqrt(r) if cfg.rslora else r))
-

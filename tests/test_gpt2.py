@@ -12,7 +12,9 @@ from jlora.gpt2 import GPT2Config
 
 def torch_logits(model, ids, mask=None):
     with torch.no_grad():
-        out = model(torch.tensor(np.asarray(ids)), attention_mask=None if mask is None else torch.tensor(np.asarray(mask)))
+        out = model(
+            torch.tensor(np.asarray(ids)), attention_mask=None if mask is None else torch.tensor(np.asarray(mask))
+        )
     return out.logits.numpy()
 
 
@@ -70,7 +72,7 @@ def test_bfloat16_compute_stays_close(tiny_hf):
 
 def test_random_init_shapes_match_loaded_checkpoint(tiny_hf):
     _, params = jlora.load_gpt2(tiny_hf[0])
-    config = GPT2Config(**{k: v for k, v in dict(vocab_size=101, n_positions=64, n_embd=32, n_layer=2, n_head=4).items()})
+    config = GPT2Config(vocab_size=101, n_positions=64, n_embd=32, n_layer=2, n_head=4)
     fresh = jlora.init_params(jax.random.key(0), config)
     assert jax.tree.map(jnp.shape, fresh) == jax.tree.map(jnp.shape, params)
 
