@@ -1,0 +1,68 @@
+"""The `jlora` command: thin argparse wiring over library functions.
+
+Each subcommand's handler lives beside the code it drives; this module only parses
+arguments and turns the library's input errors into one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+class UsageError(ValueError):
+    """Bad input from the command line (a path, a value): reported in one line, exit status 2."""
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    from jlora.checkpoint import BaseMismatchError
+    from jlora.hf_checkpoint import CheckpointError
+    from jlora.run_config import ConfigError
+
+    errors: list[type[BaseException]] = [UsageError, ConfigError, CheckpointError, BaseMismatchError, FileNotFoundError]
+    try:
+        from jlora.data import DataError
+
+        errors.append(DataError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from jlora.run_config import DEFAULT_CONFIG, load_run_config
+    from jlora.train import train
+
+    cfg = load_run_config(args.config or DEFAULT_CONFIG, args.set)
+    train(cfg, args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jlora", description="LoRA fine-tuning of GPT-2 in JAX.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="fine-tune with LoRA (resumes if RUN_DIR has a checkpoint)")
+    train.add_argument("config", nargs="?", help="YAML run config (default: configs/default.yaml)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=1e-3")
+    train.add_argument("--out", default="runs/default", metavar="RUN_DIR", help="run directory (default: runs/default)")
+    train.set_defaults(handler=_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except _input_errors() as e:
+        print(f"jlora {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"jlora {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
