@@ -6,10 +6,10 @@ checks it before anything is loaded, so a typo costs a one-line error, not a fai
     >>> cfg = from_dict({"steps": 10, "lora": {"r": 4, "alpha": 8}})
     >>> cfg.lora.r, cfg.steps
     (4, 10)
-    >>> from_dict({"lora": {"rank": 4}})
+    >>> from_dict({"checkpoint": {"often": 10}})
     Traceback (most recent call last):
     ...
-    jlora.run_config.ConfigError: unknown key 'lora.rank'; valid: alpha, alpha_pattern, dropout, init, layers, r, rank_pattern, rslora, target_modules
+    jlora.run_config.ConfigError: unknown key 'checkpoint.often'; valid: every, max_to_keep
 """
 
 from __future__ import annotations
