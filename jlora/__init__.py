@@ -5,10 +5,27 @@ lora = jlora.init_lora(jax.random.key(0), model, params)
 logits = model.apply({"params": params, "lora": lora}, input_ids)
 """
 
+from jlora.counting import (
+    adapter_compression,
+    adapter_param_count,
+    compression_ratio,
+    lora_param_count,
+    module_counts,
+)
 from jlora.gpt2 import GPT2, GPT2Config, init_params
 from jlora.hf_checkpoint import CheckpointError, load_gpt2, save_gpt2
 from jlora.lora import flatten_adapters, init_lora, lora_delta, unflatten_adapters
 from jlora.lora_config import LoraConfig, alpha_for_rank, effective_lr, scaling
+from jlora.merge import delta_w, merge, unmerge
+from jlora.svd import (
+    amplification,
+    delta_svd,
+    factored_svd,
+    lora_from_delta,
+    spectrum,
+    subspace_similarity,
+    subspace_similarity_grid,
+)
 
 __all__ = [
     "GPT2",
@@ -25,4 +42,19 @@ __all__ = [
     "save_gpt2",
     "scaling",
     "unflatten_adapters",
+    "adapter_compression",
+    "adapter_param_count",
+    "compression_ratio",
+    "lora_param_count",
+    "module_counts",
+    "delta_w",
+    "merge",
+    "unmerge",
+    "amplification",
+    "delta_svd",
+    "factored_svd",
+    "lora_from_delta",
+    "spectrum",
+    "subspace_similarity",
+    "subspace_similarity_grid",
 ]
