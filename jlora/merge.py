@@ -92,8 +92,19 @@ def _new_kernels(
 _new_kernels_jit = jax.jit(_new_kernels, static_argnums=(2, 3))
 
 
+def _has_kernel(params: Mapping, module: str) -> bool:
+    try:
+        get_path(params, module)["kernel"]
+    except (KeyError, TypeError):
+        return False
+    return True
+
+
 def _apply(params: Mapping, lora: Mapping, cfg: LoraConfig, sign: float, verb: str) -> PyTree:
     grouped = _by_module(lora)
+    missing = [module for module in grouped if not _has_kernel(params, module)]
+    if missing:
+        raise ValueError(f"the LoRA tree adapts {missing}, which have no kernel in params")
     kernels = {module: get_path(params, module)["kernel"] for module in grouped}
     for module, adapters in grouped.items():
         for path, adapter in adapters.items():
