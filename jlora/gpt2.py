@@ -20,6 +20,18 @@ Attention goes through `jax.nn.dot_product_attention`, which can pick the fused 
 Attention-probability dropout is not applied (the fused kernels have none); embedding,
 residual and LoRA dropout are, in training mode (``deterministic=False`` with a
 ``"dropout"`` RNG).
+
+Decoding threads an explicit KV cache, a plain pytree of fixed size (`init_cache`)::
+
+    cache = {"index": () int32,          # slots filled so far (the same for every row)
+             "mask":  (B, T_max) bool,   # which filled slots hold real tokens (left padding: False)
+             "h": {"0": {"k": (B, T_max, H, Dh), "v": (B, T_max, H, Dh)}, ...}}
+    logits, cache = model.apply(variables, ids, attention_mask, cache=cache)
+
+Each call writes its T tokens at slots index .. index+T-1 and attends over all T_max slots
+through an explicit mask, so the shapes never change and a jitted step compiles once.
+Positions come from the mask as in transformers (real tokens before this one), so
+left-padded prompts decode as they would alone.
 """
 
 from __future__ import annotations
@@ -168,8 +180,15 @@ class Attention(_Layer):
     layer_idx: int = 0
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
-        """x: (B, T, D); mask: (B, 1, 1, T) bool keys to attend to, or None. Returns (B, T, D)."""
+    def __call__(
+        self, x: jax.Array, mask: jax.Array | None, deterministic: bool, cache: dict | None = None, index=None
+    ) -> jax.Array | tuple[jax.Array, dict]:
+        """x: (B, T, D); mask: (B, 1, 1, T) bool keys to attend to, or None. Returns (B, T, D).
+
+        With `cache` ({"k", "v"}: (B, T_max, H, Dh)): the new keys and values are written at
+        slots index .. index+T-1, `mask` is (B, 1, T, T_max) and already causal, and the
+        result is (out, new cache).
+        """
         c = self.config
         batch, length, d = x.shape
         head_dim = d // c.n_head
@@ -178,9 +197,23 @@ class Attention(_Layer):
         scale = 1.0 / math.sqrt(head_dim)
         if c.scale_attn_by_inverse_layer_idx:
             scale /= self.layer_idx + 1
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True, implementation=c.attention)
+        if cache is None:
+            out = jax.nn.dot_product_attention(
+                q, k, v, mask=mask, scale=scale, is_causal=True, implementation=c.attention
+            )
+        else:
+            k, v = (
+                jax.lax.dynamic_update_slice(cache[n], t.astype(cache[n].dtype), (0, index, 0, 0))
+                for n, t in (("k", k), ("v", v))
+            )
+            cache = {"k": k, "v": v}
+            # The fused kernels take no arbitrary mask (left padding, an offset query block): plain XLA.
+            out = jax.nn.dot_product_attention(
+                q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=scale, implementation="xla"
+            )
         out = self.linear(d, "c_proj", self.proj_std)(out.reshape(batch, length, d), deterministic)
-        return nn.Dropout(c.resid_pdrop)(out, deterministic=deterministic)
+        out = nn.Dropout(c.resid_pdrop)(out, deterministic=deterministic)
+        return out if cache is None else (out, cache)
 
 
 class MLP(_Layer):
@@ -196,18 +229,31 @@ class Block(_Layer):
     layer_idx: int = 0
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool = True) -> jax.Array:
-        x = x + Attention(self.config, self.lora, self.layer_idx, name="attn")(
-            self.layer_norm("ln_1")(x), mask, deterministic
+    def __call__(
+        self, x: jax.Array, mask: jax.Array | None, deterministic: bool = True, cache: dict | None = None, index=None
+    ) -> jax.Array | tuple[jax.Array, dict]:
+        attn = Attention(self.config, self.lora, self.layer_idx, name="attn")(
+            self.layer_norm("ln_1")(x), mask, deterministic, cache, index
         )
-        return x + MLP(self.config, self.lora, name="mlp")(self.layer_norm("ln_2")(x), deterministic)
+        if cache is not None:
+            attn, cache = attn
+        x = x + attn
+        x = x + MLP(self.config, self.lora, name="mlp")(self.layer_norm("ln_2")(x), deterministic)
+        return x if cache is None else (x, cache)
 
 
 class Blocks(_Layer):
     """The stack ``h``; blocks are named "0" .. "n_layer-1" as in the checkpoint."""
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, mask: jax.Array | None, deterministic: bool, cache: dict | None = None, index=None
+    ) -> jax.Array | tuple[jax.Array, dict]:
+        if cache is not None:  # decoding: {"0": {"k", "v"}, ...} in, the updated one out
+            layers = {}
+            for i in range(self.config.n_layer):
+                x, layers[str(i)] = Block(self.config, self.lora, i, name=str(i))(x, mask, True, cache[str(i)], index)
+            return x, layers
         block = nn.remat(Block, static_argnums=(3,)) if self.config.remat else Block
         for i in range(self.config.n_layer):
             x = block(self.config, self.lora, i, name=str(i))(x, mask, deterministic)
@@ -236,7 +282,8 @@ class GPT2(_Layer):
         attention_mask: jax.Array | None = None,
         position_ids: jax.Array | None = None,
         deterministic: bool = True,
-    ) -> jax.Array:
+        cache: dict | None = None,
+    ) -> jax.Array | tuple[jax.Array, dict]:
         """Final hidden states (B, T, D), after `ln_f`.
 
         Args:
@@ -244,8 +291,11 @@ class GPT2(_Layer):
           attention_mask: (B, T), 1 for tokens and 0 for padding, or None. With right
             padding it changes no real token's output (attention is causal), so a training
             step can leave it out and keep the fused attention kernel eligible.
-          position_ids: (B, T) or None for 0 .. T-1.
+          position_ids: (B, T) or None for 0 .. T-1 (with a cache: from the mask).
+          cache: a KV cache (`init_cache`); then the result is (hidden, new cache).
         """
+        if cache is not None:
+            return self._hidden_cached(input_ids, attention_mask, position_ids, cache)
         length = input_ids.shape[-1]
         if position_ids is None:
             position_ids = jnp.arange(length)[None, :]
@@ -253,6 +303,23 @@ class GPT2(_Layer):
         x = self.embd_dropout(x, deterministic=deterministic)
         mask = None if attention_mask is None else attention_mask[:, None, None, :].astype(bool)
         return self.ln_f(self.h(x, mask, deterministic))
+
+    def _hidden_cached(self, input_ids, attention_mask, position_ids, cache: dict) -> tuple[jax.Array, dict]:
+        batch, length = input_ids.shape
+        index = cache["index"]
+        new = jnp.ones((batch, length), bool) if attention_mask is None else attention_mask.astype(bool)
+        key_mask = jax.lax.dynamic_update_slice(cache["mask"], new, (0, index))  # (B, T_max)
+        if position_ids is None:  # transformers' rule: the number of real tokens before this one
+            counts = jnp.cumsum(key_mask, axis=1, dtype=jnp.int32) - 1
+            position_ids = jnp.maximum(jax.lax.dynamic_slice_in_dim(counts, index, length, axis=1), 0)
+        slots = jnp.arange(key_mask.shape[1])
+        query_slots = index + jnp.arange(length)[:, None]
+        causal = slots <= query_slots  # (T, T_max)
+        # A padding query sees at least itself, so no softmax row is empty (its output is unused).
+        mask = (key_mask[:, None, None, :] & causal) | (slots == query_slots)  # (B, 1, T, T_max)
+        x = self.wte(input_ids) + self.wpe(position_ids)
+        x, layers = self.h(x, mask, True, cache["h"], index)
+        return self.ln_f(x), {"index": index + length, "mask": key_mask, "h": layers}
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """The tied LM head: (..., D) -> (..., V) in the compute dtype."""
@@ -264,8 +331,12 @@ class GPT2(_Layer):
         attention_mask: jax.Array | None = None,
         position_ids: jax.Array | None = None,
         deterministic: bool = True,
-    ) -> jax.Array:
-        """Logits (B, T, V); see `hidden` for the arguments."""
+        cache: dict | None = None,
+    ) -> jax.Array | tuple[jax.Array, dict]:
+        """Logits (B, T, V); see `hidden` for the arguments. With a cache: (logits, new cache)."""
+        if cache is not None:
+            hidden, cache = self.hidden(input_ids, attention_mask, position_ids, cache=cache)
+            return self.logits(hidden), cache
         return self.logits(self.hidden(input_ids, attention_mask, position_ids, deterministic))
 
 
@@ -273,6 +344,18 @@ def init_params(key: jax.Array, config: GPT2Config) -> dict:
     """A randomly initialised base parameter tree (GPT-2's initialisation)."""
     ids = jnp.zeros((1, 1), jnp.int32)
     return GPT2(config).init(key, ids)["params"]
+
+
+def init_cache(config: GPT2Config, batch: int, max_length: int) -> dict:
+    """An empty KV cache for `batch` rows of up to `max_length` tokens (see the module doc)."""
+    if max_length > config.n_positions:
+        raise ValueError(f"a cache of {max_length} tokens exceeds the model's n_positions={config.n_positions}")
+    zeros = jnp.zeros((batch, max_length, config.n_head, config.n_embd // config.n_head), config.dtype)
+    return {
+        "index": jnp.zeros((), jnp.int32),
+        "mask": jnp.zeros((batch, max_length), bool),
+        "h": {str(i): {"k": zeros, "v": zeros} for i in range(config.n_layer)},
+    }
 
 
 def param_shapes(config: GPT2Config) -> dict:
