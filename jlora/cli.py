@@ -30,6 +30,12 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _run_errors() -> tuple[type[BaseException], ...]:
+    from jlora.train import NonFiniteLossError
+
+    return (NonFiniteLossError,)
+
+
 def _train(args: argparse.Namespace) -> int:
     from jlora.run_config import DEFAULT_CONFIG, load_run_config
     from jlora.train import train
@@ -59,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _input_errors() as e:
         print(f"jlora {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except _run_errors() as e:
+        print(f"jlora {args.command}: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"jlora {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -177,7 +177,12 @@ def _build(cls: type, values: typing.Mapping, prefix: str = "") -> Any:
 
 
 def from_dict(values: typing.Mapping) -> RunConfig:
-    """A validated `RunConfig` from nested plain values (as read from YAML)."""
+    """A validated `RunConfig` from nested plain values (as read from YAML).
+
+    ``model: NAME`` is short for ``model: {name: NAME}``.
+    """
+    if isinstance(values.get("model"), str):
+        values = {**values, "model": {"name": values["model"]}}
     cfg = _build(RunConfig, values)
     _check_values(cfg)
     return cfg
@@ -227,6 +232,8 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     values = dict(values)
     for text in overrides:
         keys, value = parse_override(text)
+        if keys == ["model"] and isinstance(value, str):  # --set model=DIR keeps the other model keys
+            keys = ["model", "name"]
         node = values
         for k in keys[:-1]:
             child = node.get(k)

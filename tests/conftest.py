@@ -39,3 +39,14 @@ def small_hf(tmp_path_factory):
     """(directory, torch model) of a randomly initialised GPT-2-small-shaped checkpoint."""
     directory = tmp_path_factory.mktemp("small_gpt2")
     return directory, make_hf_checkpoint(directory, seed=1, **SMALL)
+
+
+def save_byte_level_tokenizer(directory) -> int:
+    """A GPT-2 tokenizer with no merges (GPT-2's 256 byte symbols + end-of-text); returns its size."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import GPT2TokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+    vocab["<|endoftext|>"] = len(vocab)
+    GPT2TokenizerFast(vocab=vocab, merges=[]).save_pretrained(directory)
+    return len(vocab)

@@ -22,6 +22,9 @@ def test_overrides_are_typed():
     assert cfg.optim.lr == 1e-3 and cfg.lora.r == 4 and cfg.lora.target_modules == ("c_attn", "c_fc")
     assert cfg.init_from is None
     assert load_run_config(None, ["model.name=/some/dir"]).model.name == "/some/dir"
+    qa = load_run_config("configs/gpt2_qa.yaml", ["model=/some/dir", "model.dtype=bfloat16"])
+    assert (qa.model.name, qa.model.dtype, qa.seq_len) == ("/some/dir", "bfloat16", 512)
+    assert from_dict({"model": "gpt2-medium"}).model.name == "gpt2-medium"
 
 
 @pytest.mark.parametrize(
@@ -35,7 +38,7 @@ def test_overrides_are_typed():
         ({"seq_len": 4096, "model": {"random": {"n_positions": 128}}}, "seq_len=4096 is longer than the model's"),
         ({"data": {"train": "missing.jsonl"}}, "data.train: no such file missing.jsonl"),
         ({"optim": {"grad_accum": 3}, "batch_size": 8}, "batch_size=8 is not divisible by optim.grad_accum=3"),
-        ({"model": "gpt2"}, "model must be a mapping"),
+        ({"model": 3}, "model must be a mapping, got 3"),
     ],
 )
 def test_errors_name_the_key(values, message):
