@@ -1,0 +1,71 @@
+"""The merged export, loaded back by transformers' PyTorch GPT-2."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import torch
+from transformers import GPT2LMHeadModel, GPT2TokenizerFast
+
+import jlora
+from jlora.hf_checkpoint import TOKENIZER_FILES, CheckpointError
+from jlora.hf_export import save_merged
+from jlora.peft import with_base_leaves
+
+from .conftest import save_byte_level_tokenizer
+
+IDS = np.array([[5, 17, 3, 88, 42, 9, 61, 2], [70, 1, 33, 33, 12, 99, 0, 54]])
+
+
+@pytest.fixture
+def base_with_tokenizer(tiny_hf, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_hf[0], base)
+    save_byte_level_tokenizer(base)
+    return base
+
+
+def trained(model, params, cfg):
+    lora = jlora.init_lora(jax.random.key(0), model, params)
+    lora = jax.tree.map(lambda x: 0.3 * jax.random.normal(jax.random.key(x.shape[0]), x.shape), lora)
+    ln_f = {"ln_f": {"scale": params["ln_f"]["scale"] * 0.8, "bias": params["ln_f"]["bias"] - 0.1}}
+    return lora, ln_f
+
+
+def test_merged_export_loads_in_transformers_with_the_lora_models_logits(base_with_tokenizer, tmp_path):
+    cfg = jlora.LoraConfig(r=4, alpha=8, target_modules=("c_attn.q", "c_attn.v", "c_fc"))
+    model, params = jlora.load_gpt2(base_with_tokenizer, lora=cfg)
+    lora, ln_f = trained(model, params, cfg)
+    out = save_merged(
+        tmp_path / "merged", model.config, params, lora, cfg, base_leaves=ln_f, base_dir=base_with_tokenizer
+    )
+
+    expected = np.asarray(model.apply({"params": with_base_leaves(params, ln_f), "lora": lora}, IDS))
+    assert not np.allclose(expected, np.asarray(model.apply({"params": params}, IDS)), atol=1e-2)
+    reference = GPT2LMHeadModel.from_pretrained(out).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(reference(torch.tensor(IDS)).logits.numpy(), expected, atol=1e-4, rtol=0)
+
+    tokenizer_files = {p.name for p in base_with_tokenizer.iterdir() if p.name in TOKENIZER_FILES}
+    assert tokenizer_files and tokenizer_files | {"config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
+    text = "Merged, with its tokenizer."
+    assert GPT2TokenizerFast.from_pretrained(out).encode(text) == GPT2TokenizerFast.from_pretrained(
+        base_with_tokenizer
+    ).encode(text)
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == 100  # the base's, not GPT-2's 50256
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_failed_merged_export_leaves_nothing(tiny_hf, tmp_path):
+    cfg = jlora.LoraConfig(r=2, alpha=4)
+    model, params = jlora.load_gpt2(tiny_hf[0], lora=cfg)
+    lora = jlora.init_lora(jax.random.key(0), model, params)
+    bad = jax.tree.map(lambda x: x.at[0, 0].set(np.inf), lora)
+    with pytest.raises(CheckpointError, match="non-finite"):
+        save_merged(tmp_path / "merged", model.config, params, bad, cfg)
+    assert list(tmp_path.iterdir()) == []
+    save_merged(tmp_path / "merged", model.config, params, lora, cfg)
+    with pytest.raises(CheckpointError, match="not empty"):
+        save_merged(tmp_path / "merged", model.config, params, lora, cfg)
