@@ -133,6 +133,31 @@ def _meta_file(checkpoint_dir: Path) -> Path:
     return meta / "metadata" if meta.is_dir() else meta
 
 
+def load_run(run_dir: str | Path, step: int | None = None, *, allow_different_weights: bool = False):
+    """A trained run, ready to apply: ``(model, params, lora, lora_cfg, meta)``.
+
+    Rebuilds the base model as the run's ``config.yaml`` says (from its checkpoint, or its
+    seeded random initialisation), checks it against the identity recorded at save time,
+    and puts the trained base leaves (``modules_to_save``) into `params`. `step` picks a
+    checkpoint (None: the newest). The tokenizer is ``jlora.tokenizer.load_tokenizer(meta["tokenizer"])``.
+    """
+    from jlora.peft import with_base_leaves
+    from jlora.run_config import load_run_config
+    from jlora.train import build_run
+
+    run_dir = Path(run_dir)
+    checkpoint_dir = latest_checkpoint(run_dir) if step is None else run_dir / "checkpoints" / str(step)
+    if checkpoint_dir is None or not (checkpoint_dir / "adapter").exists():
+        raise FileNotFoundError(f"no checkpoint{'' if step is None else f' at step {step}'} in {run_dir}")
+    if not (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
+    lora, base_leaves, meta = load_adapter(checkpoint_dir)
+    run = build_run(load_run_config(run_dir / "config.yaml"))
+    check_base(meta["base_model"], run.params, allow_different_weights=allow_different_weights)
+    lora_cfg = lora_config_of(meta)
+    return run.model.clone(lora=lora_cfg), with_base_leaves(run.params, base_leaves), lora, lora_cfg, meta
+
+
 def lora_config_of(meta: Mapping) -> LoraConfig:
     return LoraConfig.from_dict(meta["lora_config"])
 

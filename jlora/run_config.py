@@ -102,7 +102,7 @@ class RunConfig:
     exact_match: int = 64  # validation QA pairs answered greedily at each evaluation (0: off)
     log_every: int = 10
     seed: int = 0
-    init_from: str | None = None  # a PEFT adapter folder to start from
+    init_from: str | None = None  # a PEFT adapter folder to start from (its LoRA config replaces `lora`)
 
     def to_dict(self) -> dict:
         return _to_plain(self)

@@ -12,6 +12,7 @@ RUN_DIR resumes from the newest checkpoint and reproduces an uninterrupted run's
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -88,13 +89,22 @@ def build_run(cfg: RunConfig) -> Run:
     return Run(cfg, tokenizer, model, params, cfg.model.name)
 
 
-def initial_lora(run: Run) -> dict:
-    if run.cfg.init_from:
-        from jlora.peft import load_peft
+def start_from_peft(run: Run) -> tuple[Run, dict]:
+    """The run re-based on the PEFT adapter in ``cfg.init_from``: its LoRA config, tree and saved leaves."""
+    from jlora.peft import load_peft, with_base_leaves
 
-        _, lora, _ = load_peft(run.cfg.init_from)
-        return lora
-    return init_lora(jax.random.fold_in(jax.random.key(run.cfg.seed), 1), run.model, run.params)
+    adapter = load_peft(run.cfg.init_from)
+    run = dataclasses.replace(
+        run, model=run.model.clone(lora=adapter.config), params=with_base_leaves(run.params, adapter.modules_to_save)
+    )
+    return run, adapter.lora
+
+
+def initial_lora(run: Run) -> tuple[Run, dict]:
+    """(run, lora): fresh adapters (A random, B = 0), or those of ``cfg.init_from``."""
+    if run.cfg.init_from:
+        return start_from_peft(run)
+    return run, init_lora(jax.random.fold_in(jax.random.key(run.cfg.seed), 1), run.model, run.params)
 
 
 def optim_config(cfg: RunConfig) -> OptimConfig:
@@ -120,7 +130,7 @@ def checkpoint_meta(run: Run, state: TrainState, identity: dict) -> dict:
         "step": step,
         "seed": run.cfg.seed,
         "data_position": step * run.cfg.batch_size,
-        "lora_config": run.cfg.lora.to_dict(),
+        "lora_config": run.model.lora.to_dict(),
         "model_config": dict(vars(run.model.config)),
         "tokenizer": tokenizer_source(run.cfg),
         "base_model": identity,
@@ -210,12 +220,13 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
     if len(train_data) < cfg.batch_size:
         raise ConfigError(f"batch_size={cfg.batch_size} is larger than the {len(train_data)} training examples")
 
-    variables = {"params": run.params, "lora": initial_lora(run)}
+    identity = ckpt.base_identity(run.base_name, run.params)
+    run, lora = initial_lora(run)
+    variables = {"params": run.params, "lora": lora}
     mask = trainable_mask(variables, bias=cfg.trainable.bias, modules_to_save=cfg.trainable.modules_to_save)
     ocfg = optim_config(cfg)
     optimizer = make_optimizer(ocfg, partition(variables, mask)[0])
     state = init_state(variables, mask, optimizer)
-    identity = ckpt.base_identity(run.base_name, run.params)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     save_run_config(cfg, run_dir / "config.yaml")
@@ -240,10 +251,10 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
         state = replicate(state, n_devices)
     host_state = lambda: unreplicate(state) if n_devices > 1 else state  # noqa: E731
 
-    s = scaling(cfg.lora)
+    lora_cfg = run.model.lora
     print(
-        f"jlora: {run.base_name} | LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} scaling={s:g} | "
-        f"lr={ocfg.lr:g} effective lr (lr*alpha/r)={effective_lr(ocfg.lr, cfg.lora):g} | "
+        f"jlora: {run.base_name} | LoRA r={lora_cfg.r} alpha={lora_cfg.alpha} scaling={scaling(lora_cfg):g} | "
+        f"lr={ocfg.lr:g} effective lr (lr*alpha/r)={effective_lr(ocfg.lr, lora_cfg):g} | "
         f"trainable {n_trainable:,} | "
         f"train: {train_data.summary()} | devices {n_devices}" + (f" | resuming at step {start}" if start else "")
     )

@@ -142,3 +142,25 @@ def test_gpt2_qa_config_runs_on_a_local_checkpoint(tmp_path):
     assert (run / "checkpoints" / "2" / "adapter").exists()
     meta = json.loads((run / "checkpoints" / "2" / "meta" / "metadata").read_text())
     assert meta["base_model"]["name"] == str(model_dir) and meta["lora_config"]["r"] == 8
+
+
+def test_load_run_and_init_from_a_peft_adapter(tmp_path):
+    """A run's adapter, exported to PEFT, starts a second run exactly where the first ended."""
+    from jlora.checkpoint import load_run
+    from jlora.peft import save_peft
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = sets(*TINY, "trainable.modules_to_save=[ln_f]", "eval_batches=4", "lora.alpha=8")
+    assert main(["train", *common, "--set", "steps=6", "--out", str(first)]) == 0
+    model, params, lora, lora_cfg, meta = load_run(first)
+    assert lora_cfg.alpha == 8 and meta["step"] == 6
+    trained_ln_f = params["ln_f"]  # load_run puts the trained ln_f into params
+    saved = save_peft(
+        tmp_path / "peft", lora, lora_cfg, base_model_name_or_path=None, modules_to_save={"ln_f": trained_ln_f}
+    )
+    again = sets("lora.alpha=16", f"init_from={saved}", "steps=2")  # the folder's alpha (8) must win
+    assert main(["train", *common, *again, "--out", str(second)]) == 0
+    end_of_first = [r["val_loss"] for r in read_metrics(first) if "val_loss" in r][-1]
+    start_of_second = [r["val_loss"] for r in read_metrics(second) if "val_loss" in r][0]
+    assert start_of_second == pytest.approx(end_of_first, rel=1e-5)
+    assert load_run(second)[3].alpha == 8
