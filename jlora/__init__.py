@@ -17,6 +17,8 @@ from jlora.hf_checkpoint import CheckpointError, load_gpt2, save_gpt2
 from jlora.lora import flatten_adapters, init_lora, lora_delta, unflatten_adapters
 from jlora.lora_config import LoraConfig, alpha_for_rank, effective_lr, scaling
 from jlora.merge import delta_w, merge, unmerge
+from jlora.optim import OptimConfig, combine, learning_rate, make_optimizer, partition, trainable_mask
+from jlora.parallel import initialize_distributed, replicate, shard_batch, unreplicate
 from jlora.svd import (
     amplification,
     delta_svd,
@@ -26,6 +28,7 @@ from jlora.svd import (
     subspace_similarity,
     subspace_similarity_grid,
 )
+from jlora.train_step import TrainState, init_state, make_eval_step, make_train_step, train_step
 
 __all__ = [
     "GPT2",
@@ -57,4 +60,19 @@ __all__ = [
     "spectrum",
     "subspace_similarity",
     "subspace_similarity_grid",
+    "OptimConfig",
+    "TrainState",
+    "combine",
+    "init_state",
+    "initialize_distributed",
+    "learning_rate",
+    "make_eval_step",
+    "make_optimizer",
+    "make_train_step",
+    "partition",
+    "replicate",
+    "shard_batch",
+    "train_step",
+    "trainable_mask",
+    "unreplicate",
 ]
