@@ -12,13 +12,16 @@ from jlora.counting import (
     lora_param_count,
     module_counts,
 )
-from jlora.gpt2 import GPT2, GPT2Config, init_params
+from jlora.generate import Generation, generate, generate_text
+from jlora.gpt2 import GPT2, GPT2Config, init_cache, init_params
 from jlora.hf_checkpoint import CheckpointError, load_gpt2, save_gpt2
+from jlora.hf_export import save_merged
 from jlora.lora import flatten_adapters, init_lora, lora_delta, unflatten_adapters
 from jlora.lora_config import LoraConfig, alpha_for_rank, effective_lr, scaling
 from jlora.merge import delta_w, merge, unmerge
 from jlora.optim import OptimConfig, combine, learning_rate, make_optimizer, partition, trainable_mask
 from jlora.parallel import initialize_distributed, replicate, shard_batch, unreplicate
+from jlora.peft import load_peft, save_peft
 from jlora.svd import (
     amplification,
     delta_svd,
@@ -32,6 +35,13 @@ from jlora.train_step import TrainState, init_state, make_eval_step, make_train_
 
 __all__ = [
     "GPT2",
+    "Generation",
+    "generate",
+    "generate_text",
+    "init_cache",
+    "load_peft",
+    "save_peft",
+    "save_merged",
     "CheckpointError",
     "GPT2Config",
     "LoraConfig",

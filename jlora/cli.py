@@ -54,7 +54,39 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=1e-3")
     train.add_argument("--out", default="runs/default", metavar="RUN_DIR", help="run directory (default: runs/default)")
     train.set_defaults(handler=_train)
+
+    export = commands.add_parser("export", help="a run as a PEFT adapter folder or a merged HF checkpoint")
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    where = export.add_mutually_exclusive_group(required=True)
+    where.add_argument("--peft", metavar="OUT_DIR", help="write adapter_config.json + adapter_model.safetensors")
+    where.add_argument("--merged", metavar="OUT_DIR", help="write a GPT-2 checkpoint with the adapter merged in")
+    export.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    export.set_defaults(handler=_lazy("jlora.hf_export", "export_command"))
+
+    gen = commands.add_parser("generate", help="continue prompts (a run, a PEFT folder or a HF checkpoint)")
+    gen.add_argument("source", metavar="SOURCE", help="run dir, PEFT adapter folder, or HF checkpoint dir / Hub id")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    gen.add_argument("--prompts", metavar="FILE", help="a file of prompts, one per line")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--base", help="base model of a PEFT folder (default: its base_model_name_or_path)")
+    gen.add_argument("--tokenizer", help="tokenizer dir, Hub id or 'bytes' (default: the source's)")
+    gen.set_defaults(handler=_lazy("jlora.generate", "generate_command"))
     return parser
+
+
+def _lazy(module: str, name: str):
+    """A handler imported only when its subcommand runs (keeps `jlora --help` fast)."""
+
+    def handler(args: argparse.Namespace) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(args)
+
+    return handler
 
 
 def main(argv: Sequence[str] | None = None) -> int:

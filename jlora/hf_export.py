@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -96,3 +97,45 @@ def _copy_from_base(base_dir: Path, out: Path) -> None:
         ours = json.loads((out / "config.json").read_text())
         ours.update({k: base[k] for k in KEPT_CONFIG_FIELDS if k in base})
         (out / "config.json").write_text(json.dumps(ours, indent=2) + "\n")
+
+
+def export_command(args: Any) -> int:
+    """``jlora export RUN_DIR --peft OUT_DIR | --merged OUT_DIR [--step N]``."""
+    from jlora.checkpoint import latest_checkpoint, load_adapter, load_run, lora_config_of
+    from jlora.hf_checkpoint import resolve
+    from jlora.peft import save_peft
+    from jlora.tokenizer import load_tokenizer
+
+    run_dir = Path(args.run_dir)
+    checkpoint = latest_checkpoint(run_dir) if args.step is None else run_dir / "checkpoints" / str(args.step)
+    if checkpoint is None or not (checkpoint / "adapter").exists():
+        raise CheckpointError(
+            f"no adapter checkpoint{'' if args.step is None else f' at step {args.step}'} in {run_dir}"
+        )
+    if args.peft:
+        lora, base_leaves, meta = load_adapter(checkpoint)
+        name = meta["base_model"]["name"]
+        if name == "random":
+            print(
+                "jlora export: note: the run's base is a random initialisation, not a Hugging Face checkpoint; "
+                "the adapter records no base model (use --merged for a self-contained export)",
+                file=sys.stderr,
+            )
+        out = save_peft(
+            args.peft,
+            lora,
+            lora_config_of(meta),
+            base_model_name_or_path=None if name == "random" else name,
+            modules_to_save=base_leaves or None,
+        )
+        print(f"PEFT adapter of {run_dir} (step {meta['step']}, base {name}) -> {out}")
+        return 0
+    model, params, lora, lora_cfg, meta = load_run(run_dir, args.step)
+    name, tokenizer_source = meta["base_model"]["name"], meta.get("tokenizer")
+    base_dir = None if name == "random" else resolve(name)
+    tokenizer = None  # the base's own files travel with base_dir; another HF tokenizer is saved
+    if tokenizer_source not in (None, "bytes", name):
+        tokenizer = load_tokenizer(tokenizer_source)
+    out = save_merged(args.merged, model.config, params, lora, lora_cfg, base_dir=base_dir, tokenizer=tokenizer)
+    print(f"merged model of {run_dir} (step {meta['step']}, base {name}) -> {out}")
+    return 0

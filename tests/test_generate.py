@@ -11,7 +11,7 @@ from transformers import GPT2LMHeadModel
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 import jlora
-from jlora.generate import filter_logits, generate
+from jlora.generate import _compiled, filter_logits, generate
 from jlora.gpt2 import init_cache
 
 from .conftest import TINY, make_hf_checkpoint
@@ -102,12 +102,12 @@ def test_one_compilation_serves_every_token_and_nearby_prompts(lively_hf, caplog
     directory, _ = lively_hf
     model, params = jlora.load_gpt2(directory)
     generate(model, params, PROMPTS, max_new_tokens=12, temperature=0.7, seed=0)
-    compiled = len(jlora.generate._compiled)
+    compiled = len(_compiled)
     with jax.log_compiles(), caplog.at_level(logging.WARNING):
         again = generate(model, params, [[7] * 11, [8, 9], [1]], max_new_tokens=12, temperature=0.9, top_k=5, seed=3)
         again_eos = generate(model, params, [[4] * 16, [5], [6]], max_new_tokens=12, temperature=1.1, eos_token_id=2)
     assert again.compile_seconds == again_eos.compile_seconds == 0.0
-    assert len(jlora.generate._compiled) == compiled
+    assert len(_compiled) == compiled
     assert not [r for r in caplog.records if "Compiling" in r.getMessage()]
 
 
@@ -147,3 +147,40 @@ def test_too_long_is_an_error(lively_hf):
     model, params = jlora.load_gpt2(lively_hf[0])
     with pytest.raises(ValueError, match="exceeds the model's 64 positions"):
         generate(model, params, [[1] * 60], max_new_tokens=5)
+
+
+def test_generate_command_on_a_checkpoint_and_a_peft_folder(tmp_path, capsys):
+    from jlora.cli import main
+    from jlora.generate import generate_text
+    from jlora.peft import save_peft
+    from jlora.tokenizer import load_tokenizer
+
+    from .conftest import save_byte_level_tokenizer
+
+    base = tmp_path / "base"
+    vocab = save_byte_level_tokenizer(base)
+    make_hf_checkpoint(
+        base, seed=2, initializer_range=0.4, vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2
+    )
+    cfg = jlora.LoraConfig(r=4, alpha=8)
+    model, params = jlora.load_gpt2(base, lora=cfg)
+    lora = jax.tree.map(
+        lambda x: 0.5 * jax.random.normal(jax.random.key(1), x.shape), jlora.init_lora(jax.random.key(0), model, params)
+    )
+    save_peft(tmp_path / "adapter", lora, cfg, base_model_name_or_path=None)
+    prompts = ["The cat", "Once upon a time, there"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n")
+
+    texts, _ = generate_text(model, params, load_tokenizer(str(base)), prompts, lora=lora, max_new_tokens=6)
+    options = ["--prompts", str(tmp_path / "prompts.txt"), "--max-new-tokens", "6"]
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "adapter"), "--base", str(base), *options]) == 0
+    out, err = capsys.readouterr()
+    assert out == "".join(p + t + "\n" for p, t in zip(prompts, texts)) and "tokens/s" in err
+    assert main(["generate", str(base), *options]) == 0
+    assert capsys.readouterr().out != out  # the adapter changes the text
+
+    assert main(["generate", str(tmp_path / "adapter"), *options]) == 2
+    assert "names no base model; pass --base" in capsys.readouterr().err
+    assert main(["generate", str(base), "--prompt", "x", "--max-new-tokens", "100"]) == 2
+    assert "exceeds the model's 64 positions" in capsys.readouterr().err

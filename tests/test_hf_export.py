@@ -14,7 +14,7 @@ from jlora.hf_checkpoint import TOKENIZER_FILES, CheckpointError
 from jlora.hf_export import save_merged
 from jlora.peft import with_base_leaves
 
-from .conftest import save_byte_level_tokenizer
+from .conftest import make_hf_checkpoint, save_byte_level_tokenizer
 
 IDS = np.array([[5, 17, 3, 88, 42, 9, 61, 2], [70, 1, 33, 33, 12, 99, 0, 54]])
 
@@ -69,3 +69,43 @@ def test_a_failed_merged_export_leaves_nothing(tiny_hf, tmp_path):
     save_merged(tmp_path / "merged", model.config, params, lora, cfg)
     with pytest.raises(CheckpointError, match="not empty"):
         save_merged(tmp_path / "merged", model.config, params, lora, cfg)
+
+
+def test_export_command_writes_peft_and_merged_folders_of_a_run(tmp_path, capsys):
+    """`jlora train` on a local checkpoint, then `jlora export --peft / --merged`, loaded by PEFT and transformers."""
+    from peft import PeftModel
+
+    from jlora.checkpoint import load_run
+    from jlora.cli import main
+
+    base = tmp_path / "base"
+    vocab = save_byte_level_tokenizer(base)
+    make_hf_checkpoint(base, vocab_size=vocab, n_positions=80, n_embd=32, n_layer=2, n_head=2, eos_token_id=vocab - 1)
+    run = tmp_path / "run"
+    settings = [f"model={base}", "seq_len=64", "batch_size=4", "steps=2", "exact_match=0", "eval_every=1000"]
+    settings += ["optim.lr=0.01", "optim.warmup_steps=0", "trainable.modules_to_save=[ln_f]"]
+    overrides = [arg for s in settings for arg in ("--set", s)]
+    assert main(["train", "configs/gpt2_qa.yaml", *overrides, "--out", str(run)]) == 0
+
+    assert main(["export", str(run), "--peft", str(tmp_path / "peft")]) == 0
+    assert main(["export", str(run), "--merged", str(tmp_path / "merged")]) == 0
+    model, params, lora, _, _ = load_run(run)
+    expected = np.asarray(model.apply({"params": params, "lora": lora}, IDS))
+    peft_model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), tmp_path / "peft").eval()
+    merged = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(peft_model(torch.tensor(IDS)).logits.numpy(), expected, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(merged(torch.tensor(IDS)).logits.numpy(), expected, atol=1e-4, rtol=0)
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["modules_to_save"] == ["ln_f"]
+
+    # The run and its merged export generate the same text.
+    capsys.readouterr()
+    for source in (run, tmp_path / "merged"):
+        assert main(["generate", str(source), "--prompt", "Q: what?", "--max-new-tokens", "8"]) == 0
+    from_run, from_merged = capsys.readouterr().out.splitlines()
+    assert from_run == from_merged and from_run.startswith("Q: what?")
+
+    assert main(["export", str(tmp_path / "nowhere"), "--peft", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "jlora export: error: no adapter checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
