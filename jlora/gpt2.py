@@ -350,11 +350,11 @@ def init_cache(config: GPT2Config, batch: int, max_length: int) -> dict:
     """An empty KV cache for `batch` rows of up to `max_length` tokens (see the module doc)."""
     if max_length > config.n_positions:
         raise ValueError(f"a cache of {max_length} tokens exceeds the model's n_positions={config.n_positions}")
-    zeros = jnp.zeros((batch, max_length, config.n_head, config.n_embd // config.n_head), config.dtype)
-    return {
+    zeros = lambda: jnp.zeros((batch, max_length, config.n_head, config.n_embd // config.n_head), config.dtype)  # noqa: E731
+    return {  # a buffer per leaf, so a caller may donate the cache to a jitted step
         "index": jnp.zeros((), jnp.int32),
         "mask": jnp.zeros((batch, max_length), bool),
-        "h": {str(i): {"k": zeros, "v": zeros} for i in range(config.n_layer)},
+        "h": {str(i): {"k": zeros(), "v": zeros()} for i in range(config.n_layer)},
     }
 
 
