@@ -121,12 +121,9 @@ def export_command(args: Any) -> int:
                 "the adapter records no base model (use --merged for a self-contained export)",
                 file=sys.stderr,
             )
+        base = None if name == "random" else str(Path(name).resolve()) if Path(name).is_dir() else name
         out = save_peft(
-            args.peft,
-            lora,
-            lora_config_of(meta),
-            base_model_name_or_path=None if name == "random" else name,
-            modules_to_save=base_leaves or None,
+            args.peft, lora, lora_config_of(meta), base_model_name_or_path=base, modules_to_save=base_leaves or None
         )
         print(f"PEFT adapter of {run_dir} (step {meta['step']}, base {name}) -> {out}")
         return 0

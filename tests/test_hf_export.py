@@ -96,7 +96,8 @@ def test_export_command_writes_peft_and_merged_folders_of_a_run(tmp_path, capsys
     with torch.no_grad():
         np.testing.assert_allclose(peft_model(torch.tensor(IDS)).logits.numpy(), expected, atol=1e-4, rtol=0)
         np.testing.assert_allclose(merged(torch.tensor(IDS)).logits.numpy(), expected, atol=1e-4, rtol=0)
-    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["modules_to_save"] == ["ln_f"]
+    adapter_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert adapter_config["modules_to_save"] == ["ln_f"] and adapter_config["base_model_name_or_path"] == str(base)
 
     # The run and its merged export generate the same text.
     capsys.readouterr()
