@@ -17,17 +17,12 @@ class UsageError(ValueError):
 
 def _input_errors() -> tuple[type[BaseException], ...]:
     from jlora.checkpoint import BaseMismatchError
+    from jlora.data import DataError
     from jlora.hf_checkpoint import CheckpointError
     from jlora.run_config import ConfigError
+    from jlora.tokenizer import TokenizerError
 
-    errors: list[type[BaseException]] = [UsageError, ConfigError, CheckpointError, BaseMismatchError, FileNotFoundError]
-    try:
-        from jlora.data import DataError
-
-        errors.append(DataError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (UsageError, ConfigError, CheckpointError, BaseMismatchError, DataError, TokenizerError, FileNotFoundError)
 
 
 def _run_errors() -> tuple[type[BaseException], ...]:

@@ -50,3 +50,22 @@ def save_byte_level_tokenizer(directory) -> int:
     vocab["<|endoftext|>"] = len(vocab)
     GPT2TokenizerFast(vocab=vocab, merges=[]).save_pretrained(directory)
     return len(vocab)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_with_tokenizer(tmp_path_factory):
+    """A 2-layer GPT-2 checkpoint with 512 positions and a byte-level GPT-2 tokenizer beside it."""
+    directory = tmp_path_factory.mktemp("gpt2_with_tokenizer")
+    n_vocab = save_byte_level_tokenizer(directory)
+    eot = n_vocab - 1
+    make_hf_checkpoint(
+        directory,
+        vocab_size=n_vocab,
+        n_positions=512,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=eot,
+        eos_token_id=eot,
+    )
+    return directory

@@ -119,21 +119,8 @@ def test_default_run_learns(tmp_path):
     assert evals[1]["val_loss"] < 0.85 * evals[0]["val_loss"]
 
 
-def test_gpt2_qa_config_runs_on_a_local_checkpoint(tmp_path):
-    from conftest import make_hf_checkpoint, save_byte_level_tokenizer
-
-    model_dir = tmp_path / "gpt2-local"
-    n_vocab = save_byte_level_tokenizer(model_dir)
-    make_hf_checkpoint(
-        model_dir,
-        vocab_size=n_vocab,
-        n_positions=512,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        bos_token_id=n_vocab - 1,
-        eos_token_id=n_vocab - 1,
-    )
+def test_gpt2_qa_config_runs_on_a_local_checkpoint(tmp_path, tiny_hf_with_tokenizer):
+    model_dir = tiny_hf_with_tokenizer
     run = tmp_path / "run"
     args = ["configs/gpt2_qa.yaml", "--set", f"model={model_dir}", "--set", "steps=2", "--set", "exact_match=8"]
     assert main(["train", *args, "--set", "eval_batches=2", "--out", str(run)]) == 0
