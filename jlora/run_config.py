@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from jlora.lora_config import LoraConfig
+from jlora.optim import OptimConfig
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"  # also configs/default.yaml
 
@@ -67,20 +68,6 @@ class TrainableConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class OptimSection:
-    lr: float = 2e-4
-    warmup_steps: int = 0
-    schedule: str = "cosine"
-    weight_decay: float = 0.0
-    clip_norm: float | None = 1.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    grad_accum: int = 1
-    loraplus_ratio: float | None = None
-
-
-@dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 100
     max_to_keep: int | None = 3
@@ -92,7 +79,7 @@ class RunConfig:
     data: DataConfig = DataConfig()
     lora: LoraConfig = LoraConfig()
     trainable: TrainableConfig = TrainableConfig()
-    optim: OptimSection = OptimSection()
+    optim: OptimConfig = OptimConfig()  # its total_steps is the run's `steps`
     checkpoint: CheckpointConfig = CheckpointConfig()
     seq_len: int = 128
     batch_size: int = 8
@@ -104,8 +91,16 @@ class RunConfig:
     seed: int = 0
     init_from: str | None = None  # a PEFT adapter folder to start from (its LoRA config replaces `lora`)
 
+    def __post_init__(self):
+        if self.steps <= 0:
+            raise ConfigError(f"steps must be > 0, got {self.steps}")
+        if self.optim.total_steps != self.steps:  # the schedule's length is the run's
+            object.__setattr__(self, "optim", dataclasses.replace(self.optim, total_steps=self.steps))
+
     def to_dict(self) -> dict:
-        return _to_plain(self)
+        plain = _to_plain(self)
+        del plain["optim"]["total_steps"]  # derived from `steps`
+        return plain
 
 
 def _to_plain(value: Any) -> Any:
@@ -183,6 +178,8 @@ def from_dict(values: typing.Mapping) -> RunConfig:
     """
     if isinstance(values.get("model"), str):
         values = {**values, "model": {"name": values["model"]}}
+    if isinstance(values.get("optim"), typing.Mapping) and "total_steps" in values["optim"]:
+        raise ConfigError("optim.total_steps is set by the run's `steps`; set steps instead")
     cfg = _build(RunConfig, values)
     _check_values(cfg)
     return cfg
@@ -196,17 +193,12 @@ def _check_values(cfg: RunConfig) -> None:
         "eval_every": cfg.eval_every,
         "log_every": cfg.log_every,
         "checkpoint.every": cfg.checkpoint.every,
-        "optim.grad_accum": cfg.optim.grad_accum,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be > 0, got {value}")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
     if cfg.batch_size % cfg.optim.grad_accum:
         raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by optim.grad_accum={cfg.optim.grad_accum}")
-    if cfg.optim.schedule not in ("cosine", "linear", "constant"):
-        raise ConfigError(f"optim.schedule must be cosine, linear or constant, got {cfg.optim.schedule!r}")
     if cfg.trainable.bias not in ("none", "all", "lora_only"):
         raise ConfigError(f"trainable.bias must be none, all or lora_only, got {cfg.trainable.bias!r}")
     for key in ("train", "validation"):

@@ -30,7 +30,7 @@ from jlora.hf_checkpoint import load_gpt2
 from jlora.lora import init_lora
 from jlora.lora_config import effective_lr, scaling
 from jlora.metrics import MetricsWriter
-from jlora.optim import OptimConfig, make_optimizer, partition, trainable_mask
+from jlora.optim import make_optimizer, partition, trainable_mask
 from jlora.run_config import ConfigError, RunConfig, load_run_config, save_run_config
 from jlora.tokenizer import load_tokenizer
 from jlora.train_step import (
@@ -105,23 +105,6 @@ def initial_lora(run: Run) -> tuple[Run, dict]:
     if run.cfg.init_from:
         return start_from_peft(run)
     return run, init_lora(jax.random.fold_in(jax.random.key(run.cfg.seed), 1), run.model, run.params)
-
-
-def optim_config(cfg: RunConfig) -> OptimConfig:
-    o = cfg.optim
-    return OptimConfig(
-        lr=o.lr,
-        warmup_steps=o.warmup_steps,
-        total_steps=cfg.steps,
-        schedule=o.schedule,
-        weight_decay=o.weight_decay,
-        clip_norm=o.clip_norm,
-        b1=o.b1,
-        b2=o.b2,
-        eps=o.eps,
-        grad_accum=o.grad_accum,
-        loraplus_ratio=o.loraplus_ratio,
-    )
 
 
 def checkpoint_meta(run: Run, state: TrainState, identity: dict) -> dict:
@@ -224,7 +207,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
     run, lora = initial_lora(run)
     variables = {"params": run.params, "lora": lora}
     mask = trainable_mask(variables, bias=cfg.trainable.bias, modules_to_save=cfg.trainable.modules_to_save)
-    ocfg = optim_config(cfg)
+    ocfg = cfg.optim
     optimizer = make_optimizer(ocfg, partition(variables, mask)[0])
     state = init_state(variables, mask, optimizer)
 
