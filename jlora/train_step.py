@@ -187,6 +187,9 @@ def make_train_step(
 ) -> Callable[[TrainState, Mapping, jax.Array], tuple[TrainState, dict]]:
     """`train_step` compiled: jit on one device, pmap over `n_devices` local devices otherwise.
 
+    Under a multi-host launch (`jlora.initialize_distributed`) the step is pmapped even with one
+    local device, and its psum spans every process's devices.
+
     Args:
       model: a `jlora.GPT2` (its config chooses dtype and remat).
       optimizer: from `make_optimizer(cfg, ...)`.
@@ -199,13 +202,14 @@ def make_train_step(
     Returns:
       ``step(state, batch, rng) -> (state, metrics)``. The input state's step, trainable and
       optimizer state are donated (do not reuse them); its frozen partition is passed through.
-      With several devices, `state` must be `replicate`d, `batch` `shard_batch`ed to
-      (n, rows, T), and the metrics come back per device (`unreplicate` them); `rng` is shared.
+      When ``step.pmapped``, `state` must be `replicate`d, `batch` (this process's rows)
+      `shard_batch`ed to (n, rows, T), and the metrics come back per device (`unreplicate`
+      them); `rng` is shared.
     """
     schedule = None if cfg is None else learning_rate(cfg)
     grad_accum = grad_accum or (1 if cfg is None else cfg.grad_accum)
     devices = local_devices(n_devices)
-    axis_name = AXIS if len(devices) > 1 else None
+    axis_name = AXIS if _parallel(devices) else None
 
     def update(step, trainable, opt_state, frozen, batch, rng):
         state = TrainState(step, trainable, frozen, opt_state)
@@ -225,7 +229,9 @@ def make_train_step(
     if axis_name is None:
         compiled = jax.jit(update, donate_argnums=(0, 1, 2))
     else:
-        compiled = jax.pmap(update, AXIS, in_axes=(0, 0, 0, 0, 0, None), donate_argnums=(0, 1, 2), devices=devices)
+        compiled = jax.pmap(
+            update, AXIS, in_axes=(0, 0, 0, 0, 0, None), donate_argnums=(0, 1, 2), devices=_pmap_devices(devices)
+        )
 
     def step(state: TrainState, batch: Mapping, rng: jax.Array) -> tuple[TrainState, dict]:
         batch = {k: batch[k] for k in BATCH_KEYS}
@@ -236,7 +242,19 @@ def make_train_step(
 
     step.compiled = compiled  # for .lower() / cost analysis
     step.n_devices = len(devices)
+    step.pmapped = axis_name is not None  # then state, batch and metrics carry a leading device axis
     return step
+
+
+def _parallel(devices: list) -> bool:
+    """pmap when there are several local devices, or several processes (even of one device each)."""
+    return len(devices) > 1 or jax.process_count() > 1
+
+
+def _pmap_devices(devices: list) -> list | None:
+    """None (pmap's default: every device of every process) when all local devices take part;
+    an explicit list only for a subset, which is a single-host setting."""
+    return None if len(devices) == jax.local_device_count() else devices
 
 
 def make_eval_step(model, *, n_devices: int | None = None) -> Callable[[Any, Mapping], tuple[jax.Array, jax.Array]]:
@@ -246,17 +264,18 @@ def make_eval_step(model, *, n_devices: int | None = None) -> Callable[[Any, Map
     batch) on several. Divide the sums over a whole evaluation set for its mean loss.
     """
     devices = local_devices(n_devices)
-    axis_name = AXIS if len(devices) > 1 else None
+    axis_name = AXIS if _parallel(devices) else None
 
     def evaluate(variables, batch):
         sums = loss_sums(model, variables, batch)
         return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
-    compiled = jax.jit(evaluate) if axis_name is None else jax.pmap(evaluate, AXIS, devices=devices)
+    compiled = jax.jit(evaluate) if axis_name is None else jax.pmap(evaluate, AXIS, devices=_pmap_devices(devices))
 
     def eval_step(variables_or_state, batch: Mapping) -> tuple[jax.Array, jax.Array]:
         variables = getattr(variables_or_state, "variables", variables_or_state)
         return compiled(variables, {k: batch[k] for k in BATCH_KEYS})
 
     eval_step.n_devices = len(devices)
+    eval_step.pmapped = axis_name is not None
     return eval_step
