@@ -32,9 +32,11 @@ def _run_errors() -> tuple[type[BaseException], ...]:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from jlora.parallel import initialize_distributed
     from jlora.run_config import DEFAULT_CONFIG, load_run_config
     from jlora.train import train
 
+    initialize_distributed()  # a no-op unless launched as a multi-host job (see jlora.parallel)
     cfg = load_run_config(args.config or DEFAULT_CONFIG, args.set)
     train(cfg, args.out)
     return 0

@@ -17,6 +17,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -146,13 +147,13 @@ def _check_config_matches(run_dir: Path, cfg: RunConfig) -> None:
         raise ConfigError(f"{run_dir} holds a run with a different config ({', '.join(changed)}); use another --out")
 
 
-def evaluate(cfg: RunConfig, eval_step, state: TrainState, val_data, n_devices: int) -> dict:
+def evaluate(cfg: RunConfig, eval_step, state: TrainState, val_data, feed) -> dict:
     """Validation loss (mean over answer tokens) and perplexity over `val_data`."""
     total, count = 0.0, 0.0
     for i, batch in enumerate(eval_batches(val_data, cfg.batch_size)):
         if cfg.eval_batches is not None and i >= cfg.eval_batches:
             break
-        s, c = eval_step(state, shard_batch(batch, n_devices) if n_devices > 1 else batch)
+        s, c = eval_step(state, feed(batch))
         # pmap's psum leaves the same total on every device: read one copy
         total += float(np.asarray(s).reshape(-1)[0])
         count += float(np.asarray(c).reshape(-1)[0])
@@ -224,28 +225,31 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
         start = latest
     writer = MetricsWriter(run_dir, truncate_after=start)
 
-    n_devices = jax.local_device_count()
-    if cfg.batch_size % n_devices:
-        raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {n_devices} local devices")
+    n_devices, n_hosts = jax.local_device_count(), jax.process_count()
+    if cfg.batch_size % (n_devices * n_hosts):
+        raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {n_devices * n_hosts} devices")
     train_step = make_train_step(run.model, optimizer, ocfg, n_devices=n_devices)
     eval_step = make_eval_step(run.model, n_devices=n_devices)
+    pmapped = train_step.pmapped
+    feed = partial(_feed, n_devices=n_devices, n_hosts=n_hosts) if pmapped else (lambda batch: batch)
     n_trainable = sum(x.size for x in jax.tree.leaves(state.trainable))
-    if n_devices > 1:
+    if pmapped:
         state = replicate(state, n_devices)
-    host_state = lambda: unreplicate(state) if n_devices > 1 else state  # noqa: E731
+    host_state = lambda: unreplicate(state) if pmapped else state  # noqa: E731
 
     lora_cfg = run.model.lora
     print(
         f"jlora: {run.base_name} | LoRA r={lora_cfg.r} alpha={lora_cfg.alpha} scaling={scaling(lora_cfg):g} | "
         f"lr={ocfg.lr:g} effective lr (lr*alpha/r)={effective_lr(ocfg.lr, lora_cfg):g} | "
         f"trainable {n_trainable:,} | "
-        f"train: {train_data.summary()} | devices {n_devices}" + (f" | resuming at step {start}" if start else "")
+        f"train: {train_data.summary()} | devices {n_devices * n_hosts}"
+        + (f" | resuming at step {start}" if start else "")
     )
 
     def run_eval(step: int) -> dict:
         if val_data is None:
             return {}
-        out = evaluate(cfg, eval_step, state, val_data, n_devices)
+        out = evaluate(cfg, eval_step, state, val_data, feed)
         if cfg.exact_match:
             out["exact_match"] = exact_match(
                 run.model, host_state().variables, val_data, cfg.exact_match, cfg.batch_size
@@ -263,12 +267,12 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
         batch = batch_at(train_data, step, cfg.batch_size, cfg.seed)
         tokens += int(batch["input_ids"].size)
         rng = jax.random.fold_in(key, step)
-        state, metrics = train_step(state, shard_batch(batch, n_devices) if n_devices > 1 else batch, rng)
+        state, metrics = train_step(state, feed(batch), rng)
         pending.append((step + 1, metrics))
         done = step + 1
         boundary = done == cfg.steps or done % cfg.checkpoint.every == 0 or done % cfg.eval_every == 0
         if done % cfg.log_every == 0 or boundary:
-            rows = _fetch(pending, n_devices)
+            rows = _fetch(pending, pmapped)
             pending = []
             elapsed = time.perf_counter() - clock
             for row in rows:
@@ -313,7 +317,14 @@ def _restore_trainable(trainable: dict, adapter: dict) -> dict:
     return {k: restored.get(k, v) for k, v in trainable.items()}
 
 
-def _fetch(pending: list, n_devices: int) -> list[dict]:
+def _feed(batch: dict, *, n_devices: int, n_hosts: int) -> dict:
+    """This process's rows of a global batch, split over its local devices: (n_devices, rows, T)."""
+    if n_hosts > 1:
+        batch = {k: np.split(v, n_hosts)[jax.process_index()] for k, v in batch.items()}
+    return shard_batch(batch, n_devices)
+
+
+def _fetch(pending: list, pmapped: bool) -> list[dict]:
     """Device metrics -> host rows {"step", "loss", ...} (one transfer for the whole window)."""
     steps = [s for s, _ in pending]
     values = jax.device_get([m for _, m in pending])
@@ -322,6 +333,6 @@ def _fetch(pending: list, n_devices: int) -> list[dict]:
         row = {"step": step}
         for k, v in m.items():
             v = np.asarray(v)
-            row[k] = float(v.reshape(-1)[0] if n_devices > 1 else v)
+            row[k] = float(v.reshape(-1)[0] if pmapped else v)
         rows.append(row)
     return rows
