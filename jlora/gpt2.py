@@ -341,9 +341,12 @@ class GPT2(_Layer):
 
 
 def init_params(key: jax.Array, config: GPT2Config) -> dict:
-    """A randomly initialised base parameter tree (GPT-2's initialisation)."""
+    """A randomly initialised base parameter tree (GPT-2's initialisation).
+
+    Compiled as one program: run op by op, Flax's init would compile every initializer apart.
+    """
     ids = jnp.zeros((1, 1), jnp.int32)
-    return GPT2(config).init(key, ids)["params"]
+    return jax.jit(lambda k: GPT2(config).init(k, ids)["params"])(key)
 
 
 def init_cache(config: GPT2Config, batch: int, max_length: int) -> dict:

@@ -6,7 +6,16 @@ for Hub checkpoints, which cannot be downloaded here.
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
+
+# One persistent XLA compilation cache for the whole session, this process and the `jlora`
+# subprocesses the tests start: identical programs (the same tiny model trained, resumed,
+# exported) compile once. A fresh folder each session, so nothing carries over between runs.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jlora-xla-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 TINY = dict(vocab_size=101, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=100, eos_token_id=100)
 SMALL = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
