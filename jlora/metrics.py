@@ -10,6 +10,8 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
+from jlora.tensorboard import ScalarWriter
+
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """All rows of ``RUN_DIR/metrics.jsonl``, in order."""
@@ -29,17 +31,13 @@ class MetricsWriter:
             kept = [r for r in read_metrics(run_dir) if r["step"] <= truncate_after] if truncate_after else []
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._file = self.path.open("a")
-        from tensorboardX import SummaryWriter
-
-        self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
+        self._tb = ScalarWriter(Path(run_dir) / "tb")
 
     def write(self, row: Mapping) -> None:
         self._file.write(json.dumps(dict(row)) + "\n")
         self._file.flush()
-        step = int(row["step"])
-        for key, value in row.items():
-            if key != "step" and isinstance(value, int | float):
-                self._tb.add_scalar(key, value, step)
+        numbers = {k: float(v) for k, v in row.items() if k != "step" and isinstance(v, int | float)}
+        self._tb.scalars(int(row["step"]), numbers)
 
     def close(self) -> None:
         self._file.close()
