@@ -14,9 +14,11 @@ Older checkpoints drop the ``transformer.`` prefix and carry the causal-mask buf
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping
+import shutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import jax
@@ -204,3 +206,25 @@ def save_gpt2(directory: str | os.PathLike, config: GPT2Config, params: Mapping)
     save_file(state, directory / WEIGHTS, metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(config.to_hf(), indent=2) + "\n")
     return directory
+
+
+@contextlib.contextmanager
+def new_folder(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary sibling folder to write into; it becomes `out_dir` only if the block succeeds.
+
+    So a failed export leaves nothing behind, and a replaced folder is swapped in whole.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out_dir} exists and is not empty; choose a new folder or pass overwrite=True")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from jlora.gpt2 import GPT2Config
-from jlora.hf_checkpoint import TOKENIZER_FILES, CheckpointError, save_gpt2
+from jlora.hf_checkpoint import TOKENIZER_FILES, CheckpointError, new_folder, save_gpt2
 from jlora.lora_config import LoraConfig
 from jlora.merge import merge
 from jlora.peft import with_base_leaves
@@ -58,34 +58,22 @@ def save_merged(
     Raises:
       CheckpointError: the merged weights are not finite, or `out_dir` is in the way.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise CheckpointError(f"{out_dir} exists and is not empty; choose a new folder or pass overwrite=True")
-    params = with_base_leaves(params, base_leaves)
-    if lora:
-        if lora_cfg is None:
-            raise CheckpointError("merging adapters needs their LoraConfig (lora_cfg)")
-        try:
-            params = merge(params, lora, lora_cfg)
-        except ValueError as e:  # an adapter that does not fit, or a non-finite result
-            raise CheckpointError(str(e)) from e
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with new_folder(out_dir, overwrite=overwrite) as tmp:
+        params = with_base_leaves(params, base_leaves)
+        if lora:
+            if lora_cfg is None:
+                raise CheckpointError("merging adapters needs their LoraConfig (lora_cfg)")
+            try:
+                params = merge(params, lora, lora_cfg)
+            except ValueError as e:  # an adapter that does not fit, or a non-finite result
+                raise CheckpointError(str(e)) from e
         save_gpt2(tmp, config, params)
         if base_dir is not None:
             _copy_from_base(Path(base_dir), tmp)
         hf_tokenizer = getattr(tokenizer, "hf", tokenizer)
         if hasattr(hf_tokenizer, "save_pretrained"):
             hf_tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
 
 
 def _copy_from_base(base_dir: Path, out: Path) -> None:

@@ -33,7 +33,6 @@ import json
 import math
 import os
 import re
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -41,7 +40,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from jlora.hf_checkpoint import CheckpointError, hf_key_to_path, state_from_params
+from jlora.hf_checkpoint import CheckpointError, hf_key_to_path, new_folder, state_from_params
 from jlora.lora import flatten_adapters, split_slice, unflatten_adapters
 from jlora.lora_config import _REGEX_CHARS, MODULES, QKV, LoraConfig, _pattern_value
 
@@ -263,9 +262,6 @@ def save_peft(
     """
     from safetensors.numpy import save_file
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise CheckpointError(f"{out_dir} exists and is not empty; choose a new folder or pass overwrite=True")
     config = peft_config(lora, cfg, base_model_name_or_path=base_model_name_or_path, modules_to_save=modules_to_save)
     tensors = {}
     for module, (a, b, _) in _peft_modules(lora, cfg).items():
@@ -279,19 +275,10 @@ def save_peft(
         raise CheckpointError(f"refusing to export non-finite values in {', '.join(bad[:3])}")
     metadata = {"format": "pt", JLORA_METADATA: json.dumps(cfg.to_dict())}
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with new_folder(out_dir, overwrite=overwrite) as tmp:
         save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata=metadata)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
 
 
 # ---------------------------------------------------------------------------------------------
