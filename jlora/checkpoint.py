@@ -133,29 +133,37 @@ def _meta_file(checkpoint_dir: Path) -> Path:
     return meta / "metadata" if meta.is_dir() else meta
 
 
-def load_run(run_dir: str | Path, step: int | None = None, *, allow_different_weights: bool = False):
-    """A trained run, ready to apply: ``(model, params, lora, lora_cfg, meta)``.
+def load_checkpoint(checkpoint_dir: str | Path, base: str | None = None, *, allow_different_weights: bool = False):
+    """An adapter checkpoint on its base model, ready to apply: ``(model, params, lora, lora_cfg, meta)``.
 
-    Rebuilds the base model as the run's ``config.yaml`` says (from its checkpoint, or its
-    seeded random initialisation), checks it against the identity recorded at save time,
-    and puts the trained base leaves (``modules_to_save``) into `params`. `step` picks a
-    checkpoint (None: the newest). The tokenizer is ``jlora.tokenizer.load_tokenizer(meta["tokenizer"])``.
+    Needs nothing but the checkpoint folder (its ``adapter`` and ``meta``) and the base model:
+    `base` is a Hugging Face checkpoint directory or Hub id (default: the name recorded at save
+    time); a run on a random base is rebuilt from the recorded config and seed. The base is
+    checked against the recorded identity (`check_base`: shapes always, weights unless
+    `allow_different_weights`), and the trained base leaves are put into `params`.
     """
+    from jlora.gpt2 import GPT2, init_params
+    from jlora.hf_checkpoint import load_gpt2
     from jlora.peft import with_base_leaves
-    from jlora.run_config import load_run_config
-    from jlora.train import build_run
 
+    lora, base_leaves, meta = load_adapter(checkpoint_dir)
+    lora_cfg, config = lora_config_of(meta), model_config_of(meta)
+    name = base or meta["base_model"]["name"]
+    if name == "random":
+        model, params = GPT2(config, lora_cfg), init_params(jax.random.key(meta["seed"]), config)
+    else:
+        model, params = load_gpt2(name, lora_cfg, dtype=config.dtype, param_dtype=config.param_dtype)
+    check_base(meta["base_model"], params, allow_different_weights=allow_different_weights)
+    return model, with_base_leaves(params, base_leaves), lora, lora_cfg, meta
+
+
+def load_run(run_dir: str | Path, step: int | None = None, *, allow_different_weights: bool = False):
+    """`load_checkpoint` of a run's newest checkpoint (or of `step`)."""
     run_dir = Path(run_dir)
     checkpoint_dir = latest_checkpoint(run_dir) if step is None else run_dir / "checkpoints" / str(step)
     if checkpoint_dir is None or not (checkpoint_dir / "adapter").exists():
         raise FileNotFoundError(f"no checkpoint{'' if step is None else f' at step {step}'} in {run_dir}")
-    if not (run_dir / "config.yaml").exists():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
-    lora, base_leaves, meta = load_adapter(checkpoint_dir)
-    run = build_run(load_run_config(run_dir / "config.yaml"))
-    check_base(meta["base_model"], run.params, allow_different_weights=allow_different_weights)
-    lora_cfg = lora_config_of(meta)
-    return run.model.clone(lora=lora_cfg), with_base_leaves(run.params, base_leaves), lora, lora_cfg, meta
+    return load_checkpoint(checkpoint_dir, allow_different_weights=allow_different_weights)
 
 
 def lora_config_of(meta: Mapping) -> LoraConfig:

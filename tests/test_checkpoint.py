@@ -66,3 +66,56 @@ def test_save_restore_round_trip(params, tmp_path):
         assert jax.tree.structure(tree) == jax.tree.structure(lora)
         np.testing.assert_array_equal(tree["h"]["1"]["attn"]["c_attn"]["A"], lora["h"]["1"]["attn"]["c_attn"]["A"])
     np.testing.assert_array_equal(base2["ln_f"]["scale"], params["ln_f"]["scale"])
+
+
+def test_adapter_checkpoint_travels_alone(tmp_path, tiny_hf_with_tokenizer):
+    """A checkpoint folder copied away from its run loads in a fresh process onto its base; bases are checked."""
+    import shutil
+    import subprocess
+    import sys
+
+    from jlora.cli import main
+    from jlora.gpt2 import GPT2Config
+
+    base = tiny_hf_with_tokenizer
+    run = tmp_path / "run"
+    args = ["configs/gpt2_qa.yaml", "--set", f"model={base}", "--set", "steps=2", "--set", "exact_match=0"]
+    assert main(["train", *args, "--set", "eval_batches=1", "--set", "seq_len=64", "--out", str(run)]) == 0
+    model, params, lora, lora_cfg, _ = ckpt.load_run(run)
+    ids = np.arange(24).reshape(2, 12) % 200
+    expected = np.asarray(model.apply({"params": params, "lora": lora}, ids))
+    moved = tmp_path / "moved"
+    shutil.copytree(run / "checkpoints" / "2", moved)
+    shutil.rmtree(run)
+    script = (
+        "import sys, numpy as np; from jlora.checkpoint import load_checkpoint\n"
+        "m, p, l, c, meta = load_checkpoint(sys.argv[1], base=sys.argv[2])\n"
+        "ids = np.arange(24).reshape(2, 12) % 200\n"
+        "np.save(sys.argv[3], np.asarray(m.apply({'params': p, 'lora': l}, ids)))\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(moved), str(base), str(tmp_path / "out.npy")], check=True)
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected)
+
+    other = tmp_path / "other_weights"  # same shapes, one weight nudged
+    shutil.copytree(base, other)
+    from safetensors.numpy import load_file, save_file
+
+    state = load_file(other / "model.safetensors")
+    state["transformer.ln_f.bias"] = state["transformer.ln_f.bias"] + 1e-3
+    save_file(state, other / "model.safetensors")
+    with pytest.raises(ckpt.BaseMismatchError, match="weights differ"):
+        ckpt.load_checkpoint(moved, base=str(other))
+    ckpt.load_checkpoint(moved, base=str(other), allow_different_weights=True)
+
+    wider = tmp_path / "wider"  # different shapes: named module and both shapes
+    jlora.save_gpt2(
+        wider,
+        GPT2Config(vocab_size=257, n_positions=512, n_embd=64, n_layer=2, n_head=2),
+        jlora.init_params(
+            jax.random.key(0), GPT2Config(vocab_size=257, n_positions=512, n_embd=64, n_layer=2, n_head=2)
+        ),
+    )
+    with pytest.raises(
+        ckpt.BaseMismatchError, match=r"h\.0\.attn\.c_attn has shape \(64, 192\), the adapter was trained on \(32, 96\)"
+    ):
+        ckpt.load_checkpoint(moved, base=str(wider))
