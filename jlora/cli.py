@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--base", help="base model of a PEFT folder (default: its base_model_name_or_path)")
     gen.add_argument("--tokenizer", help="tokenizer dir, Hub id or 'bytes' (default: the source's)")
     gen.set_defaults(handler=_lazy("jlora.generate", "generate_command"))
+
+    diag = commands.add_parser("diagnose", help="spectrum of each adapter's dW; --against: subspace similarity")
+    diag.add_argument("run_dir", metavar="RUN_DIR")
+    diag.add_argument("--against", metavar="RUN_DIR2", help="another run: phi(i, j) between the two runs' adapters")
+    diag.add_argument("--step", type=int, help="checkpoint step of RUN_DIR (default: the newest)")
+    diag.add_argument("--out", metavar="DIR", help="where diagnose.json and the plots go (default: RUN_DIR/diagnose)")
+    diag.set_defaults(handler=_lazy("jlora.diagnose", "diagnose_command"))
     return parser
 
 

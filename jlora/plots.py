@@ -1,0 +1,181 @@
+"""Small PNG plots for the diagnostics and research scripts: pure functions from numbers to a file.
+
+Figures are built on `matplotlib.figure.Figure` and written with its Agg canvas, never through
+`pyplot`: no global figure state, no display needed, and nothing to close. Each helper takes
+plain Python or numpy data and a path, writes one PNG (small: 100 dpi), and returns the path.
+
+>>> import tempfile, pathlib
+>>> path = line_plot(pathlib.Path(tempfile.mkdtemp()) / "loss.png", {"alpha = 2r": ([1, 2, 4], [3.0, 2.5, 2.4])},
+...                  xlabel="r", ylabel="loss", logx=True)
+>>> path.read_bytes()[:4] == b"\\x89PNG"
+True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator, ScalarFormatter
+
+DPI = 100
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    return path
+
+
+def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
+    cols = min(n, max_cols)
+    return math.ceil(n / cols), cols
+
+
+def _axis(ax, xlabel: str, ylabel: str, title: str | None, logx: bool, logy: bool, xticks=None) -> None:
+    if logx:  # ranks: powers of two, labelled as plain numbers at the points plotted
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_locator(NullLocator())
+        if xticks is not None:
+            ax.set_xticks(sorted(set(xticks)))
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+
+
+def _lines(ax, spec: Mapping) -> None:
+    series = spec["series"]
+    for label, (x, y) in series.items():
+        ax.plot(x, y, marker="o", markersize=4, label=label)
+    for i, (label, y) in enumerate((spec.get("hlines") or {}).items()):
+        ax.axhline(y, color=f"C{len(series) + i}", linestyle="--", linewidth=1, label=label)
+    if spec.get("vline") is not None:
+        ax.axvline(spec["vline"], color="gray", linestyle=":", linewidth=1)
+    xs = [x for x, _ in series.values() for x in x]
+    _axis(ax, spec["xlabel"], spec["ylabel"], spec.get("title"), spec.get("logx", False), spec.get("logy", False), xs)
+    ax.legend(fontsize=8)
+
+
+def line_plot(
+    path: str | Path,
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str | None = None,
+    logx: bool = False,
+    logy: bool = False,
+    hlines: Mapping[str, float] | None = None,
+    vline: float | None = None,
+) -> Path:
+    """One axis: a line with markers per series {label: (x, y)}, labelled horizontal lines
+    `hlines` {label: y}, and a dotted vertical line at `vline`."""
+    spec = dict(series=series, xlabel=xlabel, ylabel=ylabel, title=title, logx=logx, logy=logy, hlines=hlines)
+    return panels(path, [{**spec, "vline": vline}])
+
+
+def panels(path: str | Path, plots: Sequence[Mapping], *, title: str | None = None) -> Path:
+    """Side-by-side axes; each entry of `plots` holds one axis's `line_plot` arguments
+    (``series``, ``xlabel``, ``ylabel``; optionally ``title``, ``logx``, ``logy``, ``hlines``, ``vline``)."""
+    fig = Figure(figsize=(5.0 * len(plots), 3.8), layout="constrained")
+    for ax, spec in zip(np.atleast_1d(fig.subplots(1, len(plots))), plots):
+        _lines(ax, spec)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def curves(
+    path: str | Path,
+    curves: Mapping[str, Sequence[float]],
+    *,
+    xlabel: str = "step",
+    ylabel: str = "training loss",
+    title: str | None = None,
+    window: int = 1,
+    styles: Mapping[str, Mapping] | None = None,
+) -> Path:
+    """Loss curves {label: (steps,)}, each smoothed by a running mean over `window` steps.
+
+    `styles` gives per-label matplotlib line options (e.g. the same colour for curves whose
+    effective learning rate is the same).
+    """
+    fig = Figure(figsize=(6.5, 4.0), layout="constrained")
+    ax = fig.subplots()
+    for label, y in curves.items():
+        y = np.asarray(y, np.float64)
+        w = max(1, min(window, y.size))
+        smooth = np.convolve(y, np.ones(w) / w, mode="valid")
+        ax.plot(np.arange(w, y.size + 1), smooth, label=label, linewidth=1.2, **(styles or {}).get(label, {}))
+    _axis(ax, xlabel, ylabel, title, False, False)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def spectra(
+    path: str | Path,
+    groups: Mapping[str, Mapping[str, Sequence[float]]],
+    *,
+    title: str | None = None,
+) -> Path:
+    """Singular values by index, one axis per group (a layer), one line per member (a module).
+
+    Zero singular values (an adapter whose B is still 0) have no place on the log scale and
+    are left out.
+    """
+    rows, cols = _grid(len(groups))
+    fig = Figure(figsize=(3.4 * cols, 2.8 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax, (name, members) in zip(axes, groups.items()):
+        for label, s in members.items():
+            s = np.asarray(s, np.float64)
+            index = np.arange(1, s.size + 1)
+            keep = s > 0
+            ax.plot(index[keep], s[keep], marker="o", markersize=3, linewidth=1, label=label)
+        _axis(ax, "i", "singular value", name, False, True)
+        ax.legend(fontsize=7)
+    for ax in axes[len(groups) :]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def heatmaps(
+    path: str | Path,
+    grids: Mapping[str, np.ndarray],
+    *,
+    xlabel: str = "j",
+    ylabel: str = "i",
+    title: str | None = None,
+) -> Path:
+    """One heat map per entry {name: (n_i, n_j) values in [0, 1]}, row i from the top, as in the
+    LoRA paper's subspace-similarity figure; i and j count from 1."""
+    rows, cols = _grid(len(grids))
+    fig = Figure(figsize=(3.4 * cols, 3.0 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    image = None
+    for ax, (name, grid) in zip(axes, grids.items()):
+        grid = np.asarray(grid, np.float64)
+        n_i, n_j = grid.shape
+        extent = (0.5, n_j + 0.5, n_i + 0.5, 0.5)
+        image = ax.imshow(grid, vmin=0.0, vmax=1.0, aspect="auto", extent=extent, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+    for ax in axes[len(grids) :]:
+        ax.set_visible(False)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes[: len(grids)]), shrink=0.8, label="phi(i, j)")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
