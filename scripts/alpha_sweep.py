@@ -1,0 +1,149 @@
+"""Does lr * alpha / r decide training? Runs with equal and unequal products, compared curve to curve.
+
+    python scripts/alpha_sweep.py --quick --out runs/alpha_sweep        # a 1-layer 32-wide GPT-2: seconds on a CPU
+    python scripts/alpha_sweep.py --out runs/alpha_sweep                # the default run (4 layers, 128 wide)
+    python scripts/alpha_sweep.py --config configs/gpt2_qa.yaml --out runs/alpha_sweep_gpt2   # GPT-2 small, on a GPU
+
+The source document defines the effective learning rate as lr * alpha / r and says it is what
+matters. With r fixed at the config's, the runs are:
+
+    equal products     alpha in --alphas, lr = lr0 * alpha0 / alpha   (lr * alpha / r = lr0 * alpha0 / r for all)
+    unequal products   alpha = alpha0, lr = lr0 * m for m in --lr-multipliers
+
+(lr0, alpha0: the config's.) Every pair of runs is compared by the mean absolute difference of
+their training-loss curves (a running mean over 20 steps first) and of their final validation
+losses; pairs whose products are equal are then set against pairs whose products differ. With
+plain SGD, scaling alpha by c and lr by 1/c is the same update to B A to first order; Adam
+normalises each gradient, so the script measures how far that carries over rather than assuming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import math
+import time
+
+import numpy as np
+
+from jlora import experiments as ex
+from jlora import plots
+from jlora.lora_config import effective_lr
+
+WINDOW = 20
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ex.add_run_arguments(parser)
+    parser.add_argument("--alphas", help="equal-product series, comma-separated (default 4,8,16,32,64; --quick 8,16)")
+    parser.add_argument(
+        "--lr-multipliers", help="unequal series at the config's alpha (default 0.25,0.5,2,4; --quick 2)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    cfg = ex.script_config(args)
+    alphas = [float(a) for a in (args.alphas or ("8,16" if args.quick else "4,8,16,32,64")).split(",")]
+    multipliers = [float(m) for m in (args.lr_multipliers or ("2" if args.quick else "0.25,0.5,2,4")).split(",")]
+    r, alpha0, lr0 = cfg.lora.r, cfg.lora.alpha, cfg.optim.lr
+    settings = [(alpha, lr0 * alpha0 / alpha) for alpha in alphas]
+    settings += [(alpha0, lr0 * m) for m in multipliers if (alpha0, lr0 * m) not in settings]
+
+    task = ex.load_task(cfg)
+    print(
+        f"{cfg.model.name} | r={r} | {cfg.steps} steps | lr0 {lr0:g}, alpha0 {alpha0:g}: "
+        f"lr*alpha/r = {lr0 * alpha0 / r:g}"
+    )
+    runs = []
+    for alpha, lr in settings:
+        run_cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=lr))
+        lora_cfg = cfg.lora.replace(alpha=alpha)
+        variables = ex.lora_variables(task, lora_cfg)
+        fit = ex.fit(
+            task,
+            variables,
+            ex.lora_mask(variables, cfg),
+            run_cfg,
+            lora_cfg=lora_cfg,
+            progress=not args.quick,
+            desc=f"alpha={alpha:g} lr={lr:.2g}",
+        )
+        runs.append(
+            {
+                "alpha": alpha,
+                "lr": lr,
+                "effective_lr": effective_lr(lr, lora_cfg),
+                "val_loss": ex.val_loss(task, fit.variables, lora_cfg),
+                "losses": fit.losses,
+            }
+        )
+        print(
+            f"alpha={alpha:>5g} lr={lr:.3g}: lr*alpha/r {runs[-1]['effective_lr']:.3g}  "
+            f"val loss {runs[-1]['val_loss']:.4f}"
+        )
+
+    pairs = []
+    for a, b in itertools.combinations(runs, 2):
+        pairs.append(
+            {
+                "alphas": [a["alpha"], b["alpha"]],
+                "lrs": [a["lr"], b["lr"]],
+                "equal_product": math.isclose(a["effective_lr"], b["effective_lr"], rel_tol=1e-9),
+                "curve_distance": ex.curve_distance(a["losses"], b["losses"], window=WINDOW),
+                "val_loss_distance": abs(a["val_loss"] - b["val_loss"]),
+            }
+        )
+    verdict = {}
+    for name, equal in (("equal_product", True), ("unequal_product", False)):
+        chosen = [p for p in pairs if p["equal_product"] == equal]
+        verdict[name] = {
+            "pairs": len(chosen),
+            "mean_curve_distance": float(np.mean([p["curve_distance"] for p in chosen])) if chosen else None,
+            "max_curve_distance": max((p["curve_distance"] for p in chosen), default=None),
+            "min_curve_distance": min((p["curve_distance"] for p in chosen), default=None),
+            "mean_val_loss_distance": float(np.mean([p["val_loss_distance"] for p in chosen])) if chosen else None,
+        }
+    eq, ne = verdict["equal_product"]["mean_curve_distance"], verdict["unequal_product"]["mean_curve_distance"]
+    ratio = ne / eq if eq and ne is not None else None
+    print(f"mean curve distance: equal products {eq}, unequal products {ne} (ratio {ratio})")
+
+    summary = {
+        "model": cfg.model.name,
+        "r": r,
+        "steps": cfg.steps,
+        "window": WINDOW,
+        "runs": [{k: v for k, v in run.items() if k != "losses"} | {"losses": run["losses"][::5]} for run in runs],
+        "pairs": pairs,
+        "summary": verdict,
+        "unequal_over_equal": ratio,
+        "seconds": time.perf_counter() - start,
+    }
+    ex.save_summary(args.out, summary)
+    plot(args.out, runs, r)
+    return summary
+
+
+def plot(out, runs: list[dict], r: int) -> None:
+    products = sorted({round(run["effective_lr"], 12) for run in runs})
+    curves, styles = {}, {}
+    for i, run in enumerate(runs):
+        label = f"alpha={run['alpha']:g}, lr={run['lr']:.2g}  (lr*alpha/r={run['effective_lr']:.2g})"
+        curves[label] = run["losses"]
+        colour = f"C{products.index(round(run['effective_lr'], 12))}"  # one colour per product
+        styles[label] = {"color": colour, "linestyle": ("-", "--", ":", "-.")[i % 4]}
+    plots.curves(
+        f"{out}/alpha_sweep.png",
+        curves,
+        styles=styles,
+        window=WINDOW,
+        title=f"r={r}: one colour per lr * alpha / r (running mean over {WINDOW} steps)",
+    )
+
+
+if __name__ == "__main__":
+    main()

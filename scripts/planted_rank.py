@@ -1,0 +1,165 @@
+"""Plant a known rank-k update in a model, and see which LoRA ranks recover it.
+
+    python scripts/planted_rank.py --quick --out runs/planted          # a 1-layer 32-wide GPT-2: seconds on a CPU
+    python scripts/planted_rank.py --out runs/planted                  # the default run's 4-layer model, longer
+    python scripts/planted_rank.py --config configs/gpt2_qa.yaml --k 8 --ranks 2,4,8,16,32 --out runs/planted_gpt2
+
+The teacher is the base model with ``dW* = U diag(s) V^T`` (rank k, random orthonormal U, V,
+s from `scale` times W's top singular value down to half that) added to every targeted weight
+(`jlora.planted.plant_low_rank`). Each student is the base model with fresh LoRA adapters of
+rank r on the same weights, trained to match the teacher's next-token distributions
+(KL(teacher || student)) on random token sequences. Reported for each r:
+
+    gap            KL(teacher || student) on held-out random tokens; "base_gap" is the untrained base's
+    phi_row        phi(k, min(k, r)) between the input (row) spaces of dW* and the student's dW
+    phi_column     the same for the output (column) spaces
+    phi_A          the LoRA paper's eq. 4 on the two A matrices (their right singular vectors)
+    energy_top_k   share of the student's dW energy in its top k singular values
+
+The claim under test: the gap closes for r >= k and not for r < k, and the rank-k student's
+update spans the planted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import numpy as np
+from tqdm.auto import trange
+
+from jlora import experiments as ex
+from jlora import plots
+from jlora.lora import flatten_adapters, init_lora
+from jlora.lora_config import LoraConfig
+from jlora.merge import merge
+from jlora.optim import OptimConfig, make_optimizer, partition, trainable_mask
+from jlora.planted import delta_subspaces, distill_gap, make_distill_step, plant_low_rank
+from jlora.svd import delta_svd, subspace_similarity_grid
+from jlora.train import build_run
+from jlora.train_step import init_state
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ex.add_run_arguments(parser)
+    parser.add_argument("--k", type=int, default=4, help="rank of the planted update")
+    parser.add_argument("--ranks", help="student ranks, comma-separated (default 1,2,4,8,16; --quick 2,4,8)")
+    parser.add_argument("--scale", type=float, default=2.0, help="planted top singular value / W's (default 2)")
+    parser.add_argument("--targets", default="c_attn", help="weights to plant in, comma-separated (default c_attn)")
+    parser.add_argument("--steps", type=int, help="distillation steps per student (default 2000; --quick 500)")
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    ranks = [int(r) for r in (args.ranks or ("2,4,8" if args.quick else "1,2,4,8,16")).split(",")]
+    steps = args.steps or (500 if args.quick else 2000)
+    targets = tuple(args.targets.split(","))
+    run = build_run(ex.script_config(args))
+    base, params = run.model.clone(lora=None), run.params
+    seq_len = min(args.seq_len, base.config.n_positions)
+
+    key = jax.random.key(args.seed)
+    planted_cfg = LoraConfig(r=args.k, alpha=float(args.k), target_modules=targets)
+    teacher, planted = plant_low_rank(jax.random.fold_in(key, 0), params, planted_cfg, args.scale)
+    held_out = jax.random.fold_in(key, 1)  # evaluation tokens; training draws from fold_in(key, 2)
+    gap = lambda p: distill_gap(base, teacher, p, held_out, seq_len=seq_len)  # noqa: E731
+    base_gap = gap(params)
+    print(f"planted rank {args.k} on {', '.join(targets)} (scale {args.scale}); base gap KL = {base_gap:.3e}")
+
+    students = []
+    for r in ranks:
+        cfg = LoraConfig(r=r, alpha=2.0 * r, target_modules=targets)
+        variables = {"params": params, "lora": init_lora(jax.random.fold_in(key, 3), cfg, params)}
+        mask = trainable_mask(variables)
+        ocfg = OptimConfig(lr=args.lr, total_steps=steps, warmup_steps=min(20, steps // 10), schedule="constant")
+        optimizer = make_optimizer(ocfg, partition(variables, mask)[0])
+        state = init_state(variables, mask, optimizer)
+        step = make_distill_step(base.clone(lora=cfg), base, optimizer, batch_size=args.batch_size, seq_len=seq_len)
+        losses = []
+        for _ in trange(steps, disable=args.quick, desc=f"r={r}", leave=False, dynamic_ncols=True):
+            state, loss = step(state, teacher, jax.random.fold_in(key, 2))
+            losses.append(loss)
+        lora = state.variables["lora"]
+        students.append(compare(r, cfg, lora, planted, planted_cfg, gap(merge(params, lora, cfg)), base_gap))
+        students[-1]["final_loss"] = float(np.mean(jax.device_get(losses[-10:])))
+        s = students[-1]
+        print(
+            f"r={r:>3}: gap {s['gap']:.3e} ({s['relative_gap']:.2%} of the base's)  "
+            f"phi_row {s['phi_row']:.3f}  phi_column {s['phi_column']:.3f}  phi_A {s['phi_A']:.3f}  "
+            f"energy top-{args.k} {s['energy_top_k']:.3f}"
+        )
+
+    at_k = next((s for s in students if s["r"] == args.k), None)
+    summary = {
+        "k": args.k,
+        "scale": args.scale,
+        "targets": list(targets),
+        "ranks": ranks,
+        "steps": steps,
+        "base_gap": base_gap,
+        "students": students,
+        "rank_k": None if at_k is None else {name: at_k[name] for name in ("phi_row", "phi_column", "phi_A", "gap")},
+        "seconds": time.perf_counter() - start,
+    }
+    ex.save_summary(args.out, summary)
+    plot(args.out, summary)
+    return summary
+
+
+def compare(r: int, cfg: LoraConfig, lora, planted, planted_cfg: LoraConfig, gap: float, base_gap: float) -> dict:
+    """One student's figures against the planted update, per module and averaged."""
+    k = planted_cfg.r
+    i, j = k - 1, min(k, r) - 1
+    spectra = delta_svd(lora, cfg)
+    modules = {}
+    for path, adapter in flatten_adapters(lora).items():
+        target = flatten_adapters(planted)[path]
+        phi = delta_subspaces(target, planted_cfg.scaling_for(path), adapter, cfg.scaling_for(path))
+        modules[path] = {
+            "phi_row": float(phi["row"][i, j]),
+            "phi_column": float(phi["column"][i, j]),
+            "phi_A": float(subspace_similarity_grid(target["A"], adapter["A"])[i, j]),
+            "energy_top_k": float(spectra[path]["energy"][j]),
+        }
+    mean = {name: float(np.mean([m[name] for m in modules.values()])) for name in next(iter(modules.values()))}
+    return {"r": r, "alpha": cfg.alpha, "gap": gap, "relative_gap": gap / base_gap, **mean, "modules": modules}
+
+
+def plot(out, summary: dict) -> None:
+    students, k = summary["students"], summary["k"]
+    ranks = [s["r"] for s in students]
+    series = lambda *names: {n: (ranks, [s[n] for s in students]) for n in names}  # noqa: E731
+    plots.panels(
+        f"{out}/planted_rank.png",
+        [
+            dict(
+                series=series("relative_gap"),
+                xlabel="student rank r",
+                ylabel="KL gap / base model's",
+                title=f"loss gap to the teacher (planted rank k={k})",
+                logx=True,
+                logy=True,
+                vline=k,
+            ),
+            dict(
+                series=series("phi_row", "phi_column", "energy_top_k"),
+                xlabel="student rank r",
+                ylabel="phi(k, min(k, r))  /  energy",
+                title="student's dW against the planted dW*",
+                logx=True,
+                vline=k,
+            ),
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()
