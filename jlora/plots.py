@@ -117,7 +117,7 @@ def curves(
         smooth = np.convolve(y, np.ones(w) / w, mode="valid")
         ax.plot(np.arange(w, y.size + 1), smooth, label=label, linewidth=1.2, **(styles or {}).get(label, {}))
     _axis(ax, xlabel, ylabel, title, False, False)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axis: curves stay visible
     return _save(fig, path)
 
 

@@ -119,10 +119,9 @@ def plot(out, summary: dict) -> None:
         [
             dict(
                 series=by_rank(lambda row: row["val_loss"]),
-                hlines={"base model": summary["base_val_loss"]},
                 xlabel="rank r",
                 ylabel="validation loss",
-                title="final validation loss",
+                title=f"final validation loss (base model: {summary['base_val_loss']:.2f})",
                 logx=True,
             ),
             dict(
