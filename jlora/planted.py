@@ -1,10 +1,10 @@
 """A known low-rank update planted in a model, and its recovery by LoRA students.
 
     teacher_params, planted = plant_low_rank(key, params, LoraConfig(r=k, alpha=k), scale)  # W + U diag(s) V^T
-    step = make_distill_step(student, base, optimizer, batch_size=16, seq_len=32)
-    for _ in range(steps): state, loss = step(state, teacher_params, key)   # KL(teacher || student)
-    distill_gap(base, teacher_params, merge(params, state.variables["lora"], cfg), key)   # held-out KL
-    delta_subspaces(planted_adapter, 1.0, student_adapter, cfg.scaling_for(path))       # phi on both sides
+    lora, losses = distill_student(base, params, teacher_params, LoraConfig(r=r, alpha=2 * r), key, optim,
+                                   batch_size=16, seq_len=32)     # make_distill_step: KL(teacher || student)
+    distill_gap(base, teacher_params, merge(params, lora, cfg), key)      # held-out KL; 0: the teacher
+    compare_to_planted(lora, cfg, planted, planted_cfg)                  # phi(k, k) on both sides of dW
 
 The student sees no text: its inputs are uniformly random tokens and its target the teacher's
 whole next-token distribution at every position, a far denser signal than sampled text, so
@@ -23,12 +23,12 @@ import numpy as np
 import optax
 
 from jlora.gpt2 import GPT2
-from jlora.lora import get_path, output_columns, split_slice, unflatten_adapters
+from jlora.lora import flatten_adapters, get_path, init_lora, output_columns, split_slice, unflatten_adapters
 from jlora.lora_config import LoraConfig
 from jlora.merge import merge
-from jlora.optim import combine
-from jlora.svd import factored_svd, subspace_similarity_grid
-from jlora.train_step import TrainState
+from jlora.optim import OptimConfig, combine, make_optimizer, partition, trainable_mask
+from jlora.svd import delta_svd, factored_svd, subspace_similarity_grid
+from jlora.train_step import TrainState, init_state
 
 PyTree = Any
 
@@ -190,3 +190,65 @@ def delta_subspaces(
     row = subspace_similarity_grid(s1[:, None] * vt1, s2[:, None] * vt2)
     column = subspace_similarity_grid(s1[:, None] * u1.T, s2[:, None] * u2.T)
     return {"row": np.asarray(row), "column": np.asarray(column)}
+
+
+def distill_student(
+    base: GPT2,
+    params: PyTree,
+    teacher_params: PyTree,
+    cfg: LoraConfig,
+    key: jax.Array,
+    optim: OptimConfig,
+    *,
+    batch_size: int,
+    seq_len: int,
+    progress: bool = False,
+) -> tuple[dict, np.ndarray]:
+    """Train fresh rank-``cfg.r`` adapters on `params` towards the teacher for ``optim.total_steps`` steps.
+
+    A is initialised from ``fold_in(key, 0)`` (so every rank starts from the same draw), the
+    training tokens come from ``fold_in(key, 1)``. Only the adapters train.
+
+    Returns:
+      (the student's LoRA tree, its training loss at each step (steps,)).
+    """
+    from tqdm.auto import trange
+
+    variables = {"params": params, "lora": init_lora(jax.random.fold_in(key, 0), cfg, params)}
+    mask = trainable_mask(variables)
+    optimizer = make_optimizer(optim, partition(variables, mask)[0])
+    state = init_state(variables, mask, optimizer)
+    step = make_distill_step(base.clone(lora=cfg), base, optimizer, batch_size=batch_size, seq_len=seq_len)
+    losses = []
+    for _ in trange(optim.total_steps, disable=not progress, desc=f"r={cfg.r}", leave=False, dynamic_ncols=True):
+        state, loss = step(state, teacher_params, jax.random.fold_in(key, 1))
+        losses.append(loss)
+    return state.trainable["lora"], np.asarray(jax.device_get(losses), np.float64)
+
+
+def compare_to_planted(lora: Mapping, cfg: LoraConfig, planted: Mapping, planted_cfg: LoraConfig) -> dict:
+    """A student's update against the planted one, per module and averaged over modules.
+
+    With k the planted rank and r the student's, each module gets phi(k, min(k, r)) on the row
+    and column sides of dW (`delta_subspaces`), the LoRA paper's phi on the two A matrices
+    ("phi_A"), and the share of the student's dW energy in its top k singular values.
+
+    Returns:
+      {"phi_row", "phi_column", "phi_A", "energy_top_k" (module means), "modules": {path: {...}}}.
+    """
+    k = planted_cfg.r
+    spectra = delta_svd(lora, cfg)
+    targets = flatten_adapters(planted)
+    modules = {}
+    for path, adapter in flatten_adapters(lora).items():
+        target = targets[path]
+        i, j = k - 1, min(k, adapter["A"].shape[0]) - 1
+        phi = delta_subspaces(target, planted_cfg.scaling_for(path), adapter, cfg.scaling_for(path))
+        modules[path] = {
+            "phi_row": float(phi["row"][i, j]),
+            "phi_column": float(phi["column"][i, j]),
+            "phi_A": float(subspace_similarity_grid(target["A"], adapter["A"])[i, j]),
+            "energy_top_k": float(spectra[path]["energy"][j]),
+        }
+    names = ("phi_row", "phi_column", "phi_A", "energy_top_k")
+    return {**{n: float(np.mean([m[n] for m in modules.values()])) for n in names}, "modules": modules}

@@ -26,19 +26,14 @@ import argparse
 import time
 
 import jax
-import numpy as np
-from tqdm.auto import trange
 
 from jlora import experiments as ex
 from jlora import plots
-from jlora.lora import flatten_adapters, init_lora
 from jlora.lora_config import LoraConfig
 from jlora.merge import merge
-from jlora.optim import OptimConfig, make_optimizer, partition, trainable_mask
-from jlora.planted import delta_subspaces, distill_gap, make_distill_step, plant_low_rank
-from jlora.svd import delta_svd, subspace_similarity_grid
+from jlora.optim import OptimConfig
+from jlora.planted import compare_to_planted, distill_gap, distill_student, plant_low_rank
 from jlora.train import build_run
-from jlora.train_step import init_state
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,28 +64,30 @@ def main(argv=None) -> dict:
     key = jax.random.key(args.seed)
     planted_cfg = LoraConfig(r=args.k, alpha=float(args.k), target_modules=targets)
     teacher, planted = plant_low_rank(jax.random.fold_in(key, 0), params, planted_cfg, args.scale)
-    held_out = jax.random.fold_in(key, 1)  # evaluation tokens; training draws from fold_in(key, 2)
-    gap = lambda p: distill_gap(base, teacher, p, held_out, seq_len=seq_len)  # noqa: E731
-    base_gap = gap(params)
+    held_out = jax.random.fold_in(key, 1)  # evaluation tokens; the students draw theirs from fold_in(key, 2)
+    base_gap = distill_gap(base, teacher, params, held_out, seq_len=seq_len)
     print(f"planted rank {args.k} on {', '.join(targets)} (scale {args.scale}); base gap KL = {base_gap:.3e}")
 
+    optim = OptimConfig(lr=args.lr, total_steps=steps, warmup_steps=min(20, steps // 10), schedule="constant")
+    student_key = jax.random.fold_in(key, 2)  # the same initial A and the same tokens at every rank
     students = []
     for r in ranks:
         cfg = LoraConfig(r=r, alpha=2.0 * r, target_modules=targets)
-        variables = {"params": params, "lora": init_lora(jax.random.fold_in(key, 3), cfg, params)}
-        mask = trainable_mask(variables)
-        ocfg = OptimConfig(lr=args.lr, total_steps=steps, warmup_steps=min(20, steps // 10), schedule="constant")
-        optimizer = make_optimizer(ocfg, partition(variables, mask)[0])
-        state = init_state(variables, mask, optimizer)
-        step = make_distill_step(base.clone(lora=cfg), base, optimizer, batch_size=args.batch_size, seq_len=seq_len)
-        losses = []
-        for _ in trange(steps, disable=args.quick, desc=f"r={r}", leave=False, dynamic_ncols=True):
-            state, loss = step(state, teacher, jax.random.fold_in(key, 2))
-            losses.append(loss)
-        lora = state.variables["lora"]
-        students.append(compare(r, cfg, lora, planted, planted_cfg, gap(merge(params, lora, cfg)), base_gap))
-        students[-1]["final_loss"] = float(np.mean(jax.device_get(losses[-10:])))
-        s = students[-1]
+        lora, losses = distill_student(
+            base,
+            params,
+            teacher,
+            cfg,
+            student_key,
+            optim,
+            batch_size=args.batch_size,
+            seq_len=seq_len,
+            progress=not args.quick,
+        )
+        gap = distill_gap(base, teacher, merge(params, lora, cfg), held_out, seq_len=seq_len)
+        s = {"r": r, "alpha": cfg.alpha, "gap": gap, "relative_gap": gap / base_gap, "final_loss": losses[-10:].mean()}
+        s |= compare_to_planted(lora, cfg, planted, planted_cfg)
+        students.append(s)
         print(
             f"r={r:>3}: gap {s['gap']:.3e} ({s['relative_gap']:.2%} of the base's)  "
             f"phi_row {s['phi_row']:.3f}  phi_column {s['phi_column']:.3f}  phi_A {s['phi_A']:.3f}  "
@@ -112,25 +109,6 @@ def main(argv=None) -> dict:
     ex.save_summary(args.out, summary)
     plot(args.out, summary)
     return summary
-
-
-def compare(r: int, cfg: LoraConfig, lora, planted, planted_cfg: LoraConfig, gap: float, base_gap: float) -> dict:
-    """One student's figures against the planted update, per module and averaged."""
-    k = planted_cfg.r
-    i, j = k - 1, min(k, r) - 1
-    spectra = delta_svd(lora, cfg)
-    modules = {}
-    for path, adapter in flatten_adapters(lora).items():
-        target = flatten_adapters(planted)[path]
-        phi = delta_subspaces(target, planted_cfg.scaling_for(path), adapter, cfg.scaling_for(path))
-        modules[path] = {
-            "phi_row": float(phi["row"][i, j]),
-            "phi_column": float(phi["column"][i, j]),
-            "phi_A": float(subspace_similarity_grid(target["A"], adapter["A"])[i, j]),
-            "energy_top_k": float(spectra[path]["energy"][j]),
-        }
-    mean = {name: float(np.mean([m[name] for m in modules.values()])) for name in next(iter(modules.values()))}
-    return {"r": r, "alpha": cfg.alpha, "gap": gap, "relative_gap": gap / base_gap, **mean, "modules": modules}
 
 
 def plot(out, summary: dict) -> None:

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jlora.lora import flatten_adapters
+from jlora.lora import flatten_adapters, unflatten_adapters
 from jlora.lora_config import LoraConfig
-from jlora.planted import delta_subspaces, kl_divergence, plant_low_rank
+from jlora.planted import compare_to_planted, delta_subspaces, kl_divergence, plant_low_rank
 
 
 def params_tree(key, d=16):
@@ -72,3 +72,20 @@ def test_subspaces_of_both_sides():
     same = delta_subspaces(first, 1.0, first, 1.0)
     np.testing.assert_allclose(np.diag(same["row"]), 1.0, atol=1e-5)
     np.testing.assert_allclose(np.diag(same["column"]), 1.0, atol=1e-5)
+
+
+def test_compare_to_planted_reads_each_module():
+    params = params_tree(jax.random.key(0))
+    planted_cfg = LoraConfig(r=2, alpha=2.0, target_modules=("c_attn", "mlp.c_proj"))
+    _, planted = plant_low_rank(jax.random.key(1), params, planted_cfg, scale=1.0)
+    # a student of rank 4 holding exactly the planted update (scaled into its own alpha / r = 2)
+    cfg = LoraConfig(r=4, alpha=8.0, target_modules=("c_attn", "mlp.c_proj"))
+    student = {}
+    for path, a in flatten_adapters(planted).items():
+        pad = 1e-4 * jax.random.normal(jax.random.key(2), (2, a["A"].shape[1]))  # small extra directions
+        student[path] = {"A": jnp.concatenate([a["A"], pad]), "B": jnp.pad(a["B"], ((0, 0), (0, 2))) / 2.0}
+    out = compare_to_planted(unflatten_adapters(student), cfg, planted, planted_cfg)
+    assert sorted(out["modules"]) == ["h.0.attn.c_attn", "h.0.mlp.c_proj"]
+    for name in ("phi_row", "phi_column", "energy_top_k"):
+        assert out[name] == pytest.approx(1.0, abs=1e-4)
+        assert out[name] == pytest.approx(np.mean([m[name] for m in out["modules"].values()]))
