@@ -1,10 +1,15 @@
 """jlora: LoRA fine-tuning of GPT-2 in JAX, as pure functions over plain pytrees.
 
-model, params = jlora.load_gpt2("gpt2", lora=jlora.LoraConfig(r=8, alpha=16))
-lora = jlora.init_lora(jax.random.key(0), model, params)
-logits = model.apply({"params": params, "lora": lora}, input_ids)
+    model, params = jlora.load_gpt2("gpt2", lora=jlora.LoraConfig(r=8, alpha=16))
+    lora = jlora.init_lora(jax.random.key(0), model, params)
+    logits = model.apply({"params": params, "lora": lora}, input_ids)
+
+The names below are the public surface, grouped as the package is: the model and its
+adapters, the LoRA maths, training, checkpoints and exchange, generation.
 """
 
+# the model and its adapters
+from jlora.checkpoint import load_adapter, load_checkpoint, load_run
 from jlora.counting import (
     adapter_compression,
     adapter_param_count,
@@ -34,55 +39,63 @@ from jlora.svd import (
 from jlora.train_step import TrainState, init_state, make_eval_step, make_train_step, train_step
 
 __all__ = [
+    # model and adapters
     "GPT2",
-    "Generation",
-    "generate",
-    "generate_text",
-    "init_cache",
-    "load_peft",
-    "save_peft",
-    "save_merged",
-    "CheckpointError",
     "GPT2Config",
     "LoraConfig",
-    "alpha_for_rank",
-    "effective_lr",
-    "flatten_adapters",
-    "init_lora",
-    "init_params",
+    "CheckpointError",
     "load_gpt2",
-    "lora_delta",
     "save_gpt2",
-    "scaling",
+    "init_params",
+    "init_lora",
+    "init_cache",
+    "flatten_adapters",
     "unflatten_adapters",
-    "adapter_compression",
+    "lora_delta",
+    # the LoRA maths
+    "scaling",
+    "effective_lr",
+    "alpha_for_rank",
     "adapter_param_count",
-    "compression_ratio",
-    "lora_param_count",
+    "adapter_compression",
     "module_counts",
+    "lora_param_count",
+    "compression_ratio",
     "delta_w",
     "merge",
     "unmerge",
-    "amplification",
     "delta_svd",
     "factored_svd",
-    "lora_from_delta",
     "spectrum",
+    "amplification",
     "subspace_similarity",
     "subspace_similarity_grid",
+    "lora_from_delta",
+    # training
     "OptimConfig",
-    "TrainState",
-    "combine",
-    "init_state",
-    "initialize_distributed",
     "learning_rate",
-    "make_eval_step",
-    "make_optimizer",
-    "make_train_step",
-    "partition",
-    "replicate",
-    "shard_batch",
-    "train_step",
     "trainable_mask",
+    "partition",
+    "combine",
+    "make_optimizer",
+    "TrainState",
+    "init_state",
+    "train_step",
+    "make_train_step",
+    "make_eval_step",
+    "replicate",
     "unreplicate",
+    "shard_batch",
+    "initialize_distributed",
+    # checkpoints and exchange
+    "load_adapter",
+    "load_checkpoint",
+    "load_run",
+    "save_peft",
+    "load_peft",
+    "save_merged",
+    # generation
+    "Generation",
+    "generate",
+    "generate_text",
 ]
