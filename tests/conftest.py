@@ -7,6 +7,7 @@ for Hub checkpoints, which cannot be downloaded here.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -14,8 +15,16 @@ import pytest
 # One persistent XLA compilation cache for the whole session, this process and the `jlora`
 # subprocesses the tests start: identical programs (the same tiny model trained, resumed,
 # exported) compile once. A fresh folder each session, so nothing carries over between runs.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jlora-xla-cache-"))
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jlora-xla-cache-")
+    _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]  # made here: removed at the end
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+
+def pytest_sessionfinish(session):
+    if "_OWN_CACHE" in globals() and not hasattr(session.config, "workerinput"):  # the controller, not a worker
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
 
 TINY = dict(vocab_size=101, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=100, eos_token_id=100)
 SMALL = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
