@@ -124,8 +124,7 @@ def checkpoint_meta(run: Run, state: TrainState, identity: dict) -> dict:
 
 def adapter_of(trainable: dict) -> dict:
     """{"lora": adapters, "base": trained base leaves (pruned tree)} from the trainable partition."""
-    base = jax.tree.map(lambda x: x, trainable.get("params", {}), is_leaf=lambda x: x is None)
-    return {"lora": trainable["lora"], "base": _prune(base)}
+    return {"lora": trainable["lora"], "base": _prune(trainable.get("params", {}))}
 
 
 def _prune(tree: Any) -> Any:
@@ -161,12 +160,17 @@ def evaluate(cfg: RunConfig, eval_step, state: TrainState, val_data, feed) -> di
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
 
-def exact_match(model: GPT2, variables: dict, data, n: int, batch_size: int) -> float:
+def greedy_predictor(model: GPT2):
+    """``predict(variables, ids) -> (B, T)`` argmax of the logits at each position, jit-compiled."""
+    return jax.jit(lambda variables, ids: jax.numpy.argmax(model.apply(variables, ids), axis=-1))
+
+
+def exact_match(predict, variables: dict, data, n: int, batch_size: int) -> float:
     """Fraction of the first `n` rows whose completion greedy decoding reproduces exactly.
 
-    One teacher-forced forward pass per batch decides it (see `jlora.data.greedy_exact_match`).
+    One teacher-forced forward pass per batch decides it (see `jlora.data.greedy_exact_match`);
+    `predict` is a `greedy_predictor`.
     """
-    predict = _argmax_fn(model)
     hits, rows = 0, 0
     for batch in eval_batches(data, batch_size):
         take = min(batch_size, n - rows)
@@ -177,15 +181,6 @@ def exact_match(model: GPT2, variables: dict, data, n: int, batch_size: int) -> 
         real = batch["loss_mask"][:take].any(axis=-1)
         hits, rows = hits + int(ok[real].sum()), rows + int(real.sum())
     return hits / max(rows, 1)
-
-
-_ARGMAX: dict = {}
-
-
-def _argmax_fn(model: GPT2):
-    if model not in _ARGMAX:
-        _ARGMAX[model] = jax.jit(lambda variables, ids: jax.numpy.argmax(model.apply(variables, ids), axis=-1))
-    return _ARGMAX[model]
 
 
 def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict:
@@ -246,14 +241,14 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
         + (f" | resuming at step {start}" if start else "")
     )
 
+    predict = greedy_predictor(run.model)
+
     def run_eval(step: int) -> dict:
         if val_data is None:
             return {}
         out = evaluate(cfg, eval_step, state, val_data, feed)
         if cfg.exact_match:
-            out["exact_match"] = exact_match(
-                run.model, host_state().variables, val_data, cfg.exact_match, cfg.batch_size
-            )
+            out["exact_match"] = exact_match(predict, host_state().variables, val_data, cfg.exact_match, cfg.batch_size)
         return out
 
     last: dict = {}
