@@ -87,6 +87,11 @@ def build_base(cfg: RunConfig, vocab_size: int) -> tuple[GPT2, dict]:
 def build_run(cfg: RunConfig) -> Run:
     tokenizer = load_tokenizer(tokenizer_source(cfg))
     model, params = build_base(cfg, tokenizer.vocab_size)
+    if tokenizer.vocab_size > model.config.vocab_size:  # larger ids would index past the embedding
+        raise ConfigError(
+            f"the tokenizer {tokenizer_source(cfg)!r} has {tokenizer.vocab_size} tokens, more than the model's "
+            f"vocabulary of {model.config.vocab_size}; set data.tokenizer to the model's own"
+        )
     return Run(cfg, tokenizer, model, params, cfg.model.name)
 
 

@@ -111,6 +111,12 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, tiny_hf, capsys):
+    args = ["--set", f"model={tiny_hf[0]}", "--set", "data.tokenizer=bytes", "--set", "seq_len=64"]
+    assert main(["train", *args, "--out", str(tmp_path)]) == 2
+    assert "has 257 tokens, more than the model's vocabulary of 101" in capsys.readouterr().err
+
+
 def test_default_run_learns(tmp_path):
     """The embedded default, shortened: validation loss on answers falls from the untrained value."""
     assert main(["train", *sets("steps=60", "eval_every=60", "exact_match=0"), "--out", str(tmp_path)]) == 0
