@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.data import TokenizedData, batch_at, eval_batches, read_examples, tokenize
+from jlora.data import TokenizedData, batch_at, read_examples, tokenize
 from jlora.gpt2 import GPT2
 from jlora.lora import get_path, init_lora, output_columns, split_slice, unflatten_adapters
 from jlora.lora_config import LoraConfig
@@ -36,7 +36,7 @@ from jlora.merge import merge
 from jlora.optim import make_optimizer, partition, trainable_mask
 from jlora.run_config import DEFAULT_CONFIG, ConfigError, RunConfig, load_run_config
 from jlora.svd import lora_from_delta
-from jlora.train import Run, build_run
+from jlora.train import Run, build_run, mean_loss
 from jlora.train_step import init_state, make_eval_step, make_train_step
 
 PyTree = Any
@@ -181,13 +181,7 @@ def merged_params(variables: Mapping, lora_cfg: LoraConfig | None = None) -> dic
 def val_loss(task: Task, variables: Mapping, lora_cfg: LoraConfig | None = None) -> float:
     """Mean validation loss over answer tokens (the first ``cfg.eval_batches`` batches), adapters merged first."""
     params = {"params": merged_params(variables, lora_cfg)}
-    total, count = 0.0, 0.0
-    for i, batch in enumerate(eval_batches(task.val, task.cfg.batch_size)):
-        if task.cfg.eval_batches is not None and i >= task.cfg.eval_batches:
-            break
-        loss_sum, tokens = task.eval_step(params, batch)
-        total, count = total + float(loss_sum), count + float(tokens)
-    return total / max(count, 1.0)
+    return mean_loss(task.eval_step, params, task.val, task.cfg.batch_size, max_batches=task.cfg.eval_batches)
 
 
 def curve_distance(a: Sequence[float], b: Sequence[float], *, window: int = 10) -> float:

@@ -151,17 +151,25 @@ def _check_config_matches(run_dir: Path, cfg: RunConfig) -> None:
         raise ConfigError(f"{run_dir} holds a run with a different config ({', '.join(changed)}); use another --out")
 
 
-def evaluate(cfg: RunConfig, eval_step, state: TrainState, val_data, feed) -> dict:
-    """Validation loss (mean over answer tokens) and perplexity over `val_data`."""
+def mean_loss(eval_step, variables, data, batch_size: int, *, max_batches: int | None = None, feed=None) -> float:
+    """Mean masked loss over `data`'s evaluation batches (the first `max_batches`), divided once.
+
+    `eval_step` is a `make_eval_step`; `feed` places a host batch (e.g. shards it for pmap).
+    """
     total, count = 0.0, 0.0
-    for i, batch in enumerate(eval_batches(val_data, cfg.batch_size)):
-        if cfg.eval_batches is not None and i >= cfg.eval_batches:
+    for i, batch in enumerate(eval_batches(data, batch_size)):
+        if max_batches is not None and i >= max_batches:
             break
-        s, c = eval_step(state, feed(batch))
+        s, c = eval_step(variables, batch if feed is None else feed(batch))
         # pmap's psum leaves the same total on every device: read one copy
         total += float(np.asarray(s).reshape(-1)[0])
         count += float(np.asarray(c).reshape(-1)[0])
-    loss = total / max(count, 1.0)
+    return total / max(count, 1.0)
+
+
+def evaluate(cfg: RunConfig, eval_step, state: TrainState, val_data, feed) -> dict:
+    """Validation loss (mean over answer tokens) and perplexity over `val_data`."""
+    loss = mean_loss(eval_step, state, val_data, cfg.batch_size, max_batches=cfg.eval_batches, feed=feed)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
 
