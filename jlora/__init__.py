@@ -4,30 +4,35 @@
     lora = jlora.init_lora(jax.random.key(0), model, params)
     logits = model.apply({"params": params, "lora": lora}, input_ids)
 
+The package is layered; a layer imports only the layers below it (tests/test_layers.py checks)::
+
+    jlora.cli          the `jlora` command                              (may import everything)
+    jlora.research     diagnose, experiments, planted rank, plots       (training, exchange, core)
+    jlora.training     the run behind `jlora train`: data, loop, hooks, checkpoints, metrics
+    jlora.exchange     Hugging Face checkpoints, PEFT folders, merged export            (core)
+    jlora.core         LoRA config and tree, GPT-2, merge, SVD, optimizer, train step, decoding
+    jlora.tree, jlora.errors    path helpers and the error hierarchy          (nothing of jlora)
+
 The names below are the public surface, grouped as the package is: the model and its
-adapters, the LoRA maths, training, checkpoints and exchange, generation.
+adapters, the LoRA maths, training, checkpoints and exchange, generation, errors.
 """
 
-# the model and its adapters
-from jlora.checkpoint import load_adapter, load_checkpoint, load_run
-from jlora.counting import (
+from jlora.core.counting import (
     adapter_compression,
     adapter_param_count,
     compression_ratio,
     lora_param_count,
     module_counts,
 )
-from jlora.generate import Generation, generate, generate_text
-from jlora.gpt2 import GPT2, GPT2Config, init_cache, init_params
-from jlora.hf_checkpoint import CheckpointError, load_gpt2, save_gpt2
-from jlora.hf_export import save_merged
-from jlora.lora import flatten_adapters, init_lora, lora_delta, unflatten_adapters
-from jlora.lora_config import LoraConfig, alpha_for_rank, effective_lr, scaling
-from jlora.merge import delta_w, merge, unmerge
-from jlora.optim import OptimConfig, combine, learning_rate, make_optimizer, partition, trainable_mask
-from jlora.parallel import initialize_distributed, replicate, shard_batch, unreplicate
-from jlora.peft import load_peft, save_peft
-from jlora.svd import (
+from jlora.core.generate import Generation, generate, generate_text
+from jlora.core.gpt2 import GPT2, GPT2Config, init_cache, init_params, param_shapes
+from jlora.core.lora import adapters_by_module, flatten_adapters, init_lora, lora_delta, unflatten_adapters
+from jlora.core.lora_config import LoraConfig, alpha_for_rank, effective_lr, scaling
+from jlora.core.merge import delta_w, merge, unmerge
+from jlora.core.optim import OptimConfig, combine, learning_rate, make_optimizer, partition, trainable_mask
+from jlora.core.parallel import initialize_distributed, replicate, shard_batch, unreplicate
+from jlora.core.step import EvalStep, TrainState, TrainStep, init_state, make_eval_step, make_train_step, train_step
+from jlora.core.svd import (
     amplification,
     delta_svd,
     factored_svd,
@@ -36,7 +41,20 @@ from jlora.svd import (
     subspace_similarity,
     subspace_similarity_grid,
 )
-from jlora.train_step import TrainState, init_state, make_eval_step, make_train_step, train_step
+from jlora.errors import (
+    BaseMismatchError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    JloraError,
+    NonFiniteError,
+    RunError,
+    TokenizerError,
+)
+from jlora.exchange.hf_checkpoint import load_gpt2, save_gpt2
+from jlora.exchange.merged import save_merged
+from jlora.exchange.peft import load_peft, save_peft
+from jlora.training.checkpoint import load_adapter, load_checkpoint, load_run, lora_config_of
 
 __all__ = [
     # model and adapters
@@ -47,10 +65,12 @@ __all__ = [
     "load_gpt2",
     "save_gpt2",
     "init_params",
+    "param_shapes",
     "init_lora",
     "init_cache",
     "flatten_adapters",
     "unflatten_adapters",
+    "adapters_by_module",
     "lora_delta",
     # the LoRA maths
     "scaling",
@@ -79,6 +99,8 @@ __all__ = [
     "combine",
     "make_optimizer",
     "TrainState",
+    "TrainStep",
+    "EvalStep",
     "init_state",
     "train_step",
     "make_train_step",
@@ -91,6 +113,7 @@ __all__ = [
     "load_adapter",
     "load_checkpoint",
     "load_run",
+    "lora_config_of",
     "save_peft",
     "load_peft",
     "save_merged",
@@ -98,4 +121,12 @@ __all__ = [
     "Generation",
     "generate",
     "generate_text",
+    # errors
+    "JloraError",
+    "ConfigError",
+    "DataError",
+    "TokenizerError",
+    "BaseMismatchError",
+    "RunError",
+    "NonFiniteError",
 ]

@@ -27,9 +27,9 @@ import time
 
 import numpy as np
 
-from jlora import experiments as ex
-from jlora import plots
-from jlora.lora_config import effective_lr
+from jlora.core.lora_config import effective_lr
+from jlora.research import experiments as ex
+from jlora.research import plots
 
 WINDOW = 20
 

@@ -13,7 +13,7 @@ Two runs on the config's task, the same data order and steps:
 For each adapted weight, dW = W_full - W. Reported: the share of ||dW||_F^2 in its top r
 singular values for r in --ranks (the source says 90 %+ at small r), and the validation loss
 of the model whose every dW is cut to its best rank-r approximation (Eckart-Young, through
-`jlora.svd.lora_from_delta`, all other trained leaves kept), beside the full and the LoRA runs'.
+`jlora.core.svd.lora_from_delta`, all other trained leaves kept), beside the full and the LoRA runs'.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import time
 
 import numpy as np
 
-from jlora import experiments as ex
-from jlora import plots
-from jlora.svd import spectrum
+from jlora.core.svd import spectrum
+from jlora.research import experiments as ex
+from jlora.research import plots
 
 
 def parse_args(argv=None) -> argparse.Namespace:

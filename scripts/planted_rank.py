@@ -6,7 +6,7 @@
 
 The teacher is the base model with ``dW* = U diag(s) V^T`` (rank k, random orthonormal U, V,
 s from `scale` times W's top singular value down to half that) added to every targeted weight
-(`jlora.planted.plant_low_rank`). Each student is the base model with fresh LoRA adapters of
+(`jlora.research.planted.plant_low_rank`). Each student is the base model with fresh LoRA adapters of
 rank r on the same weights, trained to match the teacher's next-token distributions
 (KL(teacher || student)) on random token sequences. Reported for each r:
 
@@ -27,13 +27,13 @@ import time
 
 import jax
 
-from jlora import experiments as ex
-from jlora import plots
-from jlora.lora_config import LoraConfig
-from jlora.merge import merge
-from jlora.optim import OptimConfig
-from jlora.planted import compare_to_planted, distill_gap, distill_student, plant_low_rank
-from jlora.train import build_run
+from jlora.core.lora_config import LoraConfig
+from jlora.core.merge import merge
+from jlora.core.optim import OptimConfig
+from jlora.research import experiments as ex
+from jlora.research import plots
+from jlora.research.planted import compare_to_planted, distill_gap, distill_student, plant_low_rank
+from jlora.training.run import build_run
 
 
 def parse_args(argv=None) -> argparse.Namespace:

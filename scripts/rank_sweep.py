@@ -24,11 +24,11 @@ import time
 
 import numpy as np
 
-from jlora import experiments as ex
-from jlora import plots
-from jlora.counting import lora_param_count
-from jlora.lora_config import effective_lr, scaling
-from jlora.svd import delta_svd
+from jlora.core.counting import lora_param_count
+from jlora.core.lora_config import effective_lr, scaling
+from jlora.core.svd import delta_svd
+from jlora.research import experiments as ex
+from jlora.research import plots
 
 TOP = (1, 2, 4, 8)
 

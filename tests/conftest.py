@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 
+import jax
 import pytest
 
 # One persistent XLA compilation cache for the whole session, this process and the `jlora`
@@ -87,3 +88,27 @@ def tiny_hf_with_tokenizer(tmp_path_factory):
         eos_token_id=eot,
     )
     return directory
+
+
+def _random_b(tree, seed: int = 1, scale: float = 0.1, decay: float = 1.0):
+    """`tree` with every leaf named "B" replaced by scale * N(0, 1) (column j times decay**j).
+
+    B = 0 at initialisation hides a wrong scaling, layout or merge: tests give adapters a random
+    B, as if trained. `decay` < 1 spreads the singular values of B A apart. Works on a LoRA tree,
+    a single adapter or the model's whole variables.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+
+    def fill(key, path, x):
+        if getattr(path[-1], "key", None) != "B":
+            return x
+        return scale * jax.random.normal(key, x.shape) * decay ** jax.numpy.arange(x.shape[-1])
+
+    return treedef.unflatten([fill(k, p, x) for k, (p, x) in zip(keys, leaves)])
+
+
+@pytest.fixture(scope="session")
+def random_b():
+    """``random_b(tree, seed=1, scale=0.1, decay=1.0)``: adapters with a random B (see `_random_b`)."""
+    return _random_b

@@ -1,0 +1,32 @@
+"""`jlora diagnose RUN_DIR [--against RUN_DIR2] [--out DIR]`: the spectrum of a run's updates.
+
+The figures are `jlora.research.diagnose`'s; this handler prints the table and writes the JSON and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from jlora.errors import UsageError
+from jlora.research.diagnose import compare, diagnose, format_table, write_plots
+
+
+def diagnose_command(args: argparse.Namespace) -> int:
+    """The `jlora diagnose` handler: the table on stdout, JSON and plots under --out."""
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"no such run directory {run_dir}")
+    if args.against and not Path(args.against).is_dir():
+        raise UsageError(f"no such run directory {args.against}")
+    report = diagnose(run_dir, step=args.step)
+    if args.against:
+        report["against"] = compare(run_dir, args.against, step=args.step)
+    out = Path(args.out) if args.out else run_dir / "diagnose"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "diagnose.json").write_text(json.dumps(report, indent=1) + "\n")
+    written = write_plots(report, out)
+    print(format_table(report))
+    print(f"wrote {out / 'diagnose.json'}, " + ", ".join(str(p) for p in written))
+    return 0

@@ -1,0 +1,92 @@
+"""The `jlora` command's parser and entry point.
+
+Each subcommand's handler is a module of this package (imported only when it runs, so
+`jlora --help` stays fast); here the arguments are parsed and the library's errors become one
+line on stderr: a `JloraError` (bad input) exits with status 2, a `RunError` with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from jlora.errors import JloraError, RunError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from jlora.core.parallel import initialize_distributed
+    from jlora.training.run_config import DEFAULT_CONFIG, load_run_config
+    from jlora.training.train import train
+
+    initialize_distributed()  # a no-op unless launched as a multi-host job (see jlora.core.parallel)
+    cfg = load_run_config(args.config or DEFAULT_CONFIG, args.set)
+    train(cfg, args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jlora", description="LoRA fine-tuning of GPT-2 in JAX.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="fine-tune with LoRA (resumes if RUN_DIR has a checkpoint)")
+    train.add_argument("config", nargs="?", help="YAML run config (default: configs/default.yaml)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=1e-3")
+    train.add_argument("--out", default="runs/default", metavar="RUN_DIR", help="run directory (default: runs/default)")
+    train.set_defaults(handler=_train)
+
+    export = commands.add_parser("export", help="a run as a PEFT adapter folder or a merged HF checkpoint")
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    where = export.add_mutually_exclusive_group(required=True)
+    where.add_argument("--peft", metavar="OUT_DIR", help="write adapter_config.json + adapter_model.safetensors")
+    where.add_argument("--merged", metavar="OUT_DIR", help="write a GPT-2 checkpoint with the adapter merged in")
+    export.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    export.set_defaults(handler=_lazy("jlora.cli.export", "export_command"))
+
+    gen = commands.add_parser("generate", help="continue prompts (a run, a PEFT folder or a HF checkpoint)")
+    gen.add_argument("source", metavar="SOURCE", help="run dir, PEFT adapter folder, or HF checkpoint dir / Hub id")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    gen.add_argument("--prompts", metavar="FILE", help="a file of prompts, one per line")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--base", help="base model of a PEFT folder (default: its base_model_name_or_path)")
+    gen.add_argument("--tokenizer", help="tokenizer dir, Hub id or 'bytes' (default: the source's)")
+    gen.set_defaults(handler=_lazy("jlora.cli.generate", "generate_command"))
+
+    diag = commands.add_parser("diagnose", help="spectrum of each adapter's dW; --against: subspace similarity")
+    diag.add_argument("run_dir", metavar="RUN_DIR")
+    diag.add_argument("--against", metavar="RUN_DIR2", help="another run: phi(i, j) between the two runs' adapters")
+    diag.add_argument("--step", type=int, help="checkpoint step of RUN_DIR (default: the newest)")
+    diag.add_argument("--out", metavar="DIR", help="where diagnose.json and the plots go (default: RUN_DIR/diagnose)")
+    diag.set_defaults(handler=_lazy("jlora.cli.diagnose", "diagnose_command"))
+    return parser
+
+
+def _lazy(module: str, name: str):
+    """A handler imported only when its subcommand runs (keeps `jlora --help` fast)."""
+
+    def handler(args: argparse.Namespace) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(args)
+
+    return handler
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except JloraError as e:
+        print(f"jlora {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except RunError as e:
+        print(f"jlora {args.command}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"jlora {args.command}: interrupted", file=sys.stderr)
+        return 130

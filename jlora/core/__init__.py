@@ -1,0 +1,17 @@
+"""The core: the LoRA maths, the model and one training update, as pure functions over pytrees.
+
+    lora_config.py   LoraConfig: targets, ranks, alpha, scaling = alpha / r, effective lr
+    lora.py          the LoRA tree {"A": (r, d_in), "B": (d_out, r)} per module: init, layout, the update
+    gpt2.py          GPT-2 in Flax linen reading adapters from a separate "lora" collection; KV cache
+    generate.py      batched decoding with the cache in one compiled loop
+    merge.py         W' = W + scaling * B A and back
+    svd.py           the spectrum of dW from its factors, subspace similarity, truncation
+    counting.py      parameter counts
+    loss.py          masked next-token cross-entropy
+    optim.py         the trainable mask, partition / combine, AdamW (+ LoRA+)
+    step.py          the train and evaluation steps, jit or pmap
+    parallel.py      replicate / shard over devices, multi-host start
+
+No file, no run directory, no command line: the core imports only `jlora.tree`,
+`jlora.errors` and itself (tests/test_layers.py checks).
+"""

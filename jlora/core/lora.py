@@ -1,0 +1,141 @@
+"""The LoRA tree: its layout, its initialisation and the update it adds.
+
+The model's variables are two separate pytrees::
+
+    {"params": base,   # the checkpoint's tree, frozen
+     "lora":   lora}   # the adapters, trained
+
+`lora` mirrors `params`: the adapter of the weight ``params["h"]["0"]["attn"]["c_attn"]
+["kernel"]`` (stored (d_in, d_out), as GPT-2's Conv1D) lives at
+``lora["h"]["0"]["attn"]["c_attn"] = {"A": (r, d_in), "B": (d_out, r)}``, in the maths'
+(and PEFT's) layout. A slice adapter of the fused q, k, v projection sits one level down,
+``lora[...]["c_attn"]["q"] = {"A": (r, D), "B": (D, r)}``. So one path names a module
+everywhere, and `flatten_adapters` gives ``{"h.0.attn.c_attn": {"A": ..., "B": ...}}``.
+
+>>> import jax, jax.numpy as jnp
+>>> params = {"h": {"0": {"attn": {"c_attn": {"kernel": jnp.zeros((4, 12))}}}}}
+>>> lora = init_lora(jax.random.key(0), LoraConfig(r=2, alpha=4), params)
+>>> {p: (a["A"].shape, a["B"].shape) for p, a in flatten_adapters(lora).items()}
+{'h.0.attn.c_attn': ((2, 4), (12, 2))}
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jlora.core.lora_config import QKV, LoraConfig
+from jlora.tree import get_path, unflatten
+
+PyTree = Any
+Adapter = dict  # {"A": (r, d_in), "B": (d_out, r)}
+
+
+def flatten_adapters(lora: Mapping) -> dict[str, Adapter]:
+    """{dotted module path: {"A", "B"}} for every adapter in a LoRA tree, in tree order."""
+    flat: dict[str, Adapter] = {}
+
+    def walk(node: Mapping, prefix: str) -> None:
+        if "A" in node and "B" in node:
+            flat[prefix] = {"A": node["A"], "B": node["B"]}
+            return
+        for name, child in node.items():
+            walk(child, f"{prefix}.{name}" if prefix else name)
+
+    walk(lora, "")
+    return flat
+
+
+def unflatten_adapters(flat: Mapping[str, Adapter]) -> dict:
+    """Inverse of `flatten_adapters`."""
+    return unflatten(flat)
+
+
+def adapters_by_module(lora: Mapping) -> dict[str, dict[str, Adapter]]:
+    """{module path: {adapter path: adapter}}: the q/k/v slice adapters of c_attn share one module.
+
+    >>> a = {"A": 0, "B": 0}
+    >>> adapters_by_module({"h": {"0": {"attn": {"c_attn": {"q": a, "v": a}}}}})
+    {'h.0.attn.c_attn': {'h.0.attn.c_attn.q': {'A': 0, 'B': 0}, 'h.0.attn.c_attn.v': {'A': 0, 'B': 0}}}
+    """
+    grouped: dict[str, dict[str, Adapter]] = {}
+    for path, adapter in flatten_adapters(lora).items():
+        grouped.setdefault(split_slice(path)[0], {})[path] = adapter
+    return grouped
+
+
+def split_slice(path: str) -> tuple[str, str | None]:
+    """("h.0.attn.c_attn.q") -> ("h.0.attn.c_attn", "q"); a whole module gives (path, None)."""
+    parent, _, last = path.rpartition(".")
+    return (parent, last) if last in QKV else (path, None)
+
+
+def output_columns(path: str, d_out: int) -> slice:
+    """The columns of the module's (d_in, d_out) kernel that the adapter at `path` updates."""
+    _, part = split_slice(path)
+    if part is None:
+        return slice(0, d_out)
+    width = d_out // len(QKV)
+    i = QKV.index(part)
+    return slice(i * width, (i + 1) * width)
+
+
+def adapted_shape(params: Mapping, path: str) -> tuple[int, int]:
+    """(d_out, d_in) of the weight slice the adapter at `path` updates."""
+    module, _ = split_slice(path)
+    d_in, d_out = get_path(params, module)["kernel"].shape
+    cols = output_columns(path, d_out)
+    return cols.stop - cols.start, d_in
+
+
+def _init_a(key: jax.Array, init: str, r: int, d_in: int, dtype) -> jax.Array:
+    if init == "kaiming":  # torch's kaiming_uniform_(a=sqrt(5)) on (r, d_in): U(-1/sqrt(d_in), 1/sqrt(d_in))
+        bound = 1.0 / math.sqrt(d_in)
+        return jax.random.uniform(key, (r, d_in), dtype, -bound, bound)
+    if init == "gaussian":  # PEFT's "gaussian": N(0, (1/r)^2)
+        return jax.random.normal(key, (r, d_in), dtype) / r
+    return jnp.zeros((r, d_in), dtype)
+
+
+def init_lora(key: jax.Array, model_or_cfg: Any, params: Mapping, dtype=jnp.float32) -> dict:
+    """A fresh LoRA tree for `params`: A random (per `cfg.init`), B = 0.
+
+    Args:
+      key: PRNG key; each adapter gets ``fold_in(key, index)`` in path order.
+      model_or_cfg: a `LoraConfig`, or a model carrying one as ``model.lora``.
+      params: the base parameter tree (only its kernels' shapes are read).
+      dtype: dtype of A and B (float32 also under bfloat16 compute).
+
+    Returns:
+      The LoRA tree; the model it adapts equals the base model exactly, since B = 0.
+    """
+    cfg = model_or_cfg if isinstance(model_or_cfg, LoraConfig) else model_or_cfg.lora
+    if cfg is None:
+        raise ValueError("the model has no LoraConfig: load it with load_gpt2(..., lora=LoraConfig(...))")
+    n_layer = len(params["h"])
+    flat = {}
+    for i, path in enumerate(cfg.module_paths(n_layer)):
+        d_out, d_in = adapted_shape(params, path)
+        r = cfg.rank_for(path)
+        flat[path] = {
+            "A": _init_a(jax.random.fold_in(key, i), cfg.init, r, d_in, dtype),
+            "B": jnp.zeros((d_out, r), dtype),
+        }
+    return unflatten_adapters(flat)
+
+
+def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scaling: float) -> jax.Array:
+    """The LoRA path, scaling * B A x, for inputs in rows.
+
+    Args:
+      x: (..., d_in) input (after LoRA dropout).
+      a: (r, d_in). b: (d_out, r). Both cast to x's dtype.
+    Returns:
+      (..., d_out). The scale multiplies the (..., r) intermediate, the cheapest place.
+    """
+    z = jnp.einsum("...i,ri->...r", x, a.astype(x.dtype)) * jnp.asarray(scaling, x.dtype)
+    return jnp.einsum("...r,or->...o", z, b.astype(x.dtype))

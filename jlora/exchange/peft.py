@@ -1,0 +1,467 @@
+"""Hugging Face PEFT adapter folders <-> jlora's LoRA tree, both ways.
+
+A PEFT LoRA folder for GPT-2 holds two files::
+
+    adapter_config.json        r, lora_alpha, target_modules, rank_pattern, alpha_pattern, use_rslora, ...
+    adapter_model.safetensors  base_model.model.transformer.h.{i}.attn.c_attn.lora_A.weight  (r, d_in)
+                               base_model.model.transformer.h.{i}.attn.c_attn.lora_B.weight  (d_out, r)
+                               base_model.model.transformer.ln_f.weight, ...   (modules_to_save, whole)
+
+so A and B travel as they are: PEFT keeps them in the maths' (out, in) layout although the
+Conv1D weight is (in, out). Two things need translating:
+
+- q/k/v slice adapters (``target_modules=("c_attn.q", "c_attn.v")``) have no PEFT name. They
+  go out as one c_attn adapter of rank r_q + r_v: A stacked, B block-structured with zeros
+  where a slice's rows are not its own, and the alpha chosen so the scaling is unchanged::
+
+      A = [A_q; A_v]          (r_q + r_v, D)
+      B = [[B_q, 0], [0, 0], [0, B_v]]     (3D, r_q + r_v)
+
+  jlora's own config rides along in the safetensors metadata, so `load_peft` splits such a
+  folder back into the slices it came from (exactly) as long as PEFT did not change it.
+- trained base leaves (``{"ln_f": {"scale", "bias"}}``, the base tree's layout) go out as
+  PEFT's ``modules_to_save``: whole modules under their checkpoint names.
+
+`save_peft` checks everything before it writes, writes into a hidden sibling folder and
+renames it at the end, so an error never leaves a partial folder.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from jlora.core.lora import adapters_by_module, split_slice, unflatten_adapters
+from jlora.core.lora_config import MODULES, QKV, LoraConfig, is_regex, pattern_value
+from jlora.errors import CheckpointError
+from jlora.exchange.hf_checkpoint import hf_key_to_path, new_folder, state_from_params
+from jlora.tree import path_names
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLE_WEIGHTS = "adapter_model.bin"
+PREFIX = "base_model.model."
+JLORA_METADATA = "jlora_lora_config"
+# LoRA variants whose init rewrites the base weights (or whose forward is not W x + s B A x):
+# the adapter alone does not describe the model.
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")
+# Base modules PEFT can save whole, by their last name (wte is tied to the LM head, which
+# PEFT's modules_to_save does not keep tied for GPT-2).
+SAVABLE_LEAVES = {"ln_1": {"scale", "bias"}, "ln_2": {"scale", "bias"}, "ln_f": {"scale", "bias"}}
+SAVABLE_LEAVES.update({m.split(".")[-1]: {"kernel", "bias"} for m in MODULES})
+SAVABLE_LEAVES["wpe"] = {"embedding"}
+
+
+class PeftAdapter(NamedTuple):
+    """What `load_peft` returns: ``config, lora, modules_to_save = load_peft(dir)``."""
+
+    config: LoraConfig
+    lora: dict
+    modules_to_save: dict | None  # trained base leaves in the base tree's layout, or None
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+
+
+def _fuse_slices(path: str, adapters: Mapping[str, Mapping], cfg: LoraConfig) -> tuple[np.ndarray, np.ndarray, float]:
+    """q/k/v slice adapters of one fused module -> (A (R, D), B (3D, R), scaling), R = sum of ranks."""
+    parts = [(p, adapters[p]) for p in (f"{path}.{s}" for s in QKV) if p in adapters]
+    scalings = [cfg.scaling_for(p, r=a["A"].shape[0]) for p, a in parts]
+    width = parts[0][1]["B"].shape[0]
+    rank = sum(a["A"].shape[0] for _, a in parts)
+    a_fused = np.concatenate([np.asarray(a["A"], np.float32) for _, a in parts])
+    b_fused = np.zeros((len(QKV) * width, rank), np.float32)
+    col = 0
+    for (p, a), s in zip(parts, scalings, strict=True):
+        r = a["A"].shape[0]
+        row = QKV.index(p.rsplit(".", 1)[1]) * width
+        # One scaling per PEFT module: a slice with another scale carries the ratio in its B.
+        b_fused[row : row + width, col : col + r] = np.asarray(a["B"], np.float32) * np.float32(s / scalings[0])
+        col += r
+    return a_fused, b_fused, scalings[0]
+
+
+def _path_order(path: str) -> tuple[int, int]:
+    """Sort key of "h.{i}.{kind}" paths: block, then module, as in the checkpoint."""
+    _, layer, kind = path.split(".", 2)
+    return int(layer), MODULES.index(kind)
+
+
+def _peft_modules(lora: Mapping, cfg: LoraConfig) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """{PEFT module path: (A, B, alpha)} with slices fused, in path order."""
+    modules = {}
+    for module, adapters in sorted(adapters_by_module(lora).items(), key=lambda item: _path_order(item[0])):
+        if module in adapters and len(adapters) > 1:
+            raise CheckpointError(f"{module} has an adapter and slice adapters; PEFT has one adapter per module")
+        if module in adapters:
+            a = np.asarray(adapters[module]["A"], np.float32)
+            modules[module] = (a, np.asarray(adapters[module]["B"], np.float32), cfg.alpha_for(module))
+            continue
+        a, b, scaling = _fuse_slices(module, adapters, cfg)
+        rank = a.shape[0]
+        modules[module] = (a, b, scaling * (math.sqrt(rank) if cfg.rslora else rank))
+    return modules
+
+
+def _short_names(kinds: set[str]) -> list[str]:
+    """Module kinds ("attn.c_proj", ...) as the shortest suffixes that select exactly them."""
+    names = []
+    for kind in sorted(kinds, key=MODULES.index):
+        last = kind.split(".")[-1]
+        same_last = [k for k in MODULES if k.split(".")[-1] == last]
+        names.append(last if all(k in kinds for k in same_last) else kind)
+    return sorted(set(names), key=names.index)
+
+
+def _by_layer(paths: list[str]) -> dict[int, set[str]]:
+    """{layer: {module kinds}} of paths "h.{i}.{kind}"."""
+    by_layer: dict[int, set[str]] = collections.defaultdict(set)
+    for p in paths:
+        _, layer, kind = p.split(".", 2)
+        by_layer[int(layer)].add(kind)
+    return by_layer
+
+
+def _every_layer(targets: Any, layers: Any = None) -> bool:
+    """Whether target names select their modules in every block (no index, no regex, no layer list)."""
+    if layers is not None or not isinstance(targets, list | tuple):
+        return False
+    return not any(is_regex(t) or any(p.isdigit() for p in t.split(".")) for t in targets)
+
+
+def _target_modules(paths: list[str], cfg: LoraConfig) -> list[str]:
+    """PEFT target names for these module paths: short suffixes when `cfg` adapts every block alike."""
+    by_layer = _by_layer(paths)
+    kinds = set.union(*by_layer.values())
+    if _every_layer(cfg.target_modules, cfg.layers) and all(s == kinds for s in by_layer.values()):
+        return _short_names(kinds)
+    # PEFT matches "h.3.attn.c_attn" against "transformer.h.3.attn.c_attn" by suffix, so only that module.
+    return list(paths)
+
+
+def _check_savable(modules_to_save: Mapping, adapted: set[str]) -> list[str]:
+    """Module paths of the trained base leaves; each must be a whole module PEFT can save."""
+    leaves = collections.defaultdict(set)
+    for key_path, leaf in jax.tree_util.tree_leaves_with_path(modules_to_save):
+        if leaf is None:
+            continue
+        names = path_names(key_path)
+        leaves[".".join(names[:-1])].add(names[-1])
+    for module, names in leaves.items():
+        last = module.split(".")[-1]
+        if last == "wte":
+            raise CheckpointError(
+                "a trained wte cannot go out as a PEFT adapter: PEFT's modules_to_save does not keep GPT-2's "
+                "LM head tied to it; export the merged model instead"
+            )
+        if module in adapted:
+            raise CheckpointError(f"{module} carries an adapter and is trained in full; PEFT cannot save both")
+        if last not in SAVABLE_LEAVES or names != SAVABLE_LEAVES[last]:
+            raise CheckpointError(
+                f"trained base leaves {sorted(names)} of {module} are not a whole module; PEFT saves whole modules "
+                "(modules_to_save) and its bias options cannot be written exactly: export the merged model instead"
+            )
+    return sorted(leaves)
+
+
+def peft_config(
+    lora: Mapping,
+    cfg: LoraConfig,
+    *,
+    base_model_name_or_path: str | None,
+    modules_to_save: Mapping | None = None,
+) -> dict:
+    """The ``adapter_config.json`` dict PEFT needs to rebuild this adapter on GPT-2."""
+    modules = _peft_modules(lora, cfg)
+    if not modules:
+        raise CheckpointError("the LoRA tree has no adapters; nothing to export")
+    ranks = {m: a.shape[0] for m, (a, _, _) in modules.items()}
+    alphas = {m: alpha for m, (_, _, alpha) in modules.items()}
+    # The most common rank and alpha become r and lora_alpha; the rest go to the patterns.
+    r = collections.Counter(ranks.values()).most_common(1)[0][0]
+    alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
+    saved = _check_savable(modules_to_save or {}, set(modules))
+    plain = lambda x: int(x) if float(x).is_integer() else float(x)  # noqa: E731
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": int(r),
+        "lora_alpha": plain(alpha),
+        "lora_dropout": cfg.dropout,
+        "target_modules": _target_modules(list(modules), cfg),
+        "rank_pattern": {m: int(k) for m, k in ranks.items() if k != r},
+        "alpha_pattern": {m: plain(a) for m, a in alphas.items() if a != alpha},
+        "use_rslora": cfg.rslora,
+        "fan_in_fan_out": True,
+        "bias": "none",
+        "modules_to_save": saved or None,
+        "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
+        "use_dora": False,
+        "inference_mode": True,
+    }
+
+
+def save_peft(
+    out_dir: str | os.PathLike,
+    lora: Mapping,
+    cfg: LoraConfig,
+    *,
+    base_model_name_or_path: str | None,
+    modules_to_save: Mapping | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `lora` as a PEFT LoRA folder that ``PeftModel.from_pretrained(base, out_dir)`` loads.
+
+    Args:
+      out_dir: the folder to create (an existing non-empty one needs `overwrite`).
+      lora: the LoRA tree, ``{"A": (r, d_in), "B": (d_out, r)}`` per module (slices allowed).
+      cfg: its `LoraConfig` (scalings, dropout, rsLoRA).
+      base_model_name_or_path: what PEFT records as the base (a Hub id or a directory).
+      modules_to_save: trained base leaves in the base tree's layout, e.g.
+        ``{"ln_f": {"scale": (D,), "bias": (D,)}}``; whole modules only.
+
+    Raises:
+      CheckpointError: something PEFT cannot represent, or non-finite values; nothing is written.
+    """
+    from safetensors.numpy import save_file
+
+    config = peft_config(lora, cfg, base_model_name_or_path=base_model_name_or_path, modules_to_save=modules_to_save)
+    tensors = {}
+    for module, (a, b, _) in _peft_modules(lora, cfg).items():
+        tensors[f"{PREFIX}transformer.{module}.lora_A.weight"] = np.ascontiguousarray(a)
+        tensors[f"{PREFIX}transformer.{module}.lora_B.weight"] = np.ascontiguousarray(b)
+    trained = {k: v for k, v in (modules_to_save or {}).items() if v is not None}
+    for key, value in state_from_params(trained).items():
+        tensors[PREFIX + key] = np.ascontiguousarray(np.asarray(value, np.float32))
+    bad = [k for k, v in tensors.items() if not np.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"refusing to export non-finite values in {', '.join(bad[:3])}")
+    metadata = {"format": "pt", JLORA_METADATA: json.dumps(cfg.to_dict())}
+
+    with new_folder(out_dir, overwrite=overwrite) as tmp:
+        save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata=metadata)
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return Path(out_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# import
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict:
+    """The ``adapter_config.json`` of a PEFT folder, or CheckpointError."""
+    file = Path(directory) / ADAPTER_CONFIG
+    if not file.exists():
+        raise CheckpointError(f"no {ADAPTER_CONFIG} in {directory}: not a PEFT adapter folder")
+    return json.loads(file.read_text())
+
+
+def _check_supported(config: Mapping) -> None:
+    def refuse(ok: bool, what: str) -> None:
+        if not ok:
+            raise CheckpointError(f"unsupported PEFT adapter: {what}; jlora reads plain LoRA adapters")
+
+    refuse(config.get("peft_type") == "LORA", f"peft_type {config.get('peft_type')!r}")
+    refuse(not config.get("use_dora"), "use_dora (DoRA)")
+    refuse(config.get("bias", "none") == "none", f"bias {config.get('bias')!r} (only 'none')")
+    refuse(not config.get("lora_bias"), "lora_bias")
+    init = config.get("init_lora_weights", True)
+    refuse(not (isinstance(init, str) and init.startswith(BASE_CHANGING_INITS)), f"init_lora_weights {init!r}")
+    for key in ("layer_replication", "trainable_token_indices", "target_parameters", "alora_invocation_tokens"):
+        refuse(not config.get(key), f"{key}={config.get(key)!r}")
+    for key in ("use_qalora", "use_bdlora"):
+        refuse(not config.get(key), key)
+
+
+def _read_tensors(directory: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    from safetensors import safe_open
+
+    file = directory / ADAPTER_WEIGHTS
+    if not file.exists():
+        if (directory / PICKLE_WEIGHTS).exists():
+            raise CheckpointError(
+                f"{directory / PICKLE_WEIGHTS} is a pickle (loading one can run code); re-save the adapter with "
+                "safetensors (PEFT's default, save_pretrained(..., safe_serialization=True))"
+            )
+        raise CheckpointError(f"no {ADAPTER_WEIGHTS} in {directory}")
+    with safe_open(file, "flax") as f:  # the flax view reads bfloat16 too; take float32 once
+        tensors = {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
+        return tensors, f.metadata() or {}
+
+
+def _adapter_key(key: str) -> tuple[str, str] | None:
+    """PEFT tensor name -> (module path, "A" or "B"), e.g. ("h.0.attn.c_attn", "A"); None: not LoRA."""
+    m = re.fullmatch(r"(?:base_model\.model\.)?(?:transformer\.)?(.+)\.lora_([AB])\.weight", key)
+    return (m.group(1), m.group(2)) if m else None
+
+
+def _jlora_targets(paths: list[str], every_layer: bool) -> dict:
+    """LoraConfig target fields that select exactly these module paths."""
+    by_layer = _by_layer(paths)
+    kinds = set.union(*by_layer.values())
+    if all(s == kinds for s in by_layer.values()):
+        layers = None if every_layer else tuple(sorted(by_layer))
+        return {"target_modules": tuple(_short_names(kinds)), "layers": layers}
+    return {"target_modules": tuple(re.escape(p) for p in paths), "layers": None}
+
+
+def _as_jlora_slices(flat: dict, cfg: LoraConfig) -> dict | None:
+    """Undo `_fuse_slices` for every module `cfg` adapts in slices; None if the tensors say otherwise."""
+    n_layer = 1 + max(int(p.split(".")[1]) for p in flat)
+    wanted = cfg.module_paths(n_layer)
+    fused_modules = {split_slice(p)[0] for p in wanted}
+    if fused_modules != set(flat):
+        return None
+    out = {}
+    for module in sorted(fused_modules, key=_path_order):
+        slices = [p for p in wanted if split_slice(p)[0] == module]
+        a, b = np.asarray(flat[module]["A"]), np.asarray(flat[module]["B"])
+        if slices == [module]:
+            out[module] = {"A": a, "B": b}
+            continue
+        ranks = [cfg.rank_for(p) for p in slices]
+        width = b.shape[0] // len(QKV)
+        if sum(ranks) != a.shape[0] or b.shape[0] != len(QKV) * width:
+            return None
+        scalings = [cfg.scaling_for(p) for p in slices]
+        expected = np.zeros_like(b)
+        col = 0
+        for p, r, s in zip(slices, ranks, scalings, strict=True):
+            row = QKV.index(p.rsplit(".", 1)[1]) * width
+            block = b[row : row + width, col : col + r]
+            out[p] = {"A": a[col : col + r], "B": block if s == scalings[0] else block * np.float32(scalings[0] / s)}
+            expected[row : row + width, col : col + r] = block
+            col += r
+        if not np.array_equal(expected, b):  # PEFT trained the zero blocks: it is a c_attn adapter now
+            return None
+    return out
+
+
+def _sort_tensors(tensors: Mapping[str, np.ndarray], file: Path) -> tuple[dict, dict]:
+    """PEFT tensors -> ({module path: {"A", "B"}}, trained base leaves in the base tree's layout)."""
+    flat: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
+    trained: dict = {}
+    for key in sorted(tensors, key=lambda k: _adapter_key(k) is None):  # adapters first: their errors say more
+        adapter = _adapter_key(key)
+        if adapter is not None:
+            path, which = adapter
+            parts = path.split(".")
+            if not (len(parts) == 4 and parts[0] == "h" and parts[1].isdigit() and ".".join(parts[2:]) in MODULES):
+                raise CheckpointError(
+                    f"unsupported PEFT target {path!r} (tensor {key}); jlora adapts "
+                    + ", ".join(f"h.<i>.{k}" for k in MODULES)
+                )
+            flat[path][which] = tensors[key]
+            continue
+        base_path = hf_key_to_path(key.removeprefix(PREFIX))
+        if base_path is None:
+            raise CheckpointError(f"unsupported tensor {key} in {file} (not a LoRA A/B or a modules_to_save weight)")
+        node = trained
+        for name in base_path[:-1]:
+            node = node.setdefault(name, {})
+        node[base_path[-1]] = tensors[key]
+    if not flat:
+        raise CheckpointError(f"no LoRA tensors (lora_A / lora_B) in {file}")
+    for path, adapter in flat.items():
+        if set(adapter) != {"A", "B"} or adapter["A"].shape[0] != adapter["B"].shape[1]:
+            raise CheckpointError(
+                f"adapter {path}: lora_A {getattr(adapter.get('A'), 'shape', None)} and "
+                f"lora_B {getattr(adapter.get('B'), 'shape', None)} are not a rank-r pair"
+            )
+    return {p: flat[p] for p in sorted(flat, key=_path_order)}, trained
+
+
+def load_peft(directory: str | os.PathLike) -> PeftAdapter:
+    """A PEFT LoRA folder (saved by PEFT or by `save_peft`) as jlora's config, LoRA tree and trained leaves.
+
+    Returns:
+      ``(config, lora, modules_to_save)``: a `LoraConfig` whose scalings are PEFT's for every
+      module (rank_pattern, alpha_pattern and use_rslora included), the LoRA tree
+      ``{"A": (r, d_in), "B": (d_out, r)}`` in float32, and the ``modules_to_save`` leaves in
+      the base tree's layout (None if there are none).
+
+    Raises:
+      CheckpointError: not a PEFT LoRA folder, or options jlora does not support (DoRA, other
+        PEFT types, bias training, targets outside GPT-2's attention and MLP projections, ...).
+    """
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    _check_supported(config)
+    tensors, metadata = _read_tensors(directory)
+
+    flat, trained = _sort_tensors(tensors, directory / ADAPTER_WEIGHTS)
+    paths = list(flat)
+    modules_to_save = trained or None
+
+    if JLORA_METADATA in metadata:  # written by save_peft: give back the slices and config it came from
+        original = LoraConfig.from_dict(json.loads(metadata[JLORA_METADATA]))
+        lora = _as_written(flat, config, original, modules_to_save)
+        if lora is not None:
+            return PeftAdapter(original, lora, _to_jax(modules_to_save))
+
+    r, alpha, rslora = int(config["r"]), float(config["lora_alpha"]), bool(config.get("use_rslora", False))
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    ranks, alphas = {}, {}
+    for path, adapter in flat.items():
+        name = "transformer." + path  # the module name PEFT matches its patterns against
+        ranks[path] = int(pattern_value(rank_pattern, name, r))
+        alphas[path] = float(pattern_value(alpha_pattern, name, alpha))
+        if adapter["A"].shape[0] != ranks[path]:
+            raise CheckpointError(
+                f"adapter {path} has rank {adapter['A'].shape[0]} in {ADAPTER_WEIGHTS}, "
+                f"but {ADAPTER_CONFIG} gives it rank {ranks[path]}"
+            )
+    # PEFT adapted these kinds in every block: so do we, whatever the base's depth.
+    every_layer = _every_layer(config.get("target_modules"), config.get("layers_to_transform"))
+    every_layer = every_layer and not config.get("exclude_modules")
+    init = "gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming"
+    cfg = LoraConfig(
+        r=r,
+        alpha=alpha,
+        dropout=float(config.get("lora_dropout") or 0.0),
+        rslora=rslora,
+        init=init,
+        rank_pattern={p: k for p, k in ranks.items() if k != r},
+        alpha_pattern={p: a for p, a in alphas.items() if a != alpha},
+        **_jlora_targets(paths, every_layer),
+    )
+    n_layer = 1 + max(int(p.split(".")[1]) for p in paths)
+    same = cfg.module_paths(n_layer) == tuple(paths) and all(
+        cfg.rank_for(p) == ranks[p] and cfg.alpha_for(p) == alphas[p] for p in paths
+    )
+    if not same:  # a safety net: the config must select these modules and give each PEFT's scaling
+        raise CheckpointError(f"cannot express the adapters of {directory} as a LoraConfig")
+    return PeftAdapter(cfg, _to_jax(unflatten_adapters(flat)), _to_jax(modules_to_save))
+
+
+_SCALING_KEYS = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout")
+
+
+def _as_written(flat: dict, config: Mapping, original: LoraConfig, modules_to_save: Mapping | None) -> dict | None:
+    """The LoRA tree `save_peft` wrote from `original`, if the folder still says exactly that."""
+    try:
+        split = _as_jlora_slices(flat, original)
+        if split is None:
+            return None
+        lora = unflatten_adapters(split)
+        again = peft_config(lora, original, base_model_name_or_path=None, modules_to_save=modules_to_save)
+    except ValueError:  # CheckpointError included: the recorded config no longer fits the tensors
+        return None
+    if any(again[k] != config.get(k) for k in _SCALING_KEYS):
+        return None
+    return _to_jax(lora)
+
+
+def _to_jax(tree: Any) -> Any:
+    return None if tree is None else jax.tree.map(jax.numpy.asarray, tree)

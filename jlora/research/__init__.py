@@ -1,0 +1,9 @@
+"""Research on top of training: what a trained update looks like, and experiments that test claims.
+
+    diagnose.py      spectrum of every adapter's dW, phi(i, j) between two runs
+    experiments.py   in-memory tasks and fits for sweeps; a full fine-tune's dW seen through LoRA
+    planted.py       a known rank-k update planted in a model, recovered by distillation
+    plots.py         matplotlib figures (Agg, no pyplot state)
+
+May import training, exchange and the core; the scripts in scripts/ compose these.
+"""

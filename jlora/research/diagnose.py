@@ -1,0 +1,150 @@
+"""`jlora diagnose RUN_DIR [--against RUN_DIR2]`: what a trained adapter's updates look like.
+
+    jlora diagnose runs/qa                                  # table; runs/qa/diagnose/{diagnose.json, spectrum.png}
+    jlora diagnose runs/r8 --against runs/r64 --out diag/   # also phi(i, j) between the two: similarity.png
+
+For every adapted module of the run's newest checkpoint (or ``--step``), from the factors of
+dW = scaling * B A (`jlora.core.svd.delta_svd`, no dense dW is formed):
+
+    singular values     s_1 >= ... >= s_r
+    energy top k        sum_{i<=k} s_i^2 / sum s_i^2, for k = 1, 2, 4, 8 (up to r)
+    effective rank      exp(entropy of s / sum s)        stable rank  ||dW||_F^2 / s_1^2
+    ||dW|| / ||W||      Frobenius norms, W the frozen base weight (the columns the adapter updates)
+    amplification       ||dW||_F / ||U^T W V^T||_F (LoRA paper, App. H.4)
+
+With ``--against``, for every module both runs adapt, the LoRA paper's normalised subspace
+similarity (eq. 4) phi(i, j) = ||U1_i^T U2_j||_F^2 / min(i, j) between the right singular
+vectors of the two A matrices, drawn as the paper's heat maps (its figure compares r=8 with r=64).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from jlora.core.lora import flatten_adapters
+from jlora.core.svd import delta_svd, subspace_similarity_grid
+from jlora.errors import CheckpointError
+from jlora.training.checkpoint import find_checkpoint, load_adapter, load_run
+
+TOP = (1, 2, 4, 8)
+
+
+def diagnose(run_dir: str | Path, *, step: int | None = None) -> dict:
+    """The spectrum figures of every adapter of a run, as plain JSON-able values.
+
+    Returns:
+      {"run", "step", "lora_config", "modules": {path: {"r", "scaling", "singular_values" (r,),
+      "energy" (r,), "energy_top": {k: share}, "effective_rank", "stable_rank", "norm",
+      "relative_norm", "amplification"}}}.
+    """
+    _, params, lora, lora_cfg, meta = load_run(run_dir, step)
+    modules = {}
+    for path, fig in delta_svd(lora, lora_cfg, params).items():
+        r = int(fig["singular_values"].shape[0])
+        energy = np.asarray(fig["energy"], np.float64)
+        modules[path] = {
+            "r": r,
+            "scaling": lora_cfg.scaling_for(path, r),
+            "singular_values": np.asarray(fig["singular_values"], np.float64).tolist(),
+            "energy": energy.tolist(),
+            "energy_top": {str(k): float(energy[k - 1]) for k in TOP if k <= r},
+            **{
+                name: float(fig[name])
+                for name in ("effective_rank", "stable_rank", "norm", "relative_norm", "amplification")
+            },
+        }
+    return {"run": str(run_dir), "step": meta["step"], "lora_config": meta["lora_config"], "modules": modules}
+
+
+def _adapters(run_dir: str | Path, step: int | None) -> dict:
+    return flatten_adapters(load_adapter(find_checkpoint(run_dir, step))[0])
+
+
+def compare(run_dir: str | Path, against: str | Path, *, step: int | None = None) -> dict:
+    """phi(i, j) of the LoRA paper's eq. 4 between the A matrices of two runs, per common module.
+
+    Returns:
+      {"run", "against", "modules": {path: {"r1", "r2", "phi": (r1, r2) nested lists,
+      "phi_top": phi(1, 1), "phi_full": phi(min r, min r)}}}.
+    """
+    first, second = _adapters(run_dir, step), _adapters(against, None)
+    common = [path for path in first if path in second]
+    if not common:
+        raise CheckpointError(f"{run_dir} and {against} adapt no module in common")
+    modules = {}
+    for path in common:
+        a1, a2 = np.asarray(first[path]["A"]), np.asarray(second[path]["A"])
+        if a1.shape[1] != a2.shape[1]:
+            raise CheckpointError(
+                f"{path}: the runs' adapters act on inputs of different sizes ({a1.shape[1]}, {a2.shape[1]})"
+            )
+        phi = np.asarray(subspace_similarity_grid(a1, a2), np.float64)
+        k = min(phi.shape) - 1
+        modules[path] = {
+            "r1": a1.shape[0],
+            "r2": a2.shape[0],
+            "phi": phi.tolist(),
+            "phi_top": float(phi[0, 0]),
+            "phi_full": float(phi[k, k]),
+        }
+    return {"run": str(run_dir), "against": str(against), "modules": modules}
+
+
+def format_table(report: dict) -> str:
+    """The report as aligned text: one row per module (and one per compared module)."""
+    tops = [k for k in TOP if any(str(k) in m["energy_top"] for m in report["modules"].values())]
+    header = ["module", "r", "||dW||", "/||W||", "amplif.", "eff.rank", "stable", *[f"E@{k}" for k in tops], "s_1..s_3"]
+    rows = []
+    for path, m in report["modules"].items():
+        rows.append(
+            [
+                path,
+                str(m["r"]),
+                f"{m['norm']:.3g}",
+                f"{m['relative_norm']:.3g}",
+                f"{m['amplification']:.3g}",
+                f"{m['effective_rank']:.2f}",
+                f"{m['stable_rank']:.2f}",
+                *[f"{m['energy_top'][str(k)]:.3f}" if str(k) in m["energy_top"] else "-" for k in tops],
+                " ".join(f"{s:.3g}" for s in m["singular_values"][:3]),
+            ]
+        )
+    lines = [f"{report['run']} (step {report['step']})", *_aligned([header, *rows])]
+    against = report.get("against")
+    if against:
+        lines += ["", f"subspace similarity phi(i, j) against {against['against']} (LoRA paper eq. 4, A matrices)"]
+        header = ["module", "r1", "r2", "phi(1,1)", "phi(k,k), k=min r"]
+        rows = [
+            [path, str(m["r1"]), str(m["r2"]), f"{m['phi_top']:.3f}", f"{m['phi_full']:.3f}"]
+            for path, m in against["modules"].items()
+        ]
+        lines += _aligned([header, *rows])
+    return "\n".join(lines)
+
+
+def _aligned(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in rows
+    ]
+
+
+def write_plots(report: dict, out: Path) -> list[Path]:
+    """spectrum.png (singular values per layer, one line per module) and, with a comparison,
+    similarity.png (the phi(i, j) heat map of each common module)."""
+    from jlora.research import plots
+
+    layers: dict[str, dict] = {}
+    for path, m in report["modules"].items():
+        layer, _, module = path.partition(".")[2].partition(".")
+        layers.setdefault(f"layer {layer}", {})[module] = m["singular_values"]
+    written = [plots.spectra(out / "spectrum.png", layers, title=f"singular values of dW: {report['run']}")]
+    against = report.get("against")
+    if against:
+        grids = {path: np.asarray(m["phi"]) for path, m in against["modules"].items()}
+        title = f"phi(i, j): {against['run']} (i) against {against['against']} (j)"
+        written.append(plots.heatmaps(out / "similarity.png", grids, xlabel="j", ylabel="i", title=title))
+    return written

@@ -1,0 +1,255 @@
+"""A known low-rank update planted in a model, and its recovery by LoRA students.
+
+    teacher_params, planted = plant_low_rank(key, params, LoraConfig(r=k, alpha=k), scale)  # W + U diag(s) V^T
+    lora, losses = distill_student(base, params, teacher_params, LoraConfig(r=r, alpha=2 * r), key, optim,
+                                   batch_size=16, seq_len=32)     # make_distill_step: KL(teacher || student)
+    distill_gap(base, teacher_params, merge(params, lora, cfg), key)      # held-out KL; 0: the teacher
+    compare_to_planted(lora, cfg, planted, planted_cfg)                  # phi(k, k) on both sides of dW
+
+The student sees no text: its inputs are uniformly random tokens and its target the teacher's
+whole next-token distribution at every position, a far denser signal than sampled text, so
+what limits recovery is the student's rank, not the data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jlora.core.gpt2 import GPT2
+from jlora.core.lora import flatten_adapters, init_lora, output_columns, split_slice, unflatten_adapters
+from jlora.core.lora_config import LoraConfig
+from jlora.core.merge import merge
+from jlora.core.optim import OptimConfig, combine, make_optimizer, partition, trainable_mask
+from jlora.core.step import TrainState, init_state
+from jlora.core.svd import delta_svd, factored_svd, subspace_similarity_grid
+from jlora.tree import get_path
+
+PyTree = Any
+
+
+def plant_low_rank(key: jax.Array, params: Mapping, cfg: LoraConfig, scale: float) -> tuple[dict, dict]:
+    """A teacher: `params` plus a known rank-k update on every module `cfg` targets (k = ``cfg.r``).
+
+    Each planted update is ``dW = U diag(s) V^T`` with U (d_out, k) and V (d_in, k) random
+    orthonormal and s spaced evenly from ``scale * ||W||_2`` down to half of that, so it is
+    large next to the weight it changes (W's own top singular value times `scale`) and its
+    singular directions are ordered.
+
+    A weight fed by a LayerNorm (c_attn by ln_1, c_fc by ln_2) never sees one input direction:
+    the normalised input has zero mean, so ``x . (1 / gamma) = beta . (1 / gamma)`` for every
+    input. An update along it would only shift the bias, and no student could recover it, so
+    V is drawn orthogonal to it.
+
+    Returns:
+      (teacher params = ``merge(params, planted, cfg)``, planted LoRA tree with
+      ``cfg.scaling_for(path) * B A = dW`` per module).
+    """
+    flat = {}
+    for i, path in enumerate(cfg.module_paths(len(params["h"]))):
+        module = split_slice(path)[0]
+        kernel = get_path(params, module)["kernel"]
+        w = kernel[:, output_columns(path, kernel.shape[1])].T  # (d_out, d_in)
+        blind = jnp.zeros(w.shape[1], jnp.float32)
+        norm = {"attn.c_attn": "ln_1", "mlp.c_fc": "ln_2"}.get(".".join(module.split(".")[2:]))
+        if norm is not None:
+            gamma = get_path(params, ".".join(module.split(".")[:2]) + "." + norm)["scale"].astype(jnp.float32)
+            blind = jnp.where(gamma != 0, 1.0 / jnp.where(gamma != 0, gamma, 1.0), 0.0)
+        k = cfg.rank_for(path)
+        flat[path] = _planted(jax.random.fold_in(key, i), w, blind, k, scale, cfg.scaling_for(path, k))
+    planted = unflatten_adapters(flat)
+    return merge(params, planted, cfg), planted
+
+
+@partial(jax.jit, static_argnums=3)
+def _planted(key: jax.Array, w: jax.Array, blind: jax.Array, k: int, scale: float, scaling: float) -> dict:
+    key_u, key_v = jax.random.split(key)
+    (d_out, d_in), w = w.shape, w.astype(jnp.float32)
+    b = blind / jnp.maximum(jnp.linalg.norm(blind), 1e-30)  # unit, or 0: nothing to avoid
+    g = jax.random.normal(key_v, (d_in, k))
+    u = jnp.linalg.qr(jax.random.normal(key_u, (d_out, k)))[0]
+    v = jnp.linalg.qr(g - jnp.outer(b, b @ g))[0]
+    s = scale * jnp.linalg.norm(w, 2) * jnp.linspace(1.0, 0.5, k)
+    root = jnp.sqrt(s / scaling)
+    return {"A": root[:, None] * v.T, "B": u * root[None, :]}
+
+
+def random_tokens(key: jax.Array, batch_size: int, seq_len: int, vocab_size: int) -> jax.Array:
+    """(batch_size, seq_len) int32 tokens drawn uniformly: inputs that probe every direction."""
+    return jax.random.randint(key, (batch_size, seq_len), 0, vocab_size, jnp.int32)
+
+
+def kl_divergence(teacher_logits: jax.Array, student_logits: jax.Array) -> jax.Array:
+    """KL(p_teacher || p_student) at each position, (..., V) -> (...), in float32.
+
+    Written through the logit difference d = teacher - student, as
+    ``E_p[d] - log E_q[exp d]``: when the two nearly agree the divergence is O(d^2) while
+    each log-probability is O(log V), and subtracting those would lose it to rounding.
+
+    >>> t = jnp.array([[0.0, 1.0, 2.0]]); s = jnp.array([[0.0, 1.0, 2.5]])
+    >>> p, q = jax.nn.softmax(t), jax.nn.softmax(s)
+    >>> bool(jnp.allclose(kl_divergence(t, s), jnp.sum(p * jnp.log(p / q), -1), rtol=1e-5))
+    True
+    """
+    t, s = teacher_logits.astype(jnp.float32), student_logits.astype(jnp.float32)
+    d = t - s
+    expected = jnp.sum(jax.nn.softmax(t, axis=-1) * d, axis=-1)
+    q = jax.nn.softmax(s, axis=-1)
+    near = jnp.max(jnp.abs(d), axis=-1) < 20.0  # expm1 is safe; beyond that use the plain form
+    log_ratio = jnp.where(
+        near,
+        jnp.log1p(jnp.sum(q * jnp.expm1(jnp.where(near[..., None], d, 0.0)), axis=-1)),
+        jax.nn.logsumexp(jax.nn.log_softmax(s, axis=-1) + d, axis=-1),
+    )
+    return expected - log_ratio
+
+
+def make_distill_step(
+    student: GPT2,
+    teacher: GPT2,
+    optimizer: optax.GradientTransformation,
+    *,
+    batch_size: int,
+    seq_len: int,
+) -> Callable[[TrainState, PyTree, jax.Array], tuple[TrainState, jax.Array]]:
+    """A compiled update of the student towards the teacher's next-token distributions.
+
+    ``step(state, teacher_params, key) -> (state, loss)``: the batch is `random_tokens` drawn
+    from ``fold_in(key, state.step)``, the loss the mean KL(teacher || student) over its
+    positions, differentiated with respect to ``state.trainable`` only (as `jlora.core.step`).
+    The teacher's logits carry full distributions, a far denser signal than sampled text.
+    """
+    vocab_size = teacher.config.vocab_size
+
+    def loss(trainable, frozen, teacher_params, ids):
+        target = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, ids))
+        return jnp.mean(kl_divergence(target, student.apply(combine(trainable, frozen), ids)))
+
+    @partial(jax.jit, donate_argnums=(0, 1, 2))
+    def update(step, trainable, opt_state, frozen, teacher_params, key):
+        ids = random_tokens(jax.random.fold_in(key, step), batch_size, seq_len, vocab_size)
+        value, grads = jax.value_and_grad(loss)(trainable, frozen, teacher_params, ids)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        return step + 1, optax.apply_updates(trainable, updates), opt_state, value
+
+    def step(state: TrainState, teacher_params: PyTree, key: jax.Array) -> tuple[TrainState, jax.Array]:
+        n, trainable, opt_state, value = update(
+            state.step, state.trainable, state.opt_state, state.frozen, teacher_params, key
+        )
+        return TrainState(n, trainable, state.frozen, opt_state), value
+
+    return step
+
+
+@partial(jax.jit, static_argnums=0)
+def _mean_kl(model: GPT2, teacher_params: PyTree, params: PyTree, ids: jax.Array) -> jax.Array:
+    return jnp.mean(kl_divergence(model.apply({"params": teacher_params}, ids), model.apply({"params": params}, ids)))
+
+
+def distill_gap(
+    model: GPT2,
+    teacher_params: PyTree,
+    params: PyTree,
+    key: jax.Array,
+    *,
+    batches: int = 4,
+    batch_size: int = 32,
+    seq_len: int = 32,
+) -> float:
+    """Mean KL(teacher || model) on held-out random tokens: 0 when the model has become the teacher.
+
+    `params` are plain (merged) weights for `model`, the base architecture the teacher shares.
+    """
+    vocab = model.config.vocab_size
+    gaps = [
+        _mean_kl(model, teacher_params, params, random_tokens(jax.random.fold_in(key, i), batch_size, seq_len, vocab))
+        for i in range(batches)
+    ]
+    return float(np.mean(jax.device_get(gaps)))
+
+
+def delta_subspaces(
+    adapter_1: Mapping, scaling_1: float, adapter_2: Mapping, scaling_2: float
+) -> dict[str, np.ndarray]:
+    """phi(i, j) between two updates dW = scaling * B A, on both sides of dW.
+
+    "row": the input (row) spaces, spanned by dW's right singular vectors; "column": the
+    output (column) spaces, its left singular vectors. Each is ordered by dW's own singular
+    values (not A's or B's), so phi(k, k) asks whether the top-k directions of the two updates
+    coincide. Returns {"row": (r1, r2), "column": (r1, r2)} in [0, 1].
+    """
+    u1, s1, vt1 = factored_svd(adapter_1["A"], adapter_1["B"], scaling_1)
+    u2, s2, vt2 = factored_svd(adapter_2["A"], adapter_2["B"], scaling_2)
+    # subspace_similarity_grid reads the right singular vectors of its arguments, in order:
+    # diag(s) V^T has right singular vectors V^T's rows, ordered by s (likewise diag(s) U^T).
+    row = subspace_similarity_grid(s1[:, None] * vt1, s2[:, None] * vt2)
+    column = subspace_similarity_grid(s1[:, None] * u1.T, s2[:, None] * u2.T)
+    return {"row": np.asarray(row), "column": np.asarray(column)}
+
+
+def distill_student(
+    base: GPT2,
+    params: PyTree,
+    teacher_params: PyTree,
+    cfg: LoraConfig,
+    key: jax.Array,
+    optim: OptimConfig,
+    *,
+    batch_size: int,
+    seq_len: int,
+    progress: bool = False,
+) -> tuple[dict, np.ndarray]:
+    """Train fresh rank-``cfg.r`` adapters on `params` towards the teacher for ``optim.total_steps`` steps.
+
+    A is initialised from ``fold_in(key, 0)`` (so every rank starts from the same draw), the
+    training tokens come from ``fold_in(key, 1)``. Only the adapters train.
+
+    Returns:
+      (the student's LoRA tree, its training loss at each step (steps,)).
+    """
+    from tqdm.auto import trange
+
+    variables = {"params": params, "lora": init_lora(jax.random.fold_in(key, 0), cfg, params)}
+    mask = trainable_mask(variables)
+    optimizer = make_optimizer(optim, partition(variables, mask)[0])
+    state = init_state(variables, mask, optimizer)
+    step = make_distill_step(base.clone(lora=cfg), base, optimizer, batch_size=batch_size, seq_len=seq_len)
+    losses = []
+    for _ in trange(optim.total_steps, disable=not progress, desc=f"r={cfg.r}", leave=False, dynamic_ncols=True):
+        state, loss = step(state, teacher_params, jax.random.fold_in(key, 1))
+        losses.append(loss)
+    return state.trainable["lora"], np.asarray(jax.device_get(losses), np.float64)
+
+
+def compare_to_planted(lora: Mapping, cfg: LoraConfig, planted: Mapping, planted_cfg: LoraConfig) -> dict:
+    """A student's update against the planted one, per module and averaged over modules.
+
+    With k the planted rank and r the student's, each module gets phi(k, min(k, r)) on the row
+    and column sides of dW (`delta_subspaces`), the LoRA paper's phi on the two A matrices
+    ("phi_A"), and the share of the student's dW energy in its top k singular values.
+
+    Returns:
+      {"phi_row", "phi_column", "phi_A", "energy_top_k" (module means), "modules": {path: {...}}}.
+    """
+    k = planted_cfg.r
+    spectra = delta_svd(lora, cfg)
+    targets = flatten_adapters(planted)
+    modules = {}
+    for path, adapter in flatten_adapters(lora).items():
+        target = targets[path]
+        i, j = k - 1, min(k, adapter["A"].shape[0]) - 1
+        phi = delta_subspaces(target, planted_cfg.scaling_for(path), adapter, cfg.scaling_for(path))
+        modules[path] = {
+            "phi_row": float(phi["row"][i, j]),
+            "phi_column": float(phi["column"][i, j]),
+            "phi_A": float(subspace_similarity_grid(target["A"], adapter["A"])[i, j]),
+            "energy_top_k": float(spectra[path]["energy"][j]),
+        }
+    names = ("phi_row", "phi_column", "phi_A", "energy_top_k")
+    return {**{n: float(np.mean([m[n] for m in modules.values()])) for n in names}, "modules": modules}

@@ -1,0 +1,167 @@
+"""Orbax checkpoints of what training changes, and the identity of the base they belong to.
+
+A run directory holds::
+
+    RUN_DIR/config.yaml                  the resolved run config
+    RUN_DIR/checkpoints/<step>/adapter   {"lora": adapters, "base": trained base leaves}  (Orbax StandardSave)
+    RUN_DIR/checkpoints/<step>/opt_state the optimizer state                              (Orbax StandardSave)
+    RUN_DIR/checkpoints/<step>/meta      step, seed, LoRA config, model config, base identity (JSON)
+
+The frozen base is never saved: it is the checkpoint the run started from, named in `meta`
+with a hash of its weights. `adapter` and `meta` alone restore the adapter::
+
+    lora, base_leaves, meta = load_adapter("RUN_DIR/checkpoints/100")        # jlora
+    tree = ocp.StandardCheckpointer().restore("RUN_DIR/checkpoints/100/adapter")  # plain Orbax
+
+Everything is saved unreplicated (host arrays), so a checkpoint written with several
+devices restores on one, and the other way round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jlora.core.gpt2 import GPT2, GPT2Config, init_params
+from jlora.core.lora_config import LoraConfig
+from jlora.errors import BaseMismatchError, CheckpointError
+from jlora.exchange.hf_checkpoint import load_gpt2
+from jlora.tree import leaves_by_path, overlay
+
+PyTree = Any
+
+
+def base_identity(name: str, params: Mapping) -> dict:
+    """{"name", "sha256", "shapes"} of a base parameter tree (hashing its bytes in path order)."""
+    digest = hashlib.sha256()
+    shapes = {}
+    for path, leaf in sorted(leaves_by_path(params).items()):
+        array = np.asarray(leaf)
+        digest.update(path.encode())
+        digest.update(str(array.dtype).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+        shapes[path] = list(array.shape)
+    return {"name": str(name), "sha256": digest.hexdigest(), "shapes": shapes}
+
+
+def check_base(identity: Mapping, params: Mapping, *, allow_different_weights: bool = False) -> None:
+    """Refuse a base whose shapes differ from `identity`'s, or (unless allowed) whose weights do."""
+    now = base_identity(identity.get("name", "?"), params)
+    wrong = [(p, s) for p, s in identity["shapes"].items() if now["shapes"].get(p) != s]
+    if wrong:  # name a weight matrix rather than its bias where both differ
+        path, shape = max(wrong, key=lambda item: len(item[1]))
+        raise BaseMismatchError(
+            f"base model does not match the adapter's: {path.rsplit('.', 1)[0]} has shape "
+            f"{tuple(now['shapes'].get(path) or ())}, the adapter was trained on {tuple(shape)}"
+        )
+    if now["sha256"] != identity["sha256"] and not allow_different_weights:
+        raise BaseMismatchError(
+            f"base model weights differ from those the adapter was trained on ({identity['name']!r}, "
+            f"sha256 {identity['sha256'][:12]}...); pass allow_different_weights=True to use them anyway"
+        )
+
+
+def open_manager(run_dir: str | Path, *, max_to_keep: int | None = 3) -> ocp.CheckpointManager:
+    """The run's CheckpointManager over ``RUN_DIR/checkpoints``."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    return ocp.CheckpointManager(Path(run_dir).absolute() / "checkpoints", options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, adapter: PyTree, opt_state: PyTree, meta: Mapping) -> None:
+    """Write one checkpoint (blocking until it is committed, so a crash never leaves it half-done)."""
+    to_host = lambda tree: jax.tree.map(np.asarray, tree)  # noqa: E731
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            adapter=ocp.args.StandardSave(to_host(adapter)),
+            opt_state=ocp.args.StandardSave(to_host(opt_state)),
+            meta=ocp.args.JsonSave(dict(meta)),
+        ),
+        force=True,
+    )
+    manager.wait_until_finished()
+
+
+def restore(manager: ocp.CheckpointManager, step: int, adapter_like: PyTree, opt_state_like: PyTree):
+    """(adapter, opt_state, meta) of checkpoint `step`, with the structures of the `*_like` trees."""
+    abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)  # noqa: E731
+    out = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            adapter=ocp.args.StandardRestore(abstract(adapter_like)),
+            opt_state=ocp.args.StandardRestore(abstract(opt_state_like)),
+            meta=ocp.args.JsonRestore(),
+        ),
+    )
+    return out["adapter"], out["opt_state"], out["meta"]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest committed checkpoint folder of a run, or None."""
+    root = Path(run_dir) / "checkpoints"
+    steps = [int(p.name) for p in root.glob("*") if p.name.isdigit() and (p / "meta").exists()]
+    return root / str(max(steps)) if steps else None
+
+
+def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
+    """The checkpoint folder of a run at `step` (None: the newest); CheckpointError if there is none."""
+    run_dir = Path(run_dir)
+    found = latest_checkpoint(run_dir) if step is None else run_dir / "checkpoints" / str(step)
+    if found is None or not (found / "adapter").exists():
+        raise CheckpointError(f"no adapter checkpoint{'' if step is None else f' at step {step}'} in {run_dir}")
+    return found
+
+
+def load_adapter(checkpoint_dir: str | Path) -> tuple[dict, dict, dict]:
+    """(lora, trained base leaves, meta) from one checkpoint folder; no run directory needed."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not (checkpoint_dir / "adapter").exists():
+        raise CheckpointError(f"no adapter checkpoint in {checkpoint_dir}")
+    tree = ocp.StandardCheckpointer().restore((checkpoint_dir / "adapter").absolute())
+    meta = json.loads(_meta_file(checkpoint_dir).read_text())
+    return tree["lora"], tree.get("base", {}), meta
+
+
+def _meta_file(checkpoint_dir: Path) -> Path:
+    meta = checkpoint_dir / "meta"
+    return meta / "metadata" if meta.is_dir() else meta
+
+
+def load_checkpoint(checkpoint_dir: str | Path, base: str | None = None, *, allow_different_weights: bool = False):
+    """An adapter checkpoint on its base model, ready to apply: ``(model, params, lora, lora_cfg, meta)``.
+
+    Needs nothing but the checkpoint folder (its ``adapter`` and ``meta``) and the base model:
+    `base` is a Hugging Face checkpoint directory or Hub id (default: the name recorded at save
+    time); a run on a random base is rebuilt from the recorded config and seed. The base is
+    checked against the recorded identity (`check_base`: shapes always, weights unless
+    `allow_different_weights`), and the trained base leaves are put into `params`.
+    """
+    lora, base_leaves, meta = load_adapter(checkpoint_dir)
+    lora_cfg, config = lora_config_of(meta), model_config_of(meta)
+    name = base or meta["base_model"]["name"]
+    if name == "random":
+        model, params = GPT2(config, lora_cfg), init_params(jax.random.key(meta["seed"]), config)
+    else:
+        model, params = load_gpt2(name, lora_cfg, dtype=config.dtype, param_dtype=config.param_dtype)
+    check_base(meta["base_model"], params, allow_different_weights=allow_different_weights)
+    return model, overlay(params, base_leaves), lora, lora_cfg, meta
+
+
+def load_run(run_dir: str | Path, step: int | None = None, *, allow_different_weights: bool = False):
+    """`load_checkpoint` of a run's newest checkpoint (or of `step`)."""
+    return load_checkpoint(find_checkpoint(run_dir, step), allow_different_weights=allow_different_weights)
+
+
+def lora_config_of(meta: Mapping) -> LoraConfig:
+    return LoraConfig.from_dict(meta["lora_config"])
+
+
+def model_config_of(meta: Mapping) -> GPT2Config:
+    return GPT2Config(**meta["model_config"])

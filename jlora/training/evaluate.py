@@ -1,0 +1,73 @@
+"""Evaluation on a held-out set: mean loss over answer tokens, perplexity, greedy exact match.
+
+    eval_step = make_eval_step(model)                       # (masked loss sum, token count) of a batch
+    mean_loss(eval_step, variables, val_data, batch_size=8) # divided once, over the whole set
+    exact_match(greedy_predictor(model), variables, val_data, n=64, batch_size=8)
+
+Exact match needs no decoding loop: with the true tokens as input, greedy decoding from the
+prompt reproduces the completion exactly when every answer position's argmax is right
+(`jlora.training.data.greedy_exact_match`), so one teacher-forced forward pass decides it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from jlora.core.gpt2 import GPT2
+from jlora.core.step import EvalStep
+from jlora.training.data import TokenizedData, eval_batches, greedy_exact_match
+
+
+def mean_loss(
+    eval_step: EvalStep,
+    variables,
+    data: TokenizedData,
+    batch_size: int,
+    *,
+    max_batches: int | None = None,
+    feed: Callable[[dict], dict] | None = None,
+) -> float:
+    """Mean masked loss over `data`'s evaluation batches (the first `max_batches`), divided once.
+
+    `eval_step` is a `make_eval_step`; `feed` places a host batch (e.g. shards it for pmap).
+    """
+    total, count = 0.0, 0.0
+    for i, batch in enumerate(eval_batches(data, batch_size)):
+        if max_batches is not None and i >= max_batches:
+            break
+        s, c = eval_step(variables, batch if feed is None else feed(batch))
+        # pmap's psum leaves the same total on every device: read one copy
+        total += float(np.asarray(s).reshape(-1)[0])
+        count += float(np.asarray(c).reshape(-1)[0])
+    return total / max(count, 1.0)
+
+
+def loss_and_perplexity(loss: float) -> dict[str, float]:
+    """{"val_loss", "val_ppl"}; the perplexity is capped at e^50 rather than overflowing."""
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+
+def greedy_predictor(model: GPT2) -> Callable:
+    """``predict(variables, ids) -> (B, T)`` argmax of the logits at each position, jit-compiled."""
+    return jax.jit(lambda variables, ids: jax.numpy.argmax(model.apply(variables, ids), axis=-1))
+
+
+def exact_match(predict: Callable, variables: dict, data: TokenizedData, n: int, batch_size: int) -> float:
+    """Fraction of the first `n` rows whose completion greedy decoding reproduces exactly.
+
+    `predict` is a `greedy_predictor`; one teacher-forced forward pass per batch decides it.
+    """
+    hits, rows = 0, 0
+    for batch in eval_batches(data, batch_size):
+        take = min(batch_size, n - rows)
+        if take <= 0:
+            break
+        predictions = np.asarray(predict(variables, batch["input_ids"]))
+        ok = greedy_exact_match(predictions, batch["targets"], batch["loss_mask"])[:take]
+        real = batch["loss_mask"][:take].any(axis=-1)
+        hits, rows = hits + int(ok[real].sum()), rows + int(real.sum())
+    return hits / max(rows, 1)

@@ -1,0 +1,44 @@
+"""Run metrics: ``RUN_DIR/metrics.jsonl`` (one JSON object a line) and TensorBoard event files.
+
+Each row has a ``step``; training rows carry ``loss``, evaluation rows ``val_loss``. A resumed
+run first drops the rows past the step it resumes from, so the file reads as one run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+from jlora.training.tensorboard import ScalarWriter
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """All rows of ``RUN_DIR/metrics.jsonl``, in order."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsWriter:
+    """Appends rows to metrics.jsonl and mirrors their numbers to TensorBoard (``RUN_DIR/tb``)."""
+
+    def __init__(self, run_dir: str | Path, *, truncate_after: int | None = None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if truncate_after is not None and self.path.exists():  # rows past the resumed step are replayed
+            kept = [r for r in read_metrics(run_dir) if r["step"] <= truncate_after] if truncate_after else []
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._file = self.path.open("a")
+        self._tb = ScalarWriter(Path(run_dir) / "tb")
+
+    def write(self, row: Mapping) -> None:
+        self._file.write(json.dumps(dict(row)) + "\n")
+        self._file.flush()
+        numbers = {k: float(v) for k, v in row.items() if k != "step" and isinstance(v, int | float)}
+        self._tb.scalars(int(row["step"]), numbers)
+
+    def close(self) -> None:
+        self._file.close()
+        self._tb.close()

@@ -1,0 +1,251 @@
+"""The run configuration: a YAML file, `--set key=value` overrides, and validation.
+
+A run is described by one `RunConfig`; `load_run_config(path, overrides)` reads it and
+checks it before anything is loaded, so a typo costs a one-line error, not a failed run::
+
+    >>> cfg = from_dict({"steps": 10, "lora": {"r": 4, "alpha": 8}})
+    >>> cfg.lora.r, cfg.steps
+    (4, 10)
+    >>> from_dict({"checkpoint": {"often": 10}})
+    Traceback (most recent call last):
+    ...
+    jlora.errors.ConfigError: unknown key 'checkpoint.often'; valid: every, max_to_keep
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jlora.core.lora_config import LoraConfig
+from jlora.core.optim import OptimConfig
+from jlora.errors import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).parent.parent / "configs" / "default.yaml"  # also configs/default.yaml
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Where the base model comes from.
+
+    `name`: a Hugging Face checkpoint directory or Hub id, or "random" for a randomly
+    initialised GPT-2 of the shape in `random` (its vocabulary is the tokenizer's).
+    """
+
+    name: str = "random"
+    random: dict = dataclasses.field(default_factory=lambda: {"n_layer": 4, "n_embd": 128, "n_head": 4})
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool = False
+    allow_pickle: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """`train` / `validation`: a .jsonl file, "bundled" (the package's QA set) or a `datasets` name."""
+
+    train: str = "bundled"
+    validation: str | None = "bundled"
+    format: str = "auto"
+    tokenizer: str | None = None  # None: the model's own; "bytes": the offline byte tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainableConfig:
+    """Base leaves trained beside the adapters (PEFT's `bias` and `modules_to_save`)."""
+
+    bias: str = "none"
+    modules_to_save: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100
+    max_to_keep: int | None = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    lora: LoraConfig = LoraConfig()
+    trainable: TrainableConfig = TrainableConfig()
+    optim: OptimConfig = OptimConfig()  # its total_steps is the run's `steps`
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    seq_len: int = 128
+    batch_size: int = 8
+    steps: int = 100
+    eval_every: int = 50
+    eval_batches: int | None = None  # None: the whole validation set
+    exact_match: int = 64  # validation QA pairs answered greedily at each evaluation (0: off)
+    log_every: int = 10
+    seed: int = 0
+    init_from: str | None = None  # a PEFT adapter folder to start from (its LoRA config replaces `lora`)
+
+    def __post_init__(self):
+        if self.steps <= 0:
+            raise ConfigError(f"steps must be > 0, got {self.steps}")
+        if self.optim.total_steps != self.steps:  # the schedule's length is the run's
+            object.__setattr__(self, "optim", dataclasses.replace(self.optim, total_steps=self.steps))
+
+    def to_dict(self) -> dict:
+        plain = _to_plain(self)
+        del plain["optim"]["total_steps"]  # derived from `steps`
+        return plain
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, LoraConfig):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, typing.Mapping):
+        return {k: _to_plain(v) for k, v in value.items()}
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """`value` as type `tp` (dataclass, optional, tuple, scalar), or a ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, typing.Mapping):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is tuple:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(items))
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML reads 2e-4 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if (tp is dict or origin in (dict, typing.Mapping, collections.abc.Mapping)) and isinstance(value, typing.Mapping):
+        return dict(value)
+    if tp in (int, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, values: typing.Mapping, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in fields:
+            raise ConfigError(f"unknown key {prefix + str(key)!r}; valid: {', '.join(sorted(fields))}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:  # a section's own check (LoraConfig, OptimConfig): name the section
+        raise ConfigError(f"{prefix.rstrip('.')}: {e}" if prefix else str(e)) from None
+
+
+def from_dict(values: typing.Mapping) -> RunConfig:
+    """A validated `RunConfig` from nested plain values (as read from YAML).
+
+    ``model: NAME`` is short for ``model: {name: NAME}``.
+    """
+    if isinstance(values.get("model"), str):
+        values = {**values, "model": {"name": values["model"]}}
+    if isinstance(values.get("optim"), typing.Mapping) and "total_steps" in values["optim"]:
+        raise ConfigError("optim.total_steps is set by the run's `steps`; set steps instead")
+    cfg = _build(RunConfig, values)
+    _check_values(cfg)
+    return cfg
+
+
+def _check_values(cfg: RunConfig) -> None:
+    positive = {
+        "seq_len": cfg.seq_len,
+        "batch_size": cfg.batch_size,
+        "steps": cfg.steps,
+        "eval_every": cfg.eval_every,
+        "log_every": cfg.log_every,
+        "checkpoint.every": cfg.checkpoint.every,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
+    if cfg.batch_size % cfg.optim.grad_accum:
+        raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by optim.grad_accum={cfg.optim.grad_accum}")
+    if cfg.trainable.bias not in ("none", "all", "lora_only"):
+        raise ConfigError(f"trainable.bias must be none, all or lora_only, got {cfg.trainable.bias!r}")
+    for key in ("train", "validation"):
+        source = getattr(cfg.data, key)
+        if source and source.endswith((".jsonl", ".json")) and not Path(source).expanduser().exists():
+            raise ConfigError(f"data.{key}: no such file {source}")
+    if cfg.init_from and not Path(cfg.init_from).expanduser().is_dir():
+        raise ConfigError(f"init_from: no such adapter folder {cfg.init_from}")
+    n_positions = cfg.model.random.get("n_positions", 1024) if cfg.model.name == "random" else None
+    if n_positions is not None and cfg.seq_len > n_positions:
+        raise ConfigError(f"seq_len={cfg.seq_len} is longer than the model's n_positions={n_positions}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'optim.lr=1e-3' -> (['optim', 'lr'], 0.001); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    return key.split("."), yaml.safe_load(raw) if raw else ""
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    values = dict(values)
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys == ["model"] and isinstance(value, str):  # --set model=DIR keeps the other model keys
+            keys = ["model", "name"]
+        node = values
+        for k in keys[:-1]:
+            child = node.get(k)
+            node[k] = dict(child) if isinstance(child, dict) else {}
+            node = node[k]
+        node[keys[-1]] = value
+    return values
+
+
+def load_run_config(path: str | Path | None = DEFAULT_CONFIG, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config (default: the embedded default run; None: RunConfig's defaults),
+    apply `key=value` overrides, and validate."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"no such config file {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    return from_dict(apply_overrides(values, list(overrides)))
+
+
+def save_run_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,132 @@
+"""The research scripts' --quick runs: each summary.json's structure, shapes and ranges, and the
+planted-rank criterion (the rank-k student's update spans the planted one).
+
+Each script runs once per session, in this process (their `main(argv)`), so the four share
+JAX's warm caches; the checks then read only what the script wrote under --out.
+"""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def run_quick(name: str, out: Path) -> dict:
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    returned = module.main(["--quick", "--out", str(out)])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary.keys() == returned.keys()
+    png = (out / f"{name}.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) < 200_000
+    return summary
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    cache = {}
+
+    def get(name: str) -> dict:
+        if name not in cache:
+            cache[name] = run_quick(name, tmp_path_factory.mktemp(name))
+        return cache[name]
+
+    return get
+
+
+def in_unit(x: float) -> bool:
+    return -1e-6 <= x <= 1 + 1e-6
+
+
+# The quick model: 1 layer, 32 wide; LoRA on c_attn (32->96), c_proj (32->32), c_fc (32->128),
+# mlp.c_proj (128->32), plus ln_f (64 leaves) trained beside it.
+LORA_PER_RANK = (32 + 96) + (32 + 32) + (32 + 128) + (128 + 32)  # r * (d_in + d_out), summed: 512
+LN_F = 2 * 32
+
+
+def test_planted_rank(quick):
+    s = quick("planted_rank")
+    assert (s["k"], s["ranks"], s["targets"]) == (4, [2, 4, 8], ["c_attn"])
+    assert s["base_gap"] > 0
+    assert [st["r"] for st in s["students"]] == [2, 4, 8]
+    for st in s["students"]:
+        assert st["alpha"] == 2 * st["r"]
+        assert st["gap"] >= -1e-6 * s["base_gap"] and math.isclose(st["relative_gap"], st["gap"] / s["base_gap"])
+        assert list(st["modules"]) == ["h.0.attn.c_attn"]
+        for name in ("phi_row", "phi_column", "phi_A", "energy_top_k"):
+            assert in_unit(st[name]) and st[name] == pytest.approx(st["modules"]["h.0.attn.c_attn"][name])
+        assert np.isfinite(st["final_loss"])
+    # a student of rank 2 < k holds at most rank 2: all its energy is in its top k
+    assert s["students"][0]["energy_top_k"] == pytest.approx(1.0)
+    # the criterion: the rank-k student's update spans the planted one, on both sides of dW
+    assert s["rank_k"]["phi_row"] >= 0.9, s["rank_k"]
+    assert s["rank_k"]["phi_column"] >= 0.9, s["rank_k"]
+
+
+def test_rank_sweep(quick):
+    s = quick("rank_sweep")
+    assert s["ranks"] == [1, 8, 32] and s["fixed_alpha"] == 16
+    assert list(s["series"]) == ["alpha = 2r", "alpha = 16"]
+    for name, rows in s["series"].items():
+        assert [row["r"] for row in rows] == [1, 8, 32]
+        for row in rows:
+            r = row["r"]
+            assert row["alpha"] == (2 * r if name == "alpha = 2r" else 16)
+            assert row["scaling"] == pytest.approx(row["alpha"] / r)
+            assert row["effective_lr"] == pytest.approx(s["lr"] * row["alpha"] / r)
+            assert row["lora_params"] == r * LORA_PER_RANK and row["trainable_params"] == r * LORA_PER_RANK + LN_F
+            assert 0 < row["val_loss"] < s["base_val_loss"] + 1 and np.isfinite(row["train_loss"])
+            assert list(row["energy_top"]) == [str(k) for k in (1, 2, 4, 8) if k <= r]
+            energy = list(row["energy_top"].values())
+            assert all(in_unit(e) for e in energy) and energy == sorted(energy)
+            assert 1 - 1e-6 <= row["effective_rank"] <= r + 1e-6
+    assert s["series"]["alpha = 2r"][1] == s["series"]["alpha = 16"][1]  # r=8, alpha=16: one run, in both
+    assert s["val_loss_spread"]["alpha = 2r"] == pytest.approx(
+        np.ptp([r["val_loss"] for r in s["series"]["alpha = 2r"]])
+    )
+
+
+def test_alpha_sweep(quick):
+    s = quick("alpha_sweep")
+    assert s["r"] == 8
+    lr0 = 1e-2  # the quick config's
+    settings = [(run["alpha"], run["lr"]) for run in s["runs"]]
+    assert settings == [(8, pytest.approx(2 * lr0)), (16, pytest.approx(lr0)), (16, pytest.approx(2 * lr0))]
+    for run in s["runs"]:
+        assert run["effective_lr"] == pytest.approx(run["lr"] * run["alpha"] / 8)
+        assert len(run["losses"]) == s["steps"] and np.all(np.isfinite(run["losses"])) and np.isfinite(run["val_loss"])
+    assert [p["equal_product"] for p in s["pairs"]] == [True, False, False]
+    assert all(p["curve_distance"] >= 0 and p["val_loss_distance"] >= 0 for p in s["pairs"])
+    assert s["summary"]["equal_product"]["pairs"] == 1 and s["summary"]["unequal_product"]["pairs"] == 2
+    equal, unequal = (s["summary"][k]["mean_curve_distance"] for k in ("equal_product", "unequal_product"))
+    assert s["unequal_over_equal"] == pytest.approx(unequal / equal)
+
+
+def test_full_vs_lora(quick):
+    s = quick("full_vs_lora")
+    assert s["ranks"] == [1, 2, 4, 8, 16, 32]
+    assert s["shapes"] == {
+        "h.0.attn.c_attn": [96, 32],
+        "h.0.attn.c_proj": [32, 32],
+        "h.0.mlp.c_fc": [128, 32],
+        "h.0.mlp.c_proj": [32, 128],
+    }
+    # every kernel and bias of the four weights, and ln_f; against LoRA r=8 on them and ln_f
+    assert s["full"]["trainable_params"] == sum(o * i + o for o, i in s["shapes"].values()) + LN_F
+    assert s["lora"]["trainable_params"] == 8 * LORA_PER_RANK + LN_F
+    for curve in s["energy"].values():
+        values = [curve[str(r)] for r in s["ranks"]]
+        assert all(in_unit(v) for v in values) and values == sorted(values)
+        assert values[-1] == pytest.approx(1.0)  # r = 32 = min(d_out, d_in): the whole update
+    rows = s["truncated"]
+    assert [row["r"] for row in rows] == s["ranks"]
+    assert all(np.isfinite(row["val_loss"]) and in_unit(row["mean_energy"]) for row in rows)
+    assert all(row["min_energy"] <= row["mean_energy"] + 1e-12 for row in rows)
+    # cut at full rank, the truncation is the full fine-tune itself
+    assert rows[-1]["val_loss"] == pytest.approx(s["full"]["val_loss"], abs=1e-4)

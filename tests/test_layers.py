@@ -1,0 +1,87 @@
+"""The package's shape: layers import only downwards, and the public names stay public."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import jlora
+
+PACKAGE = Path(jlora.__file__).parent
+# Bottom to top; a module may import its own layer and those below it, never one above.
+LAYERS = {"errors": 0, "tree": 0, "core": 1, "exchange": 2, "training": 3, "research": 4, "cli": 5}
+
+
+def layer(module: str) -> int | None:
+    """The layer of a dotted module name inside jlora (None: the package itself, or not jlora)."""
+    parts = module.split(".")
+    if parts[0] != "jlora" or len(parts) == 1:
+        return None
+    return LAYERS[parts[1]]
+
+
+def imports(file: Path) -> list[tuple[int, str]]:
+    """(line, module) of every jlora import in `file`, at any depth (function-level imports too)."""
+    found = []
+    for node in ast.walk(ast.parse(file.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "jlora":  # from jlora import plots: a submodule
+                found += [(node.lineno, f"jlora.{alias.name}") for alias in node.names]
+            else:
+                found.append((node.lineno, node.module))
+    return [(line, m) for line, m in found if m.split(".")[0] == "jlora"]
+
+
+def module_name(file: Path) -> str:
+    parts = file.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_every_module_belongs_to_a_layer():
+    tops = {p.name.removesuffix(".py") for p in PACKAGE.iterdir() if p.suffix == ".py" or (p / "__init__.py").exists()}
+    assert tops - {"__init__"} == set(LAYERS)
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    upward = []
+    for file in sorted(PACKAGE.rglob("*.py")):
+        name = module_name(file)
+        own = layer(name)
+        if own is None:  # jlora/__init__.py: the curated surface re-exports every layer
+            continue
+        for line, imported in imports(file):
+            theirs = layer(imported)
+            if theirs is not None and theirs > own:
+                upward.append(f"{file.relative_to(PACKAGE.parent)}:{line} ({name}) imports {imported}")
+    assert not upward, "\n".join(upward)
+
+
+def test_the_walk_sees_imports_inside_functions(tmp_path):
+    file = tmp_path / "m.py"
+    file.write_text("import os\n\ndef f():\n    from jlora.cli.main import main\n    from jlora import plots\n")
+    assert imports(file) == [(4, "jlora.cli.main"), (5, "jlora.plots")]
+
+
+# Every name `jlora` exported before the package was split into layers (a user's code uses these).
+PUBLIC_BEFORE = """
+GPT2 GPT2Config LoraConfig CheckpointError load_gpt2 save_gpt2 init_params init_lora init_cache
+flatten_adapters unflatten_adapters lora_delta scaling effective_lr alpha_for_rank adapter_param_count
+adapter_compression module_counts lora_param_count compression_ratio delta_w merge unmerge delta_svd
+factored_svd spectrum amplification subspace_similarity subspace_similarity_grid lora_from_delta
+OptimConfig learning_rate trainable_mask partition combine make_optimizer TrainState init_state train_step
+make_train_step make_eval_step replicate unreplicate shard_batch initialize_distributed load_adapter
+load_checkpoint load_run save_peft load_peft save_merged Generation generate generate_text
+""".split()
+
+
+@pytest.mark.parametrize("name", PUBLIC_BEFORE)
+def test_public_names_still_work_from_jlora(name):
+    assert name in jlora.__all__
+    assert callable(getattr(jlora, name))
+
+
+def test_all_lists_only_what_exists():
+    missing = [name for name in jlora.__all__ if not hasattr(jlora, name)]
+    assert not missing and len(set(jlora.__all__)) == len(jlora.__all__)

@@ -1,0 +1,159 @@
+"""`jlora train` end to end: learning, exact resume after SIGKILL, 4 devices -> 1, non-finite stop, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jlora.cli import main
+from jlora.training.metrics import read_metrics
+
+# A 1-layer, 32-wide random GPT-2 on the bundled QA set: seconds per run on 2 cores.
+TINY = [
+    "model.random={n_layer: 1, n_embd: 32, n_head: 2, n_positions: 64, embd_pdrop: 0.0, resid_pdrop: 0.0}",
+    "seq_len=64",
+    "batch_size=8",
+    "log_every=1",
+    "exact_match=8",
+    "eval_every=1000",
+]
+
+
+def sets(*items: str) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def cli(*args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
+    command = [sys.executable, "-m", "jlora.cli", "train", *args]
+    return subprocess.Popen(
+        command, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
+    )
+
+
+def train_losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def finish(process: subprocess.Popen) -> str:
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    return out + err
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    args = sets(*TINY, "steps=24", "checkpoint.every=4", "checkpoint.max_to_keep=2")
+    reference = cli(*args, "--out", str(tmp_path / "reference"))
+    killed = cli(*args, "--out", str(tmp_path / "killed"))
+    first = tmp_path / "killed" / "checkpoints" / "4" / "meta"
+    while not first.exists() and killed.poll() is None:
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    finish(reference)
+    log = finish(cli(*args, "--out", str(tmp_path / "killed")))
+    assert "resuming at step" in log
+    expected, resumed = train_losses(tmp_path / "reference"), train_losses(tmp_path / "killed")
+    assert sorted(resumed) == list(range(1, 25))
+    assert resumed == expected  # bit for bit, every step
+    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert summary["step"] == 24 and 0 <= summary["exact_match"] <= 1
+
+
+def test_checkpoint_from_four_devices_resumes_on_one(tmp_path):
+    args = sets(*TINY, "steps=12", "checkpoint.every=4", "checkpoint.max_to_keep=null")
+    four = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    log = finish(cli(*args, "--out", str(tmp_path / "run"), env=four))
+    assert "devices 4" in log
+    pmapped = train_losses(tmp_path / "run")
+    for step in (8, 12):  # go back to step 4's checkpoint
+        os.system(f"rm -rf {tmp_path / 'run' / 'checkpoints' / str(step)}")
+    log = finish(cli(*args, "--out", str(tmp_path / "run")))
+    assert "devices 1" in log and "resuming at step 4" in log
+    single = train_losses(tmp_path / "run")
+    steps = range(5, 13)
+    np.testing.assert_allclose([single[s] for s in steps], [pmapped[s] for s in steps], rtol=1e-5)
+
+
+def test_non_finite_loss_stops_before_saving(tmp_path):
+    process = cli(
+        *sets(*TINY, "steps=30", "optim.lr=1e12", "optim.warmup_steps=0", "checkpoint.every=1"), "--out", str(tmp_path)
+    )
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 1, err[-2000:]
+    message = err.strip().splitlines()[-1]
+    assert message.startswith("jlora train: loss is") and "stopped without saving" in message
+    bad_step = int(message.split(" at step ")[1].split(";")[0])
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert all(s < bad_step for s in saved)
+    losses = train_losses(tmp_path)
+    assert all(np.isfinite(v) for s, v in losses.items() if s < bad_step)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "steps=0"], "steps must be > 0, got 0"),
+        (["missing.yaml"], "no such config file missing.yaml"),
+        (["--set", "lora.target_modules=[q_proj]"], "unknown LoRA target 'q_proj'"),
+        (["--set", "data.train=/nonexistent/train.jsonl"], "no such file /nonexistent/train.jsonl"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
+    assert main(["train", *args, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, tiny_hf, capsys):
+    args = ["--set", f"model={tiny_hf[0]}", "--set", "data.tokenizer=bytes", "--set", "seq_len=64"]
+    assert main(["train", *args, "--out", str(tmp_path)]) == 2
+    assert "has 257 tokens, more than the model's vocabulary of 101" in capsys.readouterr().err
+
+
+def test_default_run_learns(tmp_path):
+    """The embedded default, shortened: validation loss on answers falls from the untrained value."""
+    assert main(["train", *sets("steps=60", "eval_every=60", "exact_match=0"), "--out", str(tmp_path)]) == 0
+    evals = [r for r in read_metrics(tmp_path) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 60]
+    assert evals[1]["val_loss"] < 0.85 * evals[0]["val_loss"]
+
+
+def test_gpt2_qa_config_runs_on_a_local_checkpoint(tmp_path, tiny_hf_with_tokenizer):
+    model_dir = tiny_hf_with_tokenizer
+    run = tmp_path / "run"
+    args = ["configs/gpt2_qa.yaml", "--set", f"model={model_dir}", "--set", "steps=2", "--set", "exact_match=8"]
+    assert main(["train", *args, "--set", "eval_batches=2", "--out", str(run)]) == 0
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert (run / "checkpoints" / "2" / "adapter").exists()
+    meta = json.loads((run / "checkpoints" / "2" / "meta" / "metadata").read_text())
+    assert meta["base_model"]["name"] == str(model_dir) and meta["lora_config"]["r"] == 8
+
+
+def test_load_run_and_init_from_a_peft_adapter(tmp_path):
+    """A run's adapter, exported to PEFT, starts a second run exactly where the first ended."""
+    from jlora.exchange.peft import save_peft
+    from jlora.training.checkpoint import load_run
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = sets(*TINY, "trainable.modules_to_save=[ln_f]", "eval_batches=4", "lora.alpha=8")
+    assert main(["train", *common, "--set", "steps=6", "--out", str(first)]) == 0
+    model, params, lora, lora_cfg, meta = load_run(first)
+    assert lora_cfg.alpha == 8 and meta["step"] == 6
+    trained_ln_f = params["ln_f"]  # load_run puts the trained ln_f into params
+    saved = save_peft(
+        tmp_path / "peft", lora, lora_cfg, base_model_name_or_path=None, modules_to_save={"ln_f": trained_ln_f}
+    )
+    again = sets("lora.alpha=16", f"init_from={saved}", "steps=2")  # the folder's alpha (8) must win
+    assert main(["train", *common, *again, "--out", str(second)]) == 0
+    end_of_first = [r["val_loss"] for r in read_metrics(first) if "val_loss" in r][-1]
+    start_of_second = [r["val_loss"] for r in read_metrics(second) if "val_loss" in r][0]
+    assert start_of_second == pytest.approx(end_of_first, rel=1e-5)
+    assert load_run(second)[3].alpha == 8
