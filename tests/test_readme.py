@@ -2,7 +2,9 @@
 
 - every ```python block, in order, in one namespace;
 - every ```bash offline block: its `jlora` commands, in order, in one directory (bash expands the
-  arguments; the commands then run in this process), `jlora train` shrunk by a few overrides;
+  arguments; the commands then run in this process), `jlora train` shrunk by the overrides of the
+  session's tiny default run, whose directory stands in for runs/default: the command finds that
+  run finished (its config checked) and the commands after it use it;
 - ```py blocks show calls that need a network or a trained run, and are not run; the first one,
   which opens the README, must still name nothing it does not define.
 """
@@ -11,12 +13,13 @@ import ast
 import builtins
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
 from jlora.cli import main
 
-from .cli.conftest import TINY_DEFAULT, sets
+from .conftest import TINY_DEFAULT, sets
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -60,10 +63,11 @@ def bash_commands(block: str, workdir: Path) -> list[list[str]]:
     return [command.split("\0") for command in record.read_text().split("\0\0")[:-1]]
 
 
-def test_readme_offline_shell_commands_run(tmp_path, monkeypatch, capsys):
+def test_readme_offline_shell_commands_run(default_run, tmp_path, monkeypatch, capsys):
     offline = blocks("bash offline")
     assert offline, "README has no ```bash offline block"
     monkeypatch.chdir(tmp_path)
+    shutil.copytree(default_run, tmp_path / "runs" / "default")
     ran = []
     for block in offline:
         for argv in bash_commands(block, tmp_path):
@@ -76,4 +80,5 @@ def test_readme_offline_shell_commands_run(tmp_path, monkeypatch, capsys):
     assert asked.startswith("Question: How many letters are in garden?\nAnswer:")
     assert "\nQuestion: What is 23 plus 19?\nAnswer:" in asked
     assert ran[4][1].startswith("Question: Is 736 even or odd?\nAnswer:")  # the export, the template written out
+    assert "resuming at step 3" in ran[0][1]
     assert (tmp_path / "out" / "default_adapter" / "base" / "model.safetensors").exists()

@@ -8,6 +8,7 @@ to 64 new tokens, fewer (said on stderr) when the model's positions leave less r
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -55,7 +56,7 @@ def load_source(source: str, *, base: str | None = None, tokenizer: str | None =
         tok = load_tokenizer(tokenizer or meta["tokenizer"])
         if raw:
             return Source(model, params, lora, tok, lambda text: (text, tok.encode(text)))
-        fmt = data_format(DataConfig(**(yaml.safe_load((path / "config.yaml").read_text()) or {}).get("data", {})))
+        fmt = data_format(run_data(path / "config.yaml"))
         return Source(model, params, lora, tok, lambda text: run_prompt(text, fmt, tok))
     if (path / ADAPTER_CONFIG).exists():
         own_base = path / "base"
@@ -71,6 +72,13 @@ def load_source(source: str, *, base: str | None = None, tokenizer: str | None =
     model, params = load_gpt2(source)
     tok = load_tokenizer(tokenizer or source)
     return Source(model, params, None, tok, lambda text: (text, tok.encode(text)))
+
+
+def run_data(config_file: Path) -> DataConfig:
+    """The ``data`` section of a run's saved config.yaml, read without checking that its files still exist."""
+    data = (yaml.safe_load(config_file.read_text()) or {}).get("data") or {}
+    names = {f.name for f in dataclasses.fields(DataConfig)}
+    return DataConfig(**{k: v for k, v in data.items() if k in names})
 
 
 def generate_command(args: Any) -> int:

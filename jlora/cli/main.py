@@ -63,13 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--raw",
         action="store_true",
-        help="feed the prompt as written (a run dir otherwise applies its training template, e.g. Question: ...)",
+        help="feed the prompt as written (a run dir otherwise opens it as its training rows: end-of-text and, "
+        "for QA runs, 'Question: PROMPT\\nAnswer:')",
     )
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--base", help="base model of a PEFT folder (default: its base_model_name_or_path)")
+    gen.add_argument(
+        "--base", help="base model of a PEFT folder (default: its base/ folder, else base_model_name_or_path)"
+    )
     gen.add_argument("--tokenizer", help="tokenizer dir, Hub id or 'bytes' (default: the source's)")
     gen.set_defaults(handler=_lazy("jlora.cli.generate", "generate_command"))
 

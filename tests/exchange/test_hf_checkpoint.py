@@ -12,6 +12,8 @@ from safetensors.numpy import load_file, save_file
 import jlora
 from jlora.exchange.hf_checkpoint import CheckpointError, read_state
 
+from ..conftest import unused_port
+
 
 def assert_same_tree(a, b):
     assert jax.tree.structure(a) == jax.tree.structure(b)
@@ -109,14 +111,6 @@ def test_offline_a_hub_id_is_read_from_the_cache(tiny_hf_with_tokenizer, tmp_pat
     assert_same_tree(jlora.load_gpt2("gpt2")[1], jlora.load_gpt2(tiny_hf_with_tokenizer)[1])
     text = "Question: What is 12 plus 30?"
     assert load_tokenizer("gpt2").encode(text) == load_tokenizer(str(tiny_hf_with_tokenizer)).encode(text)
-
-
-def unused_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_an_unreachable_hub_is_told_by_one_probe_without_retries():
