@@ -139,13 +139,22 @@ def sets(*items: str) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def default_run(tmp_path_factory):
-    """RUN_DIR of `jlora train` (the default config, by name) with TINY_DEFAULT."""
+def default_run_and_log(tmp_path_factory):
+    """(RUN_DIR, what it wrote on stderr) of `jlora train` (the default config, by name) with TINY_DEFAULT."""
+    import contextlib
+    import io
+
     from jlora.cli import main
 
-    run = tmp_path_factory.mktemp("default_run")
-    assert main(["train", "default", *sets(*TINY_DEFAULT), "--out", str(run)]) == 0
-    return run
+    run, stderr = tmp_path_factory.mktemp("default_run"), io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        assert main(["train", "default", *sets(*TINY_DEFAULT), "--out", str(run)]) == 0
+    return run, stderr.getvalue()
+
+
+@pytest.fixture(scope="session")
+def default_run(default_run_and_log):
+    return default_run_and_log[0]
 
 
 def unused_port() -> int:

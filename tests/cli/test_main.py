@@ -32,6 +32,14 @@ def test_packaged_configs_by_name_and_in_help(tmp_path, monkeypatch, capsys):
     assert err == "jlora train: error: no such config file gpt2_qb; packaged configs, by name: default, gpt2_qa\n"
 
 
+def test_evaluation_shows_its_own_progress(default_run_and_log):
+    """Each evaluation of the tiny default run counts 3 batches: 2 for the loss (eval_batches=2), 1 for exact match."""
+    _, stderr = default_run_and_log
+    bars = [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("evaluating:")]
+    assert bars and all(line.split("|")[2].split()[0].endswith("/3") for line in bars)
+    assert sum(" 0/3 " in line for line in bars) == 2  # at step 0 and at step 3
+
+
 @pytest.mark.parametrize("offline", [False, True])
 def test_a_hub_model_offline_fails_at_once_in_one_line(offline, tmp_path):
     """Unreachable (a refused port standing for the Hub) or switched off: one line naming the model, exit 2."""
