@@ -1,6 +1,7 @@
 """`jlora export` of byte-tokenizer runs: a PEFT folder PEFT can load (random base included), a merged
 checkpoint whose tokenizer and token ids transformers uses as jlora does."""
 
+import functools
 import json
 
 import numpy as np
@@ -17,6 +18,7 @@ IDS = np.array([[256, 81, 117, 101, 115, 116], [87, 104, 97, 116, 32, 105]])
 PROMPT = "Question: What is 23 plus 19?\nAnswer:"
 
 
+@functools.cache
 def run_logits(run) -> np.ndarray:
     model, params, lora, _, _ = load_run(run)
     return np.asarray(model.apply({"params": params, "lora": lora}, IDS))
