@@ -112,3 +112,55 @@ def _random_b(tree, seed: int = 1, scale: float = 0.1, decay: float = 1.0):
 def random_b():
     """``random_b(tree, seed=1, scale=0.1, decay=1.0)``: adapters with a random B (see `_random_b`)."""
     return _random_b
+
+
+# Runs of the packaged configs shrunk to seconds, for the command-line and README tests. Tests that
+# train in a subprocess use the same settings, so their programs come from the persistent compilation
+# cache. TINY_DEFAULT: the embedded default's kind of run (random base, byte tokens, 64 positions),
+# 1 layer and 3 steps, a large learning rate without warmup so that the adapters and ln_f move visibly.
+TINY_DEFAULT = [
+    "model.random={n_layer: 1, n_embd: 32, n_head: 2, n_positions: 64}",
+    "steps=3",
+    "optim.warmup_steps=0",
+    "optim.lr=0.05",
+    "eval_every=3",
+    "checkpoint.every=3",
+    "eval_batches=2",
+    "exact_match=16",
+]
+
+# gpt2_qa on a local tiny checkpoint (tiny_hf_with_tokenizer: 257 tokens, 512 positions), shrunk.
+TINY_QA = ["seq_len=64", "batch_size=4", "steps=2", "eval_batches=1", "exact_match=0", "checkpoint.every=2"]
+TINY_QA += ["optim.warmup_steps=0", "optim.lr=0.05"]
+
+
+def sets(*items: str) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
+@pytest.fixture(scope="session")
+def default_run_and_log(tmp_path_factory):
+    """(RUN_DIR, what it wrote on stderr) of `jlora train` (the default config, by name) with TINY_DEFAULT."""
+    import contextlib
+    import io
+
+    from jlora.cli import main
+
+    run, stderr = tmp_path_factory.mktemp("default_run"), io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        assert main(["train", "default", *sets(*TINY_DEFAULT), "--out", str(run)]) == 0
+    return run, stderr.getvalue()
+
+
+@pytest.fixture(scope="session")
+def default_run(default_run_and_log):
+    return default_run_and_log[0]
+
+
+def unused_port() -> int:
+    """A local TCP port nothing listens on (connections to it are refused): a Hub that cannot be reached."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,23 +1,84 @@
-"""README's Python examples run as written: every ```python block, in order, in one namespace.
+"""README's examples run as written.
 
-(Blocks fenced ```py show calls that need a network or a trained run, and are not run.)
+- every ```python block, in order, in one namespace;
+- every ```bash offline block: its `jlora` commands, in order, in one directory (bash expands the
+  arguments; the commands then run in this process), `jlora train` shrunk by the overrides of the
+  session's tiny default run, whose directory stands in for runs/default: the command finds that
+  run finished (its config checked) and the commands after it use it;
+- ```py blocks show calls that need a network or a trained run, and are not run; the first one,
+  which opens the README, must still name nothing it does not define.
 """
 
+import ast
+import builtins
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
+
+from jlora.cli import main
+
+from .conftest import TINY_DEFAULT, sets
 
 README = Path(__file__).parent.parent / "README.md"
 
 
-def python_blocks() -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.S | re.M)
+def blocks(info: str) -> list[str]:
+    return re.findall(rf"^```{info}\n(.*?)^```", README.read_text(), flags=re.S | re.M)
 
 
 def test_readme_examples_run(tmp_path, monkeypatch):
-    blocks = python_blocks()
-    assert len(blocks) >= 7  # the model example and the utilities
+    python = blocks("python")
+    assert len(python) >= 7  # the model example and the utilities
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    for i, block in enumerate(blocks):
+    for i, block in enumerate(python):
         exec(compile(block, f"README.md python block {i}", "exec"), namespace)
     assert namespace["logits"].shape == (1, 4, 1000)  # the model example ran
+
+
+def undefined_names(code: str) -> set[str]:
+    """Names `code` reads but never binds (imports, assignments, loop targets), builtins aside."""
+    bound, read = set(dir(builtins)), set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Name):
+            (read if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+        elif isinstance(node, ast.alias):
+            bound.add((node.asname or node.name).split(".")[0])
+    return read - bound
+
+
+def test_the_first_example_defines_what_it_uses():
+    first = blocks("py")[0]
+    assert "input_ids" in first and undefined_names(first) == set()
+    assert undefined_names("x = jnp.ones(3)\nmodel.apply(x)") == {"jnp", "model"}  # the check can fail
+
+
+def bash_commands(block: str, workdir: Path) -> list[list[str]]:
+    """The argument lists of the block's `jlora` commands, as bash expands them."""
+    record = workdir / "argv"
+    capture = f'jlora() {{ printf "%s\\0" "$@" >> "{record}"; printf "\\0" >> "{record}"; }}\n'
+    subprocess.run(["bash", "-euc", capture + block], cwd=workdir, check=True, env={**os.environ})
+    return [command.split("\0") for command in record.read_text().split("\0\0")[:-1]]
+
+
+def test_readme_offline_shell_commands_run(default_run, tmp_path, monkeypatch, capsys):
+    offline = blocks("bash offline")
+    assert offline, "README has no ```bash offline block"
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(default_run, tmp_path / "runs" / "default")
+    ran = []
+    for block in offline:
+        for argv in bash_commands(block, tmp_path):
+            extra = sets(*TINY_DEFAULT) if argv[0] == "train" else []
+            capsys.readouterr()
+            assert main([*argv, *extra]) == 0, f"jlora {' '.join(argv)}: {capsys.readouterr().err[-2000:]}"
+            ran.append((argv, capsys.readouterr().out))
+    assert [argv[0] for argv, _ in ran] == ["train", "generate", "export", "export", "generate"]
+    asked = ran[1][1]  # the run is asked in its training form
+    assert asked.startswith("Question: How many letters are in garden?\nAnswer:")
+    assert "\nQuestion: What is 23 plus 19?\nAnswer:" in asked
+    assert ran[4][1].startswith("Question: Is 736 even or odd?\nAnswer:")  # the export, the template written out
+    assert "resuming at step 3" in ran[0][1]
+    assert (tmp_path / "out" / "default_adapter" / "base" / "model.safetensors").exists()

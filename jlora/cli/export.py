@@ -1,43 +1,86 @@
-"""`jlora export RUN_DIR --peft OUT_DIR | --merged OUT_DIR [--step N]`: a run's adapter for other tools."""
+"""`jlora export RUN_DIR --peft OUT_DIR | --merged OUT_DIR [--step N]`: a run's adapter for other tools.
+
+Either folder carries the run's tokenizer: the base's own files, or the tokenizer the run trained
+with instead (a byte-tokenizer run's as the equivalent ``GPT2TokenizerFast``, see
+`jlora.training.tokenizer.ByteTokenizer.hf`). A PEFT adapter needs its base model; a run on a
+random base has no checkpoint to name, so the export writes that base too::
+
+    OUT_DIR/adapter_config.json, adapter_model.safetensors, tokenizer.json, ...
+    OUT_DIR/base/config.json, model.safetensors, tokenizer.json, ...   (random base only)
+
+and names ``OUT_DIR/base`` (absolute) as ``base_model_name_or_path``.
+"""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
-from jlora.exchange.hf_checkpoint import resolve
+from jlora.exchange.hf_checkpoint import new_folder, resolve
 from jlora.exchange.merged import save_merged
 from jlora.exchange.peft import save_peft
-from jlora.training.checkpoint import find_checkpoint, load_adapter, load_checkpoint, lora_config_of
+from jlora.training.checkpoint import find_checkpoint, load_adapter, load_base, lora_config_of
 from jlora.training.tokenizer import load_tokenizer
+
+BYTES_NOTE = (
+    "tokenizer: jlora's byte tokenizer, saved as a GPT2TokenizerFast that encodes and decodes the same "
+    "(byte b is id b, end-of-text 256, no merges)"
+)
 
 
 def export_command(args: Any) -> int:
     """``jlora export RUN_DIR --peft OUT_DIR | --merged OUT_DIR [--step N]``."""
     run_dir = Path(args.run_dir)
-    checkpoint = find_checkpoint(run_dir, args.step)
+    lora, base_leaves, meta = load_adapter(find_checkpoint(run_dir, args.step))
+    name = meta["base_model"]["name"]
+    source = meta.get("tokenizer") or name  # the run's tokenizer: "bytes", the base's (its name) or another
+    about = f"{run_dir} (step {meta['step']}, base {name})"
     if args.peft:
-        lora, base_leaves, meta = load_adapter(checkpoint)
-        name = meta["base_model"]["name"]
+        export_peft(Path(args.peft), lora, base_leaves, meta, load_tokenizer(source))
+        print(f"PEFT adapter of {about} -> {args.peft}")
         if name == "random":
+            base = Path(args.peft) / "base"
             print(
-                "jlora export: note: the run's base is a random initialisation, not a Hugging Face checkpoint; "
-                "the adapter records no base model (use --merged for a self-contained export)",
-                file=sys.stderr,
+                f"base: the run's random GPT-2, written to {base}; load with "
+                f"PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained('{base}'), '{args.peft}')"
             )
-        base = None if name == "random" else str(Path(name).resolve()) if Path(name).is_dir() else name
-        out = save_peft(
-            args.peft, lora, lora_config_of(meta), base_model_name_or_path=base, modules_to_save=base_leaves or None
+    else:
+        model, params = load_base(meta)
+        base_dir = None if name == "random" else resolve(name)
+        # the base's own tokenizer files are copied as they are; any other tokenizer is saved
+        tokenizer = None if source == name and base_dir is not None else load_tokenizer(source)
+        save_merged(
+            args.merged,
+            model.config,
+            params,
+            lora,
+            model.lora,
+            base_leaves=base_leaves,
+            base_dir=base_dir,
+            tokenizer=tokenizer,
         )
-        print(f"PEFT adapter of {run_dir} (step {meta['step']}, base {name}) -> {out}")
-        return 0
-    model, params, lora, lora_cfg, meta = load_checkpoint(checkpoint)
-    name, tokenizer_source = meta["base_model"]["name"], meta.get("tokenizer")
-    base_dir = None if name == "random" else resolve(name)
-    tokenizer = None  # the base's own files travel with base_dir; another HF tokenizer is saved
-    if tokenizer_source not in (None, "bytes", name):
-        tokenizer = load_tokenizer(tokenizer_source)
-    out = save_merged(args.merged, model.config, params, lora, lora_cfg, base_dir=base_dir, tokenizer=tokenizer)
-    print(f"merged model of {run_dir} (step {meta['step']}, base {name}) -> {out}")
+        print(f"merged model of {about} -> {args.merged}")
+    if source == "bytes":
+        print(BYTES_NOTE)
     return 0
+
+
+def export_peft(out: Path, lora: dict, base_leaves: dict, meta: dict, tokenizer: Any) -> None:
+    """The adapter and its tokenizer as a PEFT folder; a random base goes with it, in ``out/base``."""
+    name = meta["base_model"]["name"]
+    if name == "random":
+        recorded = str(out.resolve() / "base")
+    else:
+        recorded = str(Path(name).resolve()) if Path(name).is_dir() else name
+    with new_folder(out) as tmp:  # the adapter and its base appear together or not at all
+        save_peft(
+            tmp,
+            lora,
+            lora_config_of(meta),
+            base_model_name_or_path=recorded,
+            modules_to_save=base_leaves or None,
+            tokenizer=tokenizer,
+        )
+        if name == "random":
+            model, params = load_base(meta)
+            save_merged(tmp / "base", model.config, params, tokenizer=tokenizer)

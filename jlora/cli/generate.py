@@ -1,39 +1,84 @@
-"""`jlora generate SOURCE --prompt TEXT | --prompts FILE`: continuations of a run, a PEFT folder or a checkpoint."""
+"""`jlora generate SOURCE --prompt TEXT | --prompts FILE`: continuations of a run, a PEFT folder or a checkpoint.
+
+A run directory is asked as it was trained (`jlora.training.prompt`): end-of-text, then the
+prompt through its data's template (``Question: ...\nAnswer:`` for QA runs); ``--raw`` sends
+the text as written, which is what every other source gets. Without ``--max-new-tokens``, up
+to 64 new tokens, fewer (said on stderr) when the model's positions leave less room.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+import yaml
 
 from jlora.core.generate import generate
 from jlora.errors import CheckpointError, TokenizerError, UsageError
 from jlora.exchange.hf_checkpoint import load_gpt2
 from jlora.exchange.peft import ADAPTER_CONFIG, load_peft, read_adapter_config
 from jlora.training.checkpoint import load_run
-from jlora.training.tokenizer import load_tokenizer
+from jlora.training.prompt import data_format, run_prompt
+from jlora.training.run_config import DataConfig
+from jlora.training.tokenizer import has_tokenizer_files, load_tokenizer
 from jlora.tree import overlay
 
+DEFAULT_NEW_TOKENS = 64
 
-def load_source(source: str, *, base: str | None = None, tokenizer: str | None = None) -> tuple:
-    """(model, params, lora, tokenizer) from a run directory, a PEFT folder or a Hugging Face checkpoint.
 
-    A PEFT folder needs its base: `base`, or the ``base_model_name_or_path`` it records.
-    `tokenizer` overrides the source's own (a checkpoint directory, a Hub id or "bytes").
+class Source(NamedTuple):
+    """What `load_source` found: the model and adapter, the tokenizer, and how a prompt is encoded.
+
+    ``prompt(text) -> (text as the model reads it, token ids)``.
+    """
+
+    model: Any
+    params: dict
+    lora: dict | None
+    tokenizer: Any
+    prompt: Callable[[str], tuple[str, list[int]]]
+
+
+def load_source(source: str, *, base: str | None = None, tokenizer: str | None = None, raw: bool = False) -> Source:
+    """A run directory, a PEFT folder or a Hugging Face checkpoint, ready to generate from.
+
+    A PEFT folder's base is `base`, else its own ``base/`` folder (what `jlora export --peft`
+    writes for a random base), else the ``base_model_name_or_path`` it records; its tokenizer is
+    the folder's own if it has one, else the base's. `tokenizer` overrides the source's (a
+    checkpoint directory, a Hub id or "bytes"). A run's prompts take its training form unless `raw`.
     """
     path = Path(source).expanduser()
     if (path / "config.yaml").exists() and (path / "checkpoints").is_dir():
         model, params, lora, _, meta = load_run(path)
-        return model, params, lora, load_tokenizer(tokenizer or meta["tokenizer"])
+        tok = load_tokenizer(tokenizer or meta["tokenizer"])
+        if raw:
+            return Source(model, params, lora, tok, lambda text: (text, tok.encode(text)))
+        fmt = data_format(run_data(path / "config.yaml"))
+        return Source(model, params, lora, tok, lambda text: run_prompt(text, fmt, tok))
     if (path / ADAPTER_CONFIG).exists():
-        base = base or read_adapter_config(path).get("base_model_name_or_path")
+        own_base = path / "base"
+        base = base or (
+            str(own_base) if own_base.is_dir() else read_adapter_config(path).get("base_model_name_or_path")
+        )
         if not base:
             raise CheckpointError(f"{path / ADAPTER_CONFIG} names no base model; pass --base")
         cfg, lora, leaves = load_peft(path)
         model, params = load_gpt2(base, lora=cfg)
-        return model, overlay(params, leaves), lora, load_tokenizer(tokenizer or base)
+        tok = load_tokenizer(tokenizer or (str(path) if has_tokenizer_files(path) else base))
+        return Source(model, overlay(params, leaves), lora, tok, lambda text: (text, tok.encode(text)))
     model, params = load_gpt2(source)
-    return model, params, None, load_tokenizer(tokenizer or source)
+    tok = load_tokenizer(tokenizer or source)
+    return Source(model, params, None, tok, lambda text: (text, tok.encode(text)))
+
+
+def run_data(config_file: Path) -> DataConfig:
+    """The ``data`` section of a run's saved config.yaml, read without checking that its files still exist."""
+    data = (yaml.safe_load(config_file.read_text()) or {}).get("data") or {}
+    names = {f.name for f in dataclasses.fields(DataConfig)}
+    return DataConfig(**{k: v for k, v in data.items() if k in names})
 
 
 def generate_command(args: Any) -> int:
@@ -47,8 +92,10 @@ def generate_command(args: Any) -> int:
     if not prompts:
         raise UsageError("give --prompt TEXT or --prompts FILE (one prompt per line)")
     try:
-        model, params, lora, tokenizer = load_source(args.source, base=args.base, tokenizer=args.tokenizer)
-        encoded = [tokenizer.encode(p) for p in prompts]
+        model, params, lora, tokenizer, prompt = load_source(
+            args.source, base=args.base, tokenizer=args.tokenizer, raw=args.raw
+        )
+        texts, encoded = zip(*map(prompt, prompts), strict=True)
     except TokenizerError as e:
         raise UsageError(f"{e} (pass --tokenizer)") from e
     if any(not ids for ids in encoded):
@@ -63,7 +110,7 @@ def generate_command(args: Any) -> int:
             params,
             encoded,
             lora=lora,
-            max_new_tokens=args.max_new_tokens,
+            max_new_tokens=new_tokens(args.max_new_tokens, max(map(len, encoded)), model.config.n_positions),
             eos_token_id=tokenizer.eos_token_id,
             temperature=args.temperature,
             top_k=args.top_k,
@@ -72,11 +119,29 @@ def generate_command(args: Any) -> int:
         )
     except ValueError as e:  # lengths and sampling options
         raise UsageError(str(e)) from e
-    for prompt, row in zip(prompts, out.sequences(), strict=True):
-        print(prompt + tokenizer.decode(row))
+    for text, row in zip(texts, out.sequences(), strict=True):
+        print(text + tokenizer.decode(row))
     print(
         f"{int(out.lengths.sum())} tokens in {out.seconds:.2f} s: {out.tokens_per_s:.1f} tokens/s "
         f"(batch {len(prompts)}; compiling took {out.compile_seconds:.1f} s)",
         file=sys.stderr,
     )
     return 0
+
+
+def new_tokens(asked: int | None, longest: int, n_positions: int) -> int:
+    """`asked`, or (None) up to DEFAULT_NEW_TOKENS, as many as the model's positions leave room for."""
+    if asked is not None:
+        return asked  # generate() refuses what does not fit, saying how much does
+    room = n_positions - longest
+    if room < 1:
+        raise UsageError(
+            f"the longest prompt has {longest} tokens, leaving none of the model's {n_positions} positions"
+        )
+    if room < DEFAULT_NEW_TOKENS:
+        print(
+            f"jlora generate: note: {room} new tokens at most: the longest prompt takes {longest} of the model's "
+            f"{n_positions} positions (--max-new-tokens sets the number)",
+            file=sys.stderr,
+        )
+    return min(room, DEFAULT_NEW_TOKENS)

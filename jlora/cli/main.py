@@ -26,11 +26,23 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jlora", description="LoRA fine-tuning of GPT-2 in JAX.")
+    from jlora.training.run_config import packaged_configs
+
+    parser = argparse.ArgumentParser(
+        prog="jlora",
+        description="LoRA fine-tuning of GPT-2 in JAX.",
+        epilog="The research scripts and the benchmark (scripts/*.py) are not part of the installed package: "
+        "they run from a clone of the repository.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="fine-tune with LoRA (resumes if RUN_DIR has a checkpoint)")
-    train.add_argument("config", nargs="?", help="YAML run config (default: configs/default.yaml)")
+    train.add_argument(
+        "config",
+        nargs="?",
+        help=f"a YAML run config file, or the name of one shipped with jlora: {', '.join(packaged_configs())} "
+        "(default: default, the embedded offline run)",
+    )
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=1e-3")
     train.add_argument("--out", default="runs/default", metavar="RUN_DIR", help="run directory (default: runs/default)")
     train.set_defaults(handler=_train)
@@ -47,12 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("source", metavar="SOURCE", help="run dir, PEFT adapter folder, or HF checkpoint dir / Hub id")
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     gen.add_argument("--prompts", metavar="FILE", help="a file of prompts, one per line")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--max-new-tokens", type=int, help="default: 64, or as many as fit the model's positions")
+    gen.add_argument(
+        "--raw",
+        action="store_true",
+        help="feed the prompt as written (a run dir otherwise opens it as its training rows: end-of-text and, "
+        "for QA runs, 'Question: PROMPT\\nAnswer:')",
+    )
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--base", help="base model of a PEFT folder (default: its base_model_name_or_path)")
+    gen.add_argument(
+        "--base", help="base model of a PEFT folder (default: its base/ folder, else base_model_name_or_path)"
+    )
     gen.add_argument("--tokenizer", help="tokenizer dir, Hub id or 'bytes' (default: the source's)")
     gen.set_defaults(handler=_lazy("jlora.cli.generate", "generate_command"))
 

@@ -143,6 +143,7 @@ def _left_pad(prompts: Sequence[Sequence[int]], max_new_tokens: int, n_positions
     if longest + max_new_tokens > n_positions:
         raise ValueError(
             f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's {n_positions} positions"
+            f" (at most {max(n_positions - longest, 0)} new tokens fit)"
         )
     length = min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, n_positions - max_new_tokens)
     ids = np.zeros((len(prompts), length), np.int32)

@@ -1,6 +1,7 @@
 """Exchange with the Hugging Face ecosystem: checkpoints in and out, PEFT adapter folders both ways.
 
-    hf_checkpoint.py   load_gpt2 / save_gpt2: GPT-2 checkpoints (local folder or Hub id) <-> the params tree
+    hf_checkpoint.py   load_gpt2 / save_gpt2: GPT-2 checkpoints (local folder or Hub id) <-> the params tree;
+                       the Hub asked once (offline: the cache, or one line saying how to pass a folder)
     peft.py            save_peft / load_peft: adapter_config.json + adapter_model.safetensors
     merged.py          save_merged: a plain GPT-2 checkpoint with the adapters folded in
 

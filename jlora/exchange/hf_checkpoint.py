@@ -15,11 +15,13 @@ Older checkpoints drop the ``transformer.`` prefix and carry the causal-mask buf
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -107,26 +109,90 @@ def state_from_params(params: Mapping) -> dict[str, np.ndarray]:
     return state
 
 
+HUB_TIMEOUT = 5.0  # seconds the one probe of the Hub may take before it counts as unreachable
+
+
+def hub_unreachable(endpoint: str | None = None, timeout: float = HUB_TIMEOUT) -> str | None:
+    """Why the Hugging Face Hub (at `endpoint`, default the configured one) cannot be used now; None: it answers.
+
+    ``HF_HUB_OFFLINE=1`` says so without a request; otherwise one request per endpoint and
+    process, without retries. (Offline, huggingface_hub and transformers retry every file with
+    backoff for minutes; this decides in at most `timeout` seconds.)
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "switched off (HF_HUB_OFFLINE=1)"
+    return _probe(endpoint or constants.ENDPOINT, timeout)
+
+
+@functools.cache
+def _probe(endpoint: str, timeout: float) -> str | None:
+    from huggingface_hub import get_session
+
+    try:  # huggingface_hub's own HTTP client: the user's proxies and certificates apply
+        status = get_session().head(endpoint, timeout=timeout).status_code
+    except Exception as e:  # connection refused, DNS, timeout, TLS: the Hub cannot be used
+        return f"unreachable ({type(e).__name__})"
+    return f"unavailable (HTTP {status})" if status >= 500 else None
+
+
+def hub_folder(name: str, patterns: Sequence[str], *, revision: str | None = None, what: str = "files") -> Path:
+    """The local folder of Hub repository `name` with the files matching `patterns`.
+
+    Downloaded (into the Hugging Face cache) when the Hub answers, else the cached copy; when
+    neither is possible, a CheckpointError that says how to pass a local folder instead.
+    """
+    from huggingface_hub import errors, snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    # not cached, or cached in part (IncompleteSnapshotError: newer huggingface_hub only)
+    not_cached = tuple(
+        getattr(errors, n) for n in ("LocalEntryNotFoundError", "IncompleteSnapshotError") if hasattr(errors, n)
+    )
+    reason = hub_unreachable()
+    try:
+        folder = snapshot_download(
+            name, revision=revision, allow_patterns=list(patterns), local_files_only=reason is not None
+        )
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:  # a typo, or a private repository
+        raise CheckpointError(
+            f"no model {name!r}{f' at revision {revision!r}' if revision else ''} on the Hugging Face Hub "
+            f"({type(e).__name__}); check the name, or pass a local folder in its place"
+        ) from None
+    except not_cached:  # offline and not (wholly) cached; also: the Hub failed mid-way
+        reason = reason or "unreachable"
+        raise CheckpointError(
+            f"cannot get {name!r}: the Hugging Face Hub is {reason} and its {what} are not in the local cache; "
+            f"pass a local folder in its place (config.json, model.safetensors and the tokenizer files), "
+            f"e.g. --set model=/path/to/{name.split('/')[-1]}"
+        ) from None
+    except Exception as e:  # auth, disk, a network failing half-way: one line for the caller
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(
+            f"could not get {name!r} from the Hugging Face Hub ({type(e).__name__}: {reason})"
+        ) from None
+    return Path(folder)
+
+
+def is_hub_id(name_or_path: str | os.PathLike) -> bool:
+    """Whether `name_or_path` can only mean a Hub repository ("gpt2", "org/model"), not a local path."""
+    path = Path(name_or_path).expanduser()
+    name = str(name_or_path)
+    return not (path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1)
+
+
 def resolve(name_or_path: str | os.PathLike, *, allow_pickle: bool = False, revision: str | None = None) -> Path:
     """A local checkpoint directory, downloading from the Hub (into its cache) if needed."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
-    name = str(name_or_path)
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise CheckpointError(f"no checkpoint directory at {name!r} (expected a folder with config.json)")
-    try:
-        from huggingface_hub import snapshot_download
-
-        patterns = ["config.json", "*.safetensors", WEIGHTS_INDEX, *TOKENIZER_FILES, "generation_config.json"]
-        if allow_pickle:
-            patterns.append(PICKLE_WEIGHTS)
-        return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
-    except Exception as e:  # offline, unknown repo, auth: all end the same way for the caller
-        raise CheckpointError(
-            f"could not get {name!r} from the Hugging Face Hub ({type(e).__name__}); to use a local copy, pass "
-            f"its directory (with config.json and model.safetensors), e.g. load_gpt2('/path/to/{name}')"
-        ) from e
+    if not is_hub_id(name_or_path):
+        raise CheckpointError(f"no checkpoint directory at {str(name_or_path)!r} (expected a folder with config.json)")
+    patterns = ["config.json", "*.safetensors", WEIGHTS_INDEX, *TOKENIZER_FILES, "generation_config.json"]
+    if allow_pickle:
+        patterns.append(PICKLE_WEIGHTS)
+    return hub_folder(str(name_or_path), patterns, revision=revision, what="weights")
 
 
 def read_state(directory: Path, *, allow_pickle: bool = False) -> dict[str, np.ndarray]:
@@ -203,6 +269,17 @@ def save_gpt2(directory: str | os.PathLike, config: GPT2Config, params: Mapping)
     save_file(state, directory / WEIGHTS, metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(config.to_hf(), indent=2) + "\n")
     return directory
+
+
+def save_tokenizer(tokenizer: Any, directory: str | os.PathLike) -> int:
+    """Save a tokenizer beside a model; returns its end-of-text id.
+
+    `tokenizer`: a transformers tokenizer, or jlora's (`HFTokenizer`, `ByteTokenizer`) through
+    its ``hf`` form, so a byte-tokenizer model exports a tokenizer that decodes as it does.
+    """
+    hf = getattr(tokenizer, "hf", tokenizer)
+    hf.save_pretrained(str(directory))
+    return int(hf.eos_token_id)
 
 
 @contextlib.contextmanager

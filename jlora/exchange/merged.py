@@ -4,7 +4,10 @@
 
     params ──overlay(trained leaves)──merge(lora)──> save_gpt2 ──> OUT_DIR/config.json
     base checkpoint dir ── tokenizer files, generation_config.json ──────>        model.safetensors
-                                                                                  vocab.json, merges.txt, ...
+    or the run's own tokenizer (e.g. bytes) ─────────────────────────────>        tokenizer.json, ...
+
+The token ids in config.json (bos, eos, pad) are the tokenizer's: the base's, or the end-of-text
+id of the tokenizer given, so they always lie inside the vocabulary.
 
 transformers' ``GPT2LMHeadModel.from_pretrained(OUT_DIR)`` then computes the LoRA model's
 logits with no PEFT and no jlora. Like `save_peft`, it writes into a hidden sibling folder
@@ -24,7 +27,7 @@ from jlora.core.gpt2 import GPT2Config
 from jlora.core.lora_config import LoraConfig
 from jlora.core.merge import merge
 from jlora.errors import CheckpointError
-from jlora.exchange.hf_checkpoint import TOKENIZER_FILES, new_folder, save_gpt2
+from jlora.exchange.hf_checkpoint import TOKENIZER_FILES, new_folder, save_gpt2, save_tokenizer
 from jlora.tree import overlay
 
 # config.json fields that are the checkpoint's, not the architecture's: kept from the base.
@@ -50,10 +53,11 @@ def save_merged(
       config: the model's `GPT2Config`.
       params: the base parameter tree; lora, lora_cfg: the adapters and their config (None: none).
       base_leaves: trained base leaves (e.g. ``{"ln_f": {...}}``), put in place before merging.
-      base_dir: the base checkpoint directory; its tokenizer files, generation_config.json and
-        token ids in config.json travel with the export.
-      tokenizer: a tokenizer to save instead of `base_dir`'s (an object with ``save_pretrained``
-        or jlora's ``HFTokenizer``); jlora's byte tokenizer has no Hugging Face form and is skipped.
+      base_dir: the base checkpoint directory; its generation_config.json, the token ids in its
+        config.json and (without `tokenizer`) its tokenizer files travel with the export.
+      tokenizer: the model's tokenizer when it is not `base_dir`'s own: a transformers tokenizer,
+        or jlora's (`HFTokenizer`, `ByteTokenizer`) through its ``hf`` form. It is saved instead
+        of the base's, and its end-of-text id becomes the bos / eos (and pad) id.
 
     Raises:
       CheckpointError: the merged weights are not finite, or `out_dir` is in the way.
@@ -69,19 +73,30 @@ def save_merged(
                 raise CheckpointError(str(e)) from e
         save_gpt2(tmp, config, params)
         if base_dir is not None:
-            _copy_from_base(Path(base_dir), tmp)
-        hf_tokenizer = getattr(tokenizer, "hf", tokenizer)
-        if hasattr(hf_tokenizer, "save_pretrained"):
-            hf_tokenizer.save_pretrained(tmp)
+            _copy_from_base(Path(base_dir), tmp, tokenizer_files=tokenizer is None)
+        if tokenizer is not None:
+            _set_token_ids(tmp, save_tokenizer(tokenizer, tmp))
     return Path(out_dir)
 
 
-def _copy_from_base(base_dir: Path, out: Path) -> None:
-    for name in (*TOKENIZER_FILES, "generation_config.json"):
+def _copy_from_base(base_dir: Path, out: Path, *, tokenizer_files: bool) -> None:
+    for name in (*(TOKENIZER_FILES if tokenizer_files else ()), "generation_config.json"):
         if (base_dir / name).exists():
             shutil.copy2(base_dir / name, out / name)
     if (base_dir / "config.json").exists():
         base = json.loads((base_dir / "config.json").read_text())
-        ours = json.loads((out / "config.json").read_text())
-        ours.update({k: base[k] for k in KEPT_CONFIG_FIELDS if k in base})
-        (out / "config.json").write_text(json.dumps(ours, indent=2) + "\n")
+        _update_json(out / "config.json", {k: base[k] for k in KEPT_CONFIG_FIELDS if k in base})
+
+
+def _set_token_ids(out: Path, eos_token_id: int) -> None:
+    """GPT-2 has one special token: end-of-text is also its bos (and, where one is set, pad) id."""
+    for name in ("config.json", "generation_config.json"):
+        if (out / name).exists():
+            ids = {"bos_token_id": eos_token_id, "eos_token_id": eos_token_id}
+            if json.loads((out / name).read_text()).get("pad_token_id") is not None:
+                ids["pad_token_id"] = eos_token_id
+            _update_json(out / name, ids)
+
+
+def _update_json(file: Path, fields: Mapping) -> None:
+    file.write_text(json.dumps({**json.loads(file.read_text()), **fields}, indent=2) + "\n")

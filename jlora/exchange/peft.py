@@ -43,7 +43,7 @@ import numpy as np
 from jlora.core.lora import adapters_by_module, split_slice, unflatten_adapters
 from jlora.core.lora_config import MODULES, QKV, LoraConfig, is_regex, pattern_value
 from jlora.errors import CheckpointError
-from jlora.exchange.hf_checkpoint import hf_key_to_path, new_folder, state_from_params
+from jlora.exchange.hf_checkpoint import hf_key_to_path, new_folder, save_tokenizer, state_from_params
 from jlora.tree import path_names
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -219,6 +219,7 @@ def save_peft(
     *,
     base_model_name_or_path: str | None,
     modules_to_save: Mapping | None = None,
+    tokenizer: Any = None,
     overwrite: bool = False,
 ) -> Path:
     """Write `lora` as a PEFT LoRA folder that ``PeftModel.from_pretrained(base, out_dir)`` loads.
@@ -230,6 +231,8 @@ def save_peft(
       base_model_name_or_path: what PEFT records as the base (a Hub id or a directory).
       modules_to_save: trained base leaves in the base tree's layout, e.g.
         ``{"ln_f": {"scale": (D,), "bias": (D,)}}``; whole modules only.
+      tokenizer: saved beside the adapter (`jlora.exchange.hf_checkpoint.save_tokenizer`), so the
+        folder carries the tokenizer the adapter was trained with (None: none).
 
     Raises:
       CheckpointError: something PEFT cannot represent, or non-finite values; nothing is written.
@@ -252,6 +255,8 @@ def save_peft(
     with new_folder(out_dir, overwrite=overwrite) as tmp:
         save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata=metadata)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, tmp)
     return Path(out_dir)
 
 

@@ -1,12 +1,13 @@
 """The run behind `jlora train`: from a config file to checkpoints and metrics.
 
-    run_config.py   RunConfig from YAML and --set overrides, validated
-    tokenizer.py    byte tokens (offline) or a GPT-2 BPE tokenizer
+    run_config.py   RunConfig from YAML (a file or a packaged config's name) and --set overrides, validated
+    tokenizer.py    byte tokens (offline; exported as an equal GPT2TokenizerFast) or a GPT-2 BPE tokenizer
     data.py         JSONL / bundled / `datasets` records -> token rows -> the batch of a step
     run.py          build_run: tokenizer, base model, data, first adapters
     loop.py         train_steps (a generator of updates) and run_hooks
     hooks.py        the metrics log (jsonl, TensorBoard, progress bar)
-    evaluate.py     validation loss, perplexity, exact match
+    evaluate.py     validation loss, perplexity, exact match (with a progress callback)
+    prompt.py       a run's prompts in its training form (what `jlora generate RUN_DIR` feeds)
     checkpoint.py   Orbax checkpoints of what training changes, and the base they belong to
     metrics.py, tensorboard.py   the run's records
     train.py        train(cfg, run_dir): the pieces above, resumable

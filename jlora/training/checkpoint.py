@@ -144,6 +144,16 @@ def load_checkpoint(checkpoint_dir: str | Path, base: str | None = None, *, allo
     `allow_different_weights`), and the trained base leaves are put into `params`.
     """
     lora, base_leaves, meta = load_adapter(checkpoint_dir)
+    model, params = load_base(meta, base, allow_different_weights=allow_different_weights)
+    return model, overlay(params, base_leaves), lora, model.lora, meta
+
+
+def load_base(meta: Mapping, base: str | None = None, *, allow_different_weights: bool = False) -> tuple[GPT2, dict]:
+    """The base model a checkpoint's adapter was trained on, checked (`check_base`): ``(model, params)``.
+
+    `base` (default: the name in `meta`) is a checkpoint directory or Hub id; a random base is
+    rebuilt from the recorded config and seed. `params` are the base's own, without trained leaves.
+    """
     lora_cfg, config = lora_config_of(meta), model_config_of(meta)
     name = base or meta["base_model"]["name"]
     if name == "random":
@@ -151,7 +161,7 @@ def load_checkpoint(checkpoint_dir: str | Path, base: str | None = None, *, allo
     else:
         model, params = load_gpt2(name, lora_cfg, dtype=config.dtype, param_dtype=config.param_dtype)
     check_base(meta["base_model"], params, allow_different_weights=allow_different_weights)
-    return model, overlay(params, base_leaves), lora, lora_cfg, meta
+    return model, params
 
 
 def load_run(run_dir: str | Path, step: int | None = None, *, allow_different_weights: bool = False):

@@ -4,6 +4,10 @@
     mean_loss(eval_step, variables, val_data, batch_size=8) # divided once, over the whole set
     exact_match(greedy_predictor(model), variables, val_data, n=64, batch_size=8)
 
+Both take ``progress``, called after each batch (e.g. a progress bar's ``update``), and
+`n_batches` says how many calls to expect: an evaluation of a large model on a CPU can run for
+minutes, and should show that it is moving.
+
 Exact match needs no decoding loop: with the true tokens as input, greedy decoding from the
 prompt reproduces the completion exactly when every answer position's argmax is right
 (`jlora.training.data.greedy_exact_match`), so one teacher-forced forward pass decides it.
@@ -30,10 +34,12 @@ def mean_loss(
     *,
     max_batches: int | None = None,
     feed: Callable[[dict], dict] | None = None,
+    progress: Callable[[], object] | None = None,
 ) -> float:
     """Mean masked loss over `data`'s evaluation batches (the first `max_batches`), divided once.
 
-    `eval_step` is a `make_eval_step`; `feed` places a host batch (e.g. shards it for pmap).
+    `eval_step` is a `make_eval_step`; `feed` places a host batch (e.g. shards it for pmap);
+    `progress()` is called after each batch.
     """
     total, count = 0.0, 0.0
     for i, batch in enumerate(eval_batches(data, batch_size)):
@@ -43,7 +49,19 @@ def mean_loss(
         # pmap's psum leaves the same total on every device: read one copy
         total += float(np.asarray(s).reshape(-1)[0])
         count += float(np.asarray(c).reshape(-1)[0])
+        if progress is not None:
+            progress()
     return total / max(count, 1.0)
+
+
+def n_batches(n_rows: int, batch_size: int, max_batches: int | None = None) -> int:
+    """Batches `mean_loss` (with `max_batches`) or `exact_match` (of `n_rows` rows) runs.
+
+    >>> n_batches(200, 8), n_batches(200, 8, max_batches=4), n_batches(60, 8)
+    (25, 4, 8)
+    """
+    batches = -(-n_rows // batch_size)
+    return batches if max_batches is None else min(batches, max_batches)
 
 
 def loss_and_perplexity(loss: float) -> dict[str, float]:
@@ -56,10 +74,19 @@ def greedy_predictor(model: GPT2) -> Callable:
     return jax.jit(lambda variables, ids: jax.numpy.argmax(model.apply(variables, ids), axis=-1))
 
 
-def exact_match(predict: Callable, variables: dict, data: TokenizedData, n: int, batch_size: int) -> float:
+def exact_match(
+    predict: Callable,
+    variables: dict,
+    data: TokenizedData,
+    n: int,
+    batch_size: int,
+    *,
+    progress: Callable[[], object] | None = None,
+) -> float:
     """Fraction of the first `n` rows whose completion greedy decoding reproduces exactly.
 
     `predict` is a `greedy_predictor`; one teacher-forced forward pass per batch decides it.
+    `progress()` is called after each batch.
     """
     hits, rows = 0, 0
     for batch in eval_batches(data, batch_size):
@@ -70,4 +97,6 @@ def exact_match(predict: Callable, variables: dict, data: TokenizedData, n: int,
         ok = greedy_exact_match(predictions, batch["targets"], batch["loss_mask"])[:take]
         real = batch["loss_mask"][:take].any(axis=-1)
         hits, rows = hits + int(ok[real].sum()), rows + int(real.sum())
+        if progress is not None:
+            progress()
     return hits / max(rows, 1)

@@ -27,7 +27,8 @@ from jlora.core.lora_config import LoraConfig
 from jlora.core.optim import OptimConfig
 from jlora.errors import ConfigError
 
-DEFAULT_CONFIG = Path(__file__).parent.parent / "configs" / "default.yaml"  # also configs/default.yaml
+CONFIGS = Path(__file__).parent.parent / "configs"  # run configs shipped in the package; configs/ links here
+DEFAULT_CONFIG = CONFIGS / "default.yaml"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,14 +231,34 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
+def packaged_configs() -> list[str]:
+    """The names of the run configs shipped with jlora, each usable as ``jlora train NAME``."""
+    return sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+
+
+def config_file(name_or_path: str | Path) -> Path:
+    """A run config file: `name_or_path` if it exists, else the packaged config of that name.
+
+    So ``jlora train gpt2_qa`` works from any directory and from a plain ``pip install``.
+
+    >>> config_file("gpt2_qa") == CONFIGS / "gpt2_qa.yaml"
+    True
+    """
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    packaged = CONFIGS / f"{path.name.removesuffix('.yaml')}.yaml"
+    if len(path.parts) == 1 and packaged.exists():
+        return packaged
+    raise ConfigError(f"no such config file {name_or_path}; packaged configs, by name: {', '.join(packaged_configs())}")
+
+
 def load_run_config(path: str | Path | None = DEFAULT_CONFIG, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML run config (default: the embedded default run; None: RunConfig's defaults),
-    apply `key=value` overrides, and validate."""
+    """Read a YAML run config (a file, or a packaged config's name: `config_file`; default: the
+    embedded default run; None: RunConfig's defaults), apply `key=value` overrides, and validate."""
     values: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"no such config file {path}")
+        path = config_file(path)
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

@@ -25,7 +25,7 @@ from jlora.core.step import TrainState, init_state, make_eval_step, make_train_s
 from jlora.errors import ConfigError
 from jlora.training import checkpoint as ckpt
 from jlora.training.data import batch_at
-from jlora.training.evaluate import exact_match, greedy_predictor, loss_and_perplexity, mean_loss
+from jlora.training.evaluate import exact_match, greedy_predictor, loss_and_perplexity, mean_loss, n_batches
 from jlora.training.hooks import MetricsLog
 from jlora.training.loop import Hook, StepInfo, run_hooks, train_steps
 from jlora.training.metrics import MetricsWriter
@@ -64,7 +64,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
     print(header(run, n_trainable, n_devices * n_hosts, start))
 
     writer = MetricsWriter(run_dir, truncate_after=start)
-    evaluate = make_evaluator(run, feed, pmapped=step.pmapped, n_devices=n_devices)
+    evaluate = make_evaluator(run, feed, pmapped=step.pmapped, n_devices=n_devices, progress=progress)
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, dynamic_ncols=True, unit="step")
 
     def evaluation(info: StepInfo) -> None:
@@ -127,8 +127,13 @@ def header(run: Run, n_trainable: int, n_devices: int, start: int) -> str:
     )
 
 
-def make_evaluator(run: Run, feed, *, pmapped: bool, n_devices: int):
-    """``evaluate(state) -> {"val_loss", "val_ppl"[, "exact_match"]}`` on the run's validation data ({} without)."""
+def make_evaluator(run: Run, feed, *, pmapped: bool, n_devices: int, progress: bool = False):
+    """``evaluate(state) -> {"val_loss", "val_ppl"[, "exact_match"]}`` on the run's validation data ({} without).
+
+    With `progress`, a bar counts the evaluation's batches (and is cleared when it ends).
+    """
+    from tqdm.auto import tqdm
+
     cfg = run.cfg
     eval_step = make_eval_step(run.model, n_devices=n_devices)
     predict = greedy_predictor(run.model)
@@ -136,11 +141,18 @@ def make_evaluator(run: Run, feed, *, pmapped: bool, n_devices: int):
     def evaluate(state: TrainState) -> dict:
         if run.val is None:
             return {}
-        loss = mean_loss(eval_step, state, run.val, cfg.batch_size, max_batches=cfg.eval_batches, feed=feed)
-        out = loss_and_perplexity(loss)
-        if cfg.exact_match:
-            variables = (unreplicate(state) if pmapped else state).variables
-            out["exact_match"] = exact_match(predict, variables, run.val, cfg.exact_match, cfg.batch_size)
+        total = n_batches(len(run.val), cfg.batch_size, cfg.eval_batches)
+        total += n_batches(min(cfg.exact_match, len(run.val)), cfg.batch_size)
+        with tqdm(total=total, desc="evaluating", unit="batch", leave=False, disable=not progress) as bar:
+            loss = mean_loss(
+                eval_step, state, run.val, cfg.batch_size, max_batches=cfg.eval_batches, feed=feed, progress=bar.update
+            )
+            out = loss_and_perplexity(loss)
+            if cfg.exact_match:
+                variables = (unreplicate(state) if pmapped else state).variables
+                out["exact_match"] = exact_match(
+                    predict, variables, run.val, cfg.exact_match, cfg.batch_size, progress=bar.update
+                )
         return out
 
     return evaluate

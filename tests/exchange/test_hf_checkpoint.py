@@ -12,6 +12,8 @@ from safetensors.numpy import load_file, save_file
 import jlora
 from jlora.exchange.hf_checkpoint import CheckpointError, read_state
 
+from ..conftest import unused_port
+
 
 def assert_same_tree(a, b):
     assert jax.tree.structure(a) == jax.tree.structure(b)
@@ -80,8 +82,54 @@ def test_missing_directory_and_unreachable_hub(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network wait in tests
-    with pytest.raises(CheckpointError, match=r"could not get 'jlora-test/not-a-model'.*local copy.*directory"):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(CheckpointError) as e:
         jlora.load_gpt2("jlora-test/not-a-model")
+    assert str(e.value) == (
+        "cannot get 'jlora-test/not-a-model': the Hugging Face Hub is switched off (HF_HUB_OFFLINE=1) and its "
+        "weights are not in the local cache; pass a local folder in its place (config.json, model.safetensors and "
+        "the tokenizer files), e.g. --set model=/path/to/not-a-model"
+    )
+
+
+def put_in_hub_cache(cache, name: str, files_from) -> None:
+    """`files_from`'s files as the Hugging Face cache keeps repository `name` at one commit of main."""
+    repo = cache / f"models--{name.replace('/', '--')}"
+    shutil.copytree(files_from, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+
+
+def test_offline_a_hub_id_is_read_from_the_cache(tiny_hf_with_tokenizer, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from jlora.training.tokenizer import load_tokenizer
+
+    put_in_hub_cache(tmp_path, "gpt2", tiny_hf_with_tokenizer)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert_same_tree(jlora.load_gpt2("gpt2")[1], jlora.load_gpt2(tiny_hf_with_tokenizer)[1])
+    text = "Question: What is 12 plus 30?"
+    assert load_tokenizer("gpt2").encode(text) == load_tokenizer(str(tiny_hf_with_tokenizer)).encode(text)
+
+
+def test_an_unreachable_hub_is_told_by_one_probe_without_retries():
+    """A refused connection and a server that never answers: each probed once, for at most `timeout`."""
+    import socket
+
+    from jlora.exchange.hf_checkpoint import _probe, hub_unreachable
+
+    refused = f"http://127.0.0.1:{unused_port()}"
+    assert hub_unreachable(refused).startswith("unreachable (Connect")  # httpx: ConnectError; requests: ConnectionError
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never replies
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        hanging = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        reason = hub_unreachable(hanging, timeout=0.5)
+        assert reason == "unreachable (ReadTimeout)"
+        hits = _probe.cache_info().hits
+        assert hub_unreachable(hanging, timeout=0.5) == reason
+        assert _probe.cache_info().hits == hits + 1  # asked once per process
 
 
 def test_mismatched_checkpoint_names_the_tensor(tiny_hf, tmp_path):

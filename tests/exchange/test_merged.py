@@ -99,10 +99,10 @@ def test_export_command_writes_peft_and_merged_folders_of_a_run(tmp_path, capsys
     adapter_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert adapter_config["modules_to_save"] == ["ln_f"] and adapter_config["base_model_name_or_path"] == str(base)
 
-    # The run and its merged export generate the same text.
+    # The run (its prompt as written: --raw) and its merged export generate the same text.
     capsys.readouterr()
-    for source in (run, tmp_path / "merged"):
-        assert main(["generate", str(source), "--prompt", "Q: what?", "--max-new-tokens", "8"]) == 0
+    for source, raw in ((run, ["--raw"]), (tmp_path / "merged", [])):
+        assert main(["generate", str(source), *raw, "--prompt", "Q: what?", "--max-new-tokens", "8"]) == 0
     from_run, from_merged = capsys.readouterr().out.splitlines()
     assert from_run == from_merged and from_run.startswith("Q: what?")
 

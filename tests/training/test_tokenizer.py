@@ -62,3 +62,24 @@ def test_unloadable_tokenizers_are_one_line_errors(tmp_path, tiny_hf):
     with pytest.raises(TokenizerError, match="could not load a GPT-2 tokenizer") as e:
         load_tokenizer(str(tmp_path))
     assert "\n" not in str(e.value)
+
+
+def test_the_byte_tokenizers_hugging_face_form_encodes_and_decodes_the_same(tmp_path):
+    """What exports save for a byte-tokenizer run: saved and reloaded, it is jlora's ByteTokenizer id for id."""
+    from transformers import AutoTokenizer
+
+    ours = ByteTokenizer()
+    ours.hf.save_pretrained(tmp_path)
+    saved = AutoTokenizer.from_pretrained(tmp_path)  # as a transformers user loads an export
+    assert (len(saved), saved.eos_token_id) == (ours.vocab_size, ours.eos_token_id)
+    assert sorted(saved.get_vocab().values()) == list(range(257))
+    texts = ["Question: What is 12 plus 30?\nAnswer: 42", "  two  spaces\tand a tab", "Naïve café ✓ 😀"]
+    texts.append("<|endoftext|>")  # text, not the special token
+    for text in texts:
+        assert saved.encode(text) == ours.encode(text) == list(text.encode("utf-8"))
+    every_byte = list(range(256))
+    assert saved.decode(every_byte) == ours.decode(every_byte)
+    broken = [0xE2, 0x9C, 65, 0xFF, 0x80, 0xF0, 0x9F, 0x98, 256, 104]  # cut and invalid UTF-8, end-of-text
+    assert saved.decode(broken, skip_special_tokens=True) == ours.decode(broken) == "\ufffdA\ufffd\ufffd\ufffdh"
+    wrapped = load_tokenizer(str(tmp_path))  # and jlora reads the export back through its protocol
+    assert isinstance(wrapped, HFTokenizer) and wrapped.encode(texts[2]) == ours.encode(texts[2])

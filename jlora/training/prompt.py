@@ -1,0 +1,56 @@
+"""Prompts in the form a run trained on: what `jlora generate RUN_DIR` feeds its model.
+
+A run learns to continue rows that open with end-of-text and its data's prompt
+(`jlora.training.data`); for question-answer data the prompt is ``QA_TEMPLATE``'s. So a question
+is asked of such a run as its training rows ask it::
+
+    "What is 23 plus 19?"  ──run_prompt(..., "qa")──>  e "Question: What is 23 plus 19?\\nAnswer:"  -> " 42"
+
+Prompt-completion and plain-text runs read the text as written, after the same end-of-text.
+The format is the run's ``data.format``, or (when "auto") that of its training file's first
+record; a `datasets` source cannot be told without loading it, and its prompts go as written.
+
+>>> from jlora.training.tokenizer import ByteTokenizer
+>>> text, ids = run_prompt("What is 2 plus 3?", "qa", ByteTokenizer())
+>>> text, ids[:3]
+('Question: What is 2 plus 3?\\nAnswer:', [256, 81, 117])
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+from jlora.training.data import Example, bundled_file, detect_format, prompt_tokens, qa_example
+from jlora.training.run_config import DataConfig
+from jlora.training.tokenizer import Tokenizer
+
+
+def data_format(data: DataConfig) -> str | None:
+    """The record format of a run's training data ("qa", "prompt_completion", "text"), None if unknown.
+
+    >>> data_format(DataConfig(train="bundled"))
+    'qa'
+    """
+    if data.format != "auto":
+        return data.format
+    if data.train == "bundled":
+        file = bundled_file("train")
+    else:
+        file = Path(data.train).expanduser()
+        if not file.is_file():  # a `datasets` name, or a file no longer where the run read it
+            return None
+    with file.open("rb") as f:
+        first = f.readline()
+    try:
+        record = json.loads(first)
+    except ValueError:
+        return None
+    return detect_format(record) if isinstance(record, Mapping) else None
+
+
+def run_prompt(text: str, fmt: str | None, tokenizer: Tokenizer) -> tuple[str, list[int]]:
+    """(the prompt as the run's rows show it, its token ids after the opening end-of-text)."""
+    example = qa_example(text, "") if fmt == "qa" else Example(text, "")
+    return example.prompt, prompt_tokens(example, tokenizer)

@@ -1,0 +1,29 @@
+"""`jlora generate` on a run directory: the run's own prompt form, and defaults that fit the model."""
+
+from jlora.cli import main
+from jlora.core.generate import generate
+from jlora.training.checkpoint import load_run
+from jlora.training.tokenizer import ByteTokenizer
+
+QUESTION = "What is 23 plus 19?"
+TEMPLATED = f"Question: {QUESTION}\nAnswer:"
+
+
+def test_a_run_is_asked_in_its_training_form_with_as_many_tokens_as_fit(default_run, capsys):
+    model, params, lora, _, _ = load_run(default_run)
+
+    def continuation(ids: list[int], max_new_tokens: int) -> str:
+        out = generate(model, params, [ids], lora=lora, max_new_tokens=max_new_tokens, eos_token_id=256)
+        return ByteTokenizer().decode(out.sequences()[0])
+
+    capsys.readouterr()
+    assert main(["generate", str(default_run), "--prompt", QUESTION]) == 0
+    out, err = capsys.readouterr()
+    ids = [256, *TEMPLATED.encode()]  # end-of-text opens every training row, then the QA template
+    room = 64 - len(ids)  # the default model has 64 positions: fewer than 64 new tokens fit
+    assert out == TEMPLATED + continuation(ids, room) + "\n"
+    assert f"note: {room} new tokens at most: the longest prompt takes {len(ids)} of the model's 64 positions" in err
+
+    # --raw: the text's own tokens, nothing added
+    assert main(["generate", str(default_run), "--raw", "--prompt", TEMPLATED, "--max-new-tokens", str(room)]) == 0
+    assert capsys.readouterr().out == TEMPLATED + continuation(list(TEMPLATED.encode()), room) + "\n"

@@ -1,0 +1,42 @@
+"""The prompt `jlora generate RUN_DIR` feeds: exactly the start of the run's training rows."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jlora.training.data import read_examples, tokenize
+from jlora.training.prompt import data_format, run_prompt
+from jlora.training.run_config import DataConfig
+from jlora.training.tokenizer import ByteTokenizer
+
+
+@pytest.mark.parametrize(
+    ("record", "fmt"),
+    [
+        ({"question": "What is 2 plus 3?", "answer": "5"}, "qa"),
+        ({"prompt": "Translate: chat ->", "completion": " cat"}, "prompt_completion"),
+        ({"text": "Once upon a time"}, "text"),
+    ],
+)
+def test_generation_prompt_is_the_training_rows_prefix(record, fmt, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps(record) + "\n")
+    assert data_format(DataConfig(train=str(data))) == fmt
+    tokenizer = ByteTokenizer()
+    row = tokenize(read_examples(str(data)), tokenizer, seq_len=64)
+    first_loss = int(np.argmax(row.loss_mask[0]))  # the position whose target is the completion's first token
+    asked, shown = {
+        "qa": ("What is 2 plus 3?", "Question: What is 2 plus 3?\nAnswer:"),
+        "prompt_completion": ("Translate: chat ->", "Translate: chat ->"),
+        "text": ("", ""),
+    }[fmt]
+    text, ids = run_prompt(asked, fmt, tokenizer)
+    assert ids == row.input_ids[0, : first_loss + 1].tolist() and text == shown
+
+
+def test_data_format_without_reading_a_dataset(tmp_path):
+    assert data_format(DataConfig(train="bundled")) == "qa"
+    assert data_format(DataConfig(train="bundled", format="text")) == "text"  # the config's own word wins
+    assert data_format(DataConfig(train="some-org/some-dataset")) is None  # a `datasets` name: not loaded
+    assert data_format(DataConfig(train=str(tmp_path / "moved.jsonl"))) is None
