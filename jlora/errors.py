@@ -4,7 +4,7 @@ Every error caused by input (a config value, a data file, a checkpoint folder, a
 argument) is a `JloraError`; its message is one line that names the bad value and what would be
 valid. The command line prints that line and exits with status 2; anything else is a bug and
 keeps its traceback. A run that starts well but cannot go on (a loss that turns non-finite)
-is a `RunError`: one line, exit status 1::
+is a `RunError`: one line, exit status 1 (130 for a run stopped on request)::
 
     JloraError                      exit 2
       ConfigError                   a run config, LoraConfig, OptimConfig or GPT2Config value
@@ -16,6 +16,7 @@ is a `RunError`: one line, exit status 1::
       UsageError                    a command-line argument
     RunError                        exit 1
       NonFiniteError                the loss or the trained state became NaN or infinite
+      Interrupted                   stopped on request (Ctrl-C, SIGTERM) after saving a checkpoint   exit 130
 
 The input errors are also `ValueError`s, so code that catches ValueError keeps working.
 
@@ -64,3 +65,7 @@ class RunError(RuntimeError):
 
 class NonFiniteError(RunError):
     """The loss or the trained state became NaN or infinite; the run stopped before saving it."""
+
+
+class Interrupted(RunError):
+    """The run stopped on request (SIGINT or SIGTERM) after checkpointing the update it had reached."""

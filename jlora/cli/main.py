@@ -2,7 +2,8 @@
 
 Each subcommand's handler is a module of this package (imported only when it runs, so
 `jlora --help` stays fast); here the arguments are parsed and the library's errors become one
-line on stderr: a `JloraError` (bad input) exits with status 2, a `RunError` with status 1.
+line on stderr: a `JloraError` (bad input) exits with status 2, a `RunError` with status 1, a run
+stopped by Ctrl-C (`Interrupted`, after its checkpoint) with 130.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from jlora.errors import JloraError, RunError
+from jlora.errors import Interrupted, JloraError, RunError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -84,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except JloraError as e:
         print(f"jlora {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"jlora {args.command}: {e}", file=sys.stderr)
+        return 130
     except RunError as e:
         print(f"jlora {args.command}: {e}", file=sys.stderr)
         return 1
