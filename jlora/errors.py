@@ -27,6 +27,16 @@ True
 from __future__ import annotations
 
 
+def describe(error: BaseException) -> str:
+    """An exception in a few words for a one-line message: its type and its message's first line.
+
+    >>> describe(ValueError("bad value\\nmore detail"))
+    'ValueError: bad value'
+    """
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first[:200]}" if first else type(error).__name__
+
+
 class JloraError(Exception):
     """Bad input a user can fix; the message is one line naming the value and what is valid."""
 

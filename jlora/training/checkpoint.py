@@ -37,7 +37,7 @@ import orbax.checkpoint as ocp
 
 from jlora.core.gpt2 import GPT2, GPT2Config, init_params
 from jlora.core.lora_config import LoraConfig
-from jlora.errors import BaseMismatchError, CheckpointError
+from jlora.errors import BaseMismatchError, CheckpointError, describe
 from jlora.exchange.hf_checkpoint import load_gpt2
 from jlora.training.rundir import barrier, is_primary
 from jlora.tree import leaves_by_path, overlay
@@ -120,12 +120,6 @@ class Restored(NamedTuple):
     set_aside: list[tuple[int, str, Path]]  # (step, why it could not be read, where it went)
 
 
-def reason(error: BaseException) -> str:
-    """An exception as a short one-line reason: its type and the first line of its message."""
-    first = (str(error).strip().splitlines() or [""])[0]
-    return f"{type(error).__name__}: {first[:200]}"
-
-
 def restore_newest(manager: ocp.CheckpointManager, adapter_like: PyTree, opt_state_like: PyTree) -> Restored | None:
     """The newest checkpoint that reads back (None: the run has none); see the module doc for damaged ones.
 
@@ -136,7 +130,7 @@ def restore_newest(manager: ocp.CheckpointManager, adapter_like: PyTree, opt_sta
         try:
             adapter, opt_state, meta = restore(manager, step, adapter_like, opt_state_like)
         except Exception as e:  # Orbax, tensorstore or JSON: a file that does not read back as written
-            failed.append((step, reason(e)))
+            failed.append((step, describe(e)))
             continue
         return Restored(step, adapter, opt_state, meta, _set_aside(manager, failed))
     if failed:
@@ -194,7 +188,7 @@ def load_adapter(checkpoint_dir: str | Path) -> tuple[dict, dict, dict]:
         tree = ocp.StandardCheckpointer().restore((checkpoint_dir / "adapter").absolute())
         meta = json.loads(_meta_file(checkpoint_dir).read_text())
     except Exception as e:  # a truncated or corrupt file
-        raise CheckpointError(f"cannot read the checkpoint in {checkpoint_dir} ({reason(e)})") from e
+        raise CheckpointError(f"cannot read the checkpoint in {checkpoint_dir} ({describe(e)})") from e
     return tree["lora"], tree.get("base", {}), meta
 
 

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from jlora.errors import RunDirError
+from jlora.exchange.hf_checkpoint import made_dirs
 
 
 def is_primary() -> bool:
@@ -82,27 +83,16 @@ def _agree(ok: bool) -> bool:
 def hold_run_dir(run_dir: str | os.PathLike) -> Iterator[Path]:
     """Create (if needed) and lock `run_dir` for the duration of the block; see the module doc."""
     run_dir = Path(run_dir)
-    fd, created, failure = None, [], None
-    if is_primary():
-        try:
-            check_writable(run_dir)
-            created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # innermost first
+    with contextlib.ExitStack() as stack:
+        failure = None
+        if is_primary():
             try:
-                run_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise RunDirError(f"cannot create {run_dir} ({e.strerror}); choose another --out") from None
-            fd = _lock(run_dir)
-        except RunDirError as e:
-            failure = e
-    if not _agree(failure is None):
-        raise failure or RunDirError(f"process 0 of this run could not take {run_dir}")
-    try:
+                check_writable(run_dir)
+                stack.enter_context(made_dirs(run_dir, RunDirError))
+                fd = _lock(run_dir)
+                stack.callback(os.close, fd)
+            except RunDirError as e:
+                failure = e
+        if not _agree(failure is None):
+            raise failure or RunDirError(f"process 0 of this run could not take {run_dir}")
         yield run_dir
-    except BaseException:
-        with contextlib.suppress(OSError):  # rmdir only succeeds on an empty folder: what a run wrote stays
-            for folder in created:
-                folder.rmdir()
-        raise
-    finally:
-        if fd is not None:
-            os.close(fd)

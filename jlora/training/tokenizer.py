@@ -20,7 +20,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Protocol
 
-from jlora.errors import TokenizerError
+from jlora.errors import TokenizerError, describe
 
 
 class Tokenizer(Protocol):
@@ -94,8 +94,7 @@ def load_tokenizer(source: str) -> ByteTokenizer | HFTokenizer:
     try:
         hf = GPT2TokenizerFast.from_pretrained(str(path) if path.is_dir() else source)
     except Exception as e:  # offline, unknown repo, corrupt files: all end the same way for the caller
-        reason = (str(e).strip().splitlines() or [""])[0]
-        raise TokenizerError(f"could not load a GPT-2 tokenizer from {source!r} ({type(e).__name__}: {reason})") from e
+        raise TokenizerError(f"could not load a GPT-2 tokenizer from {source!r} ({describe(e)})") from e
     # Offline, transformers 5 "loads" an unknown Hub id as an empty tokenizer instead of failing.
     if len(hf) < 2 or hf.eos_token_id is None:
         raise TokenizerError(
