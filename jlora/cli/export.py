@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jlora.exchange.hf_checkpoint import resolve
+from jlora.exchange.hf_checkpoint import check_new_folder, resolve
 from jlora.exchange.merged import save_merged
 from jlora.exchange.peft import save_peft
 from jlora.training.checkpoint import find_checkpoint, load_adapter, load_checkpoint, lora_config_of
@@ -16,20 +16,21 @@ from jlora.training.tokenizer import load_tokenizer
 def export_command(args: Any) -> int:
     """``jlora export RUN_DIR --peft OUT_DIR | --merged OUT_DIR [--step N]``."""
     run_dir = Path(args.run_dir)
+    check_new_folder(args.peft or args.merged)  # before anything is loaded
     checkpoint = find_checkpoint(run_dir, args.step)
     if args.peft:
         lora, base_leaves, meta = load_adapter(checkpoint)
         name = meta["base_model"]["name"]
-        if name == "random":
+        base = None if name == "random" else str(Path(name).resolve()) if Path(name).is_dir() else name
+        out = save_peft(
+            args.peft, lora, lora_config_of(meta), base_model_name_or_path=base, modules_to_save=base_leaves or None
+        )
+        if name == "random":  # said once the export stands, so a failed export stays one line
             print(
                 "jlora export: note: the run's base is a random initialisation, not a Hugging Face checkpoint; "
                 "the adapter records no base model (use --merged for a self-contained export)",
                 file=sys.stderr,
             )
-        base = None if name == "random" else str(Path(name).resolve()) if Path(name).is_dir() else name
-        out = save_peft(
-            args.peft, lora, lora_config_of(meta), base_model_name_or_path=base, modules_to_save=base_leaves or None
-        )
         print(f"PEFT adapter of {run_dir} (step {meta['step']}, base {name}) -> {out}")
         return 0
     model, params, lora, lora_cfg, meta = load_checkpoint(checkpoint)

@@ -58,6 +58,11 @@ ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "relu": jax.nn.relu,
 }
+_SIZES = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+_FIELD_TYPES = {
+    **{k: (int,) for k in _SIZES},
+    **{k: (int, float) for k in ("layer_norm_epsilon", "embd_pdrop", "resid_pdrop")},
+}
 NUMERICS = ("dtype", "param_dtype", "attention", "remat")  # jlora's options, not the checkpoint's
 
 
@@ -88,6 +93,12 @@ class GPT2Config:
     remat: bool = False
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), _FIELD_TYPES.get(f.name)
+            if kind is not None and not (isinstance(value, kind) and not isinstance(value, bool)):
+                raise ConfigError(f"GPT2Config.{f.name} must be {' or '.join(t.__name__ for t in kind)}, got {value!r}")
+            if kind == (int,) and value <= 0:
+                raise ConfigError(f"GPT2Config.{f.name} must be > 0, got {value!r}")
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.activation_function not in ACTIVATIONS:

@@ -27,7 +27,7 @@ import numpy as np
 
 from jlora.core.gpt2 import GPT2, GPT2Config, param_shapes
 from jlora.core.lora_config import LoraConfig
-from jlora.errors import CheckpointError, JloraError, describe
+from jlora.errors import CheckpointError, ConfigError, JloraError, describe
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -144,7 +144,8 @@ def read_state(directory: Path, *, allow_pickle: bool = False) -> dict[str, np.n
         if not allow_pickle:
             raise CheckpointError(
                 f"{directory / PICKLE_WEIGHTS} is a pickle, and loading a pickle can run arbitrary code; "
-                "convert it to model.safetensors, or pass allow_pickle=True if you trust its source"
+                "convert it to model.safetensors, or if you trust its source allow it (allow_pickle=True; "
+                "in a run config, model.allow_pickle: true)"
             )
         import torch
 
@@ -178,9 +179,10 @@ def read_config(directory: Path, **overrides) -> GPT2Config:
     file = directory / "config.json"
     if not file.exists():
         raise CheckpointError(f"no config.json in {directory}")
+    values = read_json(file)
     try:
-        return GPT2Config.from_hf(read_json(file), **overrides)
-    except (TypeError, ValueError) as e:  # a value of the wrong type or range
+        return GPT2Config.from_hf(values, **overrides)
+    except ConfigError as e:  # a value of the wrong type or range
         raise CheckpointError(f"{file}: {e}") from None
 
 
@@ -226,20 +228,26 @@ def save_gpt2(directory: str | os.PathLike, config: GPT2Config, params: Mapping)
     return directory
 
 
+def check_new_folder(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """`out_dir` if an export may create it (CheckpointError if a file, or a non-empty folder, is in the way)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"{out_dir} is a file; choose a new folder")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out_dir} exists and is not empty; choose a new folder (overwrite=True replaces it)")
+    blocking = next((p for p in out_dir.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise CheckpointError(f"cannot create {out_dir}: {blocking} is a file; choose another folder")
+    return out_dir
+
+
 @contextlib.contextmanager
 def new_folder(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """A temporary sibling folder to write into; it becomes `out_dir` only if the block succeeds.
 
     So a failed export leaves nothing behind, and a replaced folder is swapped in whole.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CheckpointError(f"{out_dir} is a file; choose a new folder")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise CheckpointError(f"{out_dir} exists and is not empty; choose a new folder or pass overwrite=True")
-    blocking = next((p for p in out_dir.parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise CheckpointError(f"cannot create {out_dir}: {blocking} is a file; choose another folder")
+    out_dir = check_new_folder(out_dir, overwrite=overwrite)
     with made_dirs(out_dir.parent, CheckpointError):
         tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)

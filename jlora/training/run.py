@@ -75,19 +75,24 @@ def build_base(cfg: RunConfig, vocab_size: int) -> tuple[GPT2, dict]:
 
 
 def build_run(cfg: RunConfig) -> Run:
-    """The tokenizer, base model and tokenized data of `cfg`; input errors are `JloraError`s."""
+    """The tokenizer, base model and tokenized data of `cfg`; input errors are `JloraError`s.
+
+    The data is read and tokenized before the base model is loaded: a bad data file costs a line, not a model load.
+    """
+    read = lambda source, split: read_examples(source, split=split, fmt=cfg.data.format)  # noqa: E731
+    train_examples = read(cfg.data.train, "train")
+    val_examples = read(cfg.data.validation, "validation") if cfg.data.validation else None
     tokenizer = load_tokenizer(tokenizer_source(cfg))
+    train = tokenize(train_examples, tokenizer, cfg.seq_len)
+    if len(train) < cfg.batch_size:
+        raise ConfigError(f"batch_size={cfg.batch_size} is larger than the {len(train)} training examples")
+    val = None if val_examples is None else tokenize(val_examples, tokenizer, cfg.seq_len)
     model, params = build_base(cfg, tokenizer.vocab_size)
     if tokenizer.vocab_size > model.config.vocab_size:  # larger ids would index past the embedding
         raise ConfigError(
             f"the tokenizer {tokenizer_source(cfg)!r} has {tokenizer.vocab_size} tokens, more than the model's "
             f"vocabulary of {model.config.vocab_size}; set data.tokenizer to the model's own"
         )
-    read = lambda source, split: read_examples(source, split=split, fmt=cfg.data.format)  # noqa: E731
-    train = tokenize(read(cfg.data.train, "train"), tokenizer, cfg.seq_len)
-    if len(train) < cfg.batch_size:
-        raise ConfigError(f"batch_size={cfg.batch_size} is larger than the {len(train)} training examples")
-    val = tokenize(read(cfg.data.validation, "validation"), tokenizer, cfg.seq_len) if cfg.data.validation else None
     return Run(cfg, tokenizer, model, params, cfg.model.name, train, val)
 
 
