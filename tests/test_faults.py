@@ -16,7 +16,9 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -446,3 +448,93 @@ def test_damaged_newest_checkpoint(shared, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no checkpoint in" in err and "can be read; the newest, step 3, fails" in err
     assert snapshot(tmp_path) == before
+
+
+# Processes: a second `jlora train` on a folder in use, Ctrl-C, SIGKILL inside a checkpoint save.
+# A constant learning rate makes every update independent of `steps`, so a run interrupted on
+# its way to 100000 steps and finished with steps=12 must equal the 12-step reference exactly.
+
+KILL_AT_COMMIT = """
+import os, signal, sys
+from orbax.checkpoint._src.path import atomicity
+
+commit = atomicity.AtomicRenameTemporaryPath.finalize
+
+async def finalize(self, *args, **kwargs):  # every file of the step is written; the rename would commit it
+    if self.get_final().name == os.environ["JLORA_TEST_KILL_AT"]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return await commit(self, *args, **kwargs)
+
+atomicity.AtomicRenameTemporaryPath.finalize = finalize
+from jlora.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+KILL_AT_8 = {"JLORA_TEST_KILL_AT": "8"}
+
+
+def jlora_train(args: list[str], *, script: str | None = None, env: dict | None = None) -> subprocess.Popen:
+    command = [sys.executable, "-c", script, "train"] if script else [sys.executable, "-m", "jlora.cli", "train"]
+    return subprocess.Popen(
+        [*command, *args],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = [r for r in read_metrics(run) if "loss" in r]
+    assert len({r["step"] for r in rows}) == len(rows), "a step recorded twice"
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def test_in_use_interrupted_and_killed_runs(shared, tmp_path, capsys):
+    """A second train on a folder in use is refused (files untouched); Ctrl-C stops after a checkpoint
+    at the step reached, in one line; SIGKILL at a checkpoint's commit leaves the previous checkpoint.
+    Both resume to the uninterrupted run's losses, bit for bit."""
+    common = [*tiny(shared["root"]), "--set", "optim.schedule=constant", "--set", "checkpoint.max_to_keep=null"]
+    steps = lambda n, every: ["--set", f"steps={n}", "--set", f"checkpoint.every={every}"]  # noqa: E731
+    reference = jlora_train([*common, *steps(40, 4), "--out", str(tmp_path / "ref")])
+    interrupted = jlora_train([*common, *steps(100000, 1000), "--out", str(tmp_path / "int")])
+    kill = jlora_train([*common, *steps(12, 4), "--out", str(tmp_path / "kill")], script=KILL_AT_COMMIT, env=KILL_AT_8)
+
+    while not (tmp_path / "int" / "metrics.jsonl").exists() or not losses(tmp_path / "int"):  # it is training
+        assert interrupted.poll() is None, interrupted.communicate()
+    interrupted.send_signal(signal.SIGSTOP)  # hold it at an early step, with the folder locked
+    marker = tmp_path / "int" / "notes.txt"
+    marker.write_text("the user's notes")
+    before = snapshot(tmp_path / "int")
+    assert main(["train", *common, *steps(100000, 1000), "--out", str(tmp_path / "int")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is in use by another `jlora train`" in err
+    assert snapshot(tmp_path / "int") == before
+
+    interrupted.send_signal(signal.SIGINT)
+    interrupted.send_signal(signal.SIGCONT)
+    out, err = interrupted.communicate(timeout=300)
+    assert interrupted.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("jlora train: interrupted at step ") and line.endswith("the same command resumes it")
+    stopped = int(line.split(" at step ")[1].split(";")[0])
+    assert 1 <= stopped < 40 and (tmp_path / "int" / "checkpoints" / str(stopped) / "meta").exists()
+    assert max(losses(tmp_path / "int")) == stopped
+
+    kill.communicate(timeout=300)
+    assert kill.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in (tmp_path / "kill" / "checkpoints").iterdir() if p.name.isdigit()) == ["4"]
+
+    # The same commands again finish both runs (the long one told to stop at 40, like the reference).
+    assert main(["train", *common, *steps(40, 1000), "--out", str(tmp_path / "int")]) == 0
+    assert f"resuming at step {stopped}" in capsys.readouterr().out
+    assert main(["train", *common, *steps(12, 4), "--out", str(tmp_path / "kill")]) == 0
+    assert "resuming at step 4" in capsys.readouterr().out
+    out, err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, err[-2000:]
+    expected = losses(tmp_path / "ref")
+    assert sorted(expected) == list(range(1, 41))
+    assert losses(tmp_path / "int") == expected
+    assert losses(tmp_path / "kill") == {s: v for s, v in expected.items() if s <= 12}

@@ -44,8 +44,8 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def check_writable(run_dir: Path) -> None:
-    """Refuse a RUN_DIR that is a file, lies under a file, or cannot be written (one line)."""
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse a RUN_DIR that is a file, lies under a file, cannot be written, or is in use (one line)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"--out {run_dir} is a file, not a directory; choose a directory")
     existing = next((p for p in (run_dir, *run_dir.parents) if p.exists()), Path("."))
@@ -53,6 +53,8 @@ def check_writable(run_dir: Path) -> None:
         raise RunDirError(f"--out {run_dir} lies under {existing}, which is a file; choose a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise RunDirError(f"{existing} is not writable; choose a writable --out for {run_dir}")
+    if existing == run_dir and is_primary():  # in use: say so now, not after loading a model
+        os.close(_lock(run_dir))
 
 
 def _lock(run_dir: Path) -> int:
@@ -87,7 +89,7 @@ def hold_run_dir(run_dir: str | os.PathLike) -> Iterator[Path]:
         failure = None
         if is_primary():
             try:
-                check_writable(run_dir)
+                check_run_dir(run_dir)
                 stack.enter_context(made_dirs(run_dir, RunDirError))
                 fd = _lock(run_dir)
                 stack.callback(os.close, fd)

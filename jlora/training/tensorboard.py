@@ -129,10 +129,10 @@ def event_step(event: bytes) -> int:
 
 
 def _cut_after(path: Path, step: int) -> None:
-    """Truncate an event file after its last intact record whose step is <= `step` (the header stays)."""
+    """Truncate an event file after its last intact record whose step is <= `step` (0: after the header)."""
     kept = 0
     for i, (end, body) in enumerate(records(path.read_bytes())):
-        if i > 0 and event_step(body) > step:
+        if i > 0 and (step == 0 or event_step(body) > step):
             break
         kept = end
     with path.open("r+b") as f:

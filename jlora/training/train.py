@@ -34,7 +34,7 @@ from jlora.training.loop import Hook, StepInfo, run_hooks, train_steps
 from jlora.training.metrics import MetricsWriter
 from jlora.training.run import Run, adapter_of, build_run, check_config_matches, checkpoint_meta, initial_lora
 from jlora.training.run_config import RunConfig, save_run_config
-from jlora.training.rundir import check_writable, hold_run_dir, is_primary
+from jlora.training.rundir import check_run_dir, hold_run_dir, is_primary
 from jlora.tree import all_finite, overlay
 
 
@@ -47,7 +47,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
     from tqdm.auto import tqdm
 
     run_dir = Path(run_dir)
-    check_writable(run_dir)  # a bad --out costs a line, not a model load
+    check_run_dir(run_dir)  # a bad --out costs a line, not a model load
     check_config_matches(run_dir, cfg)
     run = build_run(cfg)
     n_devices, n_hosts = jax.local_device_count(), jax.process_count()
@@ -83,6 +83,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
 
         def evaluation(info: StepInfo) -> None:
             result = evaluate(info.state)
+            if not result:  # no validation data
+                return
             writer.write({"step": info.step, **result})
             log.last = {**log.last, **result}
             bar.write(f"step {info.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
@@ -108,7 +110,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
             Hook(lambda info: bar.update(1), every=1),
         ]
         try:
-            if start == 0:
+            if start == 0 and run.val is not None:
                 writer.write({"step": 0, **evaluate(state)})
             batch_for = lambda i: feed(batch_at(run.train, i, cfg.batch_size, cfg.seed))  # noqa: E731
             rng = jax.random.key(cfg.seed)
