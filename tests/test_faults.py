@@ -538,3 +538,13 @@ def test_in_use_interrupted_and_killed_runs(shared, tmp_path, capsys):
     assert sorted(expected) == list(range(1, 41))
     assert losses(tmp_path / "int") == expected
     assert losses(tmp_path / "kill") == {s: v for s, v in expected.items() if s <= 12}
+
+
+def test_research_script_bad_config(tmp_path):
+    """The research scripts answer a bad config as `jlora` does: one line on stderr, exit status 2."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "rank_sweep.py"
+    args = [sys.executable, str(script), "--quick", "--set", "lora.layers=[5]", "--out", str(tmp_path / "out")]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == ["rank_sweep.py: error: LoRA layers [5] out of range; valid: 0..0"]
+    assert list(tmp_path.iterdir()) == []
