@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -343,6 +344,46 @@ def test_command_fault(name, shared, tmp_path, capsys):
     assert len(lines) == 1 and case.message in lines[0], err
     assert "Traceback" not in err
     assert snapshot(*roots) == before
+
+
+def config_fields(cls: type = None, prefix: str = "") -> dict[str, object]:
+    """{dotted key: default} of every leaf field of RunConfig (optim.total_steps is the run's steps)."""
+    from jlora.training.run_config import RunConfig
+
+    cls = cls or RunConfig
+    fields = {}
+    for f in dataclasses.fields(cls):
+        default = getattr(cls(), f.name)
+        if dataclasses.is_dataclass(default):
+            fields.update(config_fields(type(default), f"{prefix}{f.name}."))
+        elif f"{prefix}{f.name}" != "optim.total_steps":
+            fields[f"{prefix}{f.name}"] = default
+    return fields
+
+
+def wrong_value(default: object) -> str:
+    """A YAML value of the wrong type for a field with this default: a mapping for a list or an optional, and so on."""
+    if default is None or isinstance(default, tuple | list):
+        return "{x: 1}"
+    return "[1]" if isinstance(default, dict) else "[1, 2]"
+
+
+@pytest.mark.parametrize("key", sorted(config_fields()))
+def test_every_config_field_refuses_a_wrong_type(key):
+    from jlora.errors import ConfigError
+    from jlora.training.run_config import load_run_config
+
+    with pytest.raises(ConfigError, match=f"^{re.escape(key)} must be ") as raised:
+        load_run_config(overrides=[f"{key}={wrong_value(config_fields()[key])}"])
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("section", ["model", "data", "lora", "trainable", "optim", "checkpoint"])
+def test_every_config_section_refuses_an_unknown_key(section, tmp_path, capsys):
+    assert main(["train", "--set", f"{section}.bogus=1", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"error: unknown key '{section}.bogus'; valid: " in err, err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(
