@@ -4,7 +4,7 @@ Every error caused by input (a config value, a data file, a checkpoint folder, a
 argument) is a `JloraError`; its message is one line that names the bad value and what would be
 valid. The command line prints that line and exits with status 2; anything else is a bug and
 keeps its traceback. A run that starts well but cannot go on (a loss that turns non-finite)
-is a `RunError`: one line, exit status 1::
+is a `RunError`: one line, exit status 1 (130 for a run stopped on request)::
 
     JloraError                      exit 2
       ConfigError                   a run config, LoraConfig, OptimConfig or GPT2Config value
@@ -16,6 +16,7 @@ is a `RunError`: one line, exit status 1::
       UsageError                    a command-line argument
     RunError                        exit 1
       NonFiniteError                the loss or the trained state became NaN or infinite
+      Interrupted                   stopped on request (Ctrl-C, SIGTERM) after saving a checkpoint   exit 130
 
 The input errors are also `ValueError`s, so code that catches ValueError keeps working.
 
@@ -24,6 +25,16 @@ True
 """
 
 from __future__ import annotations
+
+
+def describe(error: BaseException) -> str:
+    """An exception in a few words for a one-line message: its type and its message's first line.
+
+    >>> describe(ValueError("bad value\\nmore detail"))
+    'ValueError: bad value'
+    """
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first[:200]}" if first else type(error).__name__
 
 
 class JloraError(Exception):
@@ -64,3 +75,7 @@ class RunError(RuntimeError):
 
 class NonFiniteError(RunError):
     """The loss or the trained state became NaN or infinite; the run stopped before saving it."""
+
+
+class Interrupted(RunError):
+    """The run stopped on request (SIGINT or SIGTERM) after checkpointing the update it had reached."""

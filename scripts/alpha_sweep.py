@@ -23,10 +23,12 @@ import argparse
 import dataclasses
 import itertools
 import math
+import sys
 import time
 
 import numpy as np
 
+from jlora.cli import exit_status
 from jlora.core.lora_config import effective_lr
 from jlora.research import experiments as ex
 from jlora.research import plots
@@ -146,4 +148,4 @@ def plot(out, runs: list[dict], r: int) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status("alpha_sweep.py", main))

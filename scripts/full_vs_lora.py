@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
 
 import numpy as np
 
+from jlora.cli import exit_status
 from jlora.core.svd import spectrum
 from jlora.research import experiments as ex
 from jlora.research import plots
@@ -140,4 +142,4 @@ def plot(out, summary: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status("full_vs_lora.py", main))

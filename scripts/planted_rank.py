@@ -23,10 +23,12 @@ update spans the planted one.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import jax
 
+from jlora.cli import exit_status
 from jlora.core.lora_config import LoraConfig
 from jlora.core.merge import merge
 from jlora.core.optim import OptimConfig
@@ -140,4 +142,4 @@ def plot(out, summary: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status("planted_rank.py", main))

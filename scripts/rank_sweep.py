@@ -20,10 +20,12 @@ comparable across r, and a simple task needs only a small r.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import numpy as np
 
+from jlora.cli import exit_status
 from jlora.core.counting import lora_param_count
 from jlora.core.lora_config import effective_lr, scaling
 from jlora.core.svd import delta_svd
@@ -137,4 +139,4 @@ def plot(out, summary: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status("rank_sweep.py", main))

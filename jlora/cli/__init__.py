@@ -11,6 +11,6 @@
 The top layer: it may import every other part of jlora, and nothing imports it.
 """
 
-from jlora.cli.main import build_parser, main
+from jlora.cli.main import build_parser, exit_status, main
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "exit_status", "main"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from jlora.exchange.hf_checkpoint import new_folder, resolve
+from jlora.exchange.hf_checkpoint import check_new_folder, new_folder, resolve
 from jlora.exchange.merged import save_merged
 from jlora.exchange.peft import save_peft
 from jlora.training.checkpoint import find_checkpoint, load_adapter, load_base, lora_config_of
@@ -31,6 +31,7 @@ BYTES_NOTE = (
 def export_command(args: Any) -> int:
     """``jlora export RUN_DIR --peft OUT_DIR | --merged OUT_DIR [--step N]``."""
     run_dir = Path(args.run_dir)
+    check_new_folder(args.peft or args.merged)  # before anything is loaded
     lora, base_leaves, meta = load_adapter(find_checkpoint(run_dir, args.step))
     name = meta["base_model"]["name"]
     source = meta.get("tokenizer") or name  # the run's tokenizer: "bytes", the base's (its name) or another

@@ -2,16 +2,17 @@
 
 Each subcommand's handler is a module of this package (imported only when it runs, so
 `jlora --help` stays fast); here the arguments are parsed and the library's errors become one
-line on stderr: a `JloraError` (bad input) exits with status 2, a `RunError` with status 1.
+line on stderr: a `JloraError` (bad input) exits with status 2, a `RunError` with status 1, a run
+stopped by Ctrl-C (`Interrupted`, after its checkpoint) with 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from jlora.errors import JloraError, RunError
+from jlora.errors import Interrupted, JloraError, RunError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -96,17 +97,31 @@ def _lazy(module: str, name: str):
     return handler
 
 
+def exit_status(name: str, run: Callable[[], object]) -> int:
+    """Call `run`; jlora's errors become one line on stderr, prefixed with `name`, and an exit status.
+
+    0 when `run` returns (its int if it returns one), 2 for bad input (`JloraError`), 1 for a run
+    that cannot go on (`RunError`), 130 for a stop on request (`Interrupted`, Ctrl-C). The research
+    scripts end through it too, so they answer a bad config as `jlora` does.
+    """
+    try:
+        status = run()
+    except JloraError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return 130
+    except RunError as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    return status if isinstance(status, int) else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except JloraError as e:
-        print(f"jlora {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except RunError as e:
-        print(f"jlora {args.command}: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"jlora {args.command}: interrupted", file=sys.stderr)
-        return 130
+    return exit_status(f"jlora {args.command}", lambda: args.handler(args))

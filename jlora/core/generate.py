@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.core.gpt2 import GPT2, init_cache
+from jlora.core.gpt2 import GPT2, check_token_ids, init_cache
 from jlora.core.merge import merge
 
 PAD_MULTIPLE = 16
@@ -193,6 +193,7 @@ def generate(
         params = merge(params, lora, model.lora)
     model = model.clone(lora=None)
     ids, mask = _left_pad(prompts, max_new_tokens, model.config.n_positions)
+    check_token_ids(ids, model.config.vocab_size)  # the decoding loop is jitted: it could not tell
     greedy = temperature == 0
     vocab = model.config.vocab_size
     sampling = (jnp.float32(temperature or 1.0), jnp.int32(min(top_k or vocab, vocab)), jnp.float32(top_p or 1.0))

@@ -17,6 +17,8 @@ collection the model is exactly the base model::
 
 Pre-LN blocks, gelu_new (tanh approximation), learned positions, LM head tied to `wte`.
 Attention goes through `jax.nn.dot_product_attention`, which can pick the fused GPU kernel.
+Token ids must lie in 0 .. vocab_size - 1: `check_token_ids` refuses others in an eager call
+(a `DataError`); under jit they cannot be checked and give NaN logits (see there).
 Attention-probability dropout is not applied (the fused kernels have none); embedding,
 residual and LoRA dropout are, in training mode (``deterministic=False`` with a
 ``"dropout"`` RNG).
@@ -44,16 +46,22 @@ from collections.abc import Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jlora.core.lora import lora_delta
 from jlora.core.lora_config import QKV, LoraConfig
-from jlora.errors import ConfigError
+from jlora.errors import ConfigError, DataError
 
 ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "relu": jax.nn.relu,
+}
+_SIZES = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+_FIELD_TYPES = {
+    **{k: (int,) for k in _SIZES},
+    **{k: (int, float) for k in ("layer_norm_epsilon", "embd_pdrop", "resid_pdrop")},
 }
 NUMERICS = ("dtype", "param_dtype", "attention", "remat")  # jlora's options, not the checkpoint's
 
@@ -85,6 +93,12 @@ class GPT2Config:
     remat: bool = False
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), _FIELD_TYPES.get(f.name)
+            if kind is not None and not (isinstance(value, kind) and not isinstance(value, bool)):
+                raise ConfigError(f"GPT2Config.{f.name} must be {' or '.join(t.__name__ for t in kind)}, got {value!r}")
+            if kind == (int,) and value <= 0:
+                raise ConfigError(f"GPT2Config.{f.name} must be > 0, got {value!r}")
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.activation_function not in ACTIVATIONS:
@@ -293,6 +307,7 @@ class GPT2(_Layer):
           position_ids: (B, T) or None for 0 .. T-1.
           deterministic: False to train with dropout (needs a "dropout" RNG).
         """
+        check_token_ids(input_ids, self.config.vocab_size)
         length = input_ids.shape[-1]
         if position_ids is None:
             position_ids = jnp.arange(length)[None, :]
@@ -313,6 +328,7 @@ class GPT2(_Layer):
           attention_mask: (B, T), 0 for left padding (None: all real). Positions come from the
             cache's mask as in transformers: the number of real tokens before this one.
         """
+        check_token_ids(input_ids, self.config.vocab_size)
         batch, length = input_ids.shape
         index = cache["index"]
         new = jnp.ones((batch, length), bool) if attention_mask is None else attention_mask.astype(bool)
@@ -335,6 +351,22 @@ class GPT2(_Layer):
     def __call__(self, input_ids: jax.Array, *args, **kwargs) -> jax.Array:
         """Logits (B, T, V) of ``hidden(input_ids, attention_mask, position_ids, deterministic)``."""
         return self.logits(self.hidden(input_ids, *args, **kwargs))
+
+
+def check_token_ids(input_ids: jax.Array, vocab_size: int) -> None:
+    """Refuse token ids outside 0 .. vocab_size - 1, when they are concrete (outside jit).
+
+    Under jit the ids are not known, and JAX's gather does not raise: an id >= vocab_size reads
+    a NaN embedding row, which makes the logits of its whole row NaN (masked attention multiplies
+    the NaN values by zero weights), and an id in -vocab_size .. -1 wraps around as in numpy.
+    A train step's non-finite loss check then stops the run. Check ids before jitted calls.
+    """
+    if isinstance(input_ids, jax.core.Tracer):
+        return
+    ids = np.asarray(input_ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = ids.max() if ids.max() >= vocab_size else ids.min()
+        raise DataError(f"token id {int(bad)} is outside the model's vocabulary 0..{vocab_size - 1}")
 
 
 def init_params(key: jax.Array, config: GPT2Config) -> dict:

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora.core.lora_config import QKV, LoraConfig
+from jlora.errors import ConfigError
 from jlora.tree import get_path, unflatten
 
 PyTree = Any
@@ -121,6 +122,10 @@ def init_lora(key: jax.Array, model_or_cfg: Any, params: Mapping, dtype=jnp.floa
     for i, path in enumerate(cfg.module_paths(n_layer)):
         d_out, d_in = adapted_shape(params, path)
         r = cfg.rank_for(path)
+        if r > min(d_in, d_out):  # rank(B A) <= min(d_in, d_out): the extra rank would only cost memory
+            raise ConfigError(
+                f"LoRA rank r={r} exceeds {path}'s width ({d_in} -> {d_out}); valid: r <= {min(d_in, d_out)}"
+            )
         flat[path] = {
             "A": _init_a(jax.random.fold_in(key, i), cfg.init, r, d_in, dtype),
             "B": jnp.zeros((d_out, r), dtype),

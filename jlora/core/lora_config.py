@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from collections.abc import Mapping
 
@@ -104,6 +105,7 @@ class LoraConfig:
     alpha_pattern: Mapping[str, float] = FrozenDict()
 
     def __post_init__(self):
+        _check_types(self)
         targets = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         set_("target_modules", tuple(targets))
@@ -111,7 +113,7 @@ class LoraConfig:
         set_("rank_pattern", FrozenDict(self.rank_pattern))
         set_("alpha_pattern", FrozenDict(self.alpha_pattern))
         _check(isinstance(self.r, int) and self.r > 0, f"LoRA rank r must be a positive integer, got r={self.r!r}")
-        _check(self.alpha > 0, f"LoRA alpha must be > 0, got alpha={self.alpha!r}")
+        _check(0 < self.alpha < math.inf, f"LoRA alpha must be a finite number > 0, got alpha={self.alpha!r}")
         _check(0 <= self.dropout < 1, f"LoRA dropout must be in [0, 1), got dropout={self.dropout!r}")
         _check(self.init in INITS, f"unknown LoRA init {self.init!r}; valid: {', '.join(INITS)}")
         _check(len(self.target_modules) > 0, "target_modules is empty; valid: " + _valid_targets())
@@ -124,7 +126,7 @@ class LoraConfig:
         for k, v in self.rank_pattern.items():
             _check(isinstance(v, int) and v > 0, f"rank_pattern[{k!r}] must be a positive integer, got {v!r}")
         for k, v in self.alpha_pattern.items():
-            _check(v > 0, f"alpha_pattern[{k!r}] must be > 0, got {v!r}")
+            _check(0 < v < math.inf, f"alpha_pattern[{k!r}] must be a finite number > 0, got {v!r}")
 
     def module_paths(self, n_layer: int) -> tuple[str, ...]:
         """The dotted paths of the modules this config adapts in an `n_layer` GPT-2."""
@@ -176,6 +178,35 @@ class LoraConfig:
         unknown = sorted(set(d) - names)
         _check(not unknown, f"unknown LoraConfig key(s) {unknown}; valid: {sorted(names)}")
         return cls(**d)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_types(cfg: LoraConfig) -> None:
+    """Each field's type, so a wrong one is a one-line ConfigError rather than a TypeError later."""
+    targets = (cfg.target_modules,) if isinstance(cfg.target_modules, str) else cfg.target_modules
+    checks = {
+        "r": (_is_int(cfg.r), "an integer"),
+        "alpha": (_is_number(cfg.alpha), "a number"),
+        "dropout": (_is_number(cfg.dropout), "a number"),
+        "target_modules": (isinstance(targets, tuple | list) and all(isinstance(t, str) for t in targets), "names"),
+        "layers": (cfg.layers is None or all(_is_int(i) for i in cfg.layers), "None or block indices"),
+        "rslora": (isinstance(cfg.rslora, bool), "true or false"),
+        "init": (isinstance(cfg.init, str), "a name"),
+        "rank_pattern": (isinstance(cfg.rank_pattern, Mapping), "a mapping {module: rank}"),
+        "alpha_pattern": (
+            isinstance(cfg.alpha_pattern, Mapping) and all(_is_number(v) for v in cfg.alpha_pattern.values()),
+            "a mapping {module: alpha}",
+        ),
+    }
+    for name, (ok, what) in checks.items():
+        _check(ok, f"LoRA {name} must be {what}, got {name}={getattr(cfg, name)!r}")
 
 
 def _valid_targets() -> str:

@@ -42,6 +42,7 @@ True
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -87,6 +88,11 @@ class OptimConfig:
     loraplus_ratio: float | None = None
 
     def __post_init__(self):
+        for name in ("lr", "weight_decay", "b1", "b2", "eps", "clip_norm", "loraplus_ratio", "warmup_steps"):
+            value, optional = getattr(self, name), name in ("clip_norm", "loraplus_ratio")
+            number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            if not (number or (optional and value is None)):
+                raise ConfigError(f"{name} must be a finite number{' or None' if optional else ''}, got {value!r}")
         checks = [
             (self.lr > 0, f"lr must be > 0, got {self.lr!r}"),
             (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}"),

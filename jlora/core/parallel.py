@@ -52,8 +52,18 @@ def replicate(tree: PyTree, n_devices: int | None = None) -> PyTree:
 
 
 def unreplicate(tree: PyTree) -> PyTree:
-    """The first device's copy of every leaf: inverse of `replicate`."""
-    return jax.tree.map(lambda x: x[0], tree)
+    """This process's first device's copy of every leaf: inverse of `replicate`.
+
+    It reads the local copy alone (no computation spanning devices), so each process of a
+    multi-host run can take it on its own, in any order, without waiting for the others.
+    """
+
+    def first(x):
+        if isinstance(x, jax.Array):
+            return x.addressable_data(0)[0]
+        return x[0]
+
+    return jax.tree.map(first, tree)
 
 
 def shard_batch(batch: PyTree, n_devices: int) -> PyTree:

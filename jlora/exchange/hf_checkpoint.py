@@ -29,7 +29,7 @@ import numpy as np
 
 from jlora.core.gpt2 import GPT2, GPT2Config, param_shapes
 from jlora.core.lora_config import LoraConfig
-from jlora.errors import CheckpointError
+from jlora.errors import CheckpointError, ConfigError, JloraError, describe
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -202,13 +202,16 @@ def read_state(directory: Path, *, allow_pickle: bool = False) -> dict[str, np.n
     if (directory / WEIGHTS).exists():
         files = [directory / WEIGHTS]
     elif (directory / WEIGHTS_INDEX).exists():
-        index = json.loads((directory / WEIGHTS_INDEX).read_text())
+        index = read_json(directory / WEIGHTS_INDEX)
+        if not isinstance(index.get("weight_map"), dict):
+            raise CheckpointError(f"{directory / WEIGHTS_INDEX} has no weight_map")
         files = [directory / f for f in sorted(set(index["weight_map"].values()))]
     elif (directory / PICKLE_WEIGHTS).exists():
         if not allow_pickle:
             raise CheckpointError(
                 f"{directory / PICKLE_WEIGHTS} is a pickle, and loading a pickle can run arbitrary code; "
-                "convert it to model.safetensors, or pass allow_pickle=True if you trust its source"
+                "convert it to model.safetensors, or if you trust its source allow it (allow_pickle=True; "
+                "in a run config, model.allow_pickle: true)"
             )
         import torch
 
@@ -218,15 +221,35 @@ def read_state(directory: Path, *, allow_pickle: bool = False) -> dict[str, np.n
         raise CheckpointError(f"no {WEIGHTS}, {WEIGHTS_INDEX} or {PICKLE_WEIGHTS} in {directory}")
     state: dict[str, np.ndarray] = {}
     for f in files:
-        state.update(load_file(f))  # bfloat16 arrives as ml_dtypes.bfloat16
+        try:
+            state.update(load_file(f))  # bfloat16 arrives as ml_dtypes.bfloat16
+        except Exception as e:  # safetensors' own error, or the OS's: a truncated, corrupt or missing file
+            raise CheckpointError(f"cannot read {f} ({describe(e)}); is it truncated or corrupt?") from None
     return state
+
+
+def read_json(file: Path) -> dict:
+    """A JSON object from `file`, or a CheckpointError naming the file and what is wrong."""
+    try:
+        value = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {file} ({getattr(e, 'strerror', None) or e})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{file} holds {type(value).__name__}, not a JSON object")
+    return value
 
 
 def read_config(directory: Path, **overrides) -> GPT2Config:
     file = directory / "config.json"
     if not file.exists():
         raise CheckpointError(f"no config.json in {directory}")
-    return GPT2Config.from_hf(json.loads(file.read_text()), **overrides)
+    values = read_json(file)
+    try:
+        return GPT2Config.from_hf(values, **overrides)
+    except ConfigError as e:  # a value of the wrong type or range
+        raise CheckpointError(f"{file}: {e}") from None
 
 
 def load_gpt2(
@@ -282,23 +305,55 @@ def save_tokenizer(tokenizer: Any, directory: str | os.PathLike) -> int:
     return int(hf.eos_token_id)
 
 
+def check_new_folder(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """`out_dir` if an export may create it (CheckpointError if a file, or a non-empty folder, is in the way)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"{out_dir} is a file; choose a new folder")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out_dir} exists and is not empty; choose a new folder (overwrite=True replaces it)")
+    blocking = next((p for p in out_dir.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise CheckpointError(f"cannot create {out_dir}: {blocking} is a file; choose another folder")
+    return out_dir
+
+
 @contextlib.contextmanager
 def new_folder(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """A temporary sibling folder to write into; it becomes `out_dir` only if the block succeeds.
 
     So a failed export leaves nothing behind, and a replaced folder is swapped in whole.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise CheckpointError(f"{out_dir} exists and is not empty; choose a new folder or pass overwrite=True")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
+    out_dir = check_new_folder(out_dir, overwrite=overwrite)
+    with made_dirs(out_dir.parent, CheckpointError):
+        tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            yield tmp
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            tmp.rename(out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def made_dirs(path: str | os.PathLike, error: type[JloraError] = CheckpointError) -> Iterator[Path]:
+    """``mkdir -p path`` for the block; if the block raises, the folders it created go again (while empty).
+
+    A folder that cannot be created raises `error` (one line, with the OS's reason).
+    """
+    path = Path(path)
+    created = [p for p in (path, *path.parents) if not p.exists()]  # innermost first
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise error(f"cannot create {path} ({e.strerror}); choose another folder") from None
+    try:
+        yield path
+    except BaseException:
+        with contextlib.suppress(OSError):  # rmdir only removes an empty folder: what was written stays
+            for folder in created:
+                folder.rmdir()
+        raise

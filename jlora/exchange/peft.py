@@ -42,8 +42,8 @@ import numpy as np
 
 from jlora.core.lora import adapters_by_module, split_slice, unflatten_adapters
 from jlora.core.lora_config import MODULES, QKV, LoraConfig, is_regex, pattern_value
-from jlora.errors import CheckpointError
-from jlora.exchange.hf_checkpoint import hf_key_to_path, new_folder, save_tokenizer, state_from_params
+from jlora.errors import CheckpointError, describe
+from jlora.exchange.hf_checkpoint import hf_key_to_path, new_folder, read_json, save_tokenizer, state_from_params
 from jlora.tree import path_names
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -269,7 +269,18 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
     file = Path(directory) / ADAPTER_CONFIG
     if not file.exists():
         raise CheckpointError(f"no {ADAPTER_CONFIG} in {directory}: not a PEFT adapter folder")
-    return json.loads(file.read_text())
+    return read_json(file)
+
+
+def _number(config: Mapping, key: str, file: Path, kind: type = float) -> Any:
+    """``config[key]`` as a positive `kind` (int or float), or a CheckpointError naming the file and field."""
+    if key not in config:
+        raise CheckpointError(f"{file} lacks {key!r}, which a LoRA adapter needs")
+    value = config[key]
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok or (kind is int and value != int(value)):
+        raise CheckpointError(f"{file}: {key!r} must be a positive {kind.__name__}, got {value!r}")
+    return kind(value)
 
 
 def _check_supported(config: Mapping) -> None:
@@ -300,9 +311,12 @@ def _read_tensors(directory: Path) -> tuple[dict[str, np.ndarray], dict[str, str
                 "safetensors (PEFT's default, save_pretrained(..., safe_serialization=True))"
             )
         raise CheckpointError(f"no {ADAPTER_WEIGHTS} in {directory}")
-    with safe_open(file, "flax") as f:  # the flax view reads bfloat16 too; take float32 once
-        tensors = {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
-        return tensors, f.metadata() or {}
+    try:
+        with safe_open(file, "flax") as f:  # the flax view reads bfloat16 too; take float32 once
+            tensors = {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
+            return tensors, f.metadata() or {}
+    except Exception as e:  # safetensors' own error: a truncated or corrupt file
+        raise CheckpointError(f"cannot read {file} ({describe(e)}); is it truncated or corrupt?") from None
 
 
 def _adapter_key(key: str) -> tuple[str, str] | None:
@@ -415,7 +429,9 @@ def load_peft(directory: str | os.PathLike) -> PeftAdapter:
         if lora is not None:
             return PeftAdapter(original, lora, _to_jax(modules_to_save))
 
-    r, alpha, rslora = int(config["r"]), float(config["lora_alpha"]), bool(config.get("use_rslora", False))
+    file = directory / ADAPTER_CONFIG
+    r, alpha = _number(config, "r", file, int), _number(config, "lora_alpha", file)
+    rslora = bool(config.get("use_rslora", False))
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     ranks, alphas = {}, {}
     for path, adapter in flat.items():

@@ -15,6 +15,12 @@ with a hash of its weights. `adapter` and `meta` alone restore the adapter::
 
 Everything is saved unreplicated (host arrays), so a checkpoint written with several
 devices restores on one, and the other way round.
+
+A damaged checkpoint (a truncated or corrupt file) never ends a run in a traceback:
+`restore_newest` falls back to the newest checkpoint that reads back and moves the damaged
+newer ones to ``RUN_DIR/checkpoints-unreadable/<step>`` (kept, never deleted; Orbax could not
+save that step again while it is in the way); if none reads back, it stops with one line and
+moves nothing. `load_adapter` names the folder it cannot read.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -31,8 +37,9 @@ import orbax.checkpoint as ocp
 
 from jlora.core.gpt2 import GPT2, GPT2Config, init_params
 from jlora.core.lora_config import LoraConfig
-from jlora.errors import BaseMismatchError, CheckpointError
+from jlora.errors import BaseMismatchError, CheckpointError, describe
 from jlora.exchange.hf_checkpoint import load_gpt2
+from jlora.training.rundir import barrier, is_primary
 from jlora.tree import leaves_by_path, overlay
 
 PyTree = Any
@@ -103,6 +110,59 @@ def restore(manager: ocp.CheckpointManager, step: int, adapter_like: PyTree, opt
     return out["adapter"], out["opt_state"], out["meta"]
 
 
+class Restored(NamedTuple):
+    """What `restore_newest` read: the checkpoint's step, trees and meta, and what it set aside."""
+
+    step: int
+    adapter: PyTree
+    opt_state: PyTree
+    meta: dict
+    set_aside: list[tuple[int, str, Path]]  # (step, why it could not be read, where it went)
+
+
+def restore_newest(manager: ocp.CheckpointManager, adapter_like: PyTree, opt_state_like: PyTree) -> Restored | None:
+    """The newest checkpoint that reads back (None: the run has none); see the module doc for damaged ones.
+
+    Raises CheckpointError when there are checkpoints and none of them can be read.
+    """
+    failed: list[tuple[int, str]] = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            adapter, opt_state, meta = restore(manager, step, adapter_like, opt_state_like)
+        except Exception as e:  # Orbax, tensorstore or JSON: a file that does not read back as written
+            failed.append((step, describe(e)))
+            continue
+        return Restored(step, adapter, opt_state, meta, _set_aside(manager, failed))
+    if failed:
+        step, why = failed[0]
+        raise CheckpointError(
+            f"no checkpoint in {manager.directory} can be read; the newest, step {step}, fails with {why}"
+        )
+    return None
+
+
+def _set_aside(manager: ocp.CheckpointManager, failed: list[tuple[int, str]]) -> list[tuple[int, str, Path]]:
+    """Move the unreadable checkpoints out of Orbax's way, into ``checkpoints-unreadable/`` beside it."""
+    if not failed:
+        return []
+    root = Path(manager.directory)
+    moved = []
+    barrier("jlora-set-aside-read")  # every process has tried to read them before one moves them
+    for step, why in failed:
+        target = root.parent / "checkpoints-unreadable" / str(step)
+        n = 1
+        while target.exists():
+            n += 1
+            target = target.with_name(f"{step}.{n}")
+        if is_primary():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (root / str(step)).rename(target)
+        moved.append((step, why, target))
+    barrier("jlora-set-aside-moved")
+    manager.reload()
+    return moved
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest committed checkpoint folder of a run, or None."""
     root = Path(run_dir) / "checkpoints"
@@ -124,8 +184,11 @@ def load_adapter(checkpoint_dir: str | Path) -> tuple[dict, dict, dict]:
     checkpoint_dir = Path(checkpoint_dir)
     if not (checkpoint_dir / "adapter").exists():
         raise CheckpointError(f"no adapter checkpoint in {checkpoint_dir}")
-    tree = ocp.StandardCheckpointer().restore((checkpoint_dir / "adapter").absolute())
-    meta = json.loads(_meta_file(checkpoint_dir).read_text())
+    try:
+        tree = ocp.StandardCheckpointer().restore((checkpoint_dir / "adapter").absolute())
+        meta = json.loads(_meta_file(checkpoint_dir).read_text())
+    except Exception as e:  # a truncated or corrupt file
+        raise CheckpointError(f"cannot read the checkpoint in {checkpoint_dir} ({describe(e)})") from e
     return tree["lora"], tree.get("base", {}), meta
 
 

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from jlora.errors import DataError
+from jlora.errors import DataError, describe
 from jlora.training.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -186,8 +186,7 @@ def read_dataset(name: str, *, split: str = "train", fmt: str = "auto", **load_k
 
         rows = datasets.load_dataset(name, split=split, **load_kwargs)
     except Exception as e:  # missing, offline, bad files: all end the same way for the caller
-        reason = (str(e).strip().splitlines() or [""])[0]
-        raise DataError(f"could not load dataset {name!r} split {split!r} ({type(e).__name__}: {reason})") from e
+        raise DataError(f"could not load dataset {name!r} split {split!r} ({describe(e)})") from e
     where = f"dataset {name!r} split {split!r}"
     return _examples(((f"{where}, row {i}", row) for i, row in enumerate(rows, 1)), fmt, where)
 

@@ -6,7 +6,9 @@
 The loop only steps and calls hooks; everything a run does besides updating (logging,
 evaluation, checkpoints, telemetry) is a hook, called in list order after every update whose
 number it divides, and after the last one. A hook sees the state after the update, before the
-next update donates it.
+next update donates it. A loop asked to stop (`stop(step)` true, e.g. after Ctrl-C) makes the
+current update its last, marked `interrupted`: the hooks that run at the end run then, except
+those registered with ``at_interrupt=False`` (an evaluation need not delay a stop).
 
 >>> calls = []
 >>> counter = lambda state, batch, rng: (state + batch, {"loss": state})
@@ -31,6 +33,7 @@ class StepInfo(NamedTuple):
       metrics: the update's metrics, still on the device (fetching them is the hook's choice).
       batch: the host batch the update read.
       last: whether this is the loop's final update.
+      interrupted: whether it is final because the loop was asked to stop.
     """
 
     step: int
@@ -38,30 +41,49 @@ class StepInfo(NamedTuple):
     metrics: dict
     batch: dict
     last: bool
+    interrupted: bool = False
 
 
 class Hook(NamedTuple):
-    """``run(info)`` after every update whose number `every` divides, and after the last one."""
+    """``run(info)`` after every update whose number `every` divides, and after the last one
+    (after an interrupted last one too, unless `at_interrupt` is False)."""
 
     run: Callable[[StepInfo], Any]
     every: int = 1
+    at_interrupt: bool = True
 
     def due(self, info: StepInfo) -> bool:
-        return info.step % self.every == 0 or info.last
+        return info.step % self.every == 0 or (info.last and (self.at_interrupt or not info.interrupted))
 
 
 def train_steps(
-    step: Callable, state: Any, batch_for: Callable[[int], dict], rng: Any, *, start: int, stop: int
+    step: Callable,
+    state: Any,
+    batch_for: Callable[[int], dict],
+    rng: Any,
+    *,
+    start: int,
+    stop: int,
+    stop_requested: Callable[[int], bool] = lambda step: False,
 ) -> Iterator[StepInfo]:
     """Updates `start` .. `stop` - 1 of a run: ``state, metrics = step(state, batch_for(i), rng)``.
 
     `batch_for(i)` is the batch of update i (a pure function of i, so a resumed run sees the
-    same batches); the step folds the update number into `rng` itself.
+    same batches); the step folds the update number into `rng` itself. After each update,
+    ``stop_requested(step)`` true ends the loop there (that update is `last` and `interrupted`).
+
+    >>> counter = lambda state, batch, rng: (state + 1, {})
+    >>> [(i.step, i.last, i.interrupted) for i in train_steps(counter, 0, lambda s: None, None, start=0, stop=9,
+    ...                                                       stop_requested=lambda step: step == 2)]
+    [(1, False, False), (2, True, True)]
     """
     for i in range(start, stop):
         batch = batch_for(i)
         state, metrics = step(state, batch, rng)
-        yield StepInfo(i + 1, state, metrics, batch, i + 1 == stop)
+        interrupted = i + 1 < stop and stop_requested(i + 1)
+        yield StepInfo(i + 1, state, metrics, batch, i + 1 == stop or interrupted, interrupted)
+        if interrupted:
+            return
 
 
 def run_hooks(steps: Iterable[StepInfo], hooks: Sequence[Hook]) -> StepInfo | None:

@@ -1,7 +1,11 @@
 """Run metrics: ``RUN_DIR/metrics.jsonl`` (one JSON object a line) and TensorBoard event files.
 
 Each row has a ``step``; training rows carry ``loss``, evaluation rows ``val_loss``. A resumed
-run first drops the rows past the step it resumes from, so the file reads as one run.
+run first drops the rows past the step it resumes from, in metrics.jsonl and in the TensorBoard
+event file alike, so both read as one run: each step once, whatever was interrupted.
+
+In a multi-host run every process computes the same rows; only the primary one (process 0)
+writes them, so each step is recorded once.
 """
 
 from __future__ import annotations
@@ -14,31 +18,43 @@ from jlora.training.tensorboard import ScalarWriter
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """All rows of ``RUN_DIR/metrics.jsonl``, in order."""
+    """All rows of ``RUN_DIR/metrics.jsonl``, in order (a last line a killed run left unfinished is skipped)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().split("\n")[:-1]  # only lines with their newline are whole
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 class MetricsWriter:
-    """Appends rows to metrics.jsonl and mirrors their numbers to TensorBoard (``RUN_DIR/tb``)."""
+    """Appends rows to metrics.jsonl and mirrors their numbers to TensorBoard (``RUN_DIR/tb``).
 
-    def __init__(self, run_dir: str | Path, *, truncate_after: int | None = None):
+    `truncate_after`: the step a run resumes from (0: a fresh start); rows past it are dropped
+    first. `primary`: False on the processes of a multi-host run that do not write (rows are
+    accepted and discarded).
+    """
+
+    def __init__(self, run_dir: str | Path, *, truncate_after: int | None = None, primary: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
+        self._file = self._tb = None
+        if not primary:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if truncate_after is not None and self.path.exists():  # rows past the resumed step are replayed
             kept = [r for r in read_metrics(run_dir) if r["step"] <= truncate_after] if truncate_after else []
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._file = self.path.open("a")
-        self._tb = ScalarWriter(Path(run_dir) / "tb")
+        self._tb = ScalarWriter(Path(run_dir) / "tb", truncate_after=truncate_after)
 
     def write(self, row: Mapping) -> None:
+        if self._file is None:
+            return
         self._file.write(json.dumps(dict(row)) + "\n")
         self._file.flush()
         numbers = {k: float(v) for k, v in row.items() if k != "step" and isinstance(v, int | float)}
         self._tb.scalars(int(row["step"]), numbers)
 
     def close(self) -> None:
-        self._file.close()
-        self._tb.close()
+        if self._file is not None:
+            self._file.close()
+            self._tb.close()

@@ -2,10 +2,15 @@
 
     run = build_run(cfg)              # tokenizer, base (model, params), tokenized train / validation data
     run, lora = initial_lora(run)     # fresh adapters (A random, B = 0), or cfg.init_from's PEFT adapter
-    adapter_of(state.trainable)       # what a checkpoint keeps: {"lora": ..., "base": trained base leaves}
+    run.start_params                  # the base as training starts: params with the adapter's saved modules
+    adapter_of(state.trainable, run.start_leaves)   # what a checkpoint keeps: {"lora": ..., "base": ...}
 
 Everything here is decided by the config alone (the random base and A's initialisation are
 seeded by ``cfg.seed``), which is what lets a checkpoint name its base instead of storing it.
+`params` stays the base exactly as loaded (what a checkpoint's base fingerprint describes and
+what `load_checkpoint` loads again); the leaves a PEFT adapter brings (its ``modules_to_save``,
+e.g. ``ln_f``) are `start_leaves`, put over the base for training and saved in every checkpoint
+beside the trained leaves, so the checkpoint restores the model the run trained.
 """
 
 from __future__ import annotations
@@ -18,19 +23,20 @@ import jax
 
 from jlora.core.gpt2 import GPT2, GPT2Config, init_params
 from jlora.core.lora import init_lora
-from jlora.errors import ConfigError, RunDirError
+from jlora.errors import ConfigError, JloraError, RunDirError
 from jlora.exchange.hf_checkpoint import load_gpt2
 from jlora.training.data import TokenizedData, read_examples, tokenize
 from jlora.training.run_config import RunConfig, load_run_config
 from jlora.training.tokenizer import load_tokenizer
-from jlora.tree import prune
+from jlora.tree import leaves_by_path, overlay, prune, unflatten
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Run:
     """What a run is built from (everything but the training state).
 
-    `val` is None when the config names no validation data.
+    `val` is None when the config names no validation data; `start_leaves` holds the base
+    leaves the run starts from in place of the base's (an ``init_from`` adapter's modules_to_save).
     """
 
     cfg: RunConfig
@@ -40,6 +46,12 @@ class Run:
     base_name: str
     train: TokenizedData
     val: TokenizedData | None
+    start_leaves: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def start_params(self) -> dict:
+        """The base parameters training starts from: `params` with `start_leaves` in place."""
+        return overlay(self.params, self.start_leaves)
 
 
 def tokenizer_source(cfg: RunConfig) -> str:
@@ -53,13 +65,8 @@ def build_base(cfg: RunConfig, vocab_size: int) -> tuple[GPT2, dict]:
     """The base model and its frozen params: a checkpoint, or a seeded random GPT-2."""
     m = cfg.model
     numerics = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
-    if m.name == "random":
-        try:
-            config = GPT2Config(
-                **{"vocab_size": vocab_size, "n_positions": max(cfg.seq_len, 128), **m.random}, **numerics
-            )
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"model.random: {e}") from None
+    if m.name == "random":  # model.random was checked with the config
+        config = GPT2Config(**{"vocab_size": vocab_size, "n_positions": max(cfg.seq_len, 128), **m.random}, **numerics)
         return GPT2(config, cfg.lora), init_params(jax.random.key(cfg.seed), config)
     model, params = load_gpt2(m.name, cfg.lora, allow_pickle=m.allow_pickle, **numerics)
     if cfg.seq_len > model.config.n_positions:
@@ -68,31 +75,36 @@ def build_base(cfg: RunConfig, vocab_size: int) -> tuple[GPT2, dict]:
 
 
 def build_run(cfg: RunConfig) -> Run:
-    """The tokenizer, base model and tokenized data of `cfg`; input errors are `JloraError`s."""
+    """The tokenizer, base model and tokenized data of `cfg`; input errors are `JloraError`s.
+
+    The data is read and tokenized before the base model is loaded: a bad data file costs a line, not a model load.
+    """
+    read = lambda source, split: read_examples(source, split=split, fmt=cfg.data.format)  # noqa: E731
+    train_examples = read(cfg.data.train, "train")
+    val_examples = read(cfg.data.validation, "validation") if cfg.data.validation else None
     tokenizer = load_tokenizer(tokenizer_source(cfg))
+    train = tokenize(train_examples, tokenizer, cfg.seq_len)
+    if len(train) < cfg.batch_size:
+        raise ConfigError(f"batch_size={cfg.batch_size} is larger than the {len(train)} training examples")
+    val = None if val_examples is None else tokenize(val_examples, tokenizer, cfg.seq_len)
     model, params = build_base(cfg, tokenizer.vocab_size)
     if tokenizer.vocab_size > model.config.vocab_size:  # larger ids would index past the embedding
         raise ConfigError(
             f"the tokenizer {tokenizer_source(cfg)!r} has {tokenizer.vocab_size} tokens, more than the model's "
             f"vocabulary of {model.config.vocab_size}; set data.tokenizer to the model's own"
         )
-    read = lambda source, split: read_examples(source, split=split, fmt=cfg.data.format)  # noqa: E731
-    train = tokenize(read(cfg.data.train, "train"), tokenizer, cfg.seq_len)
-    if len(train) < cfg.batch_size:
-        raise ConfigError(f"batch_size={cfg.batch_size} is larger than the {len(train)} training examples")
-    val = tokenize(read(cfg.data.validation, "validation"), tokenizer, cfg.seq_len) if cfg.data.validation else None
     return Run(cfg, tokenizer, model, params, cfg.model.name, train, val)
 
 
 def start_from_peft(run: Run) -> tuple[Run, dict]:
     """The run re-based on the PEFT adapter in ``cfg.init_from``: its LoRA config, tree and saved leaves."""
     from jlora.exchange.peft import load_peft
-    from jlora.tree import overlay
 
     adapter = load_peft(run.cfg.init_from)
     run = dataclasses.replace(
-        run, model=run.model.clone(lora=adapter.config), params=overlay(run.params, adapter.modules_to_save)
+        run, model=run.model.clone(lora=adapter.config), start_leaves=adapter.modules_to_save or {}
     )
+    run.start_params  # noqa: B018 (checks the saved modules' shapes against the base now)
     return run, adapter.lora
 
 
@@ -117,19 +129,43 @@ def checkpoint_meta(run: Run, step: int, identity: dict) -> dict:
     }
 
 
-def adapter_of(trainable: dict) -> dict:
-    """{"lora": adapters, "base": trained base leaves (pruned tree)} from the trainable partition."""
-    return {"lora": trainable["lora"], "base": prune(trainable.get("params", {}))}
+def adapter_of(trainable: dict, start_leaves: dict | None = None) -> dict:
+    """What a checkpoint keeps: {"lora": adapters, "base": base leaves that differ from the loaded base}.
+
+    "base" holds the trained base leaves of the trainable partition and the `start_leaves` the run
+    began from (a trained leaf wins where both have one), as one pruned tree.
+    """
+    base = {**leaves_by_path(start_leaves or {}), **leaves_by_path(prune(trainable.get("params", {})))}
+    return {"lora": trainable["lora"], "base": unflatten(base)}
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of a nested plain dict, in its own order (None and lists are values)."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree}
+    return {
+        k: v for name, child in tree.items() for k, v in _flat(child, f"{prefix}.{name}" if prefix else name).items()
+    }
 
 
 def check_config_matches(run_dir: Path, cfg: RunConfig) -> None:
-    """Refuse to resume `run_dir` with a config other than the one it was started with (`steps` may grow)."""
+    """Refuse to resume `run_dir` with a config other than the one it was started with (`steps` may grow).
+
+    The message names the first key that differs, with the run's value and the new one.
+    """
     saved = run_dir / "config.yaml"
-    if not saved.exists():
+    if not saved.is_file():
         return
-    old = load_run_config(saved).to_dict()
-    new = cfg.to_dict()
-    old.pop("steps", None), new.pop("steps", None)  # a resumed run may be extended
-    changed = sorted(k for k in new if old.get(k) != new[k])
+    try:
+        old = _flat(load_run_config(saved).to_dict())
+    except JloraError as e:
+        raise RunDirError(f"{saved} cannot be read ({e}); use another --out") from None
+    new = _flat(cfg.to_dict())
+    changed = [k for k in {**new, **old} if k != "steps" and old.get(k) != new.get(k)]  # steps may grow
     if changed:
-        raise RunDirError(f"{run_dir} holds a run with a different config ({', '.join(changed)}); use another --out")
+        key = changed[0]
+        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        raise RunDirError(
+            f"{run_dir} holds a run with {key}={old.get(key)!r}, not {new.get(key)!r}{more}; "
+            "use another --out, or the run's own config"
+        )

@@ -23,10 +23,12 @@ from typing import Any
 
 import yaml
 
+from jlora.core.gpt2 import NUMERICS, GPT2Config
 from jlora.core.lora_config import LoraConfig
 from jlora.core.optim import OptimConfig
 from jlora.errors import ConfigError
 
+DTYPES = ("float32", "bfloat16", "float16")
 CONFIGS = Path(__file__).parent.parent / "configs"  # run configs shipped in the package; configs/ links here
 DEFAULT_CONFIG = CONFIGS / "default.yaml"
 
@@ -193,6 +195,11 @@ def _check_values(cfg: RunConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be > 0, got {value}")
+    for key, value in {"eval_batches": cfg.eval_batches, "checkpoint.max_to_keep": cfg.checkpoint.max_to_keep}.items():
+        if value is not None and value <= 0:  # 0 would mean: no validation loss, no checkpoint kept
+            raise ConfigError(f"{key} must be > 0 or null (no limit), got {value}")
+    if cfg.exact_match < 0:
+        raise ConfigError(f"exact_match must be >= 0 (0: off), got {cfg.exact_match}")
     if cfg.batch_size % cfg.optim.grad_accum:
         raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by optim.grad_accum={cfg.optim.grad_accum}")
     if cfg.trainable.bias not in ("none", "all", "lora_only"):
@@ -203,6 +210,14 @@ def _check_values(cfg: RunConfig) -> None:
             raise ConfigError(f"data.{key}: no such file {source}")
     if cfg.init_from and not Path(cfg.init_from).expanduser().is_dir():
         raise ConfigError(f"init_from: no such adapter folder {cfg.init_from}")
+    for key in ("dtype", "param_dtype"):
+        if getattr(cfg.model, key) not in DTYPES:
+            raise ConfigError(f"model.{key} must be one of {', '.join(DTYPES)}, got {getattr(cfg.model, key)!r}")
+    if cfg.model.name == "random":
+        numerics = sorted(set(cfg.model.random) & set(NUMERICS))
+        if numerics:
+            raise ConfigError(f"model.random.{numerics[0]}: set model.{numerics[0]} instead")
+        _build(GPT2Config, {"vocab_size": 257, **cfg.model.random}, "model.random.")  # keys, types, shape checks
     n_positions = cfg.model.random.get("n_positions", 1024) if cfg.model.name == "random" else None
     if n_positions is not None and cfg.seq_len > n_positions:
         raise ConfigError(f"seq_len={cfg.seq_len} is longer than the model's n_positions={n_positions}")
@@ -211,9 +226,12 @@ def _check_values(cfg: RunConfig) -> None:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'optim.lr=1e-3' -> (['optim', 'lr'], 0.001); the value is read as YAML."""
     key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"--set expects key=value, got {text!r}")
-    return key.split("."), yaml.safe_load(raw) if raw else ""
+    if not sep or not key or "" in key.split("."):
+        raise ConfigError(f"--set expects key=value (key dotted, e.g. optim.lr=1e-3), got {text!r}")
+    try:
+        return key.split("."), yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
@@ -245,6 +263,8 @@ def config_file(name_or_path: str | Path) -> Path:
     True
     """
     path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory, not a config file; give a YAML file")
     if path.exists():
         return path
     packaged = CONFIGS / f"{path.name.removesuffix('.yaml')}.yaml"
@@ -263,6 +283,8 @@ def load_run_config(path: str | Path | None = DEFAULT_CONFIG, overrides: list[st
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read config file {path} ({getattr(e, 'strerror', None) or e})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     return from_dict(apply_overrides(values, list(overrides)))

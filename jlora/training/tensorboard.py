@@ -8,6 +8,11 @@ An event file is a sequence of TFRecords, each holding one serialised ``Event`` 
 
 Scalars are all jlora logs, so these few fields are the whole format it needs.
 
+A run keeps one event file. A resumed run reopens it and cuts it after the last record at or
+before the step it resumes from (and before any record a killed process left half-written),
+then appends: like metrics.jsonl, the file reads as one run with each step once, which every
+TensorBoard reader shows as such (a second file per resume would repeat the replayed steps).
+
 >>> hex(crc32c(b"123456789"))  # the standard CRC-32C check value
 '0xe3069283'
 """
@@ -76,13 +81,83 @@ def _record(data: bytes) -> bytes:
     return length + struct.pack("<I", _masked(crc32c(length))) + data + struct.pack("<I", _masked(crc32c(data)))
 
 
-class ScalarWriter:
-    """Appends scalar summaries to a new ``events.out.tfevents.*`` file in `log_dir`."""
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if not byte & 0x80:
+            return value, pos
 
-    def __init__(self, log_dir: str | Path):
+
+def records(data: bytes) -> list[tuple[int, bytes]]:
+    """(end offset, Event bytes) of each whole, intact record; stops at a torn or corrupt one."""
+    out, pos = [], 0
+    while pos + 12 <= len(data):
+        head = data[pos : pos + 8]
+        (length,) = struct.unpack("<Q", head)
+        end = pos + 12 + length + 4
+        if struct.unpack("<I", data[pos + 8 : pos + 12])[0] != _masked(crc32c(head)) or end > len(data):
+            break
+        body = data[pos + 12 : end - 4]
+        if struct.unpack("<I", data[end - 4 : end])[0] != _masked(crc32c(body)):
+            break
+        out.append((end, body))
+        pos = end
+    return out
+
+
+def event_step(event: bytes) -> int:
+    """The ``step`` field (2) of a serialised Event (0 when absent, as in protobuf)."""
+    pos = 0
+    while pos < len(event):
+        key, pos = _read_varint(event, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _read_varint(event, pos)
+            if number == 2:
+                return value
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        else:  # length-delimited
+            size, pos = _read_varint(event, pos)
+            pos += size
+    return 0
+
+
+def _cut_after(path: Path, step: int) -> None:
+    """Truncate an event file after its last intact record whose step is <= `step` (0: after the header)."""
+    kept = 0
+    for i, (end, body) in enumerate(records(path.read_bytes())):
+        if i > 0 and (step == 0 or event_step(body) > step):
+            break
+        kept = end
+    with path.open("r+b") as f:
+        f.truncate(kept)
+
+
+class ScalarWriter:
+    """Appends scalar summaries to the run's ``events.out.tfevents.*`` file in `log_dir`.
+
+    `truncate_after` None starts a new file; a step number reopens the newest one, cut after
+    that step (0: only its header kept), as a resumed run needs.
+    """
+
+    def __init__(self, log_dir: str | Path, *, truncate_after: int | None = None):
         log_dir = Path(log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.path = log_dir / f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}"
+        existing = sorted(log_dir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+        if truncate_after is not None and existing:
+            self.path = existing[-1]
+            _cut_after(self.path, truncate_after)
+            if self.path.stat().st_size:
+                self._file = self.path.open("ab")
+                return
+        else:
+            self.path = log_dir / f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}"
         self._file = self.path.open("ab")
         self._file.write(_record(_event(0, file_version=b"brain.Event:2")))
 

@@ -24,7 +24,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Protocol
 
-from jlora.errors import CheckpointError, TokenizerError
+from jlora.errors import CheckpointError, TokenizerError, describe
 from jlora.exchange.hf_checkpoint import TOKENIZER_FILES, hub_folder, is_hub_id
 
 
@@ -135,8 +135,7 @@ def load_tokenizer(source: str) -> ByteTokenizer | HFTokenizer:
     try:
         hf = GPT2TokenizerFast.from_pretrained(str(path))
     except Exception as e:  # corrupt files: one line for the caller
-        reason = (str(e).strip().splitlines() or [""])[0]
-        raise TokenizerError(f"could not load a GPT-2 tokenizer from {source!r} ({type(e).__name__}: {reason})") from e
+        raise TokenizerError(f"could not load a GPT-2 tokenizer from {source!r} ({describe(e)})") from e
     if len(hf) < 2 or hf.eos_token_id is None:
         raise TokenizerError(
             f"could not load a GPT-2 tokenizer from {source!r} (empty vocabulary or no end-of-text token)"

@@ -60,3 +60,36 @@ def test_resume_drops_rows_past_the_checkpoint(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3]
     MetricsWriter(tmp_path, truncate_after=0).close()  # a fresh run in the same folder
     assert read_metrics(tmp_path) == []
+
+
+def test_a_resumed_run_reads_as_one_run_in_tensorboard(tmp_path):
+    """Resuming reopens the run's event file cut after the resumed step (a half-written record too)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    writer = MetricsWriter(tmp_path)
+    for step in range(7):
+        writer.write({"step": step, "loss": float(step)})
+    writer.close()
+    (events_file,) = (tmp_path / "tb").iterdir()
+    with events_file.open("ab") as f:  # a record a killed process left half-written
+        f.write(struct.pack("<Q", 40) + b"\x00" * 9)
+    writer = MetricsWriter(tmp_path, truncate_after=3)
+    for step in range(4, 9):
+        writer.write({"step": step, "loss": 10.0 + step})
+    writer.close()
+    assert list((tmp_path / "tb").iterdir()) == [events_file]
+    events = [Event.FromString(r) for r in read_records(events_file)]
+    assert [e.file_version for e in events if e.file_version] == ["brain.Event:2"]
+    scalars = [(e.step, v.tag, v.simple_value) for e in events for v in e.summary.value]
+    assert scalars == [(s, "loss", float(s)) for s in range(4)] + [(s, "loss", 10.0 + s) for s in range(4, 9)]
+    assert [r["loss"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3, 14, 15, 16, 17, 18]
+
+    MetricsWriter(tmp_path, truncate_after=0).close()  # a fresh start in the same folder
+    assert [Event.FromString(r).file_version for r in read_records(events_file)] == ["brain.Event:2"]
+
+
+def test_a_process_other_than_the_first_writes_nothing(tmp_path):
+    writer = MetricsWriter(tmp_path, truncate_after=0, primary=False)
+    writer.write({"step": 1, "loss": 1.0})
+    writer.close()
+    assert list(tmp_path.iterdir()) == []

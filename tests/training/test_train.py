@@ -80,19 +80,25 @@ def test_checkpoint_from_four_devices_resumes_on_one(tmp_path):
     np.testing.assert_allclose([single[s] for s in steps], [pmapped[s] for s in steps], rtol=1e-5)
 
 
-def test_non_finite_loss_stops_before_saving(tmp_path):
+def test_a_blown_up_state_is_never_checkpointed(tmp_path):
+    """lr 1e12 after one warm-up step: the update of step 2 leaves finite adapters (~1e12) whose logits are NaN."""
+    from jlora.training.checkpoint import load_run
+
     process = cli(
-        *sets(*TINY, "steps=30", "optim.lr=1e12", "optim.warmup_steps=0", "checkpoint.every=1"), "--out", str(tmp_path)
+        *sets(*TINY, "steps=30", "optim.lr=1e12", "optim.warmup_steps=3", "checkpoint.every=1"), "--out", str(tmp_path)
     )
     out, err = process.communicate(timeout=300)
     assert process.returncode == 1, err[-2000:]
     message = err.strip().splitlines()[-1]
-    assert message.startswith("jlora train: loss is") and "stopped without saving" in message
-    bad_step = int(message.split(" at step ")[1].split(";")[0])
+    assert message.startswith("jlora train: the trained state at step 2 is not finite")
+    assert message.endswith("stopped without saving it (newest checkpoint: step 1)")
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-    assert all(s < bad_step for s in saved)
+    assert saved == [1]
+    for step in saved:  # what was saved is a usable model
+        model, params, lora, _, _ = load_run(tmp_path, step)
+        assert np.isfinite(model.apply({"params": params, "lora": lora}, np.arange(16)[None] % 200)).all()
     losses = train_losses(tmp_path)
-    assert all(np.isfinite(v) for s, v in losses.items() if s < bad_step)
+    assert all(np.isfinite(v) for v in losses.values())
 
 
 @pytest.mark.parametrize(
@@ -157,3 +163,40 @@ def test_load_run_and_init_from_a_peft_adapter(tmp_path):
     start_of_second = [r["val_loss"] for r in read_metrics(second) if "val_loss" in r][0]
     assert start_of_second == pytest.approx(end_of_first, rel=1e-5)
     assert load_run(second)[3].alpha == 8
+
+
+def test_init_from_an_adapter_with_saved_modules(tmp_path, capsys, random_b):
+    """The adapter's modules_to_save (ln_f here, not trained by the run) are part of what the run's
+    checkpoints restore (load_run, export, generate), and the run resumes on its own base."""
+    import jax
+
+    import jlora
+    from jlora.core.step import make_eval_step
+    from jlora.training.evaluate import mean_loss
+    from jlora.training.run import build_run
+    from jlora.training.run_config import DEFAULT_CONFIG, load_run_config
+
+    args = sets(*TINY, "eval_every=2", "eval_batches=2", "checkpoint.every=1", "trainable.modules_to_save=[]")
+    run = build_run(load_run_config(DEFAULT_CONFIG, [a for a in args if a != "--set"]))
+    lora_cfg = jlora.LoraConfig(r=4, alpha=8)
+    lora = random_b(jlora.init_lora(jax.random.key(5), lora_cfg, run.params))
+    ln_f = jax.tree.map(lambda x: x + 0.5, run.params["ln_f"])
+    jlora.save_peft(tmp_path / "peft", lora, lora_cfg, base_model_name_or_path=None, modules_to_save={"ln_f": ln_f})
+
+    out = tmp_path / "run"
+    assert main(["train", *args, "--set", f"init_from={tmp_path / 'peft'}", "--set", "steps=2", "--out", str(out)]) == 0
+    model, params, trained, _, _ = jlora.load_run(out)
+    for name in ("scale", "bias"):
+        np.testing.assert_array_equal(params["ln_f"][name], ln_f[name])
+    recorded = [r["val_loss"] for r in read_metrics(out) if "val_loss" in r][-1]
+    again = mean_loss(make_eval_step(model), {"params": params, "lora": trained}, run.val, 8, max_batches=2)
+    assert again == pytest.approx(recorded, rel=1e-6)  # the checkpoint is the model the run evaluated
+
+    assert main(["export", str(out), "--peft", str(tmp_path / "export")]) == 0
+    exported = jlora.load_peft(tmp_path / "export").modules_to_save
+    np.testing.assert_array_equal(exported["ln_f"]["scale"], ln_f["scale"])
+
+    capsys.readouterr()
+    assert main(["train", *args, "--set", f"init_from={tmp_path / 'peft'}", "--set", "steps=3", "--out", str(out)]) == 0
+    assert "resuming at step 2" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2, 3]
