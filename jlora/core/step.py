@@ -45,11 +45,13 @@ from jlora.core.parallel import AXIS, local_devices
 
 PyTree = Any
 BATCH_KEYS = ("input_ids", "targets", "loss_mask")  # what the step reads; the attention mask is left out
+OPTIONAL_KEYS = ("loss_index", "segment_ids", "position_ids")  # shaped batches' (`jlora.core.loss`)
 
 
 def step_inputs(batch: Mapping) -> dict:
-    """The arrays of a batch the step reads (`BATCH_KEYS`); the attention mask and the rest are left out."""
-    return {k: batch[k] for k in BATCH_KEYS}
+    """The arrays of a batch the step reads (`BATCH_KEYS`, and `OPTIONAL_KEYS` it has); the attention mask
+    and the rest are left out."""
+    return {k: batch[k] for k in BATCH_KEYS + OPTIONAL_KEYS if k in batch or k in BATCH_KEYS}
 
 
 class TrainState(struct.PyTreeNode):

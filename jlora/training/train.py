@@ -24,6 +24,7 @@ from jlora.core.parallel import replicate, shard_batch, unreplicate
 from jlora.core.step import TrainState, init_state, make_eval_step, make_train_step
 from jlora.errors import ConfigError
 from jlora.training import checkpoint as ckpt
+from jlora.training.batching import Layout, describe, layout_of, run_shapes, shape_batch, shape_bound
 from jlora.training.data import batch_at
 from jlora.training.evaluate import exact_match, greedy_predictor, loss_and_perplexity, mean_loss
 from jlora.training.hooks import MetricsLog
@@ -57,14 +58,16 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
     if cfg.batch_size % (n_devices * n_hosts):
         raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {n_devices * n_hosts} devices")
     step = make_train_step(run.model, optimizer, cfg.optim, n_devices=n_devices)
-    feed = partial(feed_devices, n_devices=n_devices, n_hosts=n_hosts) if step.pmapped else (lambda batch: batch)
+    place = partial(feed_devices, n_devices=n_devices, n_hosts=n_hosts) if step.pmapped else (lambda batch: batch)
+    layout = layout_of(cfg, n_devices * n_hosts)
+    feed = lambda batch: place(shape_batch(batch, layout))  # noqa: E731
     n_trainable = count_params(state.trainable)
     if step.pmapped:
         state = replicate(state, n_devices)
-    print(header(run, n_trainable, n_devices * n_hosts, start))
+    print(header(run, n_trainable, n_devices * n_hosts, start, layout))
 
     writer = MetricsWriter(run_dir, truncate_after=start)
-    evaluate = make_evaluator(run, feed, pmapped=step.pmapped, n_devices=n_devices)
+    evaluate = make_evaluator(run, feed, pmapped=step.pmapped, n_devices=n_devices, layout=layout)
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, dynamic_ncols=True, unit="step")
 
     def evaluation(info: StepInfo) -> None:
@@ -116,18 +119,21 @@ def resume(manager, state: TrainState, params: dict) -> tuple[TrainState, int]:
     return state.replace(trainable=trainable, opt_state=opt_state, step=np.asarray(latest, np.int32)), latest
 
 
-def header(run: Run, n_trainable: int, n_devices: int, start: int) -> str:
-    """The run's first line: base, scaling and effective learning rate, trainable size, data, devices."""
+def header(run: Run, n_trainable: int, n_devices: int, start: int, layout: Layout = Layout()) -> str:
+    """The run's first line: base, scaling and effective learning rate, trainable size, data, batch
+    shapes (padding and compiled step shapes of the steps to come), devices."""
     cfg, lora = run.cfg, run.model.lora
+    shapes = run_shapes(run.train, cfg.batch_size, cfg.seed, range(start, cfg.steps), layout)
     return (
         f"jlora: {run.base_name} | LoRA r={lora.r} alpha={lora.alpha} scaling={scaling(lora):g} | "
         f"lr={cfg.optim.lr:g} effective lr (lr*alpha/r)={effective_lr(cfg.optim.lr, lora):g} | "
-        f"trainable {n_trainable:,} | train: {run.train.summary()} | devices {n_devices}"
-        + (f" | resuming at step {start}" if start else "")
+        f"trainable {n_trainable:,} | train: {run.train.summary()} | "
+        f"{describe(layout, shapes, shape_bound(cfg.seq_len, cfg.batch_size, layout))} | "
+        f"{run.model.config.dtype} | devices {n_devices}" + (f" | resuming at step {start}" if start else "")
     )
 
 
-def make_evaluator(run: Run, feed, *, pmapped: bool, n_devices: int):
+def make_evaluator(run: Run, feed, *, pmapped: bool, n_devices: int, layout: Layout = Layout()):
     """``evaluate(state) -> {"val_loss", "val_ppl"[, "exact_match"]}`` on the run's validation data ({} without)."""
     cfg = run.cfg
     eval_step = make_eval_step(run.model, n_devices=n_devices)
@@ -140,7 +146,9 @@ def make_evaluator(run: Run, feed, *, pmapped: bool, n_devices: int):
         out = loss_and_perplexity(loss)
         if cfg.exact_match:
             variables = (unreplicate(state) if pmapped else state).variables
-            out["exact_match"] = exact_match(predict, variables, run.val, cfg.exact_match, cfg.batch_size)
+            out["exact_match"] = exact_match(
+                predict, variables, run.val, cfg.exact_match, cfg.batch_size, layout=layout
+            )
         return out
 
     return evaluate
