@@ -256,7 +256,7 @@ def shape_bound(seq_len: int, batch_size: int, layout: Layout) -> int:
 
 
 def describe(layout: Layout, shapes: Shapes, bound: int) -> str:
-    """For a run's first line, e.g. 'batches packed, padding 9% of 153,600 computed tokens, 3 step shapes (at most 45)'."""
+    """For a run's first line: 'batches[ packed], padding 9% of 153,600 computed tokens, 3 step shapes (at most 45)'."""
     return (
         f"batches{' packed' if layout.pack else ''}, padding {shapes.padding:.0%} of {shapes.computed:,} computed "
         f"tokens, {len(shapes.shapes)} step shapes (at most {bound})"

@@ -65,14 +65,14 @@ def greedy_predictor(model: GPT2) -> Callable:
 
 
 def exact_match(
-    predict: Callable, variables: dict, data: TokenizedData, n: int, batch_size: int, *, layout: Layout = Layout()
+    predict: Callable, variables: dict, data: TokenizedData, n: int, batch_size: int, *, layout: Layout | None = None
 ) -> float:
     """Fraction of the first `n` rows whose completion greedy decoding reproduces exactly.
 
     `predict` is a `greedy_predictor`; one teacher-forced forward pass per batch decides it, on
     batches trimmed as `layout` says (rows are never packed here: each row is one answer).
     """
-    layout = dataclasses.replace(layout, pack=False)
+    layout = dataclasses.replace(layout or Layout(), pack=False)
     hits, rows = 0, 0
     for batch in eval_batches(data, batch_size):
         take = min(batch_size, n - rows)

@@ -119,7 +119,7 @@ def resume(manager, state: TrainState, params: dict) -> tuple[TrainState, int]:
     return state.replace(trainable=trainable, opt_state=opt_state, step=np.asarray(latest, np.int32)), latest
 
 
-def header(run: Run, n_trainable: int, n_devices: int, start: int, layout: Layout = Layout()) -> str:
+def header(run: Run, n_trainable: int, n_devices: int, start: int, layout: Layout) -> str:
     """The run's first line: base, scaling and effective learning rate, trainable size, data, batch
     shapes (padding and compiled step shapes of the steps to come), devices."""
     cfg, lora = run.cfg, run.model.lora
@@ -133,7 +133,7 @@ def header(run: Run, n_trainable: int, n_devices: int, start: int, layout: Layou
     )
 
 
-def make_evaluator(run: Run, feed, *, pmapped: bool, n_devices: int, layout: Layout = Layout()):
+def make_evaluator(run: Run, feed, *, pmapped: bool, n_devices: int, layout: Layout):
     """``evaluate(state) -> {"val_loss", "val_ppl"[, "exact_match"]}`` on the run's validation data ({} without)."""
     cfg = run.cfg
     eval_step = make_eval_step(run.model, n_devices=n_devices)
