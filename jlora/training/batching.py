@@ -38,8 +38,8 @@ is still a function of the step and a resumed run sees the very same arrays.
 >>> packed = shape_batch(batch, Layout(buckets=1, pack=True))
 >>> packed["input_ids"].tolist(), packed["segment_ids"].tolist(), packed["position_ids"].tolist()
 ([[9, 1, 2, 9, 3]], [[1, 1, 1, 2, 2]], [[0, 1, 2, 0, 1]])
->>> packed["loss_index"].tolist()  # capacity 8 is capped at L = 5; no padding to fill it with
-[[1, 2, 3, 4]]
+>>> packed["loss_index"].tolist()  # K = 8 capped at L = 5: the 4 loss positions, then one without
+[[1, 2, 3, 4, 0]]
 """
 
 from __future__ import annotations
