@@ -3,6 +3,7 @@
     run_config.py   RunConfig from YAML and --set overrides, validated
     tokenizer.py    byte tokens (offline) or a GPT-2 BPE tokenizer
     data.py         JSONL / bundled / `datasets` records -> token rows -> the batch of a step
+    batching.py     a batch trimmed to length buckets (or packed), its loss positions listed
     run.py          build_run: tokenizer, base model, data, first adapters
     loop.py         train_steps (a generator of updates) and run_hooks
     hooks.py        the metrics log (jsonl, TensorBoard, progress bar)
