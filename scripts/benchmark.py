@@ -1,6 +1,6 @@
 """Train-step speed and memory: jlora against Hugging Face PEFT + PyTorch, on the work users run.
 
-    python scripts/benchmark.py                         # both workloads, GPT-2 small shapes (~10 min on 2 cores)
+    python scripts/benchmark.py                         # both workloads, GPT-2 small shapes (~15 min on 2 cores)
     python scripts/benchmark.py --workload qa --rounds 12
     python scripts/benchmark.py --n-layer 2 --vocab 1000 --rounds 2     # a quick smoke run
 
@@ -189,6 +189,7 @@ class JloraWorker:
 class PeftWorker:
     def __init__(self, args, batches):
         import torch
+        import transformers
         from peft import LoraConfig, get_peft_model
         from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -197,10 +198,15 @@ class PeftWorker:
         cfg = load_run_config(args.config)
         torch.manual_seed(0)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        transformers.logging.set_verbosity_error()  # its notices about this random model's config
         eos = args.vocab - 1
         config = GPT2Config(
-            vocab_size=args.vocab, n_embd=args.n_embd, n_layer=args.n_layer, n_head=args.n_head, bos_token_id=eos,
-            eos_token_id=eos, loss_type="ForCausalLM",
+            vocab_size=args.vocab,
+            n_embd=args.n_embd,
+            n_layer=args.n_layer,
+            n_head=args.n_head,
+            bos_token_id=eos,
+            eos_token_id=eos,
         )
         lora = LoraConfig(
             r=args.r,
