@@ -1,26 +1,39 @@
-"""Train-step speed: jlora's compiled step against Hugging Face PEFT + PyTorch on the same shapes.
+"""Train-step speed and memory: jlora against Hugging Face PEFT + PyTorch, on the work users run.
 
-    python scripts/benchmark.py                      # GPT-2 small shape, LoRA r=8 on c_attn, 8 x 128 tokens
-    python scripts/benchmark.py --steps 3 --no-peft  # jlora only
-    python scripts/benchmark.py --n-layer 2 --vocab 1000 --steps 2   # a quick smoke run
+    python scripts/benchmark.py                         # both workloads, GPT-2 small shapes (~15 min on 2 cores)
+    python scripts/benchmark.py --workload qa --rounds 12
+    python scripts/benchmark.py --n-layer 2 --vocab 1000 --rounds 2     # a quick smoke run
 
-Both sides: randomly initialised GPT-2 weights, LoRA r=8, alpha=16 on c_attn, AdamW at 2e-4,
-dropout as the model config has it (training mode), one update per step on a fixed batch. PEFT
-runs in a subprocess of this script (``--peft-worker``), after jlora, so the two never share
-the cores.
+Two workloads, LoRA r=8, alpha=16 on c_attn, AdamW, dropout on (training mode), random weights:
 
-FLOPs of one step, counted by hand (N = batch * seq tokens, L layers, D width, V vocab, r rank,
-matmuls only; a multiply-add is 2 FLOPs)::
+    qa       the reference setup (configs/gpt2_qa.yaml): the bundled QA rows, batch 8, seq_len 512,
+             loss on the answer and closing end-of-text only. The step's batch is the run's
+             (`batch_at(data, step)`). jlora shapes it as `jlora train` does (the config's
+             data.buckets / data.pack); PEFT gets it as a PEFT user's collator gives it: each batch
+             padded to its longest row, labels -100 on the prompt and the padding.
+    uniform  8 x 128 random tokens, loss at every position: no padding for either side to skip.
 
-    forward  = 2 N (12 L D^2 + D V)          the four projections per block and the tied LM head
-             + 4 batch L seq^2 D              attention scores and weighted values (full square, causal-masked)
-             + 2 N L r (D + 3D)               the LoRA path A then B on c_attn (D -> 3D)
-    backward = forward                        gradients w.r.t. activations only: the frozen weights
-                                              get none, so each matmul has one backward matmul, not two
-             + 2 N L r (D + 3D)               the LoRA weight gradients dA, dB
-    step     = forward + backward  (~ 2 x forward)
+The rows are tokenized with jlora's byte tokenizer (the real GPT-2 vocabulary is not available
+offline; byte rows are about 2.5 times longer than GPT-2 BPE rows, 38-58 tokens here).
 
-XLA's own count of the compiled step (its cost analysis) is printed beside it as a check.
+Fair timing on a shared machine: each system lives in its own persistent worker process (model
+built, steps compiled), and the two step strictly in turn, A, B, A, B, each step of round i on
+the same batch; the figure reported is the median over rounds of the per-round ratio, and the
+load average is printed beside it. Useful tokens are a batch's real tokens (its rows' lengths,
+no padding), the same count for both sides.
+
+Useful FLOPs of a step, counted by hand (n useful tokens, m loss positions, rows of length l_i,
+L layers, D width, V vocabulary, r rank; a multiply-add is 2 FLOPs)::
+
+    forward  = 2 n 12 L D^2                 the four projections of each block
+             + 4 L D sum_i l_i^2            attention scores and weighted values (full square)
+             + 2 n L r (D + 3D)             the LoRA path A then B on c_attn (D -> 3D)
+             + 2 m D V                      the tied LM head, where the loss is
+    step     = 2 forward + 2 n L r (D + 3D) the backward is the forward again (the frozen weights get
+                                            no weight gradient) plus the LoRA weight gradients
+
+On an accelerator the useful FLOP rate is also printed as model FLOP utilisation against the
+device's dense bf16 peak (a table below; unknown devices get no MFU).
 """
 
 from __future__ import annotations
@@ -28,194 +41,383 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+QA_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "gpt2_qa.yaml"
+
+BF16_PEAK_TFLOPS = {  # dense, per chip
+    "H200": 989,
+    "H100": 989,
+    "A100": 312,
+    "L4": 121,
+    "A10G": 70,
+    "TPU v4": 275,
+    "TPU v5 lite": 197,
+    "TPU v5e": 197,
+    "TPU v5p": 459,
+    "TPU v6 lite": 918,
+}
 
 
-def step_flops(batch: int, seq: int, n_layer: int, d: int, vocab: int, r: int) -> float:
-    """Hand count of one LoRA train step's FLOPs (see the module docstring)."""
-    n = batch * seq
-    lora = 2 * n * n_layer * r * (d + 3 * d)
-    forward = 2 * n * (12 * n_layer * d * d + d * vocab) + 4 * batch * n_layer * seq * seq * d + lora
+# --- the work: batches of each workload, the same in both workers ---------------------------------------------
+
+
+def workload_batches(args) -> list[dict]:
+    """Host batches of steps 0 .. rounds (step 0 warms up): (B, T) right-padded rows in jlora's layout."""
+    import numpy as np
+
+    if args.workload == "uniform":
+        rng = np.random.default_rng(0)
+        batches = []
+        for _ in range(args.rounds + 1):
+            ids = rng.integers(0, args.vocab, (args.batch, args.uniform_seq + 1)).astype(np.int32)
+            ones = np.ones((args.batch, args.uniform_seq), np.int32)
+            batches.append(
+                {
+                    "input_ids": ids[:, :-1],
+                    "targets": ids[:, 1:],
+                    "loss_mask": ones.astype(np.float32),
+                    "attention_mask": ones,
+                }
+            )
+        return batches
+    from jlora.training.data import batch_at, read_examples, tokenize
+    from jlora.training.tokenizer import ByteTokenizer
+
+    data = tokenize(read_examples("bundled"), ByteTokenizer(), args.seq_len)
+    return [batch_at(data, step, args.batch, seed=0) for step in range(args.rounds + 1)]
+
+
+def useful_flops(batch: dict, args) -> float:
+    """Useful FLOPs of one LoRA step on `batch` (module docstring)."""
+    lengths = batch["attention_mask"].sum(axis=1).astype(float)
+    n, m = lengths.sum(), float((batch["loss_mask"] > 0).sum())
+    L, D, V, r = args.n_layer, args.n_embd, args.vocab, args.r
+    lora = 2 * n * L * r * (D + 3 * D)
+    forward = 2 * n * 12 * L * D * D + 4 * L * D * (lengths**2).sum() + lora + 2 * m * D * V
     return 2 * forward + lora
 
 
-def make_batch(batch: int, seq: int, vocab: int, seed: int = 0):
+def peft_collate(batch: dict) -> dict:
+    """A PEFT user's batch: each row's tokens (end-of-text, prompt, answer, end-of-text), padded to the longest
+    row with end-of-text, attention mask, and labels -100 on the prompt and padding (transformers shifts them)."""
     import numpy as np
 
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab, (batch, seq + 1)).astype(np.int32)
-    return ids[:, :-1], ids[:, 1:]
+    lengths = batch["attention_mask"].sum(axis=1)
+    width = int(lengths.max()) + 1  # the closing end-of-text is an input token too
+    eos = int(batch["targets"][0, lengths[0] - 1])
+    ids = np.full((len(lengths), width), eos, np.int64)
+    labels = np.full((len(lengths), width), -100, np.int64)
+    mask = np.zeros((len(lengths), width), np.int64)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = batch["input_ids"][i, :n]
+        ids[i, n] = batch["targets"][i, n - 1]
+        counted = batch["loss_mask"][i, :n] > 0  # target t is token t + 1
+        labels[i, 1 : n + 1] = np.where(counted, batch["targets"][i, :n], -100)
+        mask[i, : n + 1] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def run_jlora(args) -> dict:
-    import jax
-    import numpy as np
+# --- the two workers ----------------------------------------------------------------------------------------------
 
-    import jlora
 
-    config = jlora.GPT2Config(
-        vocab_size=args.vocab,
-        n_positions=max(1024, args.seq),
-        n_embd=args.n_embd,
-        n_layer=args.n_layer,
-        n_head=args.n_head,
-        dtype=args.dtype,
-        remat=args.remat,
-    )
-    model = jlora.GPT2(config, jlora.LoraConfig(r=args.r, alpha=2 * args.r, target_modules=("c_attn",)))
-    params = jlora.init_params(jax.random.key(0), config)
-    variables = {"params": params, "lora": jlora.init_lora(jax.random.key(1), model, params)}
-    mask = jlora.trainable_mask(variables)
-    cfg = jlora.OptimConfig(lr=2e-4, clip_norm=None, total_steps=1000)
-    optimizer = jlora.make_optimizer(cfg, jlora.partition(variables, mask)[0])
-    state = jlora.init_state(variables, mask, optimizer)
-    step = jlora.make_train_step(model, optimizer, cfg, n_devices=1)
-    ids, targets = make_batch(args.batch, args.seq, args.vocab)
-    batch = {"input_ids": ids, "targets": targets, "loss_mask": np.ones(ids.shape, np.float32)}
-    batch = jax.device_put(batch)
-    rng = jax.random.key(2)
+class JloraWorker:
+    def __init__(self, args, batches):
+        import jax
 
-    start = time.perf_counter()
-    inputs = (state.step, state.trainable, state.opt_state, state.frozen, batch, rng)
-    compiled = step.compiled.lower(*inputs).compile()
-    compile_s = time.perf_counter() - start
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0
+        import jlora
+        from jlora.core.step import step_inputs
+        from jlora.training.batching import Layout, shape_batch
+        from jlora.training.run_config import load_run_config
 
-    def one(state):
-        (n, trainable, opt_state), metrics = compiled(
-            state.step, state.trainable, state.opt_state, state.frozen, batch, rng
+        cfg = load_run_config(args.config, [f"lora.r={args.r}", f"lora.alpha={2 * args.r}"])
+        config = jlora.GPT2Config(
+            vocab_size=args.vocab,
+            n_positions=1024,
+            n_embd=args.n_embd,
+            n_layer=args.n_layer,
+            n_head=args.n_head,
+            dtype=cfg.model.compute_dtype(jax.default_backend()) if args.dtype == "auto" else args.dtype,
         )
-        jax.block_until_ready(metrics["loss"])
-        return jlora.TrainState(n, trainable, state.frozen, opt_state), metrics
+        model = jlora.GPT2(config, cfg.lora)
+        params = jlora.init_params(jax.random.key(0), config)
+        variables = {"params": params, "lora": jlora.init_lora(jax.random.key(1), model, params)}
+        mask = jlora.trainable_mask(variables)
+        optimizer = jlora.make_optimizer(cfg.optim, jlora.partition(variables, mask)[0])
+        self.state = jlora.init_state(variables, mask, optimizer)
+        step = jlora.make_train_step(model, optimizer, cfg.optim, n_devices=1)
+        layout = Layout(cfg.data.buckets, cfg.data.pack)
+        self.batches = [jax.device_put(step_inputs(shape_batch(b, layout))) for b in batches]
+        self.rng, self.jax, self.dtype = jax.random.key(2), jax, config.dtype
+        self.executables, self.compile_s = {}, 0.0
+        for batch in self.batches:  # each distinct shape compiled once, ahead of time
+            key = jax.tree.map(lambda x: x.shape, batch)
+            if str(key) not in self.executables:
+                start = time.perf_counter()
+                self.executables[str(key)] = step.compiled.lower(*self._inputs(batch)).compile()
+                self.compile_s += time.perf_counter() - start
+        self.shapes = len(self.executables)
 
-    state, metrics = one(state)  # warm-up: first run allocates
-    times = []
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        state, metrics = one(state)
-        times.append(time.perf_counter() - t)
-    return {"compile_s": compile_s, "step_s": times, "loss": float(metrics["loss"]), "xla_flops": xla_flops}
+    def _inputs(self, batch):
+        s = self.state
+        return s.step, s.trainable, s.opt_state, s.frozen, batch, self.rng
+
+    def step(self, i: int) -> float:
+        batch = self.batches[i]
+        run = self.executables[str(self.jax.tree.map(lambda x: x.shape, batch))]
+        start = time.perf_counter()
+        (n, trainable, opt_state), metrics = run(*self._inputs(batch))
+        self.jax.block_until_ready(metrics["loss"])
+        seconds = time.perf_counter() - start
+        self.state = self.state.replace(step=n, trainable=trainable, opt_state=opt_state)
+        return seconds
+
+    def info(self) -> dict:
+        out = {"compile_s": self.compile_s, "shapes": self.shapes, "dtype": self.dtype}
+        device = self.jax.devices()[0]
+        if device.platform != "cpu":
+            out["device"] = device.device_kind
+            out["device_peak_bytes"] = (device.memory_stats() or {}).get("peak_bytes_in_use")
+        return out
 
 
-def matmul_gflops(args, repeats: int = 5) -> float:
-    """XLA's float32 matmul speed right now, on the MLP's (N, D) @ (D, 4D): the roofline to compare
-    the step with, measured in the same run because a shared machine's speed varies."""
-    import jax
+class PeftWorker:
+    def __init__(self, args, batches):
+        import torch
+        import transformers
+        from peft import LoraConfig, get_peft_model
+        from transformers import GPT2Config, GPT2LMHeadModel
 
-    n, d = args.batch * args.seq, args.n_embd
-    a, b = jax.random.normal(jax.random.key(0), (n, d)), jax.random.normal(jax.random.key(1), (d, 4 * d))
-    matmul = jax.jit(lambda a, b: a @ b)
-    matmul(a, b).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        matmul(a, b).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * n * d * 4 * d / min(times) / 1e9
+        from jlora.training.run_config import load_run_config
 
+        cfg = load_run_config(args.config)
+        torch.manual_seed(0)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        transformers.logging.set_verbosity_error()  # its notices about this random model's config
+        eos = args.vocab - 1
+        config = GPT2Config(
+            vocab_size=args.vocab,
+            n_embd=args.n_embd,
+            n_layer=args.n_layer,
+            n_head=args.n_head,
+            bos_token_id=eos,
+            eos_token_id=eos,
+        )
+        lora = LoraConfig(
+            r=args.r,
+            lora_alpha=2 * args.r,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=["c_attn"],
+            fan_in_fan_out=True,
+            task_type="CAUSAL_LM",
+        )
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32  # what a GPU user's bf16=True gives
+        self.model = get_peft_model(GPT2LMHeadModel(config), lora).to(self.device).train()
+        self.autocast = torch.autocast(self.device, dtype=dtype, enabled=self.device == "cuda")
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        self.clip, self.trainable, self.torch = cfg.optim.clip_norm, trainable, torch
+        self.batches = [{k: torch.tensor(v).to(self.device) for k, v in peft_collate(b).items()} for b in batches]
 
-def run_peft(args) -> dict:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=args.vocab,
-        n_positions=max(1024, args.seq),
-        n_embd=args.n_embd,
-        n_layer=args.n_layer,
-        n_head=args.n_head,
-    )
-    lora = LoraConfig(
-        r=args.r, lora_alpha=2 * args.r, target_modules=["c_attn"], fan_in_fan_out=True, task_type="CAUSAL_LM"
-    )
-    model = get_peft_model(GPT2LMHeadModel(config), lora).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    ids, _ = make_batch(args.batch, args.seq + 1, args.vocab)  # HF shifts the labels itself
-    ids = torch.tensor(ids).long()
-
-    def one():
-        loss = model(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss
+    def step(self, i: int) -> float:
+        torch = self.torch
+        start = time.perf_counter()
+        with self.autocast:
+            loss = self.model(**self.batches[i]).loss
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        if self.clip:  # the Trainer's max_grad_norm
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.detach().item()  # waits for the step
+        return time.perf_counter() - start
 
-    one()
-    times = []
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        loss = one()
-        times.append(time.perf_counter() - t)
-    return {"step_s": times, "loss": loss, "threads": torch.get_num_threads()}
+    def info(self) -> dict:
+        out = {"threads": self.torch.get_num_threads()}
+        if self.device == "cuda":
+            out["device_peak_bytes"] = self.torch.cuda.max_memory_allocated()
+        return out
 
 
-def report(name: str, result: dict, tokens: int, flops: float) -> float:
-    step_s = min(result["step_s"])
-    mean_s = sum(result["step_s"]) / len(result["step_s"])
-    line = (
-        f"{name:6s} step {step_s:6.2f} s (mean {mean_s:.2f} s over {len(result['step_s'])}) | "
-        f"{tokens / step_s:7.1f} tokens/s | {flops / step_s / 1e9:6.1f} GFLOP/s | loss {result['loss']:.3f}"
+def worker(args) -> int:
+    """A persistent worker: builds its system, then steps when told (one line in, one JSON line out)."""
+    import warnings
+
+    warnings.filterwarnings("ignore")  # transformers' deprecation notices, not the benchmark's business
+    batches = workload_batches(args)
+    system = (JloraWorker if args.worker == "jlora" else PeftWorker)(args, batches)
+    print(json.dumps({"ready": True, **system.info()}), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "done":
+            break
+        print(json.dumps({"seconds": system.step(int(line))}), flush=True)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: kilobytes
+    print(json.dumps({"peak_rss_mb": peak_kb / 1024, **system.info()}), flush=True)
+    return 0
+
+
+class Worker:
+    def __init__(self, kind: str, argv: list[str]):
+        command = [sys.executable, __file__, "--worker", kind, *argv]
+        self.kind = kind
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.kind} worker stopped (exit status {self.process.wait()})")
+        return json.loads(line)
+
+    def step(self, i: int) -> float:
+        self.process.stdin.write(f"{i}\n")
+        self.process.stdin.flush()
+        return self._read()["seconds"]
+
+    def finish(self) -> dict:
+        self.process.stdin.write("done\n")
+        self.process.stdin.flush()
+        out = self._read()
+        self.process.wait()
+        return out
+
+
+# --- the comparison -------------------------------------------------------------------------------------------------
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def worker_argv(args) -> list[str]:
+    """The command line of a worker: this run's settings."""
+    names = [
+        "workload",
+        "rounds",
+        "config",
+        "batch",
+        "seq_len",
+        "uniform_seq",
+        "dtype",
+        "n_layer",
+        "n_embd",
+        "n_head",
+        "vocab",
+        "r",
+    ]
+    return [x for name in names for x in (f"--{name.replace('_', '-')}", str(getattr(args, name)))]
+
+
+def compare(args) -> dict:
+    argv = worker_argv(args)
+    batches = workload_batches(args)
+    tokens = [int(b["attention_mask"].sum()) for b in batches]
+    flops = [useful_flops(b, args) for b in batches]
+    padded = sum(b["attention_mask"].shape[0] * (b["attention_mask"].sum(axis=1).max() + 1) for b in batches[1:])
+    print(f"\n== {args.workload}: {load()} | useful tokens per step {statistics.mean(tokens[1:]):.0f}", flush=True)
+    start = time.perf_counter()
+    ours = Worker("jlora", argv)
+    print(
+        f"jlora ready in {time.perf_counter() - start:.0f} s: {ours.info['shapes']} step shapes compiled in "
+        f"{ours.info['compile_s']:.1f} s ({ours.info['dtype']}) | {load()}",
+        flush=True,
     )
-    if "compile_s" in result:
-        line += f" | compile {result['compile_s']:.1f} s"
-    print(line, flush=True)
-    return tokens / step_s
+    theirs = Worker("peft", argv) if not args.no_peft else None
+    times = {"jlora": [], "peft": []}
+    for system in [ours] + ([theirs] if theirs else []):
+        system.step(0)  # warm-up: first-run allocations
+    for i in range(1, args.rounds + 1):
+        times["jlora"].append(ours.step(i))
+        if theirs:
+            times["peft"].append(theirs.step(i))
+        print(
+            f"  round {i}: jlora {times['jlora'][-1]:.2f} s"
+            + (f", PEFT {times['peft'][-1]:.2f} s" if theirs else "")
+            + f" | {load()}",
+            flush=True,
+        )
+    result = {"workload": args.workload, "load_end": os.getloadavg(), "useful_tokens": sum(tokens[1:])}
+    for name, system in [("jlora", ours), ("peft", theirs)]:
+        if system is None:
+            continue
+        end = system.finish()
+        t = times[name]
+        result[name] = {
+            "step_s": statistics.median(t),
+            "tokens_per_s": statistics.median(n / s for n, s in zip(tokens[1:], t)),
+            "gflops": statistics.median(f / s for f, s in zip(flops[1:], t)) / 1e9,
+            "peak_rss_mb": end["peak_rss_mb"],
+            **{k: v for k, v in {**system.info, **end}.items() if k not in ("ready", "peak_rss_mb")},
+        }
+    if theirs:
+        result["ratio"] = statistics.median(p / j for p, j in zip(times["peft"], times["jlora"]))
+        result["peft_padding"] = 1 - sum(tokens[1:]) / padded if args.workload == "qa" else 0.0
+    report(result)
+    return result
+
+
+def report(result: dict) -> None:
+    for name in ("jlora", "peft"):
+        r = result.get(name)
+        if r is None:
+            continue
+        line = (
+            f"{name:5s} step {r['step_s']:6.2f} s (median) | {r['tokens_per_s']:7.1f} useful tokens/s | "
+            f"{r['gflops']:6.1f} useful GFLOP/s | peak RSS {r['peak_rss_mb']:,.0f} MB"
+        )
+        if "compile_s" in r:
+            line += f" | compile {r['compile_s']:.1f} s, {r['shapes']} shapes"
+        if r.get("device_peak_bytes"):
+            line += f" | device peak {r['device_peak_bytes'] / 2**20:,.0f} MB"
+        peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in r.get("device", "")), None)
+        if peak:
+            line += f" | MFU {r['gflops'] / (peak * 1e3):.1%} of {r['device']}'s {peak} TFLOP/s bf16"
+        print(line)
+    if "ratio" in result:
+        print(
+            f"jlora / PEFT useful tokens/s: {result['ratio']:.2f}x (median of per-round ratios) | "
+            f"PEFT's batches were {result['peft_padding']:.0%} padding | {load()}",
+            flush=True,
+        )
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workload", choices=["qa", "uniform", "both"], default="both")
+    parser.add_argument("--rounds", type=int, default=8, help="timed rounds, after one warm-up step each")
+    parser.add_argument("--config", default=str(QA_CONFIG), help="LoRA, optimizer and jlora's batch layout")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="jlora's compute dtype")
-    parser.add_argument("--remat", action="store_true", help="jlora: recompute each block in the backward pass")
+    parser.add_argument("--seq-len", type=int, default=512, help="the QA workload's seq_len")
+    parser.add_argument("--uniform-seq", type=int, default=128)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="jlora's compute")
     parser.add_argument("--n-layer", type=int, default=12)
     parser.add_argument("--n-embd", type=int, default=768)
     parser.add_argument("--n-head", type=int, default=12)
     parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--r", type=int, default=8)
-    parser.add_argument("--no-peft", action="store_true", help="skip the Hugging Face PEFT comparison")
-    parser.add_argument("--peft-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-peft", action="store_true", help="jlora only")
+    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--worker", choices=["jlora", "peft"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-
-    if args.peft_worker:
-        print(json.dumps(run_peft(args)))
-        return 0
-
-    tokens = args.batch * args.seq
-    flops = step_flops(args.batch, args.seq, args.n_layer, args.n_embd, args.vocab, args.r)
-    shape = f"GPT-2 L={args.n_layer} D={args.n_embd} H={args.n_head} V={args.vocab}"
-    print(f"{shape} | LoRA r={args.r} on c_attn | batch {args.batch} x {args.seq} | {os.cpu_count()} CPUs")
-    print(f"FLOPs per step: {flops / 1e9:.1f} G by hand", end="", flush=True)
-    result = run_jlora(args)
-    print(f", {result['xla_flops'] / 1e9:.1f} G by XLA's cost analysis")
-    ours = report(f"jlora ({args.dtype})" if args.dtype != "float32" else "jlora", result, tokens, flops)
-    peak = matmul_gflops(args)
-    achieved = flops / min(result["step_s"]) / 1e9
-    print(f"XLA float32 matmul now: {peak:.1f} GFLOP/s; the jlora step runs at {achieved / peak:.0%} of it")
-
-    if args.no_peft:
-        return 0
-    try:
-        import peft  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError:
-        print("PEFT: torch or peft not installed; skipped")
-        return 0
-    worker = [sys.executable, __file__, "--peft-worker", *(argv if argv is not None else sys.argv[1:])]
-    proc = subprocess.run(worker, capture_output=True, text=True)
-    if proc.returncode:
-        print(f"PEFT run failed:\n{proc.stderr[-2000:]}")
-        return 1
-    peft_result = json.loads(proc.stdout.strip().splitlines()[-1])
-    theirs = report("PEFT", peft_result, tokens, flops)
-    print(f"jlora / PEFT tokens/s: {ours / theirs:.2f}x (torch threads {peft_result['threads']})")
+    if args.worker:
+        return worker(args)
+    print(
+        f"GPT-2 L={args.n_layer} D={args.n_embd} H={args.n_head} V={args.vocab} | LoRA r={args.r} alpha={2 * args.r} "
+        f"on c_attn, AdamW | {os.cpu_count()} CPUs | {load()}",
+        flush=True,
+    )
+    results = []
+    for workload in ("qa", "uniform") if args.workload == "both" else (args.workload,):
+        args.workload = workload
+        results.append(compare(args))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2, default=float)
     return 0
 
 

@@ -16,7 +16,8 @@ collection the model is exactly the base model::
     model.apply({"params": params}, ids)                 # base
 
 Pre-LN blocks, gelu_new (tanh approximation), learned positions, LM head tied to `wte`.
-Attention goes through `jax.nn.dot_product_attention`, which can pick the fused GPU kernel.
+Attention goes through `jax.nn.dot_product_attention`: the fused cuDNN kernel on a GPU in half
+precision (`causal_attention`), plain XLA elsewhere.
 Token ids must lie in 0 .. vocab_size - 1: `check_token_ids` refuses others in an eager call
 (a `DataError`); under jit they cannot be checked and give NaN logits (see there).
 Attention-probability dropout is not applied (the fused kernels have none); embedding,
@@ -71,9 +72,10 @@ class GPT2Config:
     """GPT-2 hyperparameters (Hugging Face names) plus jlora's numerics options.
 
     `dtype` is the compute dtype, `param_dtype` the storage dtype of the base weights;
-    `attention` is passed to `jax.nn.dot_product_attention` (None: let JAX choose,
-    "cudnn": require the fused GPU kernel, "xla": plain XLA); `remat` recomputes each
-    block's activations in the backward pass.
+    `attention` is the implementation of `jax.nn.dot_product_attention` for training and
+    scoring (None: the fused cuDNN kernel on a GPU in half precision when the batch needs no
+    mask, else XLA; "cudnn": require the fused kernel; "xla": plain XLA); `remat` recomputes
+    each block's activations in the backward pass.
     """
 
     vocab_size: int = 50257
@@ -192,6 +194,28 @@ class _Layer(nn.Module):
         return 0.02 / math.sqrt(2 * self.config.n_layer)
 
 
+def fused_attention_eligible(dtype, masked: bool, backend: str) -> bool:
+    """Whether ``attention=None`` asks for cuDNN's fused kernel: on a GPU, in half precision, and
+    without an explicit mask (which JAX's cuDNN path cannot take: packed rows use plain XLA)."""
+    return backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and not masked
+
+
+def causal_attention(q, k, v, mask: jax.Array | None, scale: float, implementation: str | None) -> jax.Array:
+    """Causal `jax.nn.dot_product_attention` of (B, T, H, Dh) q, k, v; `mask` (B, 1, T or 1, T) or None.
+
+    `implementation` None chooses: the fused cuDNN kernel where `fused_attention_eligible` (JAX's
+    own None always means XLA), falling back to XLA if this GPU or cuDNN refuses it at trace time.
+    """
+    if implementation is None:
+        implementation = "xla"
+        if fused_attention_eligible(q.dtype, mask is not None, jax.default_backend()):
+            try:
+                return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
+            except (ValueError, NotImplementedError, RuntimeError, TypeError):
+                pass  # an unsupported GPU, cuDNN version or shape: plain XLA below
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True, implementation=implementation)
+
+
 class Attention(_Layer):
     layer_idx: int = 0
 
@@ -214,9 +238,7 @@ class Attention(_Layer):
         if c.scale_attn_by_inverse_layer_idx:
             scale /= self.layer_idx + 1
         if kv is None:
-            out = jax.nn.dot_product_attention(
-                q, k, v, mask=mask, scale=scale, is_causal=True, implementation=c.attention
-            )
+            out = causal_attention(q, k, v, mask, scale, c.attention)
         else:
             k, v = (
                 jax.lax.dynamic_update_slice(kv[n], t.astype(kv[n].dtype), (0, index, 0, 0))
@@ -296,6 +318,8 @@ class GPT2(_Layer):
         attention_mask: jax.Array | None = None,
         position_ids: jax.Array | None = None,
         deterministic: bool = True,
+        *,
+        segment_ids: jax.Array | None = None,
     ) -> jax.Array:
         """Final hidden states (B, T, D), after `ln_f`.
 
@@ -304,8 +328,10 @@ class GPT2(_Layer):
           attention_mask: (B, T), 1 for tokens and 0 for padding, or None. With right
             padding it changes no real token's output (attention is causal), so a training
             step can leave it out and keep the fused attention kernel eligible.
-          position_ids: (B, T) or None for 0 .. T-1.
+          position_ids: (B, T) or None for 0 .. T-1; packed rows restart theirs at 0.
           deterministic: False to train with dropout (needs a "dropout" RNG).
+          segment_ids: (B, T) int or None: several rows packed in one sequence, a token
+            attending only to earlier tokens of its own segment (padding: a segment of its own).
         """
         check_token_ids(input_ids, self.config.vocab_size)
         length = input_ids.shape[-1]
@@ -314,6 +340,9 @@ class GPT2(_Layer):
         x = self.wte(input_ids) + self.wpe(position_ids)
         x = self.embd_dropout(x, deterministic=deterministic)
         mask = None if attention_mask is None else attention_mask[:, None, None, :].astype(bool)
+        if segment_ids is not None:
+            same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # (B, 1, T, T)
+            mask = same if mask is None else mask & same
         x, _ = self.h(x, mask, deterministic)
         return self.ln_f(x)
 

@@ -6,6 +6,10 @@ One update, with k = ``grad_accum`` micro-batches of m rows on each of n devices
                                                    │ pmap: psum over the "batch" axis
                              grads = Σ∇ / Σ mask ──┴─> optimizer ─> trainable', opt_state'
 
+A batch may be a shaped one (`jlora.training.batching`: trimmed or packed, ``loss_index`` listing
+the positions that carry loss); the compiled step is specialised to its shapes, so it compiles
+once per distinct (rows, length, loss capacity), which a run keeps to a few.
+
 Sums are added over micro-batches and devices and divided once by the global token count, so
 the update is the one big batch's, however the batch is split. Only the trainable partition is
 differentiated; the frozen one enters the loss as a constant, so no gradient of a frozen weight
@@ -45,11 +49,13 @@ from jlora.core.parallel import AXIS, local_devices
 
 PyTree = Any
 BATCH_KEYS = ("input_ids", "targets", "loss_mask")  # what the step reads; the attention mask is left out
+OPTIONAL_KEYS = ("loss_index", "segment_ids", "position_ids")  # shaped batches' (`jlora.core.loss`)
 
 
 def step_inputs(batch: Mapping) -> dict:
-    """The arrays of a batch the step reads (`BATCH_KEYS`); the attention mask and the rest are left out."""
-    return {k: batch[k] for k in BATCH_KEYS}
+    """The arrays of a batch the step reads (`BATCH_KEYS`, and `OPTIONAL_KEYS` it has); the attention mask
+    and the rest are left out."""
+    return {k: batch[k] for k in BATCH_KEYS + OPTIONAL_KEYS if k in batch or k in BATCH_KEYS}
 
 
 class TrainState(struct.PyTreeNode):
@@ -127,7 +133,8 @@ def gradients(
     Args:
       model: a `jlora.GPT2`.
       trainable, frozen: the two partitions of the variables; only `trainable` is differentiated.
-      batch: ``input_ids``, ``targets``, ``loss_mask`` of shape (grad_accum * m, T).
+      batch: ``input_ids``, ``targets``, ``loss_mask`` of shape (grad_accum * m, T), and the optional
+        ``loss_index``, ``segment_ids``, ``position_ids`` of a shaped batch (`jlora.core.loss`).
       rng: dropout key (None: no dropout); micro-batch i uses ``fold_in(rng, i)``.
       grad_accum: k, the number of micro-batches the rows are split into (consecutive rows).
       axis_name: the pmap axis to sum over, when called inside `jax.pmap`.

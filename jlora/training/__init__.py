@@ -3,6 +3,7 @@
     run_config.py   RunConfig from YAML (a file or a packaged config's name) and --set overrides, validated
     tokenizer.py    byte tokens (offline; exported as an equal GPT2TokenizerFast) or a GPT-2 BPE tokenizer
     data.py         JSONL / bundled / `datasets` records -> token rows -> the batch of a step
+    batching.py     a batch trimmed to length buckets (or packed), its loss positions listed
     run.py          build_run: tokenizer, base model, data, first adapters
     loop.py         train_steps (a generator of updates) and run_hooks
     hooks.py        the metrics log (jsonl, TensorBoard, progress bar)

@@ -4,6 +4,7 @@
     data = tokenize(examples, tokenizer, seq_len=128)  # TokenizedData of (N, T) numpy arrays
     batch = batch_at(data, step, batch_size=8, seed=0) # the batch of global step `step`
     for batch in eval_batches(val_data, 8): ...        # the whole set, in order
+    shape_batch(batch, layout)                         # trimmed / packed for a step (batching.py)
 
 Three record formats, detected from the first record's keys (or named with ``fmt``)::
 

@@ -1,8 +1,8 @@
 """Evaluation on a held-out set: mean loss over answer tokens, perplexity, greedy exact match.
 
     eval_step = make_eval_step(model)                       # (masked loss sum, token count) of a batch
-    mean_loss(eval_step, variables, val_data, batch_size=8) # divided once, over the whole set
-    exact_match(greedy_predictor(model), variables, val_data, n=64, batch_size=8)
+    mean_loss(eval_step, variables, val_data, batch_size=8, feed=lambda b: shape_batch(b, layout))
+    exact_match(greedy_predictor(model), variables, val_data, n=64, batch_size=8, layout=layout)
 
 Both take ``progress``, called after each batch (e.g. a progress bar's ``update``), and
 `n_batches` says how many calls to expect: an evaluation of a large model on a CPU can run for
@@ -10,11 +10,14 @@ minutes, and should show that it is moving.
 
 Exact match needs no decoding loop: with the true tokens as input, greedy decoding from the
 prompt reproduces the completion exactly when every answer position's argmax is right
-(`jlora.training.data.greedy_exact_match`), so one teacher-forced forward pass decides it.
+(`jlora.training.data.greedy_exact_match`), so one teacher-forced forward pass decides it. Both
+run on batches shaped like the training ones (`jlora.training.batching`): trimmed to their
+content, and the LM head only at the positions that carry loss.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -22,7 +25,9 @@ import jax
 import numpy as np
 
 from jlora.core.gpt2 import GPT2
-from jlora.core.step import EvalStep
+from jlora.core.loss import loss_argmax
+from jlora.core.step import EvalStep, step_inputs
+from jlora.training.batching import Layout, shape_batch
 from jlora.training.data import TokenizedData, eval_batches, greedy_exact_match
 
 
@@ -70,8 +75,11 @@ def loss_and_perplexity(loss: float) -> dict[str, float]:
 
 
 def greedy_predictor(model: GPT2) -> Callable:
-    """``predict(variables, ids) -> (B, T)`` argmax of the logits at each position, jit-compiled."""
-    return jax.jit(lambda variables, ids: jax.numpy.argmax(model.apply(variables, ids), axis=-1))
+    """``predict(variables, batch) -> (R, K)`` greedy next token at each of a shaped batch's loss positions.
+
+    jit-compiled; the LM head runs at the K loss positions of each row only (`jlora.core.loss.loss_argmax`).
+    """
+    return jax.jit(lambda variables, batch: loss_argmax(model, variables, batch))
 
 
 def exact_match(
@@ -81,20 +89,25 @@ def exact_match(
     n: int,
     batch_size: int,
     *,
+    layout: Layout | None = None,
     progress: Callable[[], object] | None = None,
 ) -> float:
     """Fraction of the first `n` rows whose completion greedy decoding reproduces exactly.
 
-    `predict` is a `greedy_predictor`; one teacher-forced forward pass per batch decides it.
+    `predict` is a `greedy_predictor`; one teacher-forced forward pass per batch decides it, on
+    batches trimmed as `layout` says (rows are never packed here: each row is one answer).
     `progress()` is called after each batch.
     """
+    layout = dataclasses.replace(layout or Layout(), pack=False)
     hits, rows = 0, 0
     for batch in eval_batches(data, batch_size):
         take = min(batch_size, n - rows)
         if take <= 0:
             break
-        predictions = np.asarray(predict(variables, batch["input_ids"]))
-        ok = greedy_exact_match(predictions, batch["targets"], batch["loss_mask"])[:take]
+        batch = shape_batch(batch, layout)
+        predictions = np.asarray(predict(variables, step_inputs(batch)))
+        at = {k: np.take_along_axis(batch[k], batch["loss_index"], axis=1) for k in ("targets", "loss_mask")}
+        ok = greedy_exact_match(predictions, at["targets"], at["loss_mask"])[:take]
         real = batch["loss_mask"][:take].any(axis=-1)
         hits, rows = hits + int(ok[real].sum()), rows + int(real.sum())
         if progress is not None:

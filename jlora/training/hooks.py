@@ -49,7 +49,8 @@ class MetricsLog:
 
     def __call__(self, info: StepInfo) -> None:
         self.pending.append((info.step, info.metrics))
-        self.tokens += int(info.batch["input_ids"].size)
+        batch = info.batch  # tokens/s counts real tokens, not the padding a batch is computed with
+        self.tokens += int(np.sum(batch["attention_mask"]) if "attention_mask" in batch else batch["input_ids"].size)
         if info.step % self.every == 0 or self.boundary(info.step) or info.last:
             self.flush()
 

@@ -64,7 +64,7 @@ def tokenizer_source(cfg: RunConfig) -> str:
 def build_base(cfg: RunConfig, vocab_size: int) -> tuple[GPT2, dict]:
     """The base model and its frozen params: a checkpoint, or a seeded random GPT-2."""
     m = cfg.model
-    numerics = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+    numerics = dict(dtype=m.compute_dtype(jax.default_backend()), param_dtype=m.param_dtype, remat=m.remat)
     if m.name == "random":  # model.random was checked with the config
         config = GPT2Config(**{"vocab_size": vocab_size, "n_positions": max(cfg.seq_len, 128), **m.random}, **numerics)
         return GPT2(config, cfg.lora), init_params(jax.random.key(cfg.seed), config)

@@ -27,6 +27,7 @@ from jlora.core.gpt2 import NUMERICS, GPT2Config
 from jlora.core.lora_config import LoraConfig
 from jlora.core.optim import OptimConfig
 from jlora.errors import ConfigError
+from jlora.training.batching import check_buckets
 
 DTYPES = ("float32", "bfloat16", "float16")
 CONFIGS = Path(__file__).parent.parent / "configs"  # run configs shipped in the package; configs/ links here
@@ -43,10 +44,18 @@ class ModelConfig:
 
     name: str = "random"
     random: dict = dataclasses.field(default_factory=lambda: {"n_layer": 4, "n_embd": 128, "n_head": 4})
-    dtype: str = "float32"
+    dtype: str = "auto"
     param_dtype: str = "float32"
     remat: bool = False
     allow_pickle: bool = False
+
+    def compute_dtype(self, backend: str) -> str:
+        """`dtype`, with "auto" resolved for `backend` (``jax.default_backend()``): float32 on a CPU, where
+        bfloat16 arithmetic is emulated and slower; bfloat16 on GPU and TPU, whose matmul units and the fused
+        attention kernel want it. The adapters, optimizer state and loss sums stay float32 either way."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "float32" if backend == "cpu" else "bfloat16"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +66,8 @@ class DataConfig:
     validation: str | None = "bundled"
     format: str = "auto"
     tokenizer: str | None = None  # None: the model's own; "bytes": the offline byte tokenizer
+    buckets: int | str = 64  # batch lengths round up to multiples of this, or "pow2", or "none" (seq_len)
+    pack: bool = False  # several rows per sequence (attention kept within each row)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +213,11 @@ def _check_values(cfg: RunConfig) -> None:
         raise ConfigError(f"exact_match must be >= 0 (0: off), got {cfg.exact_match}")
     if cfg.batch_size % cfg.optim.grad_accum:
         raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by optim.grad_accum={cfg.optim.grad_accum}")
+    check_buckets(cfg.data.buckets)
+    for key in ("dtype", "param_dtype"):
+        value, valid = getattr(cfg.model, key), DTYPES if key == "param_dtype" else ("auto", *DTYPES)
+        if value not in valid:
+            raise ConfigError(f"model.{key} must be one of {', '.join(valid)}, got {value!r}")
     if cfg.trainable.bias not in ("none", "all", "lora_only"):
         raise ConfigError(f"trainable.bias must be none, all or lora_only, got {cfg.trainable.bias!r}")
     for key in ("train", "validation"):
@@ -210,9 +226,6 @@ def _check_values(cfg: RunConfig) -> None:
             raise ConfigError(f"data.{key}: no such file {source}")
     if cfg.init_from and not Path(cfg.init_from).expanduser().is_dir():
         raise ConfigError(f"init_from: no such adapter folder {cfg.init_from}")
-    for key in ("dtype", "param_dtype"):
-        if getattr(cfg.model, key) not in DTYPES:
-            raise ConfigError(f"model.{key} must be one of {', '.join(DTYPES)}, got {getattr(cfg.model, key)!r}")
     if cfg.model.name == "random":
         numerics = sorted(set(cfg.model.random) & set(NUMERICS))
         if numerics:

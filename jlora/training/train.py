@@ -26,6 +26,7 @@ from jlora.core.parallel import replicate, shard_batch, unreplicate
 from jlora.core.step import EvalStep, TrainState, init_state, make_eval_step, make_train_step
 from jlora.errors import ConfigError, Interrupted, NonFiniteError
 from jlora.training import checkpoint as ckpt
+from jlora.training.batching import Layout, describe, layout_of, run_shapes, shape_batch, shape_bound
 from jlora.training.data import batch_at
 from jlora.training.evaluate import exact_match, greedy_predictor, loss_and_perplexity, mean_loss, n_batches
 from jlora.training.hooks import MetricsLog
@@ -70,15 +71,19 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
 
         step = make_train_step(run.model, optimizer, cfg.optim, n_devices=n_devices)
         eval_step = make_eval_step(run.model, n_devices=n_devices)
-        feed = partial(feed_devices, n_devices=n_devices, n_hosts=n_hosts) if step.pmapped else (lambda batch: batch)
+        place = partial(feed_devices, n_devices=n_devices, n_hosts=n_hosts) if step.pmapped else (lambda batch: batch)
+        layout = layout_of(cfg, n_devices * n_hosts)
+        feed = lambda batch: place(shape_batch(batch, layout))  # noqa: E731
         n_trainable = count_params(state.trainable)
         if step.pmapped:
             state = replicate(state, n_devices)
         if primary:
-            print(header(run, n_trainable, n_devices * n_hosts, start))
+            print(header(run, n_trainable, n_devices * n_hosts, start, layout))
 
         writer = MetricsWriter(run_dir, truncate_after=start, primary=primary)
-        evaluate = make_evaluator(run, eval_step, feed, pmapped=step.pmapped, progress=progress and primary)
+        evaluate = make_evaluator(
+            run, eval_step, feed, pmapped=step.pmapped, layout=layout, progress=progress and primary
+        )
         bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and primary), dynamic_ncols=True, unit="step")
 
         def evaluation(info: StepInfo) -> None:
@@ -163,18 +168,21 @@ def check_finite_state(eval_step: EvalStep, info: StepInfo, host: TrainState, *,
         )
 
 
-def header(run: Run, n_trainable: int, n_devices: int, start: int) -> str:
-    """The run's first line: base, scaling and effective learning rate, trainable size, data, devices."""
+def header(run: Run, n_trainable: int, n_devices: int, start: int, layout: Layout) -> str:
+    """The run's first line: base, scaling and effective learning rate, trainable size, data, batch
+    shapes (padding and compiled step shapes of the steps to come), devices."""
     cfg, lora = run.cfg, run.model.lora
+    shapes = run_shapes(run.train, cfg.batch_size, cfg.seed, range(start, cfg.steps), layout)
     return (
         f"jlora: {run.base_name} | LoRA r={lora.r} alpha={lora.alpha} scaling={scaling(lora):g} | "
         f"lr={cfg.optim.lr:g} effective lr (lr*alpha/r)={effective_lr(cfg.optim.lr, lora):g} | "
-        f"trainable {n_trainable:,} | train: {run.train.summary()} | devices {n_devices}"
-        + (f" | resuming at step {start}" if start else "")
+        f"trainable {n_trainable:,} | train: {run.train.summary()} | "
+        f"{describe(layout, shapes, shape_bound(cfg.seq_len, cfg.batch_size, layout))} | "
+        f"{run.model.config.dtype} | devices {n_devices}" + (f" | resuming at step {start}" if start else "")
     )
 
 
-def make_evaluator(run: Run, eval_step: EvalStep, feed, *, pmapped: bool, progress: bool = False):
+def make_evaluator(run: Run, eval_step: EvalStep, feed, *, pmapped: bool, layout: Layout, progress: bool = False):
     """``evaluate(state) -> {"val_loss", "val_ppl"[, "exact_match"]}`` on the run's validation data ({} without).
 
     With `progress`, a bar counts the evaluation's batches (and is cleared when it ends).
@@ -197,7 +205,7 @@ def make_evaluator(run: Run, eval_step: EvalStep, feed, *, pmapped: bool, progre
             if cfg.exact_match:
                 variables = (unreplicate(state) if pmapped else state).variables
                 out["exact_match"] = exact_match(
-                    predict, variables, run.val, cfg.exact_match, cfg.batch_size, progress=bar.update
+                    predict, variables, run.val, cfg.exact_match, cfg.batch_size, layout=layout, progress=bar.update
                 )
         return out
 

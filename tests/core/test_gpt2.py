@@ -89,3 +89,31 @@ def test_config_rejects_bad_values():
         GPT2Config(n_embd=32, n_head=5)
     with pytest.raises(ValueError, match="float64"):
         GPT2Config(dtype="float64")
+
+
+def test_attention_asks_for_the_fused_kernel_on_a_gpu_and_falls_back(monkeypatch):
+    """The GPU path, on a CPU: bfloat16 and no mask ask for cuDNN; refused here, XLA computes the same."""
+    from jlora.core.gpt2 import causal_attention
+
+    xla = jax.nn.dot_product_attention
+    asked = []
+
+    def recording(*args, implementation=None, **kwargs):
+        asked.append(implementation)
+        return xla(*args, implementation=implementation, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 5, 2, 8), jnp.bfloat16) for i in range(3))
+    mask = jnp.ones((2, 1, 5, 5), bool)
+    expected = xla(q, k, v, scale=0.3, is_causal=True, implementation="xla")
+    for backend, args, implementations in [
+        ("gpu", (q, k, v, None), ["cudnn", "xla"]),  # cuDNN is not on this machine: refused at trace time
+        ("gpu", (q, k, v, mask), ["xla"]),  # packed rows need a mask, which JAX's cuDNN path cannot take
+        ("gpu", (q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), None), ["xla"]),  # float32
+        ("cpu", (q, k, v, None), ["xla"]),
+    ]:
+        monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+        asked.clear()
+        out = causal_attention(*args, 0.3, None)
+        assert asked == implementations
+        np.testing.assert_allclose(np.float32(out), np.float32(expected), atol=1e-2)

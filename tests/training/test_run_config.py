@@ -46,6 +46,8 @@ def test_overrides_are_typed():
         ({"data": {"train": "missing.jsonl"}}, "data.train: no such file missing.jsonl"),
         ({"optim": {"grad_accum": 3}, "batch_size": 8}, "batch_size=8 is not divisible by optim.grad_accum=3"),
         ({"model": 3}, "model must be a mapping, got 3"),
+        ({"model": {"dtype": "fp8"}}, "model.dtype must be one of auto, float32, bfloat16, float16, got 'fp8'"),
+        ({"data": {"buckets": 0}}, "data.buckets must be a positive length step, 'pow2' or 'none', got 0"),
     ],
 )
 def test_errors_name_the_key(values, message):
@@ -67,3 +69,19 @@ def test_file_errors(tmp_path):
 def test_round_trip_to_dict():
     cfg = RunConfig()
     assert from_dict(cfg.to_dict()) == cfg
+
+
+def test_dtype_auto_is_float32_on_a_cpu_and_bfloat16_on_accelerators(monkeypatch):
+    model = from_dict({}).model
+    assert model.dtype == "auto" and model.param_dtype == "float32"
+    assert [model.compute_dtype(b) for b in ("cpu", "gpu", "tpu")] == ["float32", "bfloat16", "bfloat16"]
+    assert from_dict({"model": {"dtype": "float32"}}).model.compute_dtype("gpu") == "float32"
+    # the run builds its model with the dtype of the machine it runs on
+    import jax
+
+    from jlora.training.run import build_base
+
+    cfg = from_dict({"model": {"random": {"n_layer": 1, "n_embd": 16, "n_head": 2}}})
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    model, params = build_base(cfg, vocab_size=11)
+    assert model.config.dtype == "bfloat16" and {x.dtype.name for x in jax.tree.leaves(params)} == {"float32"}
