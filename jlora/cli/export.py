@@ -1,4 +1,7 @@
-"""`jlora export RUN_DIR --peft OUT_DIR | --merged OUT_DIR [--step N]`: a run's adapter for other tools."""
+"""`jlora export RUN_DIR --peft OUT_DIR | --merged OUT_DIR [--step N] [--member K]`: a run's adapter for other tools.
+
+A population run holds several adapters; ``--member K`` exports member K, at its own rank.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +17,11 @@ from jlora.training.tokenizer import load_tokenizer
 
 
 def export_command(args: Any) -> int:
-    """``jlora export RUN_DIR --peft OUT_DIR | --merged OUT_DIR [--step N]``."""
+    """``jlora export RUN_DIR --peft OUT_DIR | --merged OUT_DIR [--step N] [--member K]``."""
     run_dir = Path(args.run_dir)
     checkpoint = find_checkpoint(run_dir, args.step)
     if args.peft:
-        lora, base_leaves, meta = load_adapter(checkpoint)
+        lora, base_leaves, meta = load_adapter(checkpoint, args.member)
         name = meta["base_model"]["name"]
         if name == "random":
             print(
@@ -32,7 +35,7 @@ def export_command(args: Any) -> int:
         )
         print(f"PEFT adapter of {run_dir} (step {meta['step']}, base {name}) -> {out}")
         return 0
-    model, params, lora, lora_cfg, meta = load_checkpoint(checkpoint)
+    model, params, lora, lora_cfg, meta = load_checkpoint(checkpoint, member=args.member)
     name, tokenizer_source = meta["base_model"]["name"], meta.get("tokenizer")
     base_dir = None if name == "random" else resolve(name)
     tokenizer = None  # the base's own files travel with base_dir; another HF tokenizer is saved

@@ -15,15 +15,18 @@ from jlora.training.tokenizer import load_tokenizer
 from jlora.tree import overlay
 
 
-def load_source(source: str, *, base: str | None = None, tokenizer: str | None = None) -> tuple:
+def load_source(
+    source: str, *, base: str | None = None, tokenizer: str | None = None, member: int | None = None
+) -> tuple:
     """(model, params, lora, tokenizer) from a run directory, a PEFT folder or a Hugging Face checkpoint.
 
     A PEFT folder needs its base: `base`, or the ``base_model_name_or_path`` it records.
     `tokenizer` overrides the source's own (a checkpoint directory, a Hub id or "bytes").
+    `member` picks one adapter of a population run.
     """
     path = Path(source).expanduser()
     if (path / "config.yaml").exists() and (path / "checkpoints").is_dir():
-        model, params, lora, _, meta = load_run(path)
+        model, params, lora, _, meta = load_run(path, member=member)
         return model, params, lora, load_tokenizer(tokenizer or meta["tokenizer"])
     if (path / ADAPTER_CONFIG).exists():
         base = base or read_adapter_config(path).get("base_model_name_or_path")
@@ -47,7 +50,9 @@ def generate_command(args: Any) -> int:
     if not prompts:
         raise UsageError("give --prompt TEXT or --prompts FILE (one prompt per line)")
     try:
-        model, params, lora, tokenizer = load_source(args.source, base=args.base, tokenizer=args.tokenizer)
+        model, params, lora, tokenizer = load_source(
+            args.source, base=args.base, tokenizer=args.tokenizer, member=args.member
+        )
         encoded = [tokenizer.encode(p) for p in prompts]
     except TokenizerError as e:
         raise UsageError(f"{e} (pass --tokenizer)") from e

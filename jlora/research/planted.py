@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jlora.core.divergence import kl_divergence
 from jlora.core.gpt2 import GPT2
 from jlora.core.lora import flatten_adapters, init_lora, output_columns, split_slice, unflatten_adapters
 from jlora.core.lora_config import LoraConfig
@@ -83,31 +84,6 @@ def _planted(key: jax.Array, w: jax.Array, blind: jax.Array, k: int, scale: floa
 def random_tokens(key: jax.Array, batch_size: int, seq_len: int, vocab_size: int) -> jax.Array:
     """(batch_size, seq_len) int32 tokens drawn uniformly: inputs that probe every direction."""
     return jax.random.randint(key, (batch_size, seq_len), 0, vocab_size, jnp.int32)
-
-
-def kl_divergence(teacher_logits: jax.Array, student_logits: jax.Array) -> jax.Array:
-    """KL(p_teacher || p_student) at each position, (..., V) -> (...), in float32.
-
-    Written through the logit difference d = teacher - student, as
-    ``E_p[d] - log E_q[exp d]``: when the two nearly agree the divergence is O(d^2) while
-    each log-probability is O(log V), and subtracting those would lose it to rounding.
-
-    >>> t = jnp.array([[0.0, 1.0, 2.0]]); s = jnp.array([[0.0, 1.0, 2.5]])
-    >>> p, q = jax.nn.softmax(t), jax.nn.softmax(s)
-    >>> bool(jnp.allclose(kl_divergence(t, s), jnp.sum(p * jnp.log(p / q), -1), rtol=1e-5))
-    True
-    """
-    t, s = teacher_logits.astype(jnp.float32), student_logits.astype(jnp.float32)
-    d = t - s
-    expected = jnp.sum(jax.nn.softmax(t, axis=-1) * d, axis=-1)
-    q = jax.nn.softmax(s, axis=-1)
-    near = jnp.max(jnp.abs(d), axis=-1) < 20.0  # expm1 is safe; beyond that use the plain form
-    log_ratio = jnp.where(
-        near,
-        jnp.log1p(jnp.sum(q * jnp.expm1(jnp.where(near[..., None], d, 0.0)), axis=-1)),
-        jax.nn.logsumexp(jax.nn.log_softmax(s, axis=-1) + d, axis=-1),
-    )
-    return expected - log_ratio
 
 
 def make_distill_step(

@@ -33,6 +33,7 @@ from jlora.core.gpt2 import GPT2, GPT2Config, init_params
 from jlora.core.lora_config import LoraConfig
 from jlora.errors import BaseMismatchError, CheckpointError
 from jlora.exchange.hf_checkpoint import load_gpt2
+from jlora.training.population import load_member
 from jlora.tree import leaves_by_path, overlay
 
 PyTree = Any
@@ -119,14 +120,17 @@ def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
     return found
 
 
-def load_adapter(checkpoint_dir: str | Path) -> tuple[dict, dict, dict]:
-    """(lora, trained base leaves, meta) from one checkpoint folder; no run directory needed."""
+def load_adapter(checkpoint_dir: str | Path, member: int | None = None) -> tuple[dict, dict, dict]:
+    """(lora, trained base leaves, meta) from one checkpoint folder; no run directory needed.
+
+    A population run's checkpoint holds several adapters: `member` picks one (`load_member`).
+    """
     checkpoint_dir = Path(checkpoint_dir)
     if not (checkpoint_dir / "adapter").exists():
         raise CheckpointError(f"no adapter checkpoint in {checkpoint_dir}")
     tree = ocp.StandardCheckpointer().restore((checkpoint_dir / "adapter").absolute())
     meta = json.loads(_meta_file(checkpoint_dir).read_text())
-    return tree["lora"], tree.get("base", {}), meta
+    return load_member(tree, meta, member)
 
 
 def _meta_file(checkpoint_dir: Path) -> Path:
@@ -134,16 +138,23 @@ def _meta_file(checkpoint_dir: Path) -> Path:
     return meta / "metadata" if meta.is_dir() else meta
 
 
-def load_checkpoint(checkpoint_dir: str | Path, base: str | None = None, *, allow_different_weights: bool = False):
+def load_checkpoint(
+    checkpoint_dir: str | Path,
+    base: str | None = None,
+    *,
+    allow_different_weights: bool = False,
+    member: int | None = None,
+):
     """An adapter checkpoint on its base model, ready to apply: ``(model, params, lora, lora_cfg, meta)``.
 
     Needs nothing but the checkpoint folder (its ``adapter`` and ``meta``) and the base model:
     `base` is a Hugging Face checkpoint directory or Hub id (default: the name recorded at save
     time); a run on a random base is rebuilt from the recorded config and seed. The base is
     checked against the recorded identity (`check_base`: shapes always, weights unless
-    `allow_different_weights`), and the trained base leaves are put into `params`.
+    `allow_different_weights`), and the trained base leaves are put into `params`. `member`
+    picks one adapter of a population run's checkpoint.
     """
-    lora, base_leaves, meta = load_adapter(checkpoint_dir)
+    lora, base_leaves, meta = load_adapter(checkpoint_dir, member)
     lora_cfg, config = lora_config_of(meta), model_config_of(meta)
     name = base or meta["base_model"]["name"]
     if name == "random":
@@ -154,9 +165,12 @@ def load_checkpoint(checkpoint_dir: str | Path, base: str | None = None, *, allo
     return model, overlay(params, base_leaves), lora, lora_cfg, meta
 
 
-def load_run(run_dir: str | Path, step: int | None = None, *, allow_different_weights: bool = False):
-    """`load_checkpoint` of a run's newest checkpoint (or of `step`)."""
-    return load_checkpoint(find_checkpoint(run_dir, step), allow_different_weights=allow_different_weights)
+def load_run(
+    run_dir: str | Path, step: int | None = None, *, allow_different_weights: bool = False, member: int | None = None
+):
+    """`load_checkpoint` of a run's newest checkpoint (or of `step`; of population member `member`)."""
+    checkpoint = find_checkpoint(run_dir, step)
+    return load_checkpoint(checkpoint, allow_different_weights=allow_different_weights, member=member)
 
 
 def lora_config_of(meta: Mapping) -> LoraConfig:

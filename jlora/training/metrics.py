@@ -2,6 +2,10 @@
 
 Each row has a ``step``; training rows carry ``loss``, evaluation rows ``val_loss``. A resumed
 run first drops the rows past the step it resumes from, so the file reads as one run.
+
+A population run (several adapters trained at once) writes one stream per member: each of its
+rows carries a ``member`` index, and member k's numbers go to their own TensorBoard run,
+``RUN_DIR/tb/<k>-<name>``, so TensorBoard draws the members side by side.
 """
 
 from __future__ import annotations
@@ -22,23 +26,35 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 class MetricsWriter:
-    """Appends rows to metrics.jsonl and mirrors their numbers to TensorBoard (``RUN_DIR/tb``)."""
+    """Appends rows to metrics.jsonl and mirrors their numbers to TensorBoard (``RUN_DIR/tb``).
 
-    def __init__(self, run_dir: str | Path, *, truncate_after: int | None = None):
+    `members`: a population's member names; a row with a ``member`` index k then goes to
+    TensorBoard run ``tb/<k>-<name>``.
+    """
+
+    def __init__(self, run_dir: str | Path, *, truncate_after: int | None = None, members: list[str] | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if truncate_after is not None and self.path.exists():  # rows past the resumed step are replayed
             kept = [r for r in read_metrics(run_dir) if r["step"] <= truncate_after] if truncate_after else []
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._file = self.path.open("a")
-        self._tb = ScalarWriter(Path(run_dir) / "tb")
+        self._tb = member_writers(Path(run_dir) / "tb", members)
 
     def write(self, row: Mapping) -> None:
         self._file.write(json.dumps(dict(row)) + "\n")
         self._file.flush()
-        numbers = {k: float(v) for k, v in row.items() if k != "step" and isinstance(v, int | float)}
-        self._tb.scalars(int(row["step"]), numbers)
+        numbers = {k: float(v) for k, v in row.items() if k not in ("step", "member") and isinstance(v, int | float)}
+        self._tb[row.get("member")].scalars(int(row["step"]), numbers)
 
     def close(self) -> None:
         self._file.close()
-        self._tb.close()
+        for tb in self._tb.values():
+            tb.close()
+
+
+def member_writers(tb_dir: Path, members: list[str] | None) -> dict[int | None, ScalarWriter]:
+    """{None: one writer in `tb_dir`} for a single run; {k: a writer in ``tb_dir/<k>-<name>``} per member."""
+    if members is None:
+        return {None: ScalarWriter(tb_dir)}
+    return {k: ScalarWriter(tb_dir / f"{k}-{name}") for k, name in enumerate(members)}

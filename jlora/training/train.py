@@ -2,11 +2,15 @@
 
     cfg ─build_run─> tokenizer, base (model, params), data ─initial_lora─> {"params", "lora"}
         ─partition(mask)─> TrainState ─resume─> state at the newest checkpoint (or step 0)
-    run_hooks(train_steps(step, state, batch_at, ...), [log, evaluation, checkpoint, progress])
+    run_hooks(train_steps(step, state, batch_at, ...), [log, evaluation, checkpoint, telemetry, progress])
 
 Everything an update depends on is a function of (config, step): the batch is `batch_at(data,
-step)` and the dropout key is ``fold_in(key(seed), step)``. So the same command on the same
+step)` and the dropout key is ``fold_in(key(adapter seed), step)``. So the same command on the same
 RUN_DIR resumes from the newest checkpoint and reproduces an uninterrupted run's losses.
+
+A config with a ``population:`` section trains its members at once through the same loop: the
+trainer (`jlora.training.population.population_trainer`) stacks their adapters, and every hook
+writes a row per member.
 """
 
 from __future__ import annotations
@@ -19,63 +23,69 @@ import jax
 import numpy as np
 
 from jlora.core.lora_config import effective_lr, scaling
-from jlora.core.optim import count_params, make_optimizer, partition, trainable_mask
+from jlora.core.optim import count_params
 from jlora.core.parallel import replicate, shard_batch, unreplicate
-from jlora.core.step import TrainState, init_state, make_eval_step, make_train_step
+from jlora.core.step import TrainState
 from jlora.errors import ConfigError
 from jlora.training import checkpoint as ckpt
 from jlora.training.data import batch_at
-from jlora.training.evaluate import exact_match, greedy_predictor, loss_and_perplexity, mean_loss
-from jlora.training.hooks import MetricsLog
+from jlora.training.evaluate import exact_match, greedy_predictor, loss_and_perplexity, make_forgetting, mean_loss
+from jlora.training.hooks import MetricsLog, Telemetry, member_rows
 from jlora.training.loop import Hook, StepInfo, run_hooks, train_steps
 from jlora.training.metrics import MetricsWriter
-from jlora.training.run import Run, adapter_of, build_run, check_config_matches, checkpoint_meta, initial_lora
+from jlora.training.population import population_meta, population_trainer
+from jlora.training.run import Run, Trainer, adapter_of, build_run, check_config_matches, checkpoint_meta, solo_trainer
 from jlora.training.run_config import RunConfig, save_run_config
 from jlora.tree import restore
 
 
 def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict:
-    """Run (or resume) training as `cfg` says, in `run_dir`; returns the last metrics."""
+    """Run (or resume) training as `cfg` says, in `run_dir`; returns the summary (the last metrics)."""
     from tqdm.auto import tqdm
 
     run_dir = Path(run_dir)
     check_config_matches(run_dir, cfg)
     run = build_run(cfg)
     identity = ckpt.base_identity(run.base_name, run.params)
-    run, lora = initial_lora(run)
-    variables = {"params": run.params, "lora": lora}
-    mask = trainable_mask(variables, bias=cfg.trainable.bias, modules_to_save=cfg.trainable.modules_to_save)
-    optimizer = make_optimizer(cfg.optim, partition(variables, mask)[0])
-    state = init_state(variables, mask, optimizer)
+    trainer = population_trainer(run) if cfg.population else solo_trainer(run)
+    run, members = trainer.run, trainer.members
+    size = None if members is None else len(members)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     save_run_config(cfg, run_dir / "config.yaml")
     manager = ckpt.open_manager(run_dir, max_to_keep=cfg.checkpoint.max_to_keep)
-    state, start = resume(manager, state, run.params)
+    state, start = resume(manager, trainer.state, run.params)
 
     n_devices, n_hosts = jax.local_device_count(), jax.process_count()
     if cfg.batch_size % (n_devices * n_hosts):
         raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {n_devices * n_hosts} devices")
-    step = make_train_step(run.model, optimizer, cfg.optim, n_devices=n_devices)
+    step = trainer.make_step(n_devices)
     feed = partial(feed_devices, n_devices=n_devices, n_hosts=n_hosts) if step.pmapped else (lambda batch: batch)
     n_trainable = count_params(state.trainable)
+    telemetry = None
+    if cfg.telemetry:  # from the host state: it keeps a copy of the adapters to measure their drift
+        telemetry = Telemetry(trainer._replace(state=state), every=cfg.telemetry, pmapped=step.pmapped, start=start)
     if step.pmapped:
         state = replicate(state, n_devices)
-    print(header(run, n_trainable, n_devices * n_hosts, start))
+    print(header(run, n_trainable, n_devices * n_hosts, start, members))
 
-    writer = MetricsWriter(run_dir, truncate_after=start)
-    evaluate = make_evaluator(run, feed, pmapped=step.pmapped, n_devices=n_devices)
+    writer = MetricsWriter(
+        run_dir, truncate_after=start, members=None if members is None else [m.name for m in members]
+    )
+    evaluate = make_evaluator(trainer, feed, pmapped=step.pmapped, n_devices=n_devices)
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, dynamic_ncols=True, unit="step")
 
     def evaluation(info: StepInfo) -> None:
-        result = evaluate(info.state)
-        writer.write({"step": info.step, **result})
-        log.last = {**log.last, **result}
-        bar.write(f"step {info.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+        for row in member_rows(info.step, evaluate(info.state), size):
+            writer.write(row)
+            log.remember(row)
+            who = "" if size is None else f" [{members[row['member']].name}]"
+            figures = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "member"))
+            bar.write(f"step {info.step}{who}: {figures}")
 
     def checkpoint(info: StepInfo) -> None:
         host = unreplicate(info.state) if step.pmapped else info.state
-        meta = checkpoint_meta(run, info.step, identity)
+        meta = {**checkpoint_meta(run, info.step, identity), **population_meta(members)}
         ckpt.save(manager, info.step, adapter_of(host.trainable), host.opt_state, meta)
 
     log = MetricsLog(
@@ -85,6 +95,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
         pmapped=step.pmapped,
         newest_checkpoint=manager.latest_step,
         bar=bar,
+        members=size,
     )
     hooks = [
         Hook(log, every=1),
@@ -92,17 +103,28 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
         Hook(checkpoint, every=cfg.checkpoint.every),
         Hook(lambda info: bar.update(1), every=1),
     ]
+    if telemetry is not None:
+        hooks.insert(3, Hook(lambda info: [writer.write(row) for row in telemetry(info)], every=cfg.telemetry))
     try:
         if start == 0:
-            writer.write({"step": 0, **evaluate(state)})
+            for row in member_rows(0, evaluate(state), size):
+                writer.write(row)
         batch_for = lambda i: feed(batch_at(run.train, i, cfg.batch_size, cfg.seed))  # noqa: E731
-        steps = train_steps(step, state, batch_for, jax.random.key(cfg.seed), start=start, stop=cfg.steps)
+        steps = train_steps(step, state, batch_for, trainer.rng, start=start, stop=cfg.steps)
         run_hooks(steps, hooks)
     finally:
         bar.close()
         writer.close()
-    (run_dir / "summary.json").write_text(json.dumps({"step": cfg.steps, **log.last}, indent=2) + "\n")
-    return log.last
+    summary = summarise(cfg.steps, log.last, members)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def summarise(steps: int, last: dict, members) -> dict:
+    """summary.json: the last metrics of the run, or ``{"step", "members": [each member's]}``."""
+    if members is None:
+        return {"step": steps, **last.get(None, {})}
+    return {"step": steps, "members": [{"member": k, "name": m.name, **last.get(k, {})} for k, m in enumerate(members)]}
 
 
 def resume(manager, state: TrainState, params: dict) -> tuple[TrainState, int]:
@@ -116,31 +138,53 @@ def resume(manager, state: TrainState, params: dict) -> tuple[TrainState, int]:
     return state.replace(trainable=trainable, opt_state=opt_state, step=np.asarray(latest, np.int32)), latest
 
 
-def header(run: Run, n_trainable: int, n_devices: int, start: int) -> str:
-    """The run's first line: base, scaling and effective learning rate, trainable size, data, devices."""
+def header(run: Run, n_trainable: int, n_devices: int, start: int, members=None) -> str:
+    """The run's first line: base, scaling and effective learning rate, trainable size, data, devices.
+
+    A population's line gives the member count and total trainable size; a line per member follows
+    with its scaling and effective learning rate.
+    """
     cfg, lora = run.cfg, run.model.lora
-    return (
-        f"jlora: {run.base_name} | LoRA r={lora.r} alpha={lora.alpha} scaling={scaling(lora):g} | "
-        f"lr={cfg.optim.lr:g} effective lr (lr*alpha/r)={effective_lr(cfg.optim.lr, lora):g} | "
-        f"trainable {n_trainable:,} | train: {run.train.summary()} | devices {n_devices}"
-        + (f" | resuming at step {start}" if start else "")
+    if members is None:
+        adapters = (
+            f"LoRA r={lora.r} alpha={lora.alpha} scaling={scaling(lora):g} | "
+            f"lr={cfg.optim.lr:g} effective lr (lr*alpha/r)={effective_lr(cfg.optim.lr, lora):g}"
+        )
+    else:
+        adapters = f"population of {len(members)} adapters"
+    line = (
+        f"jlora: {run.base_name} | {adapters} | trainable {n_trainable:,} | train: {run.train.summary()} | "
+        f"devices {n_devices}" + (f" | resuming at step {start}" if start else "")
+    )
+    for k, m in enumerate(members or ()):
+        line += (
+            f"\n  member {k} [{m.name}]: r={m.lora.r} alpha={m.lora.alpha:g} scaling={scaling(m.lora):g} "
+            f"lr={m.lr:g} effective lr={effective_lr(m.lr, m.lora):g} seed={m.seed}"
+        )
+    return line
+
+
+def make_evaluator(trainer: Trainer, feed, *, pmapped: bool, n_devices: int):
+    """``evaluate(state) -> {"val_loss", "val_ppl"[, "exact_match"][, "forget_*"]}``: floats, or (K,)
+    arrays for a population; {} without validation or forgetting data."""
+    run = trainer.run
+    cfg = run.cfg
+    eval_step = trainer.make_eval_step(n_devices)
+    predict = greedy_predictor(run.model, trainer.axes)
+    forgetting = (
+        None if run.forgetting is None else make_forgetting(trainer, feed, pmapped=pmapped, n_devices=n_devices)
     )
 
-
-def make_evaluator(run: Run, feed, *, pmapped: bool, n_devices: int):
-    """``evaluate(state) -> {"val_loss", "val_ppl"[, "exact_match"]}`` on the run's validation data ({} without)."""
-    cfg = run.cfg
-    eval_step = make_eval_step(run.model, n_devices=n_devices)
-    predict = greedy_predictor(run.model)
-
     def evaluate(state: TrainState) -> dict:
-        if run.val is None:
-            return {}
-        loss = mean_loss(eval_step, state, run.val, cfg.batch_size, max_batches=cfg.eval_batches, feed=feed)
-        out = loss_and_perplexity(loss)
-        if cfg.exact_match:
-            variables = (unreplicate(state) if pmapped else state).variables
-            out["exact_match"] = exact_match(predict, variables, run.val, cfg.exact_match, cfg.batch_size)
+        out = {}
+        if run.val is not None:
+            loss = mean_loss(eval_step, state, run.val, cfg.batch_size, max_batches=cfg.eval_batches, feed=feed)
+            out.update(loss_and_perplexity(loss))
+            if cfg.exact_match:
+                variables = (unreplicate(state) if pmapped else state).variables
+                out["exact_match"] = exact_match(predict, variables, run.val, cfg.exact_match, cfg.batch_size)
+        if forgetting is not None:
+            out.update(forgetting(state))
         return out
 
     return evaluate
