@@ -38,7 +38,7 @@ tree of its true rank, for export, merging, diagnosis or generation.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -50,7 +50,7 @@ from jlora.core.gpt2 import SCALING
 from jlora.core.lora import flatten_adapters, unflatten_adapters
 from jlora.core.lora_config import LoraConfig
 from jlora.core.loss import loss_sums
-from jlora.core.optim import OptimConfig, learning_rate, make_optimizer, partition
+from jlora.core.optim import OptimConfig, combine, learning_rate, make_optimizer, partition
 from jlora.core.parallel import local_devices
 from jlora.core.step import EvalStep, TrainState, TrainStep, compile_eval, compile_update, parallel_axis, train_step
 from jlora.errors import ConfigError
@@ -186,6 +186,12 @@ def member_axes(mask: Mapping) -> dict:
     }
 
 
+def member_variables(state: TrainState, k: int, pop: Population) -> dict:
+    """Member k as an ordinary model's variables, ``{"params": base with its trained leaves, "lora": its own}``."""
+    trained = split_member(state.trainable, k, pop)
+    return {"params": combine(trained["params"], state.frozen["params"]), "lora": trained["lora"]}
+
+
 def member_lora(stacked: Mapping, k: int, cfg: LoraConfig) -> dict:
     """Member k's LoRA tree at its true ranks (``cfg.rank_for``): the padding cut off."""
     flat = {}
@@ -263,6 +269,30 @@ def member_keys(seeds: Sequence[int]) -> jax.Array:
     return jnp.stack([jax.random.key(s) for s in seeds])
 
 
+def vmap_members(fn: Callable, cfg: OptimConfig, pop: Population) -> Callable:
+    """``fn`` for every member at once: its optimizer and schedule built per member inside one `jax.vmap`.
+
+    ``fn(optimizer, schedule, trainable, opt_state, frozen, mapped, shared) -> outputs`` is one
+    member's update (`member_optimizer`, its learning rate schedule). The result is called as
+    ``f(trainable, opt_state, frozen, mapped, shared)`` with the stacked trainable partition and
+    optimizer state, the population's frozen partition (its base shared, its "lora_scaling"
+    stacked), `mapped` values with a member axis (dropout keys, say) and `shared` ones without
+    (a batch: the same for all); every output gets a member axis.
+    """
+    hyper = _hyper(pop)
+
+    def member(trainable, opt_state, frozen, mapped, shared, lr, ratio, rank_mask):
+        optimizer = member_optimizer(cfg, trainable, lr, ratio, rank_mask)
+        return fn(optimizer, learning_rate(cfg, lr), trainable, opt_state, frozen, mapped, shared)
+
+    def members(trainable, opt_state, frozen, mapped=(), shared=()):
+        frozen_axes = {c: (0 if c in STACKED else None) for c in frozen}
+        in_axes = (0, 0, frozen_axes, 0, None, 0, 0, 0)
+        return jax.vmap(member, in_axes=in_axes)(trainable, opt_state, frozen, mapped, shared, *hyper)
+
+    return members
+
+
 def make_population_step(
     model,
     cfg: OptimConfig,
@@ -280,7 +310,7 @@ def make_population_step(
     solo `make_train_step` run with its settings and dropout key ``keys[k]``.
 
     Args:
-      model: the `GPT2` (any member's LoraConfig: its scaling is not used, the population's is).
+      model: the `GPT2` (its LoraConfig's targets and dropout; the scalings are the population's).
       cfg: the optimizer settings every member shares (its lr and LoRA+ ratio are the members').
       pop: from `population`.
       grad_accum, n_devices, dropout: as `make_train_step`.
@@ -288,28 +318,28 @@ def make_population_step(
     grad_accum = grad_accum or cfg.grad_accum
     devices = local_devices(n_devices)
     axis_name = parallel_axis(devices)
-    hyper = _hyper(pop)
 
-    def member_update(step, trainable, opt_state, frozen, batch, rng, lr, ratio, rank_mask):
-        optimizer = member_optimizer(cfg, trainable, lr, ratio, rank_mask)
+    def member_step(optimizer, schedule, trainable, opt_state, frozen, rng, shared):
+        step, batch = shared
+        state = TrainState(step, trainable, frozen, opt_state)
         state, metrics = train_step(
             model,
             optimizer,
-            learning_rate(cfg, lr),
-            TrainState(step, trainable, frozen, opt_state),
+            schedule,
+            state,
             batch,
             rng,
             grad_accum=grad_accum,
             axis_name=axis_name,
             dropout=dropout,
         )
-        return (state.step, state.trainable, state.opt_state), metrics
+        return state.trainable, state.opt_state, metrics
+
+    members = vmap_members(member_step, cfg, pop)
 
     def update(step, trainable, opt_state, frozen, batch, rng):
-        frozen_axes = {c: (0 if c in STACKED else None) for c in frozen}
-        in_axes = (None, 0, 0, frozen_axes, None, 0, 0, 0, 0)
-        mapped = jax.vmap(member_update, in_axes=in_axes, out_axes=((None, 0, 0), 0))
-        return mapped(step, trainable, opt_state, frozen, batch, rng, *hyper)
+        trainable, opt_state, metrics = members(trainable, opt_state, frozen, rng, (step, batch))
+        return (step + 1, trainable, opt_state), metrics
 
     return compile_update(update, devices)
 

@@ -56,6 +56,8 @@ def _lines(ax, spec: Mapping) -> None:
     series = spec["series"]
     for label, (x, y) in series.items():
         ax.plot(x, y, marker="o", markersize=4, label=label)
+        for text, xy in zip((spec.get("point_labels") or {}).get(label, ()), zip(x, y)):
+            ax.annotate(text, xy, textcoords="offset points", xytext=(4, 4), fontsize=7)
     for i, (label, y) in enumerate((spec.get("hlines") or {}).items()):
         ax.axhline(y, color=f"C{len(series) + i}", linestyle="--", linewidth=1, label=label)
     if spec.get("vline") is not None:
@@ -87,7 +89,7 @@ def line_plot(
 def panels(path: str | Path, plots: Sequence[Mapping], *, title: str | None = None, max_cols: int = 4) -> Path:
     """Axes side by side (up to 4 a row); each entry of `plots` holds one axis's `line_plot` arguments
     (``series``, ``xlabel``, ``ylabel``; optionally ``title``, ``logx``, ``logy``, ``hlines``, ``vline``,
-    ``legend`` (default True))."""
+    ``legend`` (default True), ``point_labels`` {series label: a text per point})."""
     rows, cols = _grid(len(plots), max_cols)
     fig = Figure(figsize=(5.0 * cols, 3.8 * rows), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()

@@ -115,7 +115,9 @@ def _member(given: dict, lora: LoraConfig, lr: float, ratio: float | None, seed:
         member_lora = lora.replace(r=r, alpha=alpha, rslora=rslora)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
-    name = ",".join(f"{k}={_show(alpha if k == 'alpha' else v)}" for k, v in given.items()) or "run"
+    resolved = {"r": r, "alpha": alpha, "rslora": rslora, "seed": member_seed, "lr": member_lr}
+    resolved["loraplus_ratio"] = member_ratio
+    name = ",".join(f"{k}={_show(resolved[k])}" for k in given) or "run"
     return MemberSpec(name, member_lora, member_lr, member_ratio, member_seed)
 
 

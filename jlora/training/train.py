@@ -103,8 +103,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
         Hook(checkpoint, every=cfg.checkpoint.every),
         Hook(lambda info: bar.update(1), every=1),
     ]
-    if telemetry is not None:
-        hooks.insert(3, Hook(lambda info: [writer.write(row) for row in telemetry(info)], every=cfg.telemetry))
+    if telemetry is not None:  # before the checkpoint: a checkpoint at step s finds every row up to s written
+        hooks.insert(2, Hook(lambda info: [writer.write(row) for row in telemetry(info)], every=cfg.telemetry))
     try:
         if start == 0:
             for row in member_rows(0, evaluate(state), size):
