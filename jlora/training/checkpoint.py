@@ -14,7 +14,9 @@ with a hash of its weights. `adapter` and `meta` alone restore the adapter::
     tree = ocp.StandardCheckpointer().restore("RUN_DIR/checkpoints/100/adapter")  # plain Orbax
 
 Everything is saved unreplicated (host arrays), so a checkpoint written with several
-devices restores on one, and the other way round.
+devices restores on one, and the other way round. A population run's checkpoint holds its members'
+adapters and optimizer states stacked (a leading member axis) and each member's settings in
+``meta["population"]``; ``load_adapter(dir, member=k)`` gives member k as an ordinary adapter.
 """
 
 from __future__ import annotations
