@@ -157,7 +157,9 @@ def bundled_file(split: str = "train") -> Traversable:
     """The package's data: the QA task's split "train" (1,000 pairs) or "validation" (200; alias "val"),
     or "generic": general text from outside the task, the held-out set that measures forgetting."""
     if split not in BUNDLED:
-        raise DataError(f"the bundled data has splits 'train' and 'validation' (the QA task) and 'generic', not {split!r}")
+        raise DataError(
+            f"the bundled data has splits 'train' and 'validation' (the QA task) and 'generic', not {split!r}"
+        )
     return importlib.resources.files("jlora") / "data" / BUNDLED[split]
 
 

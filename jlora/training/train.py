@@ -153,9 +153,8 @@ def header(run: Run, n_trainable: int, n_devices: int, start: int, members=None)
     else:
         adapters = f"population of {len(members)} adapters"
     trainable = f"trainable {n_trainable:,}" + ("" if members is None else " in all")
-    line = (
-        f"jlora: {run.base_name} | {adapters} | {trainable} | train: {run.train.summary()} | "
-        f"devices {n_devices}" + (f" | resuming at step {start}" if start else "")
+    line = f"jlora: {run.base_name} | {adapters} | {trainable} | train: {run.train.summary()} | devices {n_devices}" + (
+        f" | resuming at step {start}" if start else ""
     )
     for k, m in enumerate(members or ()):
         line += (
