@@ -14,7 +14,7 @@ The package is layered; a layer imports only the layers below it (tests/test_lay
     jlora.tree, jlora.errors    path helpers and the error hierarchy          (nothing of jlora)
 
 The names below are the public surface, grouped as the package is: the model and its
-adapters, the LoRA maths, training, checkpoints and exchange, generation, errors.
+adapters, the LoRA maths, training, populations, checkpoints and exchange, generation, errors.
 """
 
 from jlora.core.counting import (
@@ -31,6 +31,16 @@ from jlora.core.lora_config import LoraConfig, alpha_for_rank, effective_lr, sca
 from jlora.core.merge import delta_w, merge, unmerge
 from jlora.core.optim import OptimConfig, combine, learning_rate, make_optimizer, partition, trainable_mask
 from jlora.core.parallel import initialize_distributed, replicate, shard_batch, unreplicate
+from jlora.core.population import (
+    Member,
+    Population,
+    init_population,
+    make_population_step,
+    member_keys,
+    population,
+    split_member,
+    stack_variables,
+)
 from jlora.core.step import EvalStep, TrainState, TrainStep, init_state, make_eval_step, make_train_step, train_step
 from jlora.core.svd import (
     amplification,
@@ -109,6 +119,15 @@ __all__ = [
     "unreplicate",
     "shard_batch",
     "initialize_distributed",
+    # populations: many adapters in one compiled step
+    "Member",
+    "Population",
+    "population",
+    "stack_variables",
+    "init_population",
+    "make_population_step",
+    "member_keys",
+    "split_member",
     # checkpoints and exchange
     "load_adapter",
     "load_checkpoint",

@@ -10,7 +10,8 @@ matters. With r fixed at the config's, the runs are:
     equal products     alpha in --alphas, lr = lr0 * alpha0 / alpha   (lr * alpha / r = lr0 * alpha0 / r for all)
     unequal products   alpha = alpha0, lr = lr0 * m for m in --lr-multipliers
 
-(lr0, alpha0: the config's.) Every pair of runs is compared by the mean absolute difference of
+(lr0, alpha0: the config's.) The runs train together as one population (one compiled step whose
+members have their own alpha and learning rate). Every pair of runs is compared by the mean absolute difference of
 their training-loss curves (a running mean over 20 steps first) and of their final validation
 losses; pairs whose products are equal are then set against pairs whose products differ. With
 plain SGD, scaling alpha by c and lr by 1/c is the same update to B A to first order; Adam
@@ -20,7 +21,6 @@ normalises each gradient, so the script measures how far that carries over rathe
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import math
 import sys
@@ -61,26 +61,16 @@ def main(argv=None) -> dict:
         f"{cfg.model.name} | r={r} | {cfg.steps} steps | lr0 {lr0:g}, alpha0 {alpha0:g}: "
         f"lr*alpha/r = {lr0 * alpha0 / r:g}"
     )
+    members = [ex.member(cfg, alpha=alpha, lr=lr) for alpha, lr in settings]
+    fits = ex.fit_population(task, members, progress=not args.quick, desc=f"{len(members)} adapters")
     runs = []
-    for alpha, lr in settings:
-        run_cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=lr))
-        lora_cfg = cfg.lora.replace(alpha=alpha)
-        variables = ex.lora_variables(task, lora_cfg)
-        fit = ex.fit(
-            task,
-            variables,
-            ex.lora_mask(variables, cfg),
-            run_cfg,
-            lora_cfg=lora_cfg,
-            progress=not args.quick,
-            desc=f"alpha={alpha:g} lr={lr:.2g}",
-        )
+    for (alpha, lr), m, fit in zip(settings, members, fits, strict=True):
         runs.append(
             {
                 "alpha": alpha,
                 "lr": lr,
-                "effective_lr": effective_lr(lr, lora_cfg),
-                "val_loss": ex.val_loss(task, fit.variables, lora_cfg),
+                "effective_lr": effective_lr(lr, m.lora),
+                "val_loss": ex.val_loss(task, fit.variables, m.lora),
                 "losses": fit.losses,
             }
         )

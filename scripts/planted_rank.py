@@ -6,9 +6,10 @@
 
 The teacher is the base model with ``dW* = U diag(s) V^T`` (rank k, random orthonormal U, V,
 s from `scale` times W's top singular value down to half that) added to every targeted weight
-(`jlora.research.planted.plant_low_rank`). Each student is the base model with fresh LoRA adapters of
-rank r on the same weights, trained to match the teacher's next-token distributions
-(KL(teacher || student)) on random token sequences. Reported for each r:
+(`jlora.research.planted.plant_low_rank`). Each student is the base model with fresh LoRA adapters
+of rank r on the same weights, trained to match the teacher's next-token distributions
+(KL(teacher || student)) on random token sequences; the students of every rank train at once, as
+one population (`jlora.research.planted.distill_students`). Reported for each r:
 
     gap            KL(teacher || student) on held-out random tokens; "base_gap" is the untrained base's
     phi_row        phi(k, min(k, r)) between the input (row) spaces of dW* and the student's dW
@@ -34,7 +35,7 @@ from jlora.core.merge import merge
 from jlora.core.optim import OptimConfig
 from jlora.research import experiments as ex
 from jlora.research import plots
-from jlora.research.planted import compare_to_planted, distill_gap, distill_student, plant_low_rank
+from jlora.research.planted import compare_to_planted, distill_gap, distill_students, plant_low_rank
 from jlora.training.run import build_run
 
 
@@ -72,26 +73,32 @@ def main(argv=None) -> dict:
 
     optim = OptimConfig(lr=args.lr, total_steps=steps, warmup_steps=min(20, steps // 10), schedule="constant")
     student_key = jax.random.fold_in(key, 2)  # the same initial A and the same tokens at every rank
+    cfgs = [LoraConfig(r=r, alpha=2.0 * r, target_modules=targets) for r in ranks]
+    loras, losses = distill_students(
+        base,
+        params,
+        teacher,
+        cfgs,
+        student_key,
+        optim,
+        batch_size=args.batch_size,
+        seq_len=seq_len,
+        progress=not args.quick,
+    )
     students = []
-    for r in ranks:
-        cfg = LoraConfig(r=r, alpha=2.0 * r, target_modules=targets)
-        lora, losses = distill_student(
-            base,
-            params,
-            teacher,
-            cfg,
-            student_key,
-            optim,
-            batch_size=args.batch_size,
-            seq_len=seq_len,
-            progress=not args.quick,
-        )
+    for cfg, lora, curve in zip(cfgs, loras, losses, strict=True):
         gap = distill_gap(base, teacher, merge(params, lora, cfg), held_out, seq_len=seq_len)
-        s = {"r": r, "alpha": cfg.alpha, "gap": gap, "relative_gap": gap / base_gap, "final_loss": losses[-10:].mean()}
+        s = {
+            "r": cfg.r,
+            "alpha": cfg.alpha,
+            "gap": gap,
+            "relative_gap": gap / base_gap,
+            "final_loss": curve[-10:].mean(),
+        }
         s |= compare_to_planted(lora, cfg, planted, planted_cfg)
         students.append(s)
         print(
-            f"r={r:>3}: gap {s['gap']:.3e} ({s['relative_gap']:.2%} of the base's)  "
+            f"r={cfg.r:>3}: gap {s['gap']:.3e} ({s['relative_gap']:.2%} of the base's)  "
             f"phi_row {s['phi_row']:.3f}  phi_column {s['phi_column']:.3f}  phi_A {s['phi_A']:.3f}  "
             f"energy top-{args.k} {s['energy_top_k']:.3f}"
         )

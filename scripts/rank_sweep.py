@@ -5,7 +5,8 @@
     python scripts/rank_sweep.py --config configs/gpt2_qa.yaml --out runs/rank_sweep_gpt2   # GPT-2 small, on a GPU
 
 Every run is the run config's (``--config``/``--set``, as `jlora train`) with only the rank and
-alpha changed: the same data order, initialisation seed, optimizer and steps. Two series:
+alpha changed: the same data order, initialisation seed, optimizer and steps. All of them train
+together as one population (one compiled step, `jlora.research.experiments.fit_population`). Two series:
 
     alpha = 2r     scaling alpha / r = 2 at every rank (the source's "standard" preset)
     alpha fixed    (--fixed-alpha, default the config's alpha): scaling shrinks as 1 / r
@@ -56,18 +57,18 @@ def main(argv=None) -> dict:
         f"base val loss {base_val:.4f}"
     )
 
-    results: dict[tuple[int, float], dict] = {}  # one run per (r, alpha): the series share r = fixed / 2
     series = {"alpha = 2r": [], f"alpha = {fixed:g}": []}
+    settings = list(dict.fromkeys((r, alpha) for r in ranks for alpha in (2.0 * r, fixed)))  # r = fixed / 2: once
+    members = [ex.member(cfg, r=r, alpha=alpha) for r, alpha in settings]
+    fits = ex.fit_population(task, members, progress=not args.quick, desc=f"{len(members)} adapters")
+    results = {setting: one_run(task, m.lora, fit) for setting, m, fit in zip(settings, members, fits, strict=True)}
+    for (r, alpha), row in results.items():
+        print(
+            f"r={r:>3} alpha={alpha:>5g}: val loss {row['val_loss']:.4f}  effective lr {row['effective_lr']:.2e}  "
+            f"top-1 energy {row['energy_top']['1']:.3f}  LoRA params {row['lora_params']:,}"
+        )
     for r in ranks:
         for name, alpha in zip(series, (2.0 * r, fixed)):
-            if (r, alpha) not in results:
-                results[r, alpha] = one_run(task, r, alpha, progress=not args.quick)
-                row = results[r, alpha]
-                print(
-                    f"r={r:>3} alpha={alpha:>5g}: val loss {row['val_loss']:.4f}  "
-                    f"effective lr {row['effective_lr']:.2e}  "
-                    f"top-1 energy {row['energy_top']['1']:.3f}  LoRA params {row['lora_params']:,}"
-                )
             series[name].append(results[r, alpha])
 
     summary = {
@@ -87,11 +88,9 @@ def main(argv=None) -> dict:
     return summary
 
 
-def one_run(task: ex.Task, r: int, alpha: float, *, progress: bool) -> dict:
-    cfg = task.cfg
-    lora_cfg = cfg.lora.replace(r=r, alpha=alpha)
-    variables = ex.lora_variables(task, lora_cfg)
-    fit = ex.fit(task, variables, ex.lora_mask(variables, cfg), lora_cfg=lora_cfg, progress=progress, desc=f"r={r}")
+def one_run(task: ex.Task, lora_cfg, fit: ex.Fit) -> dict:
+    """The figures of one trained member (rank lora_cfg.r, alpha lora_cfg.alpha)."""
+    cfg, r, alpha = task.cfg, lora_cfg.r, lora_cfg.alpha
     lora = fit.variables["lora"]
     report = delta_svd(lora, lora_cfg).values()
     energy = {str(k): float(np.mean([fig["energy"][min(k, r) - 1] for fig in report])) for k in TOP if k <= r}

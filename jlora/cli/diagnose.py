@@ -20,9 +20,11 @@ def diagnose_command(args: argparse.Namespace) -> int:
         raise UsageError(f"no such run directory {run_dir}")
     if args.against and not Path(args.against).is_dir():
         raise UsageError(f"no such run directory {args.against}")
-    report = diagnose(run_dir, step=args.step)
+    report = diagnose(run_dir, step=args.step, member=args.member)
     if args.against:
-        report["against"] = compare(run_dir, args.against, step=args.step)
+        report["against"] = compare(
+            run_dir, args.against, step=args.step, member=args.member, against_member=args.against_member
+        )
     out = Path(args.out) if args.out else run_dir / "diagnose"
     out.mkdir(parents=True, exist_ok=True)
     (out / "diagnose.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -1,4 +1,4 @@
-"""`jlora export RUN_DIR --peft OUT_DIR | --merged OUT_DIR [--step N]`: a run's adapter for other tools.
+"""`jlora export RUN_DIR --peft OUT_DIR | --merged OUT_DIR [--step N] [--member K]`: a run's adapter for other tools.
 
 Either folder carries the run's tokenizer: the base's own files, or the tokenizer the run trained
 with instead (a byte-tokenizer run's as the equivalent ``GPT2TokenizerFast``, see
@@ -9,6 +9,8 @@ random base has no checkpoint to name, so the export writes that base too::
     OUT_DIR/base/config.json, model.safetensors, tokenizer.json, ...   (random base only)
 
 and names ``OUT_DIR/base`` (absolute) as ``base_model_name_or_path``.
+
+A population run holds several adapters; ``--member K`` exports member K, at its own rank.
 """
 
 from __future__ import annotations
@@ -29,10 +31,10 @@ BYTES_NOTE = (
 
 
 def export_command(args: Any) -> int:
-    """``jlora export RUN_DIR --peft OUT_DIR | --merged OUT_DIR [--step N]``."""
+    """``jlora export RUN_DIR --peft OUT_DIR | --merged OUT_DIR [--step N] [--member K]``."""
     run_dir = Path(args.run_dir)
     check_new_folder(args.peft or args.merged)  # before anything is loaded
-    lora, base_leaves, meta = load_adapter(find_checkpoint(run_dir, args.step))
+    lora, base_leaves, meta = load_adapter(find_checkpoint(run_dir, args.step), args.member)
     name = meta["base_model"]["name"]
     source = meta.get("tokenizer") or name  # the run's tokenizer: "bytes", the base's (its name) or another
     about = f"{run_dir} (step {meta['step']}, base {name})"

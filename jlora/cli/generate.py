@@ -42,17 +42,25 @@ class Source(NamedTuple):
     prompt: Callable[[str], tuple[str, list[int]]]
 
 
-def load_source(source: str, *, base: str | None = None, tokenizer: str | None = None, raw: bool = False) -> Source:
+def load_source(
+    source: str,
+    *,
+    base: str | None = None,
+    tokenizer: str | None = None,
+    raw: bool = False,
+    member: int | None = None,
+) -> Source:
     """A run directory, a PEFT folder or a Hugging Face checkpoint, ready to generate from.
 
     A PEFT folder's base is `base`, else its own ``base/`` folder (what `jlora export --peft`
     writes for a random base), else the ``base_model_name_or_path`` it records; its tokenizer is
     the folder's own if it has one, else the base's. `tokenizer` overrides the source's (a
-    checkpoint directory, a Hub id or "bytes"). A run's prompts take its training form unless `raw`.
+    checkpoint directory, a Hub id or "bytes"). A run's prompts take its training form unless `raw`;
+    `member` picks one adapter of a population run.
     """
     path = Path(source).expanduser()
     if (path / "config.yaml").exists() and (path / "checkpoints").is_dir():
-        model, params, lora, _, meta = load_run(path)
+        model, params, lora, _, meta = load_run(path, member=member)
         tok = load_tokenizer(tokenizer or meta["tokenizer"])
         if raw:
             return Source(model, params, lora, tok, lambda text: (text, tok.encode(text)))
@@ -93,7 +101,7 @@ def generate_command(args: Any) -> int:
         raise UsageError("give --prompt TEXT or --prompts FILE (one prompt per line)")
     try:
         model, params, lora, tokenizer, prompt = load_source(
-            args.source, base=args.base, tokenizer=args.tokenizer, raw=args.raw
+            args.source, base=args.base, tokenizer=args.tokenizer, raw=args.raw, member=args.member
         )
         texts, encoded = zip(*map(prompt, prompts), strict=True)
     except TokenizerError as e:

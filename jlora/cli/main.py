@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--peft", metavar="OUT_DIR", help="write adapter_config.json + adapter_model.safetensors")
     where.add_argument("--merged", metavar="OUT_DIR", help="write a GPT-2 checkpoint with the adapter merged in")
     export.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    export.add_argument("--member", type=int, metavar="K", help="member K of a population run")
     export.set_defaults(handler=_lazy("jlora.cli.export", "export_command"))
 
     gen = commands.add_parser("generate", help="continue prompts (a run, a PEFT folder or a HF checkpoint)")
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--base", help="base model of a PEFT folder (default: its base/ folder, else base_model_name_or_path)"
     )
     gen.add_argument("--tokenizer", help="tokenizer dir, Hub id or 'bytes' (default: the source's)")
+    gen.add_argument("--member", type=int, metavar="K", help="member K of a population run")
     gen.set_defaults(handler=_lazy("jlora.cli.generate", "generate_command"))
 
     diag = commands.add_parser("diagnose", help="spectrum of each adapter's dW; --against: subspace similarity")
@@ -82,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--against", metavar="RUN_DIR2", help="another run: phi(i, j) between the two runs' adapters")
     diag.add_argument("--step", type=int, help="checkpoint step of RUN_DIR (default: the newest)")
     diag.add_argument("--out", metavar="DIR", help="where diagnose.json and the plots go (default: RUN_DIR/diagnose)")
+    diag.add_argument("--member", type=int, metavar="K", help="member K of a population run")
+    diag.add_argument("--against-member", type=int, metavar="K", help="member K of the --against population run")
     diag.set_defaults(handler=_lazy("jlora.cli.diagnose", "diagnose_command"))
     return parser
 

@@ -11,6 +11,9 @@
     optim.py         the trainable mask, partition / combine, AdamW (+ LoRA+)
     step.py          the train and evaluation steps, jit or pmap
     parallel.py      replicate / shard over devices, multi-host start
+    population.py    many adapters on one base, stacked, trained by one vmapped step
+    telemetry.py     the spectrum of each dW and its drift, from the factors, while training
+    divergence.py    KL divergence; forgetting on held-out text (loss, base loss, KL)
 
 No file, no run directory, no command line: the core imports only `jlora.tree`,
 `jlora.errors` and itself (tests/test_layers.py checks).

@@ -15,6 +15,11 @@ collection the model is exactly the base model::
     model.apply({"params": params, "lora": lora}, ids)   # adapted
     model.apply({"params": params}, ids)                 # base
 
+The scaling of each adapter is its config's (``LoraConfig.scaling_for``), unless an optional
+``"lora_scaling"`` collection gives it as an array, ``{... "c_attn": {"scaling": ()}}`` at each
+adapter's path: a population of adapters (`jlora.core.population`) trains members whose ranks
+and alphas differ under one `vmap`, where no single Python float could be each one's.
+
 Pre-LN blocks, gelu_new (tanh approximation), learned positions, LM head tied to `wte`.
 Attention goes through `jax.nn.dot_product_attention`: the fused cuDNN kernel on a GPU in half
 precision (`causal_attention`), plain XLA elsewhere.
@@ -65,6 +70,9 @@ _FIELD_TYPES = {
     **{k: (int, float) for k in ("layer_norm_epsilon", "embd_pdrop", "resid_pdrop")},
 }
 NUMERICS = ("dtype", "param_dtype", "attention", "remat")  # jlora's options, not the checkpoint's
+SCALING = (
+    "lora_scaling"  # optional collection: {module path...: {"scaling": ()}} per adapter (see jlora.core.population)
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,18 +167,24 @@ class Linear(nn.Module):
             raise ValueError("a 'lora' collection was given to a model without LoraConfig; use model.clone(lora=cfg)")
         x = nn.Dropout(self.lora.dropout)(x, deterministic=deterministic or self.lora.dropout == 0)
         path = ".".join(self.scope.path)
+        scalings = self.variables.get(SCALING, {})
         if "A" in adapters:
-            return y + self._delta(x, adapters, path)
+            return y + self._delta(x, adapters, path, scalings)
         width = self.features // len(QKV)
         parts = [
-            self._delta(x, adapters[s], f"{path}.{s}") if s in adapters else jnp.zeros((*x.shape[:-1], width), y.dtype)
+            self._delta(x, adapters[s], f"{path}.{s}", scalings.get(s, {}))
+            if s in adapters
+            else jnp.zeros((*x.shape[:-1], width), y.dtype)
             for s in QKV
         ]
         return y + jnp.concatenate(parts, axis=-1)
 
-    def _delta(self, x, adapter, path):
+    def _delta(self, x, adapter, path, scalings):
         a, b = adapter["A"], adapter["B"]
-        return lora_delta(x, a, b, self.lora.scaling_for(path, r=a.shape[0]))
+        # A population of adapters supplies each one's scaling as an array (its members' ranks and
+        # alphas differ, and A may be zero-padded past its rank); alone, the config gives it.
+        scaling = scalings["scaling"] if "scaling" in scalings else self.lora.scaling_for(path, r=a.shape[0])
+        return lora_delta(x, a, b, scaling)
 
 
 class _Layer(nn.Module):

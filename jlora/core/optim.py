@@ -116,24 +116,26 @@ class OptimConfig:
                 raise ConfigError(message)
 
 
-def learning_rate(cfg: OptimConfig) -> optax.Schedule:
+def learning_rate(cfg: OptimConfig, lr: float | jax.Array | None = None) -> optax.Schedule:
     """The learning rate at each update: linear warmup from 0, then `cfg.schedule` down to 0.
 
     The same curves as transformers' ``get_{cosine,linear,constant}_schedule_with_warmup``.
+    `lr` replaces ``cfg.lr`` as the peak; it may be a traced value (a population member's).
 
     >>> s = learning_rate(OptimConfig(lr=1e-3, warmup_steps=10, total_steps=110, schedule="linear"))
     >>> [round(float(s(t)), 6) for t in (0, 5, 10, 60, 110)]
     [0.0, 0.0005, 0.001, 0.0005, 0.0]
     """
+    peak = cfg.lr if lr is None else lr
     decay_steps = max(cfg.total_steps - cfg.warmup_steps, 1)
     decay = {
-        "cosine": lambda: optax.cosine_decay_schedule(cfg.lr, decay_steps),
-        "linear": lambda: optax.linear_schedule(cfg.lr, 0.0, decay_steps),
-        "constant": lambda: optax.constant_schedule(cfg.lr),
+        "cosine": lambda: optax.cosine_decay_schedule(peak, decay_steps),
+        "linear": lambda: optax.linear_schedule(peak, 0.0, decay_steps),
+        "constant": lambda: optax.constant_schedule(peak),
     }[cfg.schedule]()
     if cfg.warmup_steps == 0:
         return decay
-    warmup = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
+    warmup = optax.linear_schedule(0.0, peak, cfg.warmup_steps)
     return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
 
 
@@ -221,23 +223,33 @@ def count_params(tree: PyTree) -> int:
     return sum(x.size for x in jax.tree.leaves(tree))
 
 
-def make_optimizer(cfg: OptimConfig, trainable: PyTree) -> optax.GradientTransformation:
+def make_optimizer(
+    cfg: OptimConfig,
+    trainable: PyTree,
+    *,
+    lr: float | jax.Array | None = None,
+    loraplus_ratio: float | jax.Array | None = None,
+) -> optax.GradientTransformation:
     """The AdamW chain (see the module doc) for the `trainable` partition of the variables.
 
     Its state mirrors `trainable`: Adam's two moments per trainable leaf and two step counts,
     nothing for a frozen leaf. Gradient accumulation is not in here: the train step sums the
     micro-batches' gradients and calls the optimizer once per update.
+
+    `lr` and `loraplus_ratio` replace ``cfg``'s; they may be traced values (a population's
+    members each have their own under one `vmap`, `jlora.core.population`).
     """
     if not jax.tree.leaves(trainable):
         raise ConfigError("nothing to train: the trainable partition has no leaves (is the LoRA tree empty?)")
+    ratio = cfg.loraplus_ratio if loraplus_ratio is None else loraplus_ratio
     chain = []
     if cfg.clip_norm is not None:
         chain.append(optax.clip_by_global_norm(cfg.clip_norm))
     chain.append(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
     if cfg.weight_decay:
         chain.append(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask))
-    if cfg.loraplus_ratio is not None:
-        factors = {"A": optax.identity(), "B": optax.scale(cfg.loraplus_ratio), "base": optax.identity()}
+    if ratio is not None:
+        factors = {"A": optax.identity(), "B": optax.scale(ratio), "base": optax.identity()}
         chain.append(optax.partition(factors, param_labels))
-    chain.append(optax.scale_by_learning_rate(learning_rate(cfg)))
+    chain.append(optax.scale_by_learning_rate(learning_rate(cfg, lr)))
     return optax.chain(*chain)

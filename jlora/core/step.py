@@ -249,7 +249,7 @@ def make_train_step(
     schedule = None if cfg is None else learning_rate(cfg)
     grad_accum = grad_accum or (1 if cfg is None else cfg.grad_accum)
     devices = local_devices(n_devices)
-    axis_name = AXIS if _parallel(devices) else None
+    axis_name = parallel_axis(devices)
 
     def update(step, trainable, opt_state, frozen, batch, rng):
         state = TrainState(step, trainable, frozen, opt_state)
@@ -266,7 +266,16 @@ def make_train_step(
         )
         return (state.step, state.trainable, state.opt_state), metrics
 
-    if axis_name is None:
+    return compile_update(update, devices)
+
+
+def compile_update(update: Callable, devices: list) -> TrainStep:
+    """A `TrainStep` of ``update(step, trainable, opt_state, frozen, batch, rng) -> ((step, trainable,
+    opt_state), metrics)``: jit on one device, pmap (axis `AXIS`, `rng` shared) over several.
+
+    `update` must reduce over `AXIS` itself when pmapped (``len(devices) > 1`` or several processes).
+    """
+    if not _parallel(devices):
         compiled = jax.jit(update, donate_argnums=(0, 1, 2))
     else:
         compiled = jax.pmap(
@@ -279,7 +288,12 @@ def make_train_step(
         )
         return TrainState(n, trainable, state.frozen, opt_state), metrics
 
-    return TrainStep(step, compiled, len(devices), axis_name is not None)
+    return TrainStep(step, compiled, len(devices), _parallel(devices))
+
+
+def parallel_axis(devices: list) -> str | None:
+    """The axis name a step's collectives reduce over on `devices` (None: one device, plain jit)."""
+    return AXIS if _parallel(devices) else None
 
 
 def _parallel(devices: list) -> bool:
@@ -299,12 +313,19 @@ def make_eval_step(model, *, n_devices: int | None = None) -> EvalStep:
     jit on one device, pmap (summed over devices, `replicate`d variables, `shard_batch`ed
     batch) on several. Divide the sums over a whole evaluation set for its mean loss.
     """
-    devices = local_devices(n_devices)
-    axis_name = AXIS if _parallel(devices) else None
+    return compile_eval(lambda variables, batch: loss_sums(model, variables, batch), local_devices(n_devices))
+
+
+def compile_eval(sums: Callable, devices: list) -> EvalStep:
+    """An `EvalStep` of ``sums(variables, batch) -> sums``: jit, or pmap with the sums added over devices.
+
+    The step reads a state's ``.variables`` (or the variables themselves) and the batch's `BATCH_KEYS`.
+    """
+    axis_name = parallel_axis(devices)
 
     def evaluate(variables, batch):
-        sums = loss_sums(model, variables, batch)
-        return sums if axis_name is None else jax.lax.psum(sums, axis_name)
+        out = sums(variables, batch)
+        return out if axis_name is None else jax.lax.psum(out, axis_name)
 
     compiled = jax.jit(evaluate) if axis_name is None else jax.pmap(evaluate, AXIS, devices=_pmap_devices(devices))
 

@@ -1,7 +1,8 @@
 """Research on top of training: what a trained update looks like, and experiments that test claims.
 
-    diagnose.py      spectrum of every adapter's dW, phi(i, j) between two runs
-    experiments.py   in-memory tasks and fits for sweeps; a full fine-tune's dW seen through LoRA
+    diagnose.py      spectrum of every adapter's dW, phi(i, j) between two runs, telemetry over steps
+    experiments.py   in-memory tasks and fits for sweeps (a population at once); a full fine-tune's dW
+    forgetting.py    learning against forgetting on held-out text; a base pretrained on it
     planted.py       a known rank-k update planted in a model, recovered by distillation
     plots.py         matplotlib figures (Agg, no pyplot state)
 

@@ -15,6 +15,11 @@ dW = scaling * B A (`jlora.core.svd.delta_svd`, no dense dW is formed):
 With ``--against``, for every module both runs adapt, the LoRA paper's normalised subspace
 similarity (eq. 4) phi(i, j) = ||U1_i^T U2_j||_F^2 / min(i, j) between the right singular
 vectors of the two A matrices, drawn as the paper's heat maps (its figure compares r=8 with r=64).
+
+A run trained with ``telemetry: N`` logged those figures every N steps (`jlora.core.telemetry`);
+their evolution is drawn in ``telemetry.png``: effective rank, top-1 energy, ||dW|| / ||W|| and the
+drift phi(1, 1) against N steps before, one line per module, against the step. A population run
+holds several adapters: ``--member K`` picks one (``--against-member`` the other run's).
 """
 
 from __future__ import annotations
@@ -27,11 +32,12 @@ from jlora.core.lora import flatten_adapters
 from jlora.core.svd import delta_svd, subspace_similarity_grid
 from jlora.errors import CheckpointError
 from jlora.training.checkpoint import find_checkpoint, load_adapter, load_run
+from jlora.training.metrics import read_metrics
 
 TOP = (1, 2, 4, 8)
 
 
-def diagnose(run_dir: str | Path, *, step: int | None = None) -> dict:
+def diagnose(run_dir: str | Path, *, step: int | None = None, member: int | None = None) -> dict:
     """The spectrum figures of every adapter of a run, as plain JSON-able values.
 
     Returns:
@@ -39,7 +45,7 @@ def diagnose(run_dir: str | Path, *, step: int | None = None) -> dict:
       "energy" (r,), "energy_top": {k: share}, "effective_rank", "stable_rank", "norm",
       "relative_norm", "amplification"}}}.
     """
-    _, params, lora, lora_cfg, meta = load_run(run_dir, step)
+    _, params, lora, lora_cfg, meta = load_run(run_dir, step, member=member)
     modules = {}
     for path, fig in delta_svd(lora, lora_cfg, params).items():
         r = int(fig["singular_values"].shape[0])
@@ -55,21 +61,44 @@ def diagnose(run_dir: str | Path, *, step: int | None = None) -> dict:
                 for name in ("effective_rank", "stable_rank", "norm", "relative_norm", "amplification")
             },
         }
-    return {"run": str(run_dir), "step": meta["step"], "lora_config": meta["lora_config"], "modules": modules}
+    report = {"run": str(run_dir), "step": meta["step"], "lora_config": meta["lora_config"], "modules": modules}
+    history = telemetry_history(run_dir, member)
+    return report if not history else {**report, "telemetry": history}
 
 
-def _adapters(run_dir: str | Path, step: int | None) -> dict:
-    return flatten_adapters(load_adapter(find_checkpoint(run_dir, step))[0])
+def telemetry_history(run_dir: str | Path, member: int | None = None) -> dict:
+    """The telemetry rows of a run's metrics.jsonl (of population member `member`) as
+    {figure: {module: [[step, value], ...]}}, for every scalar figure; {} when the run logged none."""
+    history: dict[str, dict[str, list]] = {}
+    for row in read_metrics(run_dir):
+        if "effective_rank/mean" not in row or row.get("member") != member:
+            continue
+        for key, value in row.items():
+            figure, _, module = key.partition("/")
+            if module and isinstance(value, int | float):
+                history.setdefault(figure, {}).setdefault(module, []).append([row["step"], value])
+    return history
 
 
-def compare(run_dir: str | Path, against: str | Path, *, step: int | None = None) -> dict:
+def _adapters(run_dir: str | Path, step: int | None, member: int | None) -> dict:
+    return flatten_adapters(load_adapter(find_checkpoint(run_dir, step), member)[0])
+
+
+def compare(
+    run_dir: str | Path,
+    against: str | Path,
+    *,
+    step: int | None = None,
+    member: int | None = None,
+    against_member: int | None = None,
+) -> dict:
     """phi(i, j) of the LoRA paper's eq. 4 between the A matrices of two runs, per common module.
 
     Returns:
       {"run", "against", "modules": {path: {"r1", "r2", "phi": (r1, r2) nested lists,
       "phi_top": phi(1, 1), "phi_full": phi(min r, min r)}}}.
     """
-    first, second = _adapters(run_dir, step), _adapters(against, None)
+    first, second = _adapters(run_dir, step, member), _adapters(against, None, against_member)
     common = [path for path in first if path in second]
     if not common:
         raise CheckpointError(f"{run_dir} and {against} adapt no module in common")
@@ -147,4 +176,35 @@ def write_plots(report: dict, out: Path) -> list[Path]:
         grids = {path: np.asarray(m["phi"]) for path, m in against["modules"].items()}
         title = f"phi(i, j): {against['run']} (i) against {against['against']} (j)"
         written.append(plots.heatmaps(out / "similarity.png", grids, xlabel="j", ylabel="i", title=title))
+    history = report.get("telemetry")
+    if history:
+        written.append(plot_telemetry(out / "telemetry.png", history, title=f"dW while training: {report['run']}"))
     return written
+
+
+TELEMETRY_PANELS = {
+    "effective_rank": "effective rank",
+    "energy_top1": "energy in the top singular value",
+    "relative_norm": "||dW||_F / ||W||_F",
+    "phi_top": "phi(1, 1) against N steps before",
+}
+
+
+def plot_telemetry(path: Path, history: dict, *, title: str | None = None) -> Path:
+    """The figures of `telemetry_history` against the step: a panel per figure, a line per layer
+    (the mean over the layer's adapted modules)."""
+    from jlora.research import plots
+
+    specs = []
+    for figure, ylabel in TELEMETRY_PANELS.items():
+        layers: dict[str, dict[int, list[float]]] = {}
+        for module, points in history.get(figure, {}).items():
+            if module != "mean":
+                for step, value in points:
+                    layers.setdefault(f"layer {module.split('.')[1]}", {}).setdefault(step, []).append(value)
+        series = {
+            name: (list(by_step), [float(np.mean(v)) for v in by_step.values()]) for name, by_step in layers.items()
+        }
+        if series:
+            specs.append(dict(series=series, xlabel="step", ylabel=ylabel, title=ylabel))
+    return plots.panels(path, specs, title=title, max_cols=2)

@@ -7,10 +7,13 @@ what the comparisons need, built from the same library functions::
     task = load_task(cfg)                          # tokenizer, base model + params, data: as `train` builds them
     variables = lora_variables(task, lora_cfg)     # {"params": base, "lora": fresh adapters}
     fit = fit(task, variables, lora_mask(variables, cfg), cfg, lora_cfg=lora_cfg)   # losses (steps,), variables
+    fits = fit_population(task, [member(cfg, r=4, alpha=8), member(cfg, r=8, lr=1e-3)])  # many at once
     val_loss(task, fit.variables, lora_cfg)        # adapters merged into the base; loss on answer tokens
 
+A sweep trains its adapters as one population (`fit_population`: one compiled step vmapped over
+the members, `jlora.core.population`); each member's fit is the one `fit` would give alone.
 Every model is evaluated merged (``jlora.core.merge``) by one compiled forward of the plain base
-model, so a sweep compiles one train step per configuration and one evaluation in all. A full
+model, so a sweep compiles one train step and one evaluation in all. A full
 fine-tune's update is read back through `kernel_deltas` (dW per weight) and `truncate_deltas`
 (the model with each dW cut to rank r). The planted-rank experiment lives in `jlora.research.planted`.
 """
@@ -22,24 +25,37 @@ import dataclasses
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora.core.divergence import forgetting_sums
 from jlora.core.gpt2 import GPT2
 from jlora.core.lora import init_lora, output_columns, split_slice, unflatten_adapters
 from jlora.core.lora_config import LoraConfig
 from jlora.core.merge import merge
 from jlora.core.optim import make_optimizer, partition, trainable_mask
-from jlora.core.step import init_state, make_eval_step, make_train_step
+from jlora.core.parallel import local_devices
+from jlora.core.population import (
+    Population,
+    init_population,
+    make_population_step,
+    member_keys,
+    member_variables,
+    population,
+    split_member,
+    stack_variables,
+)
+from jlora.core.step import TrainState, TrainStep, compile_eval, init_state, make_eval_step, make_train_step
 from jlora.core.svd import lora_from_delta
 from jlora.errors import ConfigError
 from jlora.training.data import TokenizedData, batch_at
 from jlora.training.evaluate import mean_loss
-from jlora.training.run import Run, build_run
-from jlora.training.run_config import DEFAULT_CONFIG, RunConfig, load_run_config
+from jlora.training.members import MemberSpec
+from jlora.training.run import Run, build_run, init_key
+from jlora.training.run_config import DEFAULT_CONFIG, RunConfig, adapter_seed, load_run_config
 from jlora.tree import get_path, replace_paths
 
 PyTree = Any
@@ -94,7 +110,8 @@ class Task:
     """A run's base model and data, built once and shared by every configuration of a sweep.
 
     `base_model` is `run.model` without a LoRA config: it evaluates merged weights, so one
-    compiled evaluation serves every adapter (`eval_step`).
+    compiled evaluation serves every adapter (`eval_step`; `forget_step` on the held-out text,
+    `jlora.research.forgetting`).
     """
 
     cfg: RunConfig
@@ -103,6 +120,7 @@ class Task:
     val: TokenizedData
     base_model: GPT2
     eval_step: Callable
+    forget_step: Callable
 
 
 def load_task(cfg: RunConfig) -> Task:
@@ -111,12 +129,15 @@ def load_task(cfg: RunConfig) -> Task:
         raise ConfigError("the research scripts compare validation losses: set data.validation")
     run = build_run(cfg)
     base_model = run.model.clone(lora=None)
-    return Task(cfg, run, run.train, run.val, base_model, make_eval_step(base_model, n_devices=1))
+    forget = lambda inputs, batch: forgetting_sums(base_model, inputs["adapted"], inputs["base"], batch)  # noqa: E731
+    eval_step = make_eval_step(base_model, n_devices=1)
+    return Task(cfg, run, run.train, run.val, base_model, eval_step, compile_eval(forget, local_devices(1)))
 
 
-def lora_variables(task: Task, lora_cfg: LoraConfig) -> dict:
-    """``{"params": base, "lora": fresh adapters}``, initialised with the key `jlora.training.loop` uses."""
-    key = jax.random.fold_in(jax.random.key(task.cfg.seed), 1)
+def lora_variables(task: Task, lora_cfg: LoraConfig, *, seed: int | None = None) -> dict:
+    """``{"params": base, "lora": fresh adapters}``, initialised as `jlora train` does with adapter seed
+    `seed` (default the task config's)."""
+    key = init_key(adapter_seed(task.cfg) if seed is None else seed)
     return {"params": task.run.params, "lora": init_lora(key, lora_cfg, task.run.params)}
 
 
@@ -134,6 +155,43 @@ class Fit:
     n_trainable: int
 
 
+class Runner(NamedTuple):
+    """What a fit steps: its state at step 0, its compiled step and the step's dropout key(s)."""
+
+    state: TrainState
+    step: TrainStep
+    rng: jax.Array
+
+
+def solo_runner(task: Task, variables: dict, mask: PyTree, cfg: RunConfig, lora_cfg: LoraConfig | None) -> Runner:
+    """One model's `Runner`: the leaves `mask` selects train with ``cfg.optim``; dropout from the adapter seed."""
+    model = task.run.model.clone(lora=lora_cfg or cfg.lora)
+    optimizer = make_optimizer(cfg.optim, partition(variables, mask)[0])  # total_steps is cfg.steps
+    step = make_train_step(model, optimizer, cfg.optim, n_devices=1)
+    return Runner(init_state(variables, mask, optimizer), step, jax.random.key(adapter_seed(cfg)))
+
+
+def population_runner(task: Task, members: Sequence[MemberSpec], cfg: RunConfig) -> tuple[Runner, Population]:
+    """The `Runner` of `members` trained together, each initialised and seeded as `fit_member` would."""
+    params = task.run.params
+    pop = population([m.member() for m in members], params)
+    variables = stack_variables(params, [init_lora(init_key(m.seed), m.lora, params) for m in members], pop)
+    state = init_population(variables, lora_mask(variables, cfg), cfg.optim, pop)
+    step = make_population_step(task.run.model.clone(lora=members[0].lora), cfg.optim, pop, n_devices=1)
+    return Runner(state, step, member_keys([m.seed for m in members])), pop
+
+
+def run_steps(task: Task, runner: Runner, cfg: RunConfig, *, progress: bool, desc: str | None):
+    """(final state, training losses (steps,) or (steps, K)): ``cfg.steps`` updates on the task's batches."""
+    from tqdm.auto import trange
+
+    state, losses = runner.state, []
+    for i in trange(cfg.steps, disable=not progress, desc=desc, leave=False, dynamic_ncols=True):
+        state, metrics = runner.step(state, batch_at(task.train, i, cfg.batch_size, cfg.seed), runner.rng)
+        losses.append(metrics["loss"])
+    return state, np.asarray(jax.device_get(losses), np.float64)
+
+
 def fit(
     task: Task,
     variables: dict,
@@ -146,26 +204,66 @@ def fit(
 ) -> Fit:
     """Train the leaves `mask` selects for ``cfg.steps`` AdamW updates on `task`'s training batches.
 
-    The batches, optimizer and dropout keys are those of `jlora.training.loop.train` with the same
-    config (``batch_at(data, step, batch_size, seed)``, ``cfg.optim``), without its checkpoints
-    and logs. `cfg` defaults to the task's; `lora_cfg` gives the adapters' scaling (default
+    The batches, optimizer and dropout keys are those of `jlora train` with the same config
+    (``batch_at(data, step, batch_size, seed)``, ``cfg.optim``), without its checkpoints and
+    logs. `cfg` defaults to the task's; `lora_cfg` gives the adapters' scaling (default
     ``cfg.lora``). A tqdm bar shows progress when `progress` is set.
     """
-    from tqdm.auto import trange
-
     cfg = cfg or task.cfg
-    model = task.run.model.clone(lora=lora_cfg or cfg.lora)
-    ocfg = cfg.optim  # an OptimConfig whose total_steps is cfg.steps
-    optimizer = make_optimizer(ocfg, partition(variables, mask)[0])
-    state = init_state(variables, mask, optimizer)
-    step = make_train_step(model, optimizer, ocfg, n_devices=1)
-    key = jax.random.key(cfg.seed)
-    losses = []
-    for i in trange(cfg.steps, disable=not progress, desc=desc, leave=False, dynamic_ncols=True):
-        state, metrics = step(state, batch_at(task.train, i, cfg.batch_size, cfg.seed), key)
-        losses.append(metrics["loss"])
-    n_trainable = sum(x.size for x in jax.tree.leaves(state.trainable))
-    return Fit(state.variables, np.asarray(jax.device_get(losses), np.float64), n_trainable)
+    state, losses = run_steps(
+        task, solo_runner(task, variables, mask, cfg, lora_cfg), cfg, progress=progress, desc=desc
+    )
+    return Fit(state.variables, losses, sum(x.size for x in jax.tree.leaves(state.trainable)))
+
+
+def member(
+    cfg: RunConfig, name: str | None = None, *, lr: float | None = None, seed: int | None = None, **lora
+) -> MemberSpec:
+    """A population member: the run's adapters with the LoRA settings in `lora` (r, alpha, rslora)
+    replaced, at learning rate `lr` (default the run's) and adapter seed `seed` (default the run's)."""
+    optim = cfg.optim
+    lora_cfg = cfg.lora.replace(**lora)
+    name = name or ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in lora.items())
+    seed = adapter_seed(cfg) if seed is None else seed
+    return MemberSpec(name, lora_cfg, optim.lr if lr is None else lr, optim.loraplus_ratio, seed)
+
+
+def member_run(cfg: RunConfig, m: MemberSpec) -> RunConfig:
+    """The solo run config of member `m`: its learning rate, LoRA+ ratio and adapter seed."""
+    optim = dataclasses.replace(cfg.optim, lr=m.lr, loraplus_ratio=m.loraplus_ratio)
+    return dataclasses.replace(cfg, lora=m.lora, optim=optim, adapter_seed=m.seed)
+
+
+def fit_member(task: Task, m: MemberSpec, cfg: RunConfig | None = None, **options) -> Fit:
+    """`fit` of member `m` alone: what `fit_population` trains as one of many."""
+    run_cfg = member_run(cfg or task.cfg, m)
+    variables = lora_variables(task, m.lora, seed=m.seed)
+    return fit(task, variables, lora_mask(variables, run_cfg), run_cfg, lora_cfg=m.lora, **options)
+
+
+def fit_population(
+    task: Task,
+    members: Sequence[MemberSpec],
+    cfg: RunConfig | None = None,
+    *,
+    progress: bool = False,
+    desc: str | None = None,
+) -> list[Fit]:
+    """Train `members` together on `task` as `fit` trains one: one compiled step for all of them.
+
+    Each member starts as `lora_variables` would start it (A from its adapter seed, B = 0), trains
+    the adapters and ``cfg.trainable``'s base leaves with its own learning rate, and gets its own
+    dropout keys; member k's `Fit` is `fit_member`'s, to float rounding.
+    """
+    cfg = cfg or task.cfg
+    runner, pop = population_runner(task, members, cfg)
+    state, losses = run_steps(task, runner, cfg, progress=progress, desc=desc)  # losses (steps, K)
+    fits = []
+    for k in range(pop.size):
+        trained = split_member(state.trainable, k, pop)
+        n_trainable = sum(x.size for x in jax.tree.leaves({"params": trained["params"], "lora": trained["lora"]}))
+        fits.append(Fit(member_variables(state, k, pop), losses[:, k], n_trainable))
+    return fits
 
 
 def merged_params(variables: Mapping, lora_cfg: LoraConfig | None = None) -> dict:

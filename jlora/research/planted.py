@@ -1,19 +1,20 @@
 """A known low-rank update planted in a model, and its recovery by LoRA students.
 
     teacher_params, planted = plant_low_rank(key, params, LoraConfig(r=k, alpha=k), scale)  # W + U diag(s) V^T
-    lora, losses = distill_student(base, params, teacher_params, LoraConfig(r=r, alpha=2 * r), key, optim,
-                                   batch_size=16, seq_len=32)     # make_distill_step: KL(teacher || student)
+    loras, losses = distill_students(base, params, teacher_params, [LoraConfig(r=r, alpha=2 * r) for r in ranks],
+                                     key, optim, batch_size=16, seq_len=32)   # one population: KL(teacher || student)
     distill_gap(base, teacher_params, merge(params, lora, cfg), key)      # held-out KL; 0: the teacher
     compare_to_planted(lora, cfg, planted, planted_cfg)                  # phi(k, k) on both sides of dW
 
 The student sees no text: its inputs are uniformly random tokens and its target the teacher's
 whole next-token distribution at every position, a far denser signal than sampled text, so
-what limits recovery is the student's rank, not the data.
+what limits recovery is the student's rank, not the data. The students of every rank train at
+once, as one population on the one base (`jlora.core.population`), each as it would alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -22,12 +23,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jlora.core.divergence import kl_divergence
 from jlora.core.gpt2 import GPT2
 from jlora.core.lora import flatten_adapters, init_lora, output_columns, split_slice, unflatten_adapters
 from jlora.core.lora_config import LoraConfig
 from jlora.core.merge import merge
-from jlora.core.optim import OptimConfig, combine, make_optimizer, partition, trainable_mask
-from jlora.core.step import TrainState, init_state
+from jlora.core.optim import OptimConfig, combine, trainable_mask
+from jlora.core.population import (
+    Member,
+    Population,
+    init_population,
+    member_lora,
+    population,
+    stack_variables,
+    vmap_members,
+)
+from jlora.core.step import TrainState
 from jlora.core.svd import delta_svd, factored_svd, subspace_similarity_grid
 from jlora.tree import get_path
 
@@ -85,45 +96,22 @@ def random_tokens(key: jax.Array, batch_size: int, seq_len: int, vocab_size: int
     return jax.random.randint(key, (batch_size, seq_len), 0, vocab_size, jnp.int32)
 
 
-def kl_divergence(teacher_logits: jax.Array, student_logits: jax.Array) -> jax.Array:
-    """KL(p_teacher || p_student) at each position, (..., V) -> (...), in float32.
-
-    Written through the logit difference d = teacher - student, as
-    ``E_p[d] - log E_q[exp d]``: when the two nearly agree the divergence is O(d^2) while
-    each log-probability is O(log V), and subtracting those would lose it to rounding.
-
-    >>> t = jnp.array([[0.0, 1.0, 2.0]]); s = jnp.array([[0.0, 1.0, 2.5]])
-    >>> p, q = jax.nn.softmax(t), jax.nn.softmax(s)
-    >>> bool(jnp.allclose(kl_divergence(t, s), jnp.sum(p * jnp.log(p / q), -1), rtol=1e-5))
-    True
-    """
-    t, s = teacher_logits.astype(jnp.float32), student_logits.astype(jnp.float32)
-    d = t - s
-    expected = jnp.sum(jax.nn.softmax(t, axis=-1) * d, axis=-1)
-    q = jax.nn.softmax(s, axis=-1)
-    near = jnp.max(jnp.abs(d), axis=-1) < 20.0  # expm1 is safe; beyond that use the plain form
-    log_ratio = jnp.where(
-        near,
-        jnp.log1p(jnp.sum(q * jnp.expm1(jnp.where(near[..., None], d, 0.0)), axis=-1)),
-        jax.nn.logsumexp(jax.nn.log_softmax(s, axis=-1) + d, axis=-1),
-    )
-    return expected - log_ratio
-
-
 def make_distill_step(
     student: GPT2,
     teacher: GPT2,
-    optimizer: optax.GradientTransformation,
+    optim: OptimConfig,
+    pop: Population,
     *,
     batch_size: int,
     seq_len: int,
 ) -> Callable[[TrainState, PyTree, jax.Array], tuple[TrainState, jax.Array]]:
-    """A compiled update of the student towards the teacher's next-token distributions.
+    """A compiled update of a population of students towards the teacher's next-token distributions.
 
-    ``step(state, teacher_params, key) -> (state, loss)``: the batch is `random_tokens` drawn
-    from ``fold_in(key, state.step)``, the loss the mean KL(teacher || student) over its
-    positions, differentiated with respect to ``state.trainable`` only (as `jlora.core.step`).
-    The teacher's logits carry full distributions, a far denser signal than sampled text.
+    ``step(state, teacher_params, key) -> (state, losses (K,))``: the batch is `random_tokens` drawn
+    from ``fold_in(key, state.step)``, shared by every student, and the teacher's logits on it are
+    computed once for all of them; each student's loss is its mean KL(teacher || student) over the
+    batch's positions, differentiated with respect to its own trainable leaves only, and applied by
+    its own optimizer (`jlora.core.population.vmap_members`).
     """
     vocab_size = teacher.config.vocab_size
 
@@ -131,18 +119,24 @@ def make_distill_step(
         target = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, ids))
         return jnp.mean(kl_divergence(target, student.apply(combine(trainable, frozen), ids)))
 
+    def member(optimizer, schedule, trainable, opt_state, frozen, mapped, shared):
+        value, grads = jax.value_and_grad(loss)(trainable, frozen, *shared)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, value
+
+    members = vmap_members(member, optim, pop)
+
     @partial(jax.jit, donate_argnums=(0, 1, 2))
     def update(step, trainable, opt_state, frozen, teacher_params, key):
         ids = random_tokens(jax.random.fold_in(key, step), batch_size, seq_len, vocab_size)
-        value, grads = jax.value_and_grad(loss)(trainable, frozen, teacher_params, ids)
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        return step + 1, optax.apply_updates(trainable, updates), opt_state, value
+        trainable, opt_state, values = members(trainable, opt_state, frozen, (), (teacher_params, ids))
+        return step + 1, trainable, opt_state, values
 
     def step(state: TrainState, teacher_params: PyTree, key: jax.Array) -> tuple[TrainState, jax.Array]:
-        n, trainable, opt_state, value = update(
+        n, trainable, opt_state, values = update(
             state.step, state.trainable, state.opt_state, state.frozen, teacher_params, key
         )
-        return TrainState(n, trainable, state.frozen, opt_state), value
+        return TrainState(n, trainable, state.frozen, opt_state), values
 
     return step
 
@@ -193,38 +187,42 @@ def delta_subspaces(
     return {"row": np.asarray(row), "column": np.asarray(column)}
 
 
-def distill_student(
+def distill_students(
     base: GPT2,
     params: PyTree,
     teacher_params: PyTree,
-    cfg: LoraConfig,
+    cfgs: Sequence[LoraConfig],
     key: jax.Array,
     optim: OptimConfig,
     *,
     batch_size: int,
     seq_len: int,
     progress: bool = False,
-) -> tuple[dict, np.ndarray]:
-    """Train fresh rank-``cfg.r`` adapters on `params` towards the teacher for ``optim.total_steps`` steps.
+) -> tuple[list[dict], np.ndarray]:
+    """Train fresh adapters of each config in `cfgs` on `params` towards the teacher, all at once,
+    for ``optim.total_steps`` steps (one population: `make_distill_step`).
 
-    A is initialised from ``fold_in(key, 0)`` (so every rank starts from the same draw), the
-    training tokens come from ``fold_in(key, 1)``. Only the adapters train.
+    Every student's A is initialised from ``fold_in(key, 0)`` (so every rank starts from the same
+    draw, as if trained alone), the training tokens come from ``fold_in(key, 1)``. Only the
+    adapters train.
 
     Returns:
-      (the student's LoRA tree, its training loss at each step (steps,)).
+      (each student's LoRA tree at its own rank, training losses (K, steps)).
     """
     from tqdm.auto import trange
 
-    variables = {"params": params, "lora": init_lora(jax.random.fold_in(key, 0), cfg, params)}
+    pop = population([Member(cfg, optim.lr) for cfg in cfgs], params)
+    loras = [init_lora(jax.random.fold_in(key, 0), cfg, params) for cfg in cfgs]
+    variables = stack_variables(params, loras, pop)
     mask = trainable_mask(variables)
-    optimizer = make_optimizer(optim, partition(variables, mask)[0])
-    state = init_state(variables, mask, optimizer)
-    step = make_distill_step(base.clone(lora=cfg), base, optimizer, batch_size=batch_size, seq_len=seq_len)
+    state = init_population(variables, mask, optim, pop)
+    step = make_distill_step(base.clone(lora=cfgs[0]), base, optim, pop, batch_size=batch_size, seq_len=seq_len)
     losses = []
-    for _ in trange(optim.total_steps, disable=not progress, desc=f"r={cfg.r}", leave=False, dynamic_ncols=True):
-        state, loss = step(state, teacher_params, jax.random.fold_in(key, 1))
-        losses.append(loss)
-    return state.trainable["lora"], np.asarray(jax.device_get(losses), np.float64)
+    for _ in trange(optim.total_steps, disable=not progress, desc=f"{pop.size} students", leave=False):
+        state, values = step(state, teacher_params, jax.random.fold_in(key, 1))
+        losses.append(values)
+    students = [member_lora(state.trainable["lora"], k, cfg) for k, cfg in enumerate(cfgs)]
+    return students, np.asarray(jax.device_get(losses), np.float64).T
 
 
 def compare_to_planted(lora: Mapping, cfg: LoraConfig, planted: Mapping, planted_cfg: LoraConfig) -> dict:

@@ -56,13 +56,16 @@ def _lines(ax, spec: Mapping) -> None:
     series = spec["series"]
     for label, (x, y) in series.items():
         ax.plot(x, y, marker="o", markersize=4, label=label)
+        for text, xy in zip((spec.get("point_labels") or {}).get(label, ()), zip(x, y)):
+            ax.annotate(text, xy, textcoords="offset points", xytext=(4, 4), fontsize=7)
     for i, (label, y) in enumerate((spec.get("hlines") or {}).items()):
         ax.axhline(y, color=f"C{len(series) + i}", linestyle="--", linewidth=1, label=label)
     if spec.get("vline") is not None:
         ax.axvline(spec["vline"], color="gray", linestyle=":", linewidth=1)
     xs = [x for x, _ in series.values() for x in x]
     _axis(ax, spec["xlabel"], spec["ylabel"], spec.get("title"), spec.get("logx", False), spec.get("logy", False), xs)
-    ax.legend(fontsize=8)
+    if spec.get("legend", True):
+        ax.legend(fontsize=8)
 
 
 def line_plot(
@@ -83,12 +86,17 @@ def line_plot(
     return panels(path, [{**spec, "vline": vline}])
 
 
-def panels(path: str | Path, plots: Sequence[Mapping], *, title: str | None = None) -> Path:
-    """Side-by-side axes; each entry of `plots` holds one axis's `line_plot` arguments
-    (``series``, ``xlabel``, ``ylabel``; optionally ``title``, ``logx``, ``logy``, ``hlines``, ``vline``)."""
-    fig = Figure(figsize=(5.0 * len(plots), 3.8), layout="constrained")
-    for ax, spec in zip(np.atleast_1d(fig.subplots(1, len(plots))), plots):
+def panels(path: str | Path, plots: Sequence[Mapping], *, title: str | None = None, max_cols: int = 4) -> Path:
+    """Axes side by side (up to 4 a row); each entry of `plots` holds one axis's `line_plot` arguments
+    (``series``, ``xlabel``, ``ylabel``; optionally ``title``, ``logx``, ``logy``, ``hlines``, ``vline``,
+    ``legend`` (default True), ``point_labels`` {series label: a text per point})."""
+    rows, cols = _grid(len(plots), max_cols)
+    fig = Figure(figsize=(5.0 * cols, 3.8 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax, spec in zip(axes, plots):
         _lines(ax, spec)
+    for ax in axes[len(plots) :]:
+        ax.set_visible(False)
     if title:
         fig.suptitle(title)
     return _save(fig, path)

@@ -21,6 +21,10 @@ A damaged checkpoint (a truncated or corrupt file) never ends a run in a traceba
 newer ones to ``RUN_DIR/checkpoints-unreadable/<step>`` (kept, never deleted; Orbax could not
 save that step again while it is in the way); if none reads back, it stops with one line and
 moves nothing. `load_adapter` names the folder it cannot read.
+
+A population run's checkpoint holds its members' adapters and optimizer states stacked (a
+leading member axis) and each member's settings in ``meta["population"]``;
+``load_adapter(dir, member=k)`` gives member k as an ordinary adapter.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from jlora.core.gpt2 import GPT2, GPT2Config, init_params
 from jlora.core.lora_config import LoraConfig
 from jlora.errors import BaseMismatchError, CheckpointError, describe
 from jlora.exchange.hf_checkpoint import load_gpt2
+from jlora.training.population import load_member
 from jlora.training.rundir import barrier, is_primary
 from jlora.tree import leaves_by_path, overlay
 
@@ -179,8 +184,11 @@ def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
     return found
 
 
-def load_adapter(checkpoint_dir: str | Path) -> tuple[dict, dict, dict]:
-    """(lora, trained base leaves, meta) from one checkpoint folder; no run directory needed."""
+def load_adapter(checkpoint_dir: str | Path, member: int | None = None) -> tuple[dict, dict, dict]:
+    """(lora, trained base leaves, meta) from one checkpoint folder; no run directory needed.
+
+    A population run's checkpoint holds several adapters: `member` picks one (`load_member`).
+    """
     checkpoint_dir = Path(checkpoint_dir)
     if not (checkpoint_dir / "adapter").exists():
         raise CheckpointError(f"no adapter checkpoint in {checkpoint_dir}")
@@ -189,7 +197,7 @@ def load_adapter(checkpoint_dir: str | Path) -> tuple[dict, dict, dict]:
         meta = json.loads(_meta_file(checkpoint_dir).read_text())
     except Exception as e:  # a truncated or corrupt file
         raise CheckpointError(f"cannot read the checkpoint in {checkpoint_dir} ({describe(e)})") from e
-    return tree["lora"], tree.get("base", {}), meta
+    return load_member(tree, meta, member)
 
 
 def _meta_file(checkpoint_dir: Path) -> Path:
@@ -197,16 +205,23 @@ def _meta_file(checkpoint_dir: Path) -> Path:
     return meta / "metadata" if meta.is_dir() else meta
 
 
-def load_checkpoint(checkpoint_dir: str | Path, base: str | None = None, *, allow_different_weights: bool = False):
+def load_checkpoint(
+    checkpoint_dir: str | Path,
+    base: str | None = None,
+    *,
+    allow_different_weights: bool = False,
+    member: int | None = None,
+):
     """An adapter checkpoint on its base model, ready to apply: ``(model, params, lora, lora_cfg, meta)``.
 
     Needs nothing but the checkpoint folder (its ``adapter`` and ``meta``) and the base model:
     `base` is a Hugging Face checkpoint directory or Hub id (default: the name recorded at save
     time); a run on a random base is rebuilt from the recorded config and seed. The base is
     checked against the recorded identity (`check_base`: shapes always, weights unless
-    `allow_different_weights`), and the trained base leaves are put into `params`.
+    `allow_different_weights`), and the trained base leaves are put into `params`. `member`
+    picks one adapter of a population run's checkpoint.
     """
-    lora, base_leaves, meta = load_adapter(checkpoint_dir)
+    lora, base_leaves, meta = load_adapter(checkpoint_dir, member)
     model, params = load_base(meta, base, allow_different_weights=allow_different_weights)
     return model, overlay(params, base_leaves), lora, model.lora, meta
 
@@ -227,9 +242,12 @@ def load_base(meta: Mapping, base: str | None = None, *, allow_different_weights
     return model, params
 
 
-def load_run(run_dir: str | Path, step: int | None = None, *, allow_different_weights: bool = False):
-    """`load_checkpoint` of a run's newest checkpoint (or of `step`)."""
-    return load_checkpoint(find_checkpoint(run_dir, step), allow_different_weights=allow_different_weights)
+def load_run(
+    run_dir: str | Path, step: int | None = None, *, allow_different_weights: bool = False, member: int | None = None
+):
+    """`load_checkpoint` of a run's newest checkpoint (or of `step`; of population member `member`)."""
+    checkpoint = find_checkpoint(run_dir, step)
+    return load_checkpoint(checkpoint, allow_different_weights=allow_different_weights, member=member)
 
 
 def lora_config_of(meta: Mapping) -> LoraConfig:

@@ -53,7 +53,12 @@ if TYPE_CHECKING:
 
 QA_TEMPLATE = ("Question: {question}\nAnswer:", " {answer}")  # (prompt, completion): the one place it lives
 FORMATS = {"qa": ("question", "answer"), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
-BUNDLED = {"train": "qa_train.jsonl", "validation": "qa_val.jsonl", "val": "qa_val.jsonl"}
+BUNDLED = {
+    "train": "qa_train.jsonl",
+    "validation": "qa_val.jsonl",
+    "val": "qa_val.jsonl",
+    "generic": "generic_text.jsonl",
+}
 ARRAYS = ("input_ids", "targets", "loss_mask", "attention_mask")
 
 
@@ -150,9 +155,12 @@ def read_jsonl(path: str | Path, fmt: str = "auto") -> list[Example]:
 
 
 def bundled_file(split: str = "train") -> Traversable:
-    """The package's QA data: split "train" (1,000 pairs) or "validation" (200; alias "val")."""
+    """The package's data: the QA task's split "train" (1,000 pairs) or "validation" (200; alias "val"),
+    or "generic": general text from outside the task, the held-out set that measures forgetting."""
     if split not in BUNDLED:
-        raise DataError(f"the bundled QA data has splits 'train' and 'validation', not {split!r}")
+        raise DataError(
+            f"the bundled data has splits 'train' and 'validation' (the QA task) and 'generic', not {split!r}"
+        )
     return importlib.resources.files("jlora") / "data" / BUNDLED[split]
 
 

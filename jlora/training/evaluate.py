@@ -3,10 +3,13 @@
     eval_step = make_eval_step(model)                       # (masked loss sum, token count) of a batch
     mean_loss(eval_step, variables, val_data, batch_size=8, feed=lambda b: shape_batch(b, layout))
     exact_match(greedy_predictor(model), variables, val_data, n=64, batch_size=8, layout=layout)
+    make_forgetting(trainer, ...)(state)                    # loss, base loss, KL(base || adapted) on held-out text
 
-Both take ``progress``, called after each batch (e.g. a progress bar's ``update``), and
-`n_batches` says how many calls to expect: an evaluation of a large model on a CPU can run for
-minutes, and should show that it is moving.
+A population's eval step and predictor (`jlora.core.population`) give each figure as a (K,)
+array, one per member, through the same functions. `mean_loss` and `exact_match` take
+``progress``, called after each batch (e.g. a progress bar's ``update``), and `n_batches` says
+how many calls to expect: an evaluation of a large model on a CPU can run for minutes, and
+should show that it is moving.
 
 Exact match needs no decoding loop: with the true tokens as input, greedy decoding from the
 prompt reproduces the completion exactly when every answer position's argmax is right
@@ -18,17 +21,56 @@ content, and the LM head only at the positions that carry loss.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 
 import jax
 import numpy as np
 
+from jlora.core.divergence import forgetting_sums
 from jlora.core.gpt2 import GPT2
 from jlora.core.loss import loss_argmax
-from jlora.core.step import EvalStep, step_inputs
+from jlora.core.optim import combine, partition
+from jlora.core.parallel import local_devices, replicate
+from jlora.core.step import EvalStep, compile_eval, step_inputs
 from jlora.training.batching import Layout, shape_batch
 from jlora.training.data import TokenizedData, eval_batches, greedy_exact_match
+
+
+def mean_sums(
+    eval_step: EvalStep,
+    variables,
+    data: TokenizedData,
+    batch_size: int,
+    *,
+    max_batches: int | None = None,
+    feed: Callable[[dict], dict] | None = None,
+    progress: Callable[[], object] | None = None,
+) -> list:
+    """Each sum `eval_step` returns but the last, divided by the last (the token count), over `data`.
+
+    The evaluation batches (the first `max_batches`) are added up first and divided once. Each
+    mean is a float, or a (K,) array from a population's eval step. `feed` places a host batch
+    (e.g. shards it for pmap); `progress()` is called after each batch.
+    """
+    totals = None
+    for i, batch in enumerate(eval_batches(data, batch_size)):
+        if max_batches is not None and i >= max_batches:
+            break
+        sums = host_sums(eval_step, eval_step(variables, batch if feed is None else feed(batch)))
+        totals = sums if totals is None else [t + x for t, x in zip(totals, sums, strict=True)]
+        if progress is not None:
+            progress()
+    *numerators, count = totals
+    means = [x / np.maximum(count, 1.0) for x in numerators]
+    return [float(m) if m.ndim == 0 else m for m in means]
+
+
+def host_sums(eval_step: EvalStep, sums) -> list[np.ndarray]:
+    """An eval step's sums as float64 host arrays: scalars, or (K,) for a population.
+
+    pmap's psum leaves the same total on every device: one copy is read.
+    """
+    return [np.asarray(x, np.float64)[0] if eval_step.pmapped else np.asarray(x, np.float64) for x in sums]
 
 
 def mean_loss(
@@ -40,23 +82,13 @@ def mean_loss(
     max_batches: int | None = None,
     feed: Callable[[dict], dict] | None = None,
     progress: Callable[[], object] | None = None,
-) -> float:
+) -> float | np.ndarray:
     """Mean masked loss over `data`'s evaluation batches (the first `max_batches`), divided once.
 
-    `eval_step` is a `make_eval_step`; `feed` places a host batch (e.g. shards it for pmap);
-    `progress()` is called after each batch.
+    `eval_step` is a `make_eval_step` ((K,) losses from a population's); `feed` places a host batch
+    (e.g. shapes it and shards it for pmap); `progress()` is called after each batch.
     """
-    total, count = 0.0, 0.0
-    for i, batch in enumerate(eval_batches(data, batch_size)):
-        if max_batches is not None and i >= max_batches:
-            break
-        s, c = eval_step(variables, batch if feed is None else feed(batch))
-        # pmap's psum leaves the same total on every device: read one copy
-        total += float(np.asarray(s).reshape(-1)[0])
-        count += float(np.asarray(c).reshape(-1)[0])
-        if progress is not None:
-            progress()
-    return total / max(count, 1.0)
+    return mean_sums(eval_step, variables, data, batch_size, max_batches=max_batches, feed=feed, progress=progress)[0]
 
 
 def n_batches(n_rows: int, batch_size: int, max_batches: int | None = None) -> int:
@@ -69,17 +101,20 @@ def n_batches(n_rows: int, batch_size: int, max_batches: int | None = None) -> i
     return batches if max_batches is None else min(batches, max_batches)
 
 
-def loss_and_perplexity(loss: float) -> dict[str, float]:
+def loss_and_perplexity(loss: float | np.ndarray) -> dict:
     """{"val_loss", "val_ppl"}; the perplexity is capped at e^50 rather than overflowing."""
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+    ppl = np.exp(np.minimum(loss, 50.0))
+    return {"val_loss": loss, "val_ppl": float(ppl) if np.ndim(ppl) == 0 else ppl}
 
 
-def greedy_predictor(model: GPT2) -> Callable:
+def greedy_predictor(model: GPT2, axes=None) -> Callable:
     """``predict(variables, batch) -> (R, K)`` greedy next token at each of a shaped batch's loss positions.
 
     jit-compiled; the LM head runs at the K loss positions of each row only (`jlora.core.loss.loss_argmax`).
+    With `axes` (a population's, `jlora.core.population.member_axes`): (members, R, K), one per member.
     """
-    return jax.jit(lambda variables, batch: loss_argmax(model, variables, batch))
+    predict = lambda variables, batch: loss_argmax(model, variables, batch)  # noqa: E731
+    return jax.jit(predict if axes is None else jax.vmap(predict, in_axes=(axes, None)))
 
 
 def exact_match(
@@ -91,12 +126,13 @@ def exact_match(
     *,
     layout: Layout | None = None,
     progress: Callable[[], object] | None = None,
-) -> float:
+) -> float | np.ndarray:
     """Fraction of the first `n` rows whose completion greedy decoding reproduces exactly.
 
     `predict` is a `greedy_predictor`; one teacher-forced forward pass per batch decides it, on
     batches trimmed as `layout` says (rows are never packed here: each row is one answer).
-    `progress()` is called after each batch.
+    A population's predictor gives (K,) fractions, one per member. `progress()` is called after
+    each batch.
     """
     layout = dataclasses.replace(layout or Layout(), pack=False)
     hits, rows = 0, 0
@@ -107,9 +143,47 @@ def exact_match(
         batch = shape_batch(batch, layout)
         predictions = np.asarray(predict(variables, step_inputs(batch)))
         at = {k: np.take_along_axis(batch[k], batch["loss_index"], axis=1) for k in ("targets", "loss_mask")}
-        ok = greedy_exact_match(predictions, at["targets"], at["loss_mask"])[:take]
+        ok = greedy_exact_match(predictions, at["targets"], at["loss_mask"])[..., :take]
         real = batch["loss_mask"][:take].any(axis=-1)
-        hits, rows = hits + int(ok[real].sum()), rows + int(real.sum())
+        hits, rows = hits + ok[..., real].sum(axis=-1), rows + int(real.sum())
         if progress is not None:
             progress()
-    return hits / max(rows, 1)
+    fraction = np.asarray(hits, np.float64) / max(rows, 1)
+    return float(fraction) if fraction.ndim == 0 else fraction
+
+
+def make_forgetting(trainer, feed: Callable[[dict], dict], *, pmapped: bool, n_devices: int) -> Callable:
+    """``forgetting(state) -> {"forget_loss", "forget_base_loss", "forget_kl"}`` on the run's held-out text.
+
+    The adapted model's mean loss on ``run.forgetting``'s tokens, the base model's, and the mean
+    per-token KL(base || adapted) (`jlora.core.divergence`); floats, or (K,) for a population, whose
+    base forward pass is made once for all members. The base is the state's frozen leaves with the
+    original values of the leaves the run trains (no copy of the frozen ones).
+    """
+    run, axes = trainer.run, trainer.axes
+    cfg = run.cfg
+
+    def sums(inputs, batch):
+        return forgetting_sums(run.model, inputs["adapted"], inputs["base"], batch)
+
+    if axes is not None:
+        sums = jax.vmap(sums, in_axes=({"adapted": axes, "base": None}, None))
+    eval_step = compile_eval(sums, local_devices(n_devices))
+    originals = partition({"params": run.params}, {"params": trainer.mask["params"]})[0]  # what training changes
+    originals = replicate(originals, n_devices) if pmapped else originals
+
+    def forgetting(state, progress: Callable[[], object] | None = None) -> dict:
+        base = combine(originals, {"params": state.frozen["params"]})
+        inputs = {"adapted": state.variables, "base": base}
+        means = mean_sums(
+            eval_step,
+            inputs,
+            run.forgetting,
+            cfg.batch_size,
+            max_batches=cfg.eval_batches,
+            feed=feed,
+            progress=progress,
+        )
+        return dict(zip(("forget_loss", "forget_base_loss", "forget_kl"), means, strict=True))
+
+    return forgetting

@@ -1,8 +1,12 @@
 """The hooks of `jlora train`: what a run does between updates besides updating.
 
     MetricsLog   each update's metrics, fetched in windows: metrics.jsonl, TensorBoard, progress bar
+    Telemetry    every N updates, the spectrum of each adapter's dW and its drift (jlora.core.telemetry)
     evaluation   validation loss, perplexity and exact match            (a closure built in `train`)
     checkpoint   the adapter and optimizer state, with the run's meta  (a closure built in `train`)
+
+A population's step gives every metric with a member axis (K,); `member_rows` turns such values
+into one row per member, each with its ``member`` index, and the hooks write those.
 
 Each is called by `jlora.training.loop.run_hooks` with a `StepInfo`; they run in the order the
 run lists them, so the log (which stops a run whose loss is not finite) runs before a
@@ -16,11 +20,18 @@ import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from jlora.core.gpt2 import SCALING
+from jlora.core.lora import flatten_adapters
+from jlora.core.parallel import unreplicate
+from jlora.core.population import scalings_by_path, take
+from jlora.core.telemetry import adapter_figures, telemetry_row, weight_norms
 from jlora.errors import NonFiniteError
 from jlora.training.loop import StepInfo
 from jlora.training.metrics import MetricsWriter
+from jlora.training.run import Trainer
 
 
 class MetricsLog:
@@ -28,7 +39,8 @@ class MetricsLog:
 
     Fetching once per window keeps the host from waiting on each step. The window is also
     written at every `boundary(step)` (an evaluation or a checkpoint), so rows stay in step order
-    and a non-finite loss is caught before a checkpoint. The last row written is `last`.
+    and a non-finite loss is caught before a checkpoint. `last` holds the newest figures of each
+    member (key None for a single adapter), evaluations' included (`remember`).
     """
 
     def __init__(
@@ -40,48 +52,101 @@ class MetricsLog:
         pmapped: bool,
         newest_checkpoint: Callable[[], int | None],
         bar=None,
+        members: int | None = None,
     ):
         self.writer, self.every, self.boundary, self.pmapped = writer, every, boundary, pmapped
-        self.newest_checkpoint, self.bar = newest_checkpoint, bar
+        self.newest_checkpoint, self.bar, self.members = newest_checkpoint, bar, members
         self.pending: list[tuple[int, dict]] = []
         self.tokens, self.clock = 0, time.perf_counter()
-        self.last: dict = {}
+        self.last: dict[int | None, dict] = {}
 
     def __call__(self, info: StepInfo) -> None:
         self.pending.append((info.step, info.metrics))
         batch = info.batch  # tokens/s counts real tokens, not the padding a batch is computed with
-        self.tokens += int(np.sum(batch["attention_mask"]) if "attention_mask" in batch else batch["input_ids"].size)
+        tokens = int(np.sum(batch["attention_mask"]) if "attention_mask" in batch else batch["input_ids"].size)
+        self.tokens += tokens * (self.members or 1)  # each member reads the batch
         if info.step % self.every == 0 or self.boundary(info.step) or info.last:
             self.flush()
 
     def flush(self) -> None:
-        rows = fetch_rows(self.pending, self.pmapped)
+        rows = fetch_rows(self.pending, self.pmapped, self.members)
         self.pending = []
         for row in rows:
             if not math.isfinite(row["loss"]):
+                who = "" if "member" not in row else f" of population member {row['member']}"
                 raise NonFiniteError(
-                    f"loss is {row['loss']} at step {row['step']}; stopped without saving this state "
+                    f"loss{who} is {row['loss']} at step {row['step']}; stopped without saving this state "
                     f"(newest checkpoint: step {self.newest_checkpoint()})"
                 )
-        rows[-1]["tokens_per_s"] = self.tokens / (time.perf_counter() - self.clock)
+        newest = [row for row in rows if row["step"] == rows[-1]["step"]]
+        for row in newest:
+            row["tokens_per_s"] = self.tokens / (time.perf_counter() - self.clock)
         for row in rows:
             self.writer.write(row)
-        self.last = rows[-1]
+            self.remember(row)
         if self.bar is not None:
+            loss = float(np.mean([row["loss"] for row in newest]))
             self.bar.set_postfix(
-                loss=f"{self.last['loss']:.4f}", lr=f"{self.last['lr']:.2e}", tok_s=f"{self.last['tokens_per_s']:.0f}"
+                loss=f"{loss:.4f}", lr=f"{newest[-1]['lr']:.2e}", tok_s=f"{newest[-1]['tokens_per_s']:.0f}"
             )
         self.tokens, self.clock = 0, time.perf_counter()
 
+    def remember(self, row: dict) -> None:
+        """Keep a row's figures as its member's newest."""
+        member = row.get("member")
+        self.last[member] = {**self.last.get(member, {}), **{k: v for k, v in row.items() if k != "member"}}
 
-def fetch_rows(pending: list[tuple[int, dict]], pmapped: bool) -> list[dict]:
-    """Device metrics -> host rows {"step", "loss", ...} (one transfer for the whole window)."""
+
+def member_rows(step: int, values: dict, members: int | None) -> list[dict]:
+    """Rows {"step", ["member"], name: float} from host values: floats, or (K,) arrays for K members."""
+    if members is None:
+        return [{"step": step, **{k: float(v) for k, v in values.items()}}]
+    return [{"step": step, "member": k, **{n: float(v[k]) for n, v in values.items()}} for k in range(members)]
+
+
+def fetch_rows(pending: list[tuple[int, dict]], pmapped: bool, members: int | None = None) -> list[dict]:
+    """Device metrics -> host rows {"step", ["member"], "loss", ...} (one transfer for the whole window)."""
     values = jax.device_get([m for _, m in pending])
     rows = []
     for (step, _), m in zip(pending, values, strict=True):
-        row = {"step": step}
-        for k, v in m.items():
-            v = np.asarray(v)
-            row[k] = float(v.reshape(-1)[0] if pmapped else v)
-        rows.append(row)
+        host = {k: np.asarray(v)[0] if pmapped else np.asarray(v) for k, v in m.items()}  # pmap: device 0's copy
+        rows.extend(member_rows(step, host, members))
     return rows
+
+
+class Telemetry:
+    """Every `every` updates: the figures of each adapter's update (`jlora.core.telemetry`), a row per member.
+
+    The figures are computed by one compiled call on the device from the factors; phi compares
+    with the adapters `every` updates earlier (left out of the first row, and of a row whose
+    previous look was not exactly `every` updates before, as after a resume between two looks).
+    """
+
+    def __init__(self, trainer: Trainer, *, every: int, pmapped: bool, start: int):
+        self.every, self.pmapped = every, pmapped
+        state, run = trainer.state, trainer.run
+        self.members = None if trainer.members is None else len(trainer.members)
+        adapters = flatten_adapters(state.trainable["lora"])
+        self.norms = weight_norms(run.params, adapters)
+        if trainer.members is None:
+            self.scalings = {p: run.model.lora.scaling_for(p, r=a["A"].shape[0]) for p, a in adapters.items()}
+            self.ranks = [{p: a["A"].shape[0] for p, a in adapters.items()}]
+            self.figures = adapter_figures
+        else:
+            self.scalings = scalings_by_path(state.frozen[SCALING])
+            self.ranks = [{p: m.lora.rank_for(p) for p in adapters} for m in trainer.members]
+            self.figures = jax.jit(jax.vmap(adapter_figures, in_axes=(0, 0, 0, None)))
+        self.previous = (start, jax.tree.map(jnp.copy, state.trainable["lora"]))
+
+    def __call__(self, info: StepInfo) -> list[dict]:
+        """The rows of this update: {"step", ["member"], "effective_rank/mean", ...}, one per member."""
+        lora = (unreplicate(info.state) if self.pmapped else info.state).trainable["lora"]
+        figures = self.figures(lora, self.previous[1], self.scalings, self.norms)
+        with_phi = self.previous[0] == info.step - self.every
+        rows = []
+        for k, ranks in enumerate(self.ranks):
+            member = figures if self.members is None else take(figures, k)
+            row = telemetry_row(member, ranks, with_phi=with_phi)
+            rows.append({"step": info.step, **({} if self.members is None else {"member": k}), **row})
+        self.previous = (info.step, jax.tree.map(jnp.copy, lora))  # the next update donates `lora`
+        return rows

@@ -6,6 +6,10 @@ event file alike, so both read as one run: each step once, whatever was interrup
 
 In a multi-host run every process computes the same rows; only the primary one (process 0)
 writes them, so each step is recorded once.
+
+A population run (several adapters trained at once) writes one stream per member: each of its
+rows carries a ``member`` index, and member k's numbers go to their own TensorBoard run,
+``RUN_DIR/tb/<k>-<name>``, so TensorBoard draws the members side by side.
 """
 
 from __future__ import annotations
@@ -31,10 +35,18 @@ class MetricsWriter:
 
     `truncate_after`: the step a run resumes from (0: a fresh start); rows past it are dropped
     first. `primary`: False on the processes of a multi-host run that do not write (rows are
-    accepted and discarded).
+    accepted and discarded). `members`: a population's member names; a row with a ``member``
+    index k then goes to TensorBoard run ``tb/<k>-<name>``.
     """
 
-    def __init__(self, run_dir: str | Path, *, truncate_after: int | None = None, primary: bool = True):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        truncate_after: int | None = None,
+        primary: bool = True,
+        members: list[str] | None = None,
+    ):
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file = self._tb = None
         if not primary:
@@ -44,17 +56,27 @@ class MetricsWriter:
             kept = [r for r in read_metrics(run_dir) if r["step"] <= truncate_after] if truncate_after else []
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._file = self.path.open("a")
-        self._tb = ScalarWriter(Path(run_dir) / "tb", truncate_after=truncate_after)
+        self._tb = member_writers(Path(run_dir) / "tb", members, truncate_after)
 
     def write(self, row: Mapping) -> None:
         if self._file is None:
             return
         self._file.write(json.dumps(dict(row)) + "\n")
         self._file.flush()
-        numbers = {k: float(v) for k, v in row.items() if k != "step" and isinstance(v, int | float)}
-        self._tb.scalars(int(row["step"]), numbers)
+        numbers = {k: float(v) for k, v in row.items() if k not in ("step", "member") and isinstance(v, int | float)}
+        self._tb[row.get("member")].scalars(int(row["step"]), numbers)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
-            self._tb.close()
+            for tb in self._tb.values():
+                tb.close()
+
+
+def member_writers(
+    tb_dir: Path, members: list[str] | None, truncate_after: int | None = None
+) -> dict[int | None, ScalarWriter]:
+    """{None: one writer in `tb_dir`} for a single run; {k: a writer in ``tb_dir/<k>-<name>``} per member."""
+    if members is None:
+        return {None: ScalarWriter(tb_dir, truncate_after=truncate_after)}
+    return {k: ScalarWriter(tb_dir / f"{k}-{name}", truncate_after=truncate_after) for k, name in enumerate(members)}

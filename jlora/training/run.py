@@ -3,32 +3,40 @@
     run = build_run(cfg)              # tokenizer, base (model, params), tokenized train / validation data
     run, lora = initial_lora(run)     # fresh adapters (A random, B = 0), or cfg.init_from's PEFT adapter
     run.start_params                  # the base as training starts: params with the adapter's saved modules
+    trainer = solo_trainer(run)       # the state at step 0 and how to compile its step (a population:
+                                      # jlora.training.population.population_trainer)
     adapter_of(state.trainable, run.start_leaves)   # what a checkpoint keeps: {"lora": ..., "base": ...}
 
-Everything here is decided by the config alone (the random base and A's initialisation are
-seeded by ``cfg.seed``), which is what lets a checkpoint name its base instead of storing it.
-`params` stays the base exactly as loaded (what a checkpoint's base fingerprint describes and
-what `load_checkpoint` loads again); the leaves a PEFT adapter brings (its ``modules_to_save``,
-e.g. ``ln_f``) are `start_leaves`, put over the base for training and saved in every checkpoint
-beside the trained leaves, so the checkpoint restores the model the run trained.
+Everything here is decided by the config alone (the random base by ``cfg.seed``, A's
+initialisation by the adapter seed), which is what lets a checkpoint name its base instead of
+storing it. `params` stays the base exactly as loaded (what a checkpoint's base fingerprint
+describes and what `load_checkpoint` loads again); the leaves a PEFT adapter brings (its
+``modules_to_save``, e.g. ``ln_f``) are `start_leaves`, put over the base for training and saved
+in every checkpoint beside the trained leaves, so the checkpoint restores the model the run trained.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 
 from jlora.core.gpt2 import GPT2, GPT2Config, init_params
 from jlora.core.lora import init_lora
+from jlora.core.optim import make_optimizer, partition, trainable_mask
+from jlora.core.step import EvalStep, TrainState, TrainStep, init_state, make_eval_step, make_train_step
 from jlora.errors import ConfigError, JloraError, RunDirError
 from jlora.exchange.hf_checkpoint import load_gpt2
 from jlora.training.data import TokenizedData, read_examples, tokenize
-from jlora.training.run_config import RunConfig, load_run_config
+from jlora.training.members import MemberSpec
+from jlora.training.run_config import RunConfig, adapter_seed, load_run_config
 from jlora.training.tokenizer import load_tokenizer
 from jlora.tree import leaves_by_path, overlay, prune, unflatten
+
+PyTree = Any
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -46,12 +54,31 @@ class Run:
     base_name: str
     train: TokenizedData
     val: TokenizedData | None
+    forgetting: TokenizedData | None = None  # cfg.eval.forgetting's held-out text
     start_leaves: dict = dataclasses.field(default_factory=dict)
 
     @property
     def start_params(self) -> dict:
         """The base parameters training starts from: `params` with `start_leaves` in place."""
         return overlay(self.params, self.start_leaves)
+
+
+class Trainer(NamedTuple):
+    """What a run trains and how, alone or as a population: `jlora.training.train`'s one loop drives either.
+
+    A population (`members` set) stacks K adapters: its state carries a member axis, `rng` holds K
+    dropout keys, its step's metrics and its evaluations have K values each, and `axes` are the
+    `jax.vmap` axes of its variables (`jlora.core.population.member_axes`).
+    """
+
+    run: Run  # re-based on cfg.init_from's adapter, if any
+    state: TrainState  # step 0
+    mask: PyTree  # the trainable mask of the variables
+    rng: jax.Array  # the step's dropout key (K keys for a population)
+    make_step: Callable[[int], TrainStep]  # n_devices -> the compiled step
+    make_eval_step: Callable[[int], EvalStep]
+    members: tuple[MemberSpec, ...] | None = None
+    axes: PyTree | None = None
 
 
 def tokenizer_source(cfg: RunConfig) -> str:
@@ -93,7 +120,11 @@ def build_run(cfg: RunConfig) -> Run:
             f"the tokenizer {tokenizer_source(cfg)!r} has {tokenizer.vocab_size} tokens, more than the model's "
             f"vocabulary of {model.config.vocab_size}; set data.tokenizer to the model's own"
         )
-    return Run(cfg, tokenizer, model, params, cfg.model.name, train, val)
+    forgetting = None
+    if cfg.eval.forgetting:
+        text = read_examples(cfg.eval.forgetting, split="generic", fmt="text")
+        forgetting = tokenize(text, tokenizer, cfg.seq_len)
+    return Run(cfg, tokenizer, model, params, cfg.model.name, train, val, forgetting)
 
 
 def start_from_peft(run: Run) -> tuple[Run, dict]:
@@ -112,7 +143,29 @@ def initial_lora(run: Run) -> tuple[Run, dict]:
     """(run, lora): fresh adapters (A random, B = 0), or those of ``cfg.init_from``."""
     if run.cfg.init_from:
         return start_from_peft(run)
-    return run, init_lora(jax.random.fold_in(jax.random.key(run.cfg.seed), 1), run.model, run.params)
+    return run, init_lora(init_key(adapter_seed(run.cfg)), run.model, run.params)
+
+
+def init_key(seed: int) -> jax.Array:
+    """The key of A's initialisation for adapter seed `seed` (the dropout keys are ``key(seed)``)."""
+    return jax.random.fold_in(jax.random.key(seed), 1)
+
+
+def solo_trainer(run: Run) -> Trainer:
+    """One adapter (`initial_lora`) and the trainable base leaves the config names, at step 0."""
+    cfg = run.cfg
+    run, lora = initial_lora(run)
+    variables = {"params": run.start_params, "lora": lora}
+    mask = trainable_mask(variables, bias=cfg.trainable.bias, modules_to_save=cfg.trainable.modules_to_save)
+    optimizer = make_optimizer(cfg.optim, partition(variables, mask)[0])
+    return Trainer(
+        run,
+        init_state(variables, mask, optimizer),
+        mask,
+        jax.random.key(adapter_seed(cfg)),
+        lambda n_devices: make_train_step(run.model, optimizer, cfg.optim, n_devices=n_devices),
+        lambda n_devices: make_eval_step(run.model, n_devices=n_devices),
+    )
 
 
 def checkpoint_meta(run: Run, step: int, identity: dict) -> dict:

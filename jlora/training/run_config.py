@@ -28,6 +28,7 @@ from jlora.core.lora_config import LoraConfig
 from jlora.core.optim import OptimConfig
 from jlora.errors import ConfigError
 from jlora.training.batching import check_buckets
+from jlora.training.members import MemberSpec, PopulationConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
 CONFIGS = Path(__file__).parent.parent / "configs"  # run configs shipped in the package; configs/ links here
@@ -85,6 +86,15 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """`forgetting`: held-out text from outside the task (a JSONL file of {"text": ...} records, or
+    "bundled" for jlora's generic text set) on which each evaluation also reports the adapted model's
+    loss, the base model's, and the mean per-token KL(base || adapted); None: off."""
+
+    forgetting: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -101,6 +111,11 @@ class RunConfig:
     log_every: int = 10
     seed: int = 0
     init_from: str | None = None  # a PEFT adapter folder to start from (its LoRA config replaces `lora`)
+    adapter_seed: int | None = None  # A's initialisation and the dropout keys (None: `seed`, which also
+    # seeds a random base and the data order)
+    population: PopulationConfig | None = None  # several adapters trained at once (jlora.training.members)
+    telemetry: int | None = None  # every this many steps, the spectrum of each adapter's dW (None: off)
+    eval: EvalConfig = EvalConfig()
 
     def __post_init__(self):
         if self.steps <= 0:
@@ -231,9 +246,29 @@ def _check_values(cfg: RunConfig) -> None:
         if numerics:
             raise ConfigError(f"model.random.{numerics[0]}: set model.{numerics[0]} instead")
         _build(GPT2Config, {"vocab_size": 257, **cfg.model.random}, "model.random.")  # keys, types, shape checks
+    if cfg.telemetry is not None and cfg.telemetry <= 0:
+        raise ConfigError(f"telemetry must be > 0 (every N steps) or null, got {cfg.telemetry}")
+    forgetting = cfg.eval.forgetting
+    if forgetting and forgetting != "bundled" and not Path(forgetting).expanduser().is_file():
+        raise ConfigError(f"eval.forgetting: no such file {forgetting}")
+    if cfg.population is not None:
+        if cfg.init_from:
+            raise ConfigError("init_from starts one adapter; it cannot be combined with a population")
+        population_members(cfg)  # its errors now, before anything is loaded
     n_positions = cfg.model.random.get("n_positions", 1024) if cfg.model.name == "random" else None
     if n_positions is not None and cfg.seq_len > n_positions:
         raise ConfigError(f"seq_len={cfg.seq_len} is longer than the model's n_positions={n_positions}")
+
+
+def adapter_seed(cfg: RunConfig) -> int:
+    """The seed of a run's adapters: A's initialisation and the dropout keys (``adapter_seed``, else ``seed``)."""
+    return cfg.seed if cfg.adapter_seed is None else cfg.adapter_seed
+
+
+def population_members(cfg: RunConfig) -> list[MemberSpec]:
+    """The members of a population run, each the run's settings with its own replaced (see `members`)."""
+    optim = cfg.optim
+    return cfg.population.resolve(cfg.lora, lr=optim.lr, loraplus_ratio=optim.loraplus_ratio, seed=adapter_seed(cfg))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -2,17 +2,21 @@
 
     cfg ─build_run─> tokenizer, base (model, params), data ─initial_lora─> {"params", "lora"}
         ─partition(mask)─> TrainState ─resume─> state at the newest checkpoint (or step 0)
-    run_hooks(train_steps(step, state, batch_at, ...), [log, evaluation, checkpoint, progress])
+    run_hooks(train_steps(step, state, batch_at, ...), [log, evaluation, telemetry, checkpoint, progress])
 
 Everything an update depends on is a function of (config, step): the batch is `batch_at(data,
-step)` and the dropout key is ``fold_in(key(seed), step)``. So the same command on the same
+step)` and the dropout key is ``fold_in(key(adapter seed), step)``. So the same command on the same
 RUN_DIR resumes from the newest checkpoint and reproduces an uninterrupted run's losses.
+
+A config with a ``population:`` section trains its members at once through the same loop: the
+trainer (`jlora.training.population.population_trainer`) stacks their adapters, and every hook
+writes a row per member.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import sys
 from functools import partial
 from pathlib import Path
@@ -21,26 +25,35 @@ import jax
 import numpy as np
 
 from jlora.core.lora_config import effective_lr, scaling
-from jlora.core.optim import count_params, make_optimizer, partition, trainable_mask
+from jlora.core.optim import count_params, partition
 from jlora.core.parallel import replicate, shard_batch, unreplicate
-from jlora.core.step import EvalStep, TrainState, init_state, make_eval_step, make_train_step
+from jlora.core.step import EvalStep, TrainState
 from jlora.errors import ConfigError, Interrupted, NonFiniteError
 from jlora.training import checkpoint as ckpt
 from jlora.training.batching import Layout, describe, layout_of, run_shapes, shape_batch, shape_bound
 from jlora.training.data import batch_at
-from jlora.training.evaluate import exact_match, greedy_predictor, loss_and_perplexity, mean_loss, n_batches
-from jlora.training.hooks import MetricsLog
+from jlora.training.evaluate import (
+    exact_match,
+    greedy_predictor,
+    host_sums,
+    loss_and_perplexity,
+    make_forgetting,
+    mean_loss,
+    n_batches,
+)
+from jlora.training.hooks import MetricsLog, Telemetry, member_rows
 from jlora.training.interrupt import stop_requests
 from jlora.training.loop import Hook, StepInfo, run_hooks, train_steps
 from jlora.training.metrics import MetricsWriter
-from jlora.training.run import Run, adapter_of, build_run, check_config_matches, checkpoint_meta, initial_lora
+from jlora.training.population import population_meta, population_trainer
+from jlora.training.run import Run, Trainer, adapter_of, build_run, check_config_matches, checkpoint_meta, solo_trainer
 from jlora.training.run_config import RunConfig, save_run_config
 from jlora.training.rundir import check_run_dir, hold_run_dir, is_primary
 from jlora.tree import all_finite, overlay
 
 
 def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict:
-    """Run (or resume) training as `cfg` says, in `run_dir`; returns the last metrics.
+    """Run (or resume) training as `cfg` says, in `run_dir`; returns the summary (the last metrics).
 
     Input errors are raised before anything is written; a run stopped by SIGINT or SIGTERM saves
     a checkpoint at the update it reached and raises `Interrupted`.
@@ -55,11 +68,9 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
     if cfg.batch_size % (n_devices * n_hosts):
         raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {n_devices * n_hosts} devices")
     identity = ckpt.base_identity(run.base_name, run.params)
-    run, lora = initial_lora(run)
-    variables = {"params": run.start_params, "lora": lora}
-    mask = trainable_mask(variables, bias=cfg.trainable.bias, modules_to_save=cfg.trainable.modules_to_save)
-    optimizer = make_optimizer(cfg.optim, partition(variables, mask)[0])
-    state = init_state(variables, mask, optimizer)
+    trainer = population_trainer(run) if cfg.population else solo_trainer(run)
+    run, members = trainer.run, trainer.members
+    size = None if members is None else len(members)
 
     with hold_run_dir(run_dir), stop_requests(every=cfg.log_every) as stop_requested:
         check_config_matches(run_dir, cfg)  # again: now no other run can write the folder
@@ -67,37 +78,44 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
         if primary:
             save_run_config(cfg, run_dir / "config.yaml")
         manager = ckpt.open_manager(run_dir, max_to_keep=cfg.checkpoint.max_to_keep)
-        state, start = resume(manager, state, run)
+        state, start = resume(manager, trainer.state, run)
 
-        step = make_train_step(run.model, optimizer, cfg.optim, n_devices=n_devices)
-        eval_step = make_eval_step(run.model, n_devices=n_devices)
+        step = trainer.make_step(n_devices)
+        eval_step = trainer.make_eval_step(n_devices)
         place = partial(feed_devices, n_devices=n_devices, n_hosts=n_hosts) if step.pmapped else (lambda batch: batch)
         layout = layout_of(cfg, n_devices * n_hosts)
         feed = lambda batch: place(shape_batch(batch, layout))  # noqa: E731
         n_trainable = count_params(state.trainable)
+        telemetry = None
+        if cfg.telemetry:  # from the host state: it keeps a copy of the adapters to measure their drift
+            telemetry = Telemetry(trainer._replace(state=state), every=cfg.telemetry, pmapped=step.pmapped, start=start)
         if step.pmapped:
             state = replicate(state, n_devices)
         if primary:
-            print(header(run, n_trainable, n_devices * n_hosts, start, layout))
+            print(header(run, n_trainable, n_devices * n_hosts, start, layout, members))
 
-        writer = MetricsWriter(run_dir, truncate_after=start, primary=primary)
+        names = None if members is None else [m.name for m in members]
+        writer = MetricsWriter(run_dir, truncate_after=start, primary=primary, members=names)
         evaluate = make_evaluator(
-            run, eval_step, feed, pmapped=step.pmapped, layout=layout, progress=progress and primary
+            trainer, eval_step, place, pmapped=step.pmapped, layout=layout, progress=progress and primary
         )
         bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and primary), dynamic_ncols=True, unit="step")
 
         def evaluation(info: StepInfo) -> None:
             result = evaluate(info.state)
-            if not result:  # no validation data
+            if not result:  # no validation or forgetting data
                 return
-            writer.write({"step": info.step, **result})
-            log.last = {**log.last, **result}
-            bar.write(f"step {info.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+            for row in member_rows(info.step, result, size):
+                writer.write(row)
+                log.remember(row)
+                who = "" if size is None else f" [{members[row['member']].name}]"
+                figures = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "member"))
+                bar.write(f"step {info.step}{who}: {figures}")
 
         def checkpoint(info: StepInfo) -> None:
             host = unreplicate(info.state) if step.pmapped else info.state
             check_finite_state(eval_step, info, host, newest=manager.latest_step())
-            meta = checkpoint_meta(run, info.step, identity)
+            meta = {**checkpoint_meta(run, info.step, identity), **population_meta(members)}
             ckpt.save(manager, info.step, adapter_of(host.trainable, run.start_leaves), host.opt_state, meta)
 
         log = MetricsLog(
@@ -107,6 +125,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
             pmapped=step.pmapped,
             newest_checkpoint=manager.latest_step,
             bar=bar,
+            members=size,
         )
         hooks = [
             Hook(log, every=1),
@@ -114,21 +133,33 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
             Hook(checkpoint, every=cfg.checkpoint.every),
             Hook(lambda info: bar.update(1), every=1),
         ]
+        if telemetry is not None:  # before the checkpoint: a checkpoint at step s finds every row up to s written
+            hooks.insert(2, Hook(lambda info: [writer.write(row) for row in telemetry(info)], every=cfg.telemetry))
         try:
-            if start == 0 and run.val is not None:
-                writer.write({"step": 0, **evaluate(state)})
+            if start == 0:
+                for row in member_rows(0, evaluate(state), size) if run.val or run.forgetting else ():
+                    writer.write(row)
             batch_for = lambda i: feed(batch_at(run.train, i, cfg.batch_size, cfg.seed))  # noqa: E731
-            rng = jax.random.key(cfg.seed)
-            steps = train_steps(step, state, batch_for, rng, start=start, stop=cfg.steps, stop_requested=stop_requested)
+            steps = train_steps(
+                step, state, batch_for, trainer.rng, start=start, stop=cfg.steps, stop_requested=stop_requested
+            )
             last = run_hooks(steps, hooks)
         finally:
             bar.close()
             writer.close()
         if last is not None and last.interrupted:
             raise Interrupted(f"interrupted at step {last.step}; saved a checkpoint there, the same command resumes it")
+        summary = summarise(cfg.steps, log.last, members)
         if primary:
-            (run_dir / "summary.json").write_text(json.dumps({"step": cfg.steps, **log.last}, indent=2) + "\n")
-    return log.last
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def summarise(steps: int, last: dict, members) -> dict:
+    """summary.json: the last metrics of the run, or ``{"step", "members": [each member's]}``."""
+    if members is None:
+        return {"step": steps, **last.get(None, {})}
+    return {"step": steps, "members": [{"member": k, "name": m.name, **last.get(k, {})} for k, m in enumerate(members)]}
 
 
 def resume(manager, state: TrainState, run: Run) -> tuple[TrainState, int]:
@@ -144,6 +175,7 @@ def resume(manager, state: TrainState, run: Run) -> tuple[TrainState, int]:
         print(f"jlora: checkpoint {bad} cannot be read ({why}); moved to {where}", file=sys.stderr)
     ckpt.check_base(restored.meta["base_model"], run.params)
     variables = {
+        **state.variables,  # a population's scalings too
         "params": overlay(state.variables["params"], restored.adapter["base"]),
         "lora": restored.adapter["lora"],
     }
@@ -158,55 +190,98 @@ def check_finite_state(eval_step: EvalStep, info: StepInfo, host: TrainState, *,
 
     The loss of the state (after the update) on the batch it was just trained on catches what the
     values alone do not: adapters of 1e30 are finite numbers, but the model they make is NaN.
+    A population's state is refused when any member's is not finite.
     """
-    total, count = (float(np.asarray(x).reshape(-1)[0]) for x in eval_step(info.state, info.batch))
-    loss = total / max(count, 1.0)
-    if not (math.isfinite(loss) and all_finite(host.trainable) and all_finite(host.opt_state)):
+    total, count = host_sums(eval_step, eval_step(info.state, info.batch))
+    loss = total / np.maximum(count, 1.0)
+    if not (np.isfinite(loss).all() and all_finite(host.trainable) and all_finite(host.opt_state)):
+        losses = np.ravel(loss)
+        shown = (losses[~np.isfinite(losses)] if not np.isfinite(losses).all() else losses)[0]
         raise NonFiniteError(
-            f"the trained state at step {info.step} is not finite (loss on its last batch: {loss:.4g}); "
+            f"the trained state at step {info.step} is not finite (loss on its last batch: {shown:.4g}); "
             f"stopped without saving it (newest checkpoint: step {newest})"
         )
 
 
-def header(run: Run, n_trainable: int, n_devices: int, start: int, layout: Layout) -> str:
+def header(run: Run, n_trainable: int, n_devices: int, start: int, layout: Layout, members=None) -> str:
     """The run's first line: base, scaling and effective learning rate, trainable size, data, batch
-    shapes (padding and compiled step shapes of the steps to come), devices."""
+    shapes (padding and compiled step shapes of the steps to come), devices.
+
+    A population's line gives the member count and total trainable size; a line per member follows
+    with its scaling and effective learning rate.
+    """
     cfg, lora = run.cfg, run.model.lora
     shapes = run_shapes(run.train, cfg.batch_size, cfg.seed, range(start, cfg.steps), layout)
-    return (
-        f"jlora: {run.base_name} | LoRA r={lora.r} alpha={lora.alpha} scaling={scaling(lora):g} | "
-        f"lr={cfg.optim.lr:g} effective lr (lr*alpha/r)={effective_lr(cfg.optim.lr, lora):g} | "
-        f"trainable {n_trainable:,} | train: {run.train.summary()} | "
+    if members is None:
+        adapters = (
+            f"LoRA r={lora.r} alpha={lora.alpha} scaling={scaling(lora):g} | "
+            f"lr={cfg.optim.lr:g} effective lr (lr*alpha/r)={effective_lr(cfg.optim.lr, lora):g}"
+        )
+    else:
+        adapters = f"population of {len(members)} adapters"
+    trainable = f"trainable {n_trainable:,}" + ("" if members is None else " in all")
+    line = (
+        f"jlora: {run.base_name} | {adapters} | {trainable} | train: {run.train.summary()} | "
         f"{describe(layout, shapes, shape_bound(cfg.seq_len, cfg.batch_size, layout))} | "
         f"{run.model.config.dtype} | devices {n_devices}" + (f" | resuming at step {start}" if start else "")
     )
+    for k, m in enumerate(members or ()):
+        line += (
+            f"\n  member {k} [{m.name}]: r={m.lora.r} alpha={m.lora.alpha:g} scaling={scaling(m.lora):g} "
+            f"lr={m.lr:g} effective lr={effective_lr(m.lr, m.lora):g} seed={m.seed}"
+        )
+    return line
 
 
-def make_evaluator(run: Run, eval_step: EvalStep, feed, *, pmapped: bool, layout: Layout, progress: bool = False):
-    """``evaluate(state) -> {"val_loss", "val_ppl"[, "exact_match"]}`` on the run's validation data ({} without).
+def make_evaluator(
+    trainer: Trainer, eval_step: EvalStep, place, *, pmapped: bool, layout: Layout, progress: bool = False
+):
+    """``evaluate(state) -> {"val_loss", "val_ppl"[, "exact_match"][, "forget_*"]}``: floats, or (K,)
+    arrays for a population; {} without validation or forgetting data.
 
-    With `progress`, a bar counts the evaluation's batches (and is cleared when it ends).
+    Batches are shaped by `layout` and placed by `place`; forgetting's text is never packed (its
+    forward passes read plain rows). With `progress`, a bar counts the evaluation's batches (and is
+    cleared when it ends).
     """
     from tqdm.auto import tqdm
 
+    run = trainer.run
     cfg = run.cfg
-    predict = greedy_predictor(run.model)
+    predict = greedy_predictor(run.model, trainer.axes)
+    forgetting = None
+    if run.forgetting is not None:
+        rows = dataclasses.replace(layout, pack=False)
+        feed_rows = lambda batch: place(shape_batch(batch, rows))  # noqa: E731
+        forgetting = make_forgetting(trainer, feed_rows, pmapped=pmapped, n_devices=eval_step.n_devices)
 
     def evaluate(state: TrainState) -> dict:
-        if run.val is None:
-            return {}
-        total = n_batches(len(run.val), cfg.batch_size, cfg.eval_batches)
-        total += n_batches(min(cfg.exact_match, len(run.val)), cfg.batch_size)
+        total = 0
+        if run.val is not None:
+            total += n_batches(len(run.val), cfg.batch_size, cfg.eval_batches)
+            total += n_batches(min(cfg.exact_match, len(run.val)), cfg.batch_size)
+        if forgetting is not None:
+            total += n_batches(len(run.forgetting), cfg.batch_size, cfg.eval_batches)
+        out = {}
         with tqdm(total=total, desc="evaluating", unit="batch", leave=False, disable=not progress) as bar:
-            loss = mean_loss(
-                eval_step, state, run.val, cfg.batch_size, max_batches=cfg.eval_batches, feed=feed, progress=bar.update
-            )
-            out = loss_and_perplexity(loss)
-            if cfg.exact_match:
-                variables = (unreplicate(state) if pmapped else state).variables
-                out["exact_match"] = exact_match(
-                    predict, variables, run.val, cfg.exact_match, cfg.batch_size, layout=layout, progress=bar.update
+            if run.val is not None:
+                feed = lambda batch: place(shape_batch(batch, layout))  # noqa: E731
+                loss = mean_loss(
+                    eval_step,
+                    state,
+                    run.val,
+                    cfg.batch_size,
+                    max_batches=cfg.eval_batches,
+                    feed=feed,
+                    progress=bar.update,
                 )
+                out.update(loss_and_perplexity(loss))
+                if cfg.exact_match:
+                    variables = (unreplicate(state) if pmapped else state).variables
+                    out["exact_match"] = exact_match(
+                        predict, variables, run.val, cfg.exact_match, cfg.batch_size, layout=layout, progress=bar.update
+                    )
+            if forgetting is not None:
+                out.update(forgetting(state, progress=bar.update))
         return out
 
     return evaluate

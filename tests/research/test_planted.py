@@ -1,4 +1,4 @@
-"""Planting a known low-rank update; the KL used to distil towards it; subspace similarity on both sides of dW."""
+"""Planting a known low-rank update; subspace similarity on both sides of dW."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import pytest
 
 from jlora.core.lora import flatten_adapters, unflatten_adapters
 from jlora.core.lora_config import LoraConfig
-from jlora.research.planted import compare_to_planted, delta_subspaces, kl_divergence, plant_low_rank
+from jlora.research.planted import compare_to_planted, delta_subspaces, plant_low_rank
 
 
 def params_tree(key, d=16):
@@ -38,24 +38,6 @@ def test_planted_update_is_the_promised_rank_k_matrix():
             blind = 1.0 / np.asarray(params["h"]["0"]["ln_1"]["scale"], np.float64)
             assert np.linalg.norm(dw @ blind) < 1e-5 * np.linalg.norm(dw) * np.linalg.norm(blind)
     assert teacher["h"]["0"]["attn"]["c_attn"]["bias"] is params["h"]["0"]["attn"]["c_attn"]["bias"]
-
-
-@pytest.mark.parametrize("spread", [1e-4, 1.0, 40.0])
-def test_kl_divergence_against_float64(spread):
-    t = jax.random.normal(jax.random.key(0), (6, 257)) * 0.1
-    s = t + spread * jax.random.normal(jax.random.key(1), t.shape)
-    t64, s64 = np.asarray(t, np.float64), np.asarray(s, np.float64)
-    log_p = (
-        t64 - np.log(np.sum(np.exp(t64 - t64.max(-1, keepdims=True)), -1, keepdims=True)) - t64.max(-1, keepdims=True)
-    )
-    log_q = (
-        s64 - np.log(np.sum(np.exp(s64 - s64.max(-1, keepdims=True)), -1, keepdims=True)) - s64.max(-1, keepdims=True)
-    )
-    expected = np.sum(np.exp(log_p) * (log_p - log_q), -1)
-    got = np.asarray(kl_divergence(t, s), np.float64)
-    # nearly equal logits: KL ~ 1e-9, far below float32 resolution of log-probabilities near log(257)
-    np.testing.assert_allclose(got, expected, rtol=2e-3 if spread < 1 else 1e-4)
-    assert np.all(got >= 0)
 
 
 def test_subspaces_of_both_sides():

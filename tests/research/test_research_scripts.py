@@ -130,3 +130,14 @@ def test_full_vs_lora(quick):
     assert all(row["min_energy"] <= row["mean_energy"] + 1e-12 for row in rows)
     # cut at full rank, the truncation is the full fine-tune itself
     assert rows[-1]["val_loss"] == pytest.approx(s["full"]["val_loss"], abs=1e-4)
+    # learning against forgetting: the full fine-tune and LoRA at r = 1, 8 (one population), on the generic text
+    lf = s["learn_forget"]
+    assert lf["text"] == "bundled" and lf["pretrain_steps"] == 0
+    assert [run["r"] for run in lf["lora"]] == [1, 8] and [run["alpha"] for run in lf["lora"]] == [2, 16]
+    lora8 = lf["lora"][1]
+    assert lora8["val_loss"] == s["lora"]["val_loss"] and lora8["trainable_params"] == s["lora"]["trainable_params"]
+    assert lf["lora"][0]["trainable_params"] == LORA_PER_RANK + LN_F
+    for row in (lf["full"], *lf["lora"]):
+        assert row["forget_base_loss"] == pytest.approx(lf["base_forget_loss"])
+        assert row["forgetting"] == pytest.approx(row["forget_loss"] - row["forget_base_loss"])
+        assert row["forget_kl"] > 0 and np.isfinite(row["val_loss"])

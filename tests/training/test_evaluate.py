@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import jlora
+from jlora.core.step import EvalStep
 from jlora.training.batching import Layout, shape_batch
 from jlora.training.data import Example, tokenize
 from jlora.training.evaluate import exact_match, greedy_predictor, mean_loss, n_batches
@@ -45,7 +46,7 @@ def test_exact_match_from_loss_positions(setup):
 def test_progress_is_called_once_per_batch(rows, batch_size, max_batches, n):
     data = tokenize([Example(f"q{i}", "a") for i in range(rows)], ByteTokenizer(), seq_len=8)
     calls = []
-    ones = lambda variables, batch: (np.float32(1.0), np.float32(1.0))  # noqa: E731
+    ones = EvalStep(lambda variables, batch: (np.float32(1.0), np.float32(1.0)), n_devices=1, pmapped=False)
     mean_loss(ones, None, data, batch_size, max_batches=max_batches, progress=lambda: calls.append("loss"))
     zeros = lambda variables, batch: np.zeros_like(batch["loss_index"])  # noqa: E731
     exact_match(zeros, None, data, n, batch_size, progress=lambda: calls.append("exact"))

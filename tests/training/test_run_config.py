@@ -85,3 +85,31 @@ def test_dtype_auto_is_float32_on_a_cpu_and_bfloat16_on_accelerators(monkeypatch
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     model, params = build_base(cfg, vocab_size=11)
     assert model.config.dtype == "bfloat16" and {x.dtype.name for x in jax.tree.leaves(params)} == {"float32"}
+
+
+def test_population_members_from_a_grid_and_a_list():
+    from jlora.training.run_config import from_dict, population_members
+
+    cfg = from_dict(
+        {
+            "lora": {"r": 8, "alpha": 16},
+            "optim": {"lr": 1e-3},
+            "seed": 5,
+            "adapter_seed": 7,
+            "population": {"grid": {"r": [4, 8], "alpha": ["2r", 16], "lr": ["3e-3"]}},
+        }
+    )
+    members = population_members(cfg)
+    assert [(m.lora.r, m.lora.alpha, m.lr, m.seed) for m in members] == [
+        (4, 8.0, 3e-3, 7),
+        (4, 16.0, 3e-3, 7),
+        (8, 16.0, 3e-3, 7),  # r=8: alpha 2r and 16 are one member
+    ]
+    assert [m.name for m in members] == ["r=4,alpha=8,lr=0.003", "r=4,alpha=16,lr=0.003", "r=8,alpha=16,lr=0.003"]
+    cfg = from_dict(
+        {"population": {"members": [{"r": 2, "alpha": "0.5r", "rslora": True}, {"seed": 3, "loraplus_ratio": 16}]}}
+    )
+    first, second = population_members(cfg)
+    assert (first.lora.r, first.lora.alpha, first.lora.rslora, first.seed) == (2, 1.0, True, 0)
+    assert (second.lora, second.loraplus_ratio, second.seed) == (cfg.lora, 16.0, 3)
+    assert from_dict(cfg.to_dict()) == cfg  # the section survives config.yaml
