@@ -31,12 +31,15 @@ from jlora.core.lora_config import LoraConfig, alpha_for_rank, effective_lr, sca
 from jlora.core.merge import delta_w, merge, unmerge
 from jlora.core.optim import OptimConfig, combine, learning_rate, make_optimizer, partition, trainable_mask
 from jlora.core.parallel import initialize_distributed, replicate, shard_batch, unreplicate
+from jlora.core.residual import as_plain_lora, init_adapters
 from jlora.core.step import EvalStep, TrainState, TrainStep, init_state, make_eval_step, make_train_step, train_step
 from jlora.core.svd import (
     amplification,
     delta_svd,
     factored_svd,
+    intruder_dimensions,
     lora_from_delta,
+    module_intruders,
     spectrum,
     subspace_similarity,
     subspace_similarity_grid,
@@ -54,7 +57,7 @@ from jlora.errors import (
 from jlora.exchange.hf_checkpoint import load_gpt2, save_gpt2
 from jlora.exchange.merged import save_merged
 from jlora.exchange.peft import load_peft, save_peft
-from jlora.training.checkpoint import load_adapter, load_checkpoint, load_run, lora_config_of
+from jlora.training.checkpoint import load_adapter, load_checkpoint, load_init, load_run, lora_config_of
 
 __all__ = [
     # model and adapters
@@ -67,6 +70,8 @@ __all__ = [
     "init_params",
     "param_shapes",
     "init_lora",
+    "init_adapters",
+    "as_plain_lora",
     "init_cache",
     "flatten_adapters",
     "unflatten_adapters",
@@ -91,6 +96,8 @@ __all__ = [
     "subspace_similarity",
     "subspace_similarity_grid",
     "lora_from_delta",
+    "intruder_dimensions",
+    "module_intruders",
     # training
     "OptimConfig",
     "learning_rate",
@@ -111,6 +118,7 @@ __all__ = [
     "initialize_distributed",
     # checkpoints and exchange
     "load_adapter",
+    "load_init",
     "load_checkpoint",
     "load_run",
     "lora_config_of",

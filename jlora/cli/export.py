@@ -9,7 +9,7 @@ from typing import Any
 from jlora.exchange.hf_checkpoint import resolve
 from jlora.exchange.merged import save_merged
 from jlora.exchange.peft import save_peft
-from jlora.training.checkpoint import find_checkpoint, load_adapter, load_checkpoint, lora_config_of
+from jlora.training.checkpoint import find_checkpoint, load_adapter, load_checkpoint, load_init, lora_config_of
 from jlora.training.tokenizer import load_tokenizer
 
 
@@ -28,7 +28,12 @@ def export_command(args: Any) -> int:
             )
         base = None if name == "random" else str(Path(name).resolve()) if Path(name).is_dir() else name
         out = save_peft(
-            args.peft, lora, lora_config_of(meta), base_model_name_or_path=base, modules_to_save=base_leaves or None
+            args.peft,
+            lora,
+            lora_config_of(meta),
+            base_model_name_or_path=base,
+            modules_to_save=base_leaves or None,
+            init=load_init(checkpoint),  # PiSSA / OLoRA: written as a rank-2r LoRA on the unmodified base
         )
         print(f"PEFT adapter of {run_dir} (step {meta['step']}, base {name}) -> {out}")
         return 0

@@ -45,6 +45,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jlora.core.dora import dora_output
 from jlora.core.lora import lora_delta
 from jlora.core.lora_config import QKV, LoraConfig
 from jlora.errors import ConfigError
@@ -122,7 +123,12 @@ def _normal(std: float):
 
 
 class Linear(nn.Module):
-    """GPT-2's Conv1D, ``x @ kernel + bias`` with kernel (d_in, d_out), plus its LoRA path."""
+    """GPT-2's Conv1D, ``x @ kernel + bias`` with kernel (d_in, d_out), plus its LoRA path.
+
+    The adapter at this module's path in the "lora" collection, or its q/k/v slices, adds
+    ``scaling * B A dropout(x)``; a DoRA adapter (with "m") rescales each output feature
+    (`jlora.core.dora.dora_output`), the bias added after, as in PEFT.
+    """
 
     features: int
     lora: LoraConfig | None
@@ -135,19 +141,28 @@ class Linear(nn.Module):
         kernel = self.param("kernel", _normal(self.init_std), (x.shape[-1], self.features), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         x = x.astype(self.dtype)
-        y = x @ kernel.astype(self.dtype) + bias.astype(self.dtype)
+        base = x @ kernel.astype(self.dtype)
+        y = base + bias.astype(self.dtype)
         adapters = self.variables.get("lora")
         if not adapters:
             return y
         if self.lora is None:
             raise ValueError("a 'lora' collection was given to a model without LoraConfig; use model.clone(lora=cfg)")
-        x = nn.Dropout(self.lora.dropout)(x, deterministic=deterministic or self.lora.dropout == 0)
+        dropout_off = deterministic or self.lora.dropout == 0
+        x_dropped = nn.Dropout(self.lora.dropout)(x, deterministic=dropout_off)
         path = ".".join(self.scope.path)
+        if "m" in adapters:
+            delta = self._delta(x_dropped, adapters, path)
+            scaling = self.lora.scaling_for(path, r=adapters["A"].shape[0])
+            dropped = None if dropout_off else x_dropped
+            return dora_output(base, delta, kernel, adapters, scaling, dropped) + bias.astype(self.dtype)
         if "A" in adapters:
-            return y + self._delta(x, adapters, path)
+            return y + self._delta(x_dropped, adapters, path)
         width = self.features // len(QKV)
         parts = [
-            self._delta(x, adapters[s], f"{path}.{s}") if s in adapters else jnp.zeros((*x.shape[:-1], width), y.dtype)
+            self._delta(x_dropped, adapters[s], f"{path}.{s}")
+            if s in adapters
+            else jnp.zeros((*x.shape[:-1], width), y.dtype)
             for s in QKV
         ]
         return y + jnp.concatenate(parts, axis=-1)

@@ -3,12 +3,15 @@
 A run directory holds::
 
     RUN_DIR/config.yaml                  the resolved run config
-    RUN_DIR/checkpoints/<step>/adapter   {"lora": adapters, "base": trained base leaves}  (Orbax StandardSave)
+    RUN_DIR/checkpoints/<step>/adapter   {"lora": adapters, "base": trained base leaves[, "init": A0, B0]}  (Orbax)
     RUN_DIR/checkpoints/<step>/opt_state the optimizer state                              (Orbax StandardSave)
     RUN_DIR/checkpoints/<step>/meta      step, seed, LoRA config, model config, base identity (JSON)
 
 The frozen base is never saved: it is the checkpoint the run started from, named in `meta`
-with a hash of its weights. `adapter` and `meta` alone restore the adapter::
+with a hash of its weights. A PiSSA / OLoRA run trains on a residual of that base; its
+checkpoints add the initial factors (``init``, the adapters at step 0), from which
+`load_checkpoint` (and a resumed run) rebuilds the residual exactly as training made it
+(`jlora.core.residual.residual_params`). `adapter` and `meta` alone restore the adapter::
 
     lora, base_leaves, meta = load_adapter("RUN_DIR/checkpoints/100")        # jlora
     tree = ocp.StandardCheckpointer().restore("RUN_DIR/checkpoints/100/adapter")  # plain Orbax
@@ -31,6 +34,7 @@ import orbax.checkpoint as ocp
 
 from jlora.core.gpt2 import GPT2, GPT2Config, init_params
 from jlora.core.lora_config import LoraConfig
+from jlora.core.residual import as_plain_lora, residual_params
 from jlora.errors import BaseMismatchError, CheckpointError
 from jlora.exchange.hf_checkpoint import load_gpt2
 from jlora.tree import leaves_by_path, overlay
@@ -53,18 +57,22 @@ def base_identity(name: str, params: Mapping) -> dict:
 
 def check_base(identity: Mapping, params: Mapping, *, allow_different_weights: bool = False) -> None:
     """Refuse a base whose shapes differ from `identity`'s, or (unless allowed) whose weights do."""
-    now = base_identity(identity.get("name", "?"), params)
-    wrong = [(p, s) for p, s in identity["shapes"].items() if now["shapes"].get(p) != s]
+    check_identity(identity, base_identity(identity.get("name", "?"), params), allow_different_weights)
+
+
+def check_identity(saved: Mapping, now: Mapping, allow_different_weights: bool = False) -> None:
+    """`check_base` on an identity already computed (`base_identity`) rather than on the params."""
+    wrong = [(p, s) for p, s in saved["shapes"].items() if now["shapes"].get(p) != s]
     if wrong:  # name a weight matrix rather than its bias where both differ
         path, shape = max(wrong, key=lambda item: len(item[1]))
         raise BaseMismatchError(
             f"base model does not match the adapter's: {path.rsplit('.', 1)[0]} has shape "
             f"{tuple(now['shapes'].get(path) or ())}, the adapter was trained on {tuple(shape)}"
         )
-    if now["sha256"] != identity["sha256"] and not allow_different_weights:
+    if now["sha256"] != saved["sha256"] and not allow_different_weights:
         raise BaseMismatchError(
-            f"base model weights differ from those the adapter was trained on ({identity['name']!r}, "
-            f"sha256 {identity['sha256'][:12]}...); pass allow_different_weights=True to use them anyway"
+            f"base model weights differ from those the adapter was trained on ({saved['name']!r}, "
+            f"sha256 {saved['sha256'][:12]}...); pass allow_different_weights=True to use them anyway"
         )
 
 
@@ -119,14 +127,24 @@ def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
     return found
 
 
-def load_adapter(checkpoint_dir: str | Path) -> tuple[dict, dict, dict]:
-    """(lora, trained base leaves, meta) from one checkpoint folder; no run directory needed."""
+def _read(checkpoint_dir: str | Path) -> tuple[dict, dict]:
+    """(the adapter item's tree {"lora", "base"[, "init"]}, meta) of one checkpoint folder."""
     checkpoint_dir = Path(checkpoint_dir)
     if not (checkpoint_dir / "adapter").exists():
         raise CheckpointError(f"no adapter checkpoint in {checkpoint_dir}")
     tree = ocp.StandardCheckpointer().restore((checkpoint_dir / "adapter").absolute())
-    meta = json.loads(_meta_file(checkpoint_dir).read_text())
+    return tree, json.loads(_meta_file(checkpoint_dir).read_text())
+
+
+def load_adapter(checkpoint_dir: str | Path) -> tuple[dict, dict, dict]:
+    """(lora, trained base leaves, meta) from one checkpoint folder; no run directory needed."""
+    tree, meta = _read(checkpoint_dir)
     return tree["lora"], tree.get("base", {}), meta
+
+
+def load_init(checkpoint_dir: str | Path) -> dict | None:
+    """The initial factors {"h": ... {"A", "B"}} a PiSSA / OLoRA checkpoint keeps (None for other inits)."""
+    return _read(checkpoint_dir)[0].get("init")
 
 
 def _meta_file(checkpoint_dir: Path) -> Path:
@@ -134,7 +152,13 @@ def _meta_file(checkpoint_dir: Path) -> Path:
     return meta / "metadata" if meta.is_dir() else meta
 
 
-def load_checkpoint(checkpoint_dir: str | Path, base: str | None = None, *, allow_different_weights: bool = False):
+def load_checkpoint(
+    checkpoint_dir: str | Path,
+    base: str | None = None,
+    *,
+    allow_different_weights: bool = False,
+    original_base: bool = False,
+):
     """An adapter checkpoint on its base model, ready to apply: ``(model, params, lora, lora_cfg, meta)``.
 
     Needs nothing but the checkpoint folder (its ``adapter`` and ``meta``) and the base model:
@@ -142,8 +166,15 @@ def load_checkpoint(checkpoint_dir: str | Path, base: str | None = None, *, allo
     time); a run on a random base is rebuilt from the recorded config and seed. The base is
     checked against the recorded identity (`check_base`: shapes always, weights unless
     `allow_different_weights`), and the trained base leaves are put into `params`.
+
+    A PiSSA / OLoRA run's `params` are the residual base it trained on, rebuilt from the
+    checkpoint's initial factors; with `original_base` they are the unmodified base instead,
+    and the adapter comes converted to the rank-2r LoRA that equals it there (as exported to
+    PEFT, `jlora.core.residual.as_plain_lora`). Either way ``model.apply({"params": params,
+    "lora": lora}, ids)`` is the trained model.
     """
-    lora, base_leaves, meta = load_adapter(checkpoint_dir)
+    tree, meta = _read(checkpoint_dir)
+    lora, base_leaves, init = tree["lora"], tree.get("base", {}), tree.get("init")
     lora_cfg, config = lora_config_of(meta), model_config_of(meta)
     name = base or meta["base_model"]["name"]
     if name == "random":
@@ -151,12 +182,21 @@ def load_checkpoint(checkpoint_dir: str | Path, base: str | None = None, *, allo
     else:
         model, params = load_gpt2(name, lora_cfg, dtype=config.dtype, param_dtype=config.param_dtype)
     check_base(meta["base_model"], params, allow_different_weights=allow_different_weights)
+    if init is not None and original_base:
+        lora, lora_cfg = as_plain_lora(lora, init, lora_cfg)
+        model = model.clone(lora=lora_cfg)
+    elif init is not None:
+        params = residual_params(params, init, lora_cfg)
     return model, overlay(params, base_leaves), lora, lora_cfg, meta
 
 
-def load_run(run_dir: str | Path, step: int | None = None, *, allow_different_weights: bool = False):
+def load_run(
+    run_dir: str | Path, step: int | None = None, *, allow_different_weights: bool = False, original_base: bool = False
+):
     """`load_checkpoint` of a run's newest checkpoint (or of `step`)."""
-    return load_checkpoint(find_checkpoint(run_dir, step), allow_different_weights=allow_different_weights)
+    return load_checkpoint(
+        find_checkpoint(run_dir, step), allow_different_weights=allow_different_weights, original_base=original_base
+    )
 
 
 def lora_config_of(meta: Mapping) -> LoraConfig:

@@ -1,8 +1,9 @@
 """What a run is built from: its config, tokenizer, base model, data and first adapters.
 
     run = build_run(cfg)              # tokenizer, base (model, params), tokenized train / validation data
-    run, lora = initial_lora(run)     # fresh adapters (A random, B = 0), or cfg.init_from's PEFT adapter
-    adapter_of(state.trainable)       # what a checkpoint keeps: {"lora": ..., "base": trained base leaves}
+    run, lora = initial_lora(run)     # fresh adapters (A random, B = 0; PiSSA / OLoRA: from W, on the
+                                      # residual base), or cfg.init_from's PEFT adapter
+    adapter_of(state.trainable, run.init)   # what a checkpoint keeps: {"lora", "base": trained base leaves[, "init"]}
 
 Everything here is decided by the config alone (the random base and A's initialisation are
 seeded by ``cfg.seed``), which is what lets a checkpoint name its base instead of storing it.
@@ -17,7 +18,7 @@ from typing import Any
 import jax
 
 from jlora.core.gpt2 import GPT2, GPT2Config, init_params
-from jlora.core.lora import init_lora
+from jlora.core.residual import factors_of, init_adapters
 from jlora.errors import ConfigError, RunDirError
 from jlora.exchange.hf_checkpoint import load_gpt2
 from jlora.training.data import TokenizedData, read_examples, tokenize
@@ -30,7 +31,8 @@ from jlora.tree import prune
 class Run:
     """What a run is built from (everything but the training state).
 
-    `val` is None when the config names no validation data.
+    `val` is None when the config names no validation data. A PiSSA / OLoRA run's `params`
+    are the residual base and `init` the initial factors they were made with (else None).
     """
 
     cfg: RunConfig
@@ -40,6 +42,7 @@ class Run:
     base_name: str
     train: TokenizedData
     val: TokenizedData | None
+    init: dict | None = None
 
 
 def tokenizer_source(cfg: RunConfig) -> str:
@@ -96,11 +99,20 @@ def start_from_peft(run: Run) -> tuple[Run, dict]:
     return run, adapter.lora
 
 
-def initial_lora(run: Run) -> tuple[Run, dict]:
-    """(run, lora): fresh adapters (A random, B = 0), or those of ``cfg.init_from``."""
+def initial_lora(run: Run, init: dict | None = None) -> tuple[Run, dict]:
+    """(run, lora): fresh adapters, or those of ``cfg.init_from``.
+
+    A PiSSA / OLoRA init takes A and B from the base weights and returns the run on the
+    residual base, with `run.init` the factors; `init` (a checkpoint's) gives those factors
+    instead of computing them, so a resumed run trains on the very residual it started with.
+    """
     if run.cfg.init_from:
         return start_from_peft(run)
-    return run, init_lora(jax.random.fold_in(jax.random.key(run.cfg.seed), 1), run.model, run.params)
+    key = jax.random.fold_in(jax.random.key(run.cfg.seed), 1)
+    params, lora = init_adapters(key, run.model, run.params, init=init)
+    if not run.model.lora.changes_base:
+        return run, lora
+    return dataclasses.replace(run, params=params, init=factors_of(lora)), lora
 
 
 def checkpoint_meta(run: Run, step: int, identity: dict) -> dict:
@@ -117,9 +129,10 @@ def checkpoint_meta(run: Run, step: int, identity: dict) -> dict:
     }
 
 
-def adapter_of(trainable: dict) -> dict:
-    """{"lora": adapters, "base": trained base leaves (pruned tree)} from the trainable partition."""
-    return {"lora": trainable["lora"], "base": prune(trainable.get("params", {}))}
+def adapter_of(trainable: dict, init: dict | None = None) -> dict:
+    """A checkpoint's adapter: {"lora": adapters, "base": trained base leaves (pruned)[, "init": initial factors]}."""
+    adapter = {"lora": trainable["lora"], "base": prune(trainable.get("params", {}))}
+    return adapter if init is None else {**adapter, "init": init}
 
 
 def check_config_matches(run_dir: Path, cfg: RunConfig) -> None:

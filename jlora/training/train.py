@@ -41,8 +41,9 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
     run_dir = Path(run_dir)
     check_config_matches(run_dir, cfg)
     run = build_run(cfg)
-    identity = ckpt.base_identity(run.base_name, run.params)
-    run, lora = initial_lora(run)
+    identity = ckpt.base_identity(run.base_name, run.params)  # the original base, also under PiSSA / OLoRA
+    newest = ckpt.latest_checkpoint(run_dir)
+    run, lora = initial_lora(run, init=ckpt.load_init(newest) if newest else None)
     variables = {"params": run.params, "lora": lora}
     mask = trainable_mask(variables, bias=cfg.trainable.bias, modules_to_save=cfg.trainable.modules_to_save)
     optimizer = make_optimizer(cfg.optim, partition(variables, mask)[0])
@@ -51,7 +52,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
     run_dir.mkdir(parents=True, exist_ok=True)
     save_run_config(cfg, run_dir / "config.yaml")
     manager = ckpt.open_manager(run_dir, max_to_keep=cfg.checkpoint.max_to_keep)
-    state, start = resume(manager, state, run.params)
+    state, start = resume(manager, state, identity, run.init)
 
     n_devices, n_hosts = jax.local_device_count(), jax.process_count()
     if cfg.batch_size % (n_devices * n_hosts):
@@ -76,7 +77,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
     def checkpoint(info: StepInfo) -> None:
         host = unreplicate(info.state) if step.pmapped else info.state
         meta = checkpoint_meta(run, info.step, identity)
-        ckpt.save(manager, info.step, adapter_of(host.trainable), host.opt_state, meta)
+        ckpt.save(manager, info.step, adapter_of(host.trainable, run.init), host.opt_state, meta)
 
     log = MetricsLog(
         writer,
@@ -105,13 +106,17 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
     return log.last
 
 
-def resume(manager, state: TrainState, params: dict) -> tuple[TrainState, int]:
-    """(state, start step): the newest checkpoint's adapters and optimizer state put into `state`, or step 0."""
+def resume(manager, state: TrainState, identity: dict, init: dict | None = None) -> tuple[TrainState, int]:
+    """(state, start step): the newest checkpoint's adapters and optimizer state put into `state`, or step 0.
+
+    `identity` is the original base's (`ckpt.base_identity`; a PiSSA / OLoRA run trains on a
+    residual of it), `init` such a run's initial factors.
+    """
     latest = manager.latest_step()
     if latest is None:
         return state, 0
-    adapter, opt_state, meta = ckpt.restore(manager, latest, adapter_of(state.trainable), state.opt_state)
-    ckpt.check_base(meta["base_model"], params)
+    adapter, opt_state, meta = ckpt.restore(manager, latest, adapter_of(state.trainable, init), state.opt_state)
+    ckpt.check_identity(meta["base_model"], identity)
     trainable = restore(state.trainable, {"params": adapter.get("base") or {}, "lora": adapter["lora"]})
     return state.replace(trainable=trainable, opt_state=opt_state, step=np.asarray(latest, np.int32)), latest
 
