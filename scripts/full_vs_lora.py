@@ -14,6 +14,8 @@ For each adapted weight, dW = W_full - W. Reported: the share of ||dW||_F^2 in i
 singular values for r in --ranks (the source says 90 %+ at small r), and the validation loss
 of the model whose every dW is cut to its best rank-r approximation (Eckart-Young, through
 `jlora.core.svd.lora_from_delta`, all other trained leaves kept), beside the full and the LoRA runs'.
+And each run's intruder dimensions per weight (`jlora.core.svd.module_intruders`: of the tuned
+weight's top 10 singular vectors, those with |cos| < 0.5 against all of W's; Shuttleworth et al. 2024).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import time
 
 import numpy as np
 
-from jlora.core.svd import spectrum
+from jlora.core.svd import module_intruders, spectrum
 from jlora.research import experiments as ex
 from jlora.research import plots
 
@@ -66,6 +68,15 @@ def main(argv=None) -> dict:
         f"LoRA r={cfg.lora.r} ({lora.n_trainable:,} trained) {lora_val:.4f}"
     )
 
+    intruders = {  # {run: {path: count}}
+        name: {p: fig["intruders"] for p, fig in module_intruders(params, tuned, paths).items()}
+        for name, tuned in (("full", full.variables["params"]), ("lora", ex.merged_params(lora.variables, cfg.lora)))
+    }
+    print(
+        "intruder dimensions (top 10, |cos| < 0.5), summed over weights: "
+        + ", ".join(f"{name} {sum(counts.values())}" for name, counts in intruders.items())
+    )
+
     deltas = ex.kernel_deltas(params, full.variables["params"], paths)
     energy = {}
     for path, dw in deltas.items():
@@ -96,6 +107,7 @@ def main(argv=None) -> dict:
             "trainable_params": lora.n_trainable,
         },
         "truncated": truncated,
+        "intruders": intruders,
         "energy": energy,
         "shapes": {p: list(dw.shape) for p, dw in deltas.items()},
         "seconds": time.perf_counter() - start,
