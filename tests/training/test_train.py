@@ -141,6 +141,9 @@ def test_non_finite_loss_stops_before_saving(tmp_path):
         (["missing.yaml"], "no such config file missing.yaml"),
         (["--set", "lora.target_modules=[q_proj]"], "unknown LoRA target 'q_proj'"),
         (["--set", "data.train=/nonexistent/train.jsonl"], "no such file /nonexistent/train.jsonl"),
+        (["--set", "lora.init=svd"], "unknown LoRA init 'svd'; valid: kaiming, gaussian, zeros, pissa"),
+        (["--set", "lora.use_dora=true", "--set", "lora.target_modules=[c_attn.v]"], "use_dora with q/k/v slice"),
+        (["--set", "lora.init=olora", "--set", "lora.r=200"], "needs r <= min(d_out, d_in) = 128 at h.0.attn.c_attn"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
