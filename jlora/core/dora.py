@@ -42,6 +42,7 @@ import jax.numpy as jnp
 HIGHEST = jax.lax.Precision.HIGHEST  # the norm subtracts large terms: no reduced-precision passes
 
 
+@jax.jit
 def column_norm(kernel: jax.Array, a: jax.Array, b: jax.Array, scaling: float) -> jax.Array:
     """n = ||W_j + s (B A)_j|| for every output feature j, from the factors, in float32.
 

@@ -85,6 +85,7 @@ def randomized_svd(w: jax.Array, r: int, niter: int, key: jax.Array) -> tuple[ja
     return (vt.T, s, u.T) if transposed else (u, s, vt)
 
 
+@partial(jax.jit, static_argnums=1, static_argnames="niter")
 def pissa_factors(
     w: jax.Array, r: int, scaling: float, *, niter: int | None = None, key: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
@@ -103,6 +104,7 @@ def pissa_factors(
     return root[:, None] * vt, u * root[None, :]
 
 
+@partial(jax.jit, static_argnums=1)
 def olora_factors(w: jax.Array, r: int) -> tuple[jax.Array, jax.Array]:
     """OLoRA's (A (r, d_in), B (d_out, r)) of w (d_out, d_in): the first r rows of R and columns of Q."""
     q, rr = jnp.linalg.qr(w.astype(jnp.float32))

@@ -53,13 +53,13 @@ def test_olora_is_the_qr_of_w():
     ("init", "use_dora"), [("pissa", False), ("pissa_niter_2", True), ("olora", False), ("olora", True)]
 )
 def test_step_zero_is_the_base_model(params, init, use_dora):
-    cfg = jlora.LoraConfig(r=4, alpha=8, init=init, use_dora=use_dora, target_modules=("c_attn", "c_proj", "c_fc"))
+    cfg = jlora.LoraConfig(r=4, alpha=8, init=init, use_dora=use_dora, target_modules=("c_attn", "mlp.c_proj"))
     residual, lora = jlora.init_adapters(jax.random.key(1), cfg, params)
     base = APPLY({"params": params}, IDS)
     np.testing.assert_allclose(APPLY({"params": residual, "lora": lora}, IDS), base, atol=1e-5, rtol=0)
     assert float(jnp.abs(APPLY({"params": residual}, IDS) - base).max()) > 1e-2  # the base really is a residual
-    kernel, w = residual["h"]["0"]["mlp"]["c_fc"]["kernel"], params["h"]["0"]["mlp"]["c_fc"]["kernel"]
-    ad = flatten_adapters(lora)["h.0.mlp.c_fc"]
+    kernel, w = residual["h"]["0"]["mlp"]["c_proj"]["kernel"], params["h"]["0"]["mlp"]["c_proj"]["kernel"]
+    ad = flatten_adapters(lora)["h.0.mlp.c_proj"]  # a wide weight (32 x 128): the SVD of its transpose
     np.testing.assert_allclose(kernel + 2.0 * (ad["B"] @ ad["A"]).T, w, atol=1e-5)  # W_res = W - s B0 A0
 
 
