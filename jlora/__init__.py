@@ -41,12 +41,15 @@ from jlora.core.population import (
     split_member,
     stack_variables,
 )
+from jlora.core.residual import as_plain_lora, init_adapters
 from jlora.core.step import EvalStep, TrainState, TrainStep, init_state, make_eval_step, make_train_step, train_step
 from jlora.core.svd import (
     amplification,
     delta_svd,
     factored_svd,
+    intruder_dimensions,
     lora_from_delta,
+    module_intruders,
     spectrum,
     subspace_similarity,
     subspace_similarity_grid,
@@ -64,7 +67,7 @@ from jlora.errors import (
 from jlora.exchange.hf_checkpoint import load_gpt2, save_gpt2
 from jlora.exchange.merged import save_merged
 from jlora.exchange.peft import load_peft, save_peft
-from jlora.training.checkpoint import load_adapter, load_checkpoint, load_run, lora_config_of
+from jlora.training.checkpoint import load_adapter, load_checkpoint, load_init, load_run, lora_config_of
 
 __all__ = [
     # model and adapters
@@ -77,6 +80,8 @@ __all__ = [
     "init_params",
     "param_shapes",
     "init_lora",
+    "init_adapters",
+    "as_plain_lora",
     "init_cache",
     "flatten_adapters",
     "unflatten_adapters",
@@ -101,6 +106,8 @@ __all__ = [
     "subspace_similarity",
     "subspace_similarity_grid",
     "lora_from_delta",
+    "intruder_dimensions",
+    "module_intruders",
     # training
     "OptimConfig",
     "learning_rate",
@@ -130,6 +137,7 @@ __all__ = [
     "split_member",
     # checkpoints and exchange
     "load_adapter",
+    "load_init",
     "load_checkpoint",
     "load_run",
     "lora_config_of",

@@ -22,6 +22,9 @@ text from outside it (--forgetting, default the config's ``eval.forgetting`` or 
 generic sentences), the loss increase over the base and the mean per-token KL(base || model)
 (forgetting; `jlora.research.forgetting`). A random base knows no text to forget: --pretrain N
 first trains it in full for N steps on the held-out text.
+
+And each run's intruder dimensions per weight (`jlora.core.svd.module_intruders`: of the tuned
+weight's top 10 singular vectors, those with |cos| < 0.5 against all of W's; Shuttleworth et al. 2024).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import numpy as np
 
 from jlora.cli import exit_status
 from jlora.core.lora_config import alpha_for_rank
-from jlora.core.svd import spectrum
+from jlora.core.svd import module_intruders, spectrum
 from jlora.research import experiments as ex
 from jlora.research import plots
 from jlora.research.forgetting import forgetting, pretrain
@@ -92,7 +95,8 @@ def main(argv=None) -> dict:
                 **forgetting(task, fit.variables, m.lora),
             }
         )
-    lora = next(run for run in lora_runs if run["r"] == cfg.lora.r)
+    at_r = lora_ranks.index(cfg.lora.r)  # the config's own rank: its run is "the LoRA run" below
+    lora, lora_fit, lora_cfg = lora_runs[at_r], fits[at_r], members[at_r].lora
     full_row = {"val_loss": full_val, "trainable_params": full.n_trainable, **forgetting(task, full.variables)}
     print(
         f"base val loss {base_val:.4f} | "
@@ -104,6 +108,18 @@ def main(argv=None) -> dict:
             f"{name:>10}: learned (val loss) {row['val_loss']:.4f}  forgot (held-out loss {row['forget_loss']:.4f} "
             f"vs base {row['forget_base_loss']:.4f}: {row['forgetting']:+.4f}, KL {row['forget_kl']:.4f})"
         )
+
+    intruders = {  # {run: {path: count}}
+        name: {p: fig["intruders"] for p, fig in module_intruders(params, tuned, paths).items()}
+        for name, tuned in (
+            ("full", full.variables["params"]),
+            ("lora", ex.merged_params(lora_fit.variables, lora_cfg)),
+        )
+    }
+    print(
+        "intruder dimensions (top 10, |cos| < 0.5), summed over weights: "
+        + ", ".join(f"{name} {sum(counts.values())}" for name, counts in intruders.items())
+    )
 
     deltas = ex.kernel_deltas(params, full.variables["params"], paths)
     energy = {}
@@ -142,6 +158,7 @@ def main(argv=None) -> dict:
             "lora": lora_runs,
         },
         "truncated": truncated,
+        "intruders": intruders,
         "energy": energy,
         "shapes": {p: list(dw.shape) for p, dw in deltas.items()},
         "seconds": time.perf_counter() - start,

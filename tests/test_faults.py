@@ -165,7 +165,7 @@ CASES = {
     "random_model_bad_shape": Case(
         T + " --set 'model.random={n_embd: 30, n_head: 4}'", 2, "n_embd=30 is not divisible by n_head=4"
     ),
-    "model_dtype_unknown": Case(T + " --set model.dtype=int8", 2, "model.dtype must be one of float32, bfloat16"),
+    "model_dtype_unknown": Case(T + " --set model.dtype=int8", 2, "model.dtype must be one of auto, float32, bfloat16"),
     "set_without_equals": Case(T + " --set steps", 2, "--set expects key=value"),
     "set_value_not_yaml": Case(T + " --set 'steps=[1,'", 2, "--set 'steps=[1,': the value is not valid YAML"),
     "set_key_with_empty_part": Case(T + " --set lora..r=4", 2, "--set expects key=value"),

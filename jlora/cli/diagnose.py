@@ -1,4 +1,4 @@
-"""`jlora diagnose RUN_DIR [--against RUN_DIR2] [--out DIR]`: the spectrum of a run's updates.
+"""`jlora diagnose RUN_DIR [--against RUN_DIR2] [--out DIR]`: the spectrum and intruder dimensions of a run's updates.
 
 The figures are `jlora.research.diagnose`'s; this handler prints the table and writes the JSON and plots.
 """
@@ -20,7 +20,12 @@ def diagnose_command(args: argparse.Namespace) -> int:
         raise UsageError(f"no such run directory {run_dir}")
     if args.against and not Path(args.against).is_dir():
         raise UsageError(f"no such run directory {args.against}")
-    report = diagnose(run_dir, step=args.step, member=args.member)
+    if args.intruder_k < 1 or not 0 < args.intruder_epsilon <= 1:
+        raise UsageError(
+            f"--intruder-k must be >= 1 and --intruder-epsilon in (0, 1], "
+            f"got {args.intruder_k} and {args.intruder_epsilon}"
+        )
+    report = diagnose(run_dir, step=args.step, member=args.member, k=args.intruder_k, epsilon=args.intruder_epsilon)
     if args.against:
         report["against"] = compare(
             run_dir, args.against, step=args.step, member=args.member, against_member=args.against_member

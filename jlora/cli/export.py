@@ -8,7 +8,9 @@ random base has no checkpoint to name, so the export writes that base too::
     OUT_DIR/adapter_config.json, adapter_model.safetensors, tokenizer.json, ...
     OUT_DIR/base/config.json, model.safetensors, tokenizer.json, ...   (random base only)
 
-and names ``OUT_DIR/base`` (absolute) as ``base_model_name_or_path``.
+and names ``OUT_DIR/base`` (absolute) as ``base_model_name_or_path``. A PiSSA / OLoRA adapter
+goes to PEFT as the rank-2r LoRA that equals it on the unmodified base (as PEFT itself converts
+such adapters for sharing); the merged model is the residual base plus the adapter.
 
 A population run holds several adapters; ``--member K`` exports member K, at its own rank.
 """
@@ -21,7 +23,14 @@ from typing import Any
 from jlora.exchange.hf_checkpoint import check_new_folder, new_folder, resolve
 from jlora.exchange.merged import save_merged
 from jlora.exchange.peft import save_peft
-from jlora.training.checkpoint import find_checkpoint, load_adapter, load_base, lora_config_of
+from jlora.training.checkpoint import (
+    find_checkpoint,
+    load_adapter,
+    load_base,
+    load_checkpoint,
+    load_init,
+    lora_config_of,
+)
 from jlora.training.tokenizer import load_tokenizer
 
 BYTES_NOTE = (
@@ -34,12 +43,13 @@ def export_command(args: Any) -> int:
     """``jlora export RUN_DIR --peft OUT_DIR | --merged OUT_DIR [--step N] [--member K]``."""
     run_dir = Path(args.run_dir)
     check_new_folder(args.peft or args.merged)  # before anything is loaded
-    lora, base_leaves, meta = load_adapter(find_checkpoint(run_dir, args.step), args.member)
+    checkpoint = find_checkpoint(run_dir, args.step)
+    lora, base_leaves, meta = load_adapter(checkpoint, args.member)
     name = meta["base_model"]["name"]
     source = meta.get("tokenizer") or name  # the run's tokenizer: "bytes", the base's (its name) or another
     about = f"{run_dir} (step {meta['step']}, base {name})"
     if args.peft:
-        export_peft(Path(args.peft), lora, base_leaves, meta, load_tokenizer(source))
+        export_peft(Path(args.peft), lora, base_leaves, meta, load_tokenizer(source), init=load_init(checkpoint))
         print(f"PEFT adapter of {about} -> {args.peft}")
         if name == "random":
             base = Path(args.peft) / "base"
@@ -48,28 +58,22 @@ def export_command(args: Any) -> int:
                 f"PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained('{base}'), '{args.peft}')"
             )
     else:
-        model, params = load_base(meta)
+        model, params, lora, lora_cfg, _ = load_checkpoint(checkpoint, member=args.member)  # trained leaves in
         base_dir = None if name == "random" else resolve(name)
         # the base's own tokenizer files are copied as they are; any other tokenizer is saved
         tokenizer = None if source == name and base_dir is not None else load_tokenizer(source)
-        save_merged(
-            args.merged,
-            model.config,
-            params,
-            lora,
-            model.lora,
-            base_leaves=base_leaves,
-            base_dir=base_dir,
-            tokenizer=tokenizer,
-        )
+        save_merged(args.merged, model.config, params, lora, lora_cfg, base_dir=base_dir, tokenizer=tokenizer)
         print(f"merged model of {about} -> {args.merged}")
     if source == "bytes":
         print(BYTES_NOTE)
     return 0
 
 
-def export_peft(out: Path, lora: dict, base_leaves: dict, meta: dict, tokenizer: Any) -> None:
-    """The adapter and its tokenizer as a PEFT folder; a random base goes with it, in ``out/base``."""
+def export_peft(out: Path, lora: dict, base_leaves: dict, meta: dict, tokenizer: Any, init: dict | None = None) -> None:
+    """The adapter and its tokenizer as a PEFT folder; a random base goes with it, in ``out/base``.
+
+    `init`: a PiSSA / OLoRA checkpoint's initial factors (`load_init`), for the conversion to plain LoRA.
+    """
     name = meta["base_model"]["name"]
     if name == "random":
         recorded = str(out.resolve() / "base")
@@ -83,6 +87,7 @@ def export_peft(out: Path, lora: dict, base_leaves: dict, meta: dict, tokenizer:
             base_model_name_or_path=recorded,
             modules_to_save=base_leaves or None,
             tokenizer=tokenizer,
+            init=init,
         )
         if name == "random":
             model, params = load_base(meta)

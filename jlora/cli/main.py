@@ -79,13 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--member", type=int, metavar="K", help="member K of a population run")
     gen.set_defaults(handler=_lazy("jlora.cli.generate", "generate_command"))
 
-    diag = commands.add_parser("diagnose", help="spectrum of each adapter's dW; --against: subspace similarity")
+    diag = commands.add_parser(
+        "diagnose", help="spectrum and intruder dimensions of each adapter; --against: subspace similarity"
+    )
     diag.add_argument("run_dir", metavar="RUN_DIR")
     diag.add_argument("--against", metavar="RUN_DIR2", help="another run: phi(i, j) between the two runs' adapters")
     diag.add_argument("--step", type=int, help="checkpoint step of RUN_DIR (default: the newest)")
     diag.add_argument("--out", metavar="DIR", help="where diagnose.json and the plots go (default: RUN_DIR/diagnose)")
     diag.add_argument("--member", type=int, metavar="K", help="member K of a population run")
     diag.add_argument("--against-member", type=int, metavar="K", help="member K of the --against population run")
+    diag.add_argument("--intruder-k", type=int, default=10, metavar="K", help="top singular vectors tested (10)")
+    diag.add_argument("--intruder-epsilon", type=float, default=0.5, metavar="EPS", help="intruder threshold (0.5)")
     diag.set_defaults(handler=_lazy("jlora.cli.diagnose", "diagnose_command"))
     return parser
 

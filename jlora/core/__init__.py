@@ -2,10 +2,12 @@
 
     lora_config.py   LoraConfig: targets, ranks, alpha, scaling = alpha / r, effective lr
     lora.py          the LoRA tree {"A": (r, d_in), "B": (d_out, r)} per module: init, layout, the update
+    dora.py          DoRA: the magnitude m and the column norm ||W + s B A||, from the factors
+    residual.py      PiSSA / OLoRA: A, B from W's SVD / QR on a residual base; conversion to plain LoRA
     gpt2.py          GPT-2 in Flax linen reading adapters from a separate "lora" collection; KV cache
     generate.py      batched decoding with the cache in one compiled loop
     merge.py         W' = W + scaling * B A and back
-    svd.py           the spectrum of dW from its factors, subspace similarity, truncation
+    svd.py           the spectrum of dW from its factors, subspace similarity, truncation, intruders
     counting.py      parameter counts
     loss.py          masked next-token cross-entropy
     optim.py         the trainable mask, partition / combine, AdamW (+ LoRA+)

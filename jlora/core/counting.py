@@ -11,6 +11,9 @@ An adapter on a weight W (d_out x d_in) has ``A: (r, d_in)`` and ``B: (d_out, r)
 >>> f"{adapter_compression(768, 768, 8):.2%}"
 '2.08%'
 
+A DoRA adapter also trains its magnitude ``m: (d_out,)``, counted as "m" and in "lora" (as PEFT's
+``print_trainable_parameters`` counts ``lora_magnitude_vector``): ``r * (d_in + d_out) + d_out``.
+
 Counts read only shapes, so they work on `jax.ShapeDtypeStruct` trees from `jax.eval_shape`
 (GPT-2 small without allocating it: ``jlora.core.gpt2.param_shapes(GPT2Config())``).
 """
@@ -38,7 +41,7 @@ def _size(x) -> int:
 
 
 def module_counts(lora: Mapping, params: Mapping | None = None) -> dict[str, dict[str, int | float]]:
-    """Per adapted module: {"A", "B", "lora"} parameter counts, and with `params` the adapted
+    """Per adapted module: {"A", "B"[, "m"], "lora"} parameter counts, and with `params` the adapted
     weight's size ("weight": d_out x d_in of the columns it updates) and "ratio" = lora / weight.
 
     >>> import jax
@@ -48,8 +51,8 @@ def module_counts(lora: Mapping, params: Mapping | None = None) -> dict[str, dic
     """
     table: dict[str, dict[str, int | float]] = {}
     for path, adapter in flatten_adapters(lora).items():
-        row: dict[str, int | float] = {"A": _size(adapter["A"]), "B": _size(adapter["B"])}
-        row["lora"] = row["A"] + row["B"]
+        row: dict[str, int | float] = {name: _size(leaf) for name, leaf in adapter.items()}  # A, B (, m)
+        row["lora"] = sum(row.values())
         if params is not None:
             d_out, d_in = adapted_shape(params, path)
             row["weight"] = d_out * d_in

@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora.core.dora import dora_output
 from jlora.core.lora import lora_delta
 from jlora.core.lora_config import QKV, LoraConfig
 from jlora.errors import ConfigError, DataError
@@ -146,7 +147,12 @@ def _normal(std: float):
 
 
 class Linear(nn.Module):
-    """GPT-2's Conv1D, ``x @ kernel + bias`` with kernel (d_in, d_out), plus its LoRA path."""
+    """GPT-2's Conv1D, ``x @ kernel + bias`` with kernel (d_in, d_out), plus its LoRA path.
+
+    The adapter at this module's path in the "lora" collection, or its q/k/v slices, adds
+    ``scaling * B A dropout(x)``; a DoRA adapter (with "m") rescales each output feature
+    (`jlora.core.dora.dora_output`), the bias added after, as in PEFT.
+    """
 
     features: int
     lora: LoraConfig | None
@@ -159,32 +165,40 @@ class Linear(nn.Module):
         kernel = self.param("kernel", _normal(self.init_std), (x.shape[-1], self.features), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         x = x.astype(self.dtype)
-        y = x @ kernel.astype(self.dtype) + bias.astype(self.dtype)
+        base = x @ kernel.astype(self.dtype)
+        y = base + bias.astype(self.dtype)
         adapters = self.variables.get("lora")
         if not adapters:
             return y
         if self.lora is None:
             raise ValueError("a 'lora' collection was given to a model without LoraConfig; use model.clone(lora=cfg)")
-        x = nn.Dropout(self.lora.dropout)(x, deterministic=deterministic or self.lora.dropout == 0)
+        dropout_off = deterministic or self.lora.dropout == 0
+        x_dropped = nn.Dropout(self.lora.dropout)(x, deterministic=dropout_off)
         path = ".".join(self.scope.path)
         scalings = self.variables.get(SCALING, {})
+        if "m" in adapters:
+            scaling = self._scaling(adapters, path, scalings)
+            delta = lora_delta(x_dropped, adapters["A"], adapters["B"], scaling)
+            dropped = None if dropout_off else x_dropped
+            return dora_output(base, delta, kernel, adapters, scaling, dropped) + bias.astype(self.dtype)
         if "A" in adapters:
-            return y + self._delta(x, adapters, path, scalings)
+            return y + self._delta(x_dropped, adapters, path, scalings)
         width = self.features // len(QKV)
         parts = [
-            self._delta(x, adapters[s], f"{path}.{s}", scalings.get(s, {}))
+            self._delta(x_dropped, adapters[s], f"{path}.{s}", scalings.get(s, {}))
             if s in adapters
             else jnp.zeros((*x.shape[:-1], width), y.dtype)
             for s in QKV
         ]
         return y + jnp.concatenate(parts, axis=-1)
 
-    def _delta(self, x, adapter, path, scalings):
-        a, b = adapter["A"], adapter["B"]
+    def _scaling(self, adapter, path, scalings):
         # A population of adapters supplies each one's scaling as an array (its members' ranks and
         # alphas differ, and A may be zero-padded past its rank); alone, the config gives it.
-        scaling = scalings["scaling"] if "scaling" in scalings else self.lora.scaling_for(path, r=a.shape[0])
-        return lora_delta(x, a, b, scaling)
+        return scalings["scaling"] if "scaling" in scalings else self.lora.scaling_for(path, r=adapter["A"].shape[0])
+
+    def _delta(self, x, adapter, path, scalings):
+        return lora_delta(x, adapter["A"], adapter["B"], self._scaling(adapter, path, scalings))
 
 
 class _Layer(nn.Module):

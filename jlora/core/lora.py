@@ -11,6 +11,12 @@ The model's variables are two separate pytrees::
 (and PEFT's) layout. A slice adapter of the fused q, k, v projection sits one level down,
 ``lora[...]["c_attn"]["q"] = {"A": (r, D), "B": (D, r)}``. So one path names a module
 everywhere, and `flatten_adapters` gives ``{"h.0.attn.c_attn": {"A": ..., "B": ...}}``.
+An adapter may hold more than A and B, and every function here carries its other leaves
+along: DoRA's magnitude ``"m": (d_out,)`` (`jlora.core.dora`) sits beside them.
+
+`init_lora` makes the adapters whose B starts at 0 (the base is untouched); PiSSA and
+OLoRA start from the weight itself and change the base, so `jlora.core.residual.init_adapters`
+makes those (with the residual base).
 
 >>> import jax, jax.numpy as jnp
 >>> params = {"h": {"0": {"attn": {"c_attn": {"kernel": jnp.zeros((4, 12))}}}}}
@@ -28,21 +34,25 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jlora.core.dora import column_norm
 from jlora.core.lora_config import QKV, LoraConfig
 from jlora.errors import ConfigError
 from jlora.tree import get_path, unflatten
 
 PyTree = Any
-Adapter = dict  # {"A": (r, d_in), "B": (d_out, r)}
+Adapter = dict  # {"A": (r, d_in), "B": (d_out, r)[, "m": (d_out,) for DoRA]}
 
 
 def flatten_adapters(lora: Mapping) -> dict[str, Adapter]:
-    """{dotted module path: {"A", "B"}} for every adapter in a LoRA tree, in tree order."""
+    """{dotted module path: adapter} for every adapter in a LoRA tree, in tree order.
+
+    An adapter is the node holding "A" and "B", with whatever else it holds (DoRA's "m").
+    """
     flat: dict[str, Adapter] = {}
 
     def walk(node: Mapping, prefix: str) -> None:
         if "A" in node and "B" in node:
-            flat[prefix] = {"A": node["A"], "B": node["B"]}
+            flat[prefix] = dict(node)
             return
         for name, child in node.items():
             walk(child, f"{prefix}.{name}" if prefix else name)
@@ -102,21 +112,35 @@ def _init_a(key: jax.Array, init: str, r: int, d_in: int, dtype) -> jax.Array:
     return jnp.zeros((r, d_in), dtype)
 
 
+def as_lora_config(model_or_cfg: Any) -> LoraConfig:
+    """The `LoraConfig` itself, or the one a model carries as ``model.lora``."""
+    cfg = model_or_cfg if isinstance(model_or_cfg, LoraConfig) else model_or_cfg.lora
+    if cfg is None:
+        raise ValueError("the model has no LoraConfig: load it with load_gpt2(..., lora=LoraConfig(...))")
+    return cfg
+
+
 def init_lora(key: jax.Array, model_or_cfg: Any, params: Mapping, dtype=jnp.float32) -> dict:
-    """A fresh LoRA tree for `params`: A random (per `cfg.init`), B = 0.
+    """A fresh LoRA tree for `params`: A random (per `cfg.init`), B = 0; with DoRA, m = ||W_j||.
 
     Args:
       key: PRNG key; each adapter gets ``fold_in(key, index)`` in path order.
       model_or_cfg: a `LoraConfig`, or a model carrying one as ``model.lora``.
-      params: the base parameter tree (only its kernels' shapes are read).
+      params: the base parameter tree (its kernels' shapes; with DoRA also their values).
       dtype: dtype of A and B (float32 also under bfloat16 compute).
 
     Returns:
       The LoRA tree; the model it adapts equals the base model exactly, since B = 0.
+
+    Raises:
+      ConfigError: `cfg.init` changes the base (PiSSA, OLoRA): use `init_adapters`.
     """
-    cfg = model_or_cfg if isinstance(model_or_cfg, LoraConfig) else model_or_cfg.lora
-    if cfg is None:
-        raise ValueError("the model has no LoraConfig: load it with load_gpt2(..., lora=LoraConfig(...))")
+    cfg = as_lora_config(model_or_cfg)
+    if cfg.changes_base:
+        raise ConfigError(
+            f"LoRA init {cfg.init!r} replaces the base weights by a residual: use "
+            "jlora.init_adapters(key, cfg, params), which returns (residual params, lora)"
+        )
     n_layer = len(params["h"])
     flat = {}
     for i, path in enumerate(cfg.module_paths(n_layer)):
@@ -130,7 +154,21 @@ def init_lora(key: jax.Array, model_or_cfg: Any, params: Mapping, dtype=jnp.floa
             "A": _init_a(jax.random.fold_in(key, i), cfg.init, r, d_in, dtype),
             "B": jnp.zeros((d_out, r), dtype),
         }
-    return unflatten_adapters(flat)
+    return unflatten_adapters(with_magnitudes(flat, cfg, params) if cfg.use_dora else flat)
+
+
+def with_magnitudes(flat: Mapping[str, Adapter], cfg: LoraConfig, params: Mapping) -> dict[str, Adapter]:
+    """The adapters with DoRA's magnitude m = ||W_j + s (B A)_j|| added (``||W_j||`` when B = 0).
+
+    As PEFT initialises it: the norm of the weight the adapter starts from, so W' = W at step 0.
+    """
+    out = {}
+    for path, adapter in flat.items():
+        kernel = get_path(params, path)["kernel"]  # DoRA adapts whole modules (no q/k/v slices)
+        scaling = cfg.scaling_for(path, r=adapter["A"].shape[0])
+        m = column_norm(kernel, adapter["A"], adapter["B"], scaling)
+        out[path] = {**adapter, "m": m.astype(adapter["A"].dtype)}
+    return out
 
 
 def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scaling: float) -> jax.Array:

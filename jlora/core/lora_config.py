@@ -17,6 +17,13 @@ and the three output slices of the fused projection, ``h.{i}.attn.c_attn.q`` / `
 ``.v`` (D -> D each): ``target_modules=("c_attn.q", "c_attn.v")`` is the LoRA paper's
 q-and-v-only adaptation.
 
+Two variants change the update or where it starts (see `jlora.core.dora`, `jlora.core.residual`)::
+
+    use_dora=True     DoRA: W' = m * (W + scaling B A) / ||W + scaling B A||, per output feature
+    init="pissa"      A, B from W's top-r singular triplets, the base replaced by the residual
+    init="pissa_niter_4"   the same from a randomised SVD (4 power iterations)
+    init="olora"      A, B from a QR of W, the base replaced by the residual
+
 A target entry is a suffix of the dotted path, as in PEFT (``"c_proj"`` selects both
 ``attn.c_proj`` and ``mlp.c_proj``), or a regular expression matched against the whole
 path (``r"h\\.[0-5]\\.attn\\.c_attn"``).
@@ -44,7 +51,8 @@ from jlora.errors import ConfigError
 
 MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 QKV = ("q", "k", "v")
-INITS = ("kaiming", "gaussian", "zeros")
+INITS = ("kaiming", "gaussian", "zeros", "pissa", "pissa_niter_<K>", "olora")
+BASE_CHANGING = ("pissa", "olora")  # inits that move part of W into the adapter (the base becomes a residual)
 _REGEX_CHARS = set("\\[](){}*+?|^$")
 
 
@@ -89,9 +97,13 @@ class LoraConfig:
       target_modules: suffixes or regular expressions of module paths (see module doc).
       layers: adapt only these block indices (None: every block).
       rslora: scale by alpha / sqrt(r) instead of alpha / r.
-      init: initialisation of A: "kaiming" (PEFT's default), "gaussian" (N(0, 1/r^2),
-        the LoRA paper's), or "zeros" (A = B = 0, for debugging only).
+      init: how A and B start. B = 0 with A "kaiming" (PEFT's default), "gaussian"
+        (N(0, 1/r^2), the LoRA paper's) or "zeros" (A = B = 0, for debugging only); or from
+        the weight itself, with the base replaced by the residual W - scaling B A so the model
+        is unchanged at step 0: "pissa" (top-r SVD), "pissa_niter_K" (randomised SVD, K power
+        iterations), "olora" (QR). Such adapters are made by `jlora.init_adapters`.
       rank_pattern, alpha_pattern: per-module overrides, keyed like PEFT's.
+      use_dora: DoRA, a trained magnitude per output feature of each adapted module.
     """
 
     r: int = 8
@@ -103,6 +115,7 @@ class LoraConfig:
     init: str = "kaiming"
     rank_pattern: Mapping[str, int] = FrozenDict()
     alpha_pattern: Mapping[str, float] = FrozenDict()
+    use_dora: bool = False
 
     def __post_init__(self):
         _check_types(self)
@@ -115,7 +128,10 @@ class LoraConfig:
         _check(isinstance(self.r, int) and self.r > 0, f"LoRA rank r must be a positive integer, got r={self.r!r}")
         _check(0 < self.alpha < math.inf, f"LoRA alpha must be a finite number > 0, got alpha={self.alpha!r}")
         _check(0 <= self.dropout < 1, f"LoRA dropout must be in [0, 1), got dropout={self.dropout!r}")
-        _check(self.init in INITS, f"unknown LoRA init {self.init!r}; valid: {', '.join(INITS)}")
+        _check(
+            isinstance(self.init, str) and (self.init in INITS or re.fullmatch(r"pissa_niter_\d+", self.init)),
+            f"unknown LoRA init {self.init!r}; valid: {', '.join(INITS)}",
+        )
         _check(len(self.target_modules) > 0, "target_modules is empty; valid: " + _valid_targets())
         every = adaptable_paths(1)
         for t in self.target_modules:
@@ -123,10 +139,27 @@ class LoraConfig:
                 is_regex(t) and any(_matches(t, p) for p in adaptable_paths(48))
             )
             _check(ok, f"unknown LoRA target {t!r}; valid: {_valid_targets()}")
+        slice_paths = [p for p in adaptable_paths(48) if p.rsplit(".", 1)[1] in QKV]
+        slices = [t for t in self.target_modules if any(_matches(t, p) for p in slice_paths)]
+        _check(
+            not (self.use_dora and slices),
+            f"use_dora with q/k/v slice targets {slices}: DoRA normalises a module's whole output features; "
+            "target c_attn instead",
+        )
         for k, v in self.rank_pattern.items():
             _check(isinstance(v, int) and v > 0, f"rank_pattern[{k!r}] must be a positive integer, got {v!r}")
         for k, v in self.alpha_pattern.items():
             _check(0 < v < math.inf, f"alpha_pattern[{k!r}] must be a finite number > 0, got {v!r}")
+
+    @property
+    def changes_base(self) -> bool:
+        """Whether the init moves part of W into the adapter, so the base becomes a residual (PiSSA, OLoRA)."""
+        return self.init.startswith(BASE_CHANGING)
+
+    @property
+    def power_iterations(self) -> int | None:
+        """K of "pissa_niter_K" (a randomised SVD), None for the exact one and other inits."""
+        return int(self.init.rsplit("_", 1)[1]) if self.init.startswith("pissa_niter_") else None
 
     def module_paths(self, n_layer: int) -> tuple[str, ...]:
         """The dotted paths of the modules this config adapts in an `n_layer` GPT-2."""

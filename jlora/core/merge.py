@@ -6,6 +6,13 @@ adapters use W (d_out, d_in). So the update lands in the kernel transposed::
     delta_w = scaling * B A                        (d_out, d_in)
     kernel[:, cols] += delta_w.T                   (d_in, d_out); cols = output_columns(path)
 
+A DoRA adapter (`jlora.core.dora`) also rescales each output feature, with n the norm of
+the unmerged weight::
+
+    kernel' = (kernel + delta_w.T) * (m / n)[None, :],   n_j = ||W_j + scaling (B A)_j||
+
+which cannot be undone from the merged weights alone (n is lost), so `unmerge` refuses it.
+
 A q/k/v slice adapter updates only its third of the fused c_attn kernel's columns. Each
 kernel is taken to float32 once, receives every adapter that touches it, and is cast back to
 its own dtype once (so bfloat16 weights are rounded a single time).
@@ -35,6 +42,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jlora.core.dora import magnitude_scale
 from jlora.core.lora import adapters_by_module, output_columns
 from jlora.core.lora_config import LoraConfig
 from jlora.tree import get_path, has_path, replace_paths
@@ -57,10 +65,13 @@ def _check_shapes(path: str, kernel: jax.Array, adapter: Mapping) -> None:
     cols = output_columns(path, d_out)
     a, b = adapter["A"], adapter["B"]
     want_a, want_b = (a.shape[0], d_in), (cols.stop - cols.start, a.shape[0])
-    if a.shape != want_a or b.shape != want_b:
+    m = adapter.get("m")
+    if a.shape != want_a or b.shape != want_b or (m is not None and m.shape != want_b[:1]):
         raise ValueError(
-            f"adapter {path} does not fit its weight: A {a.shape}, B {b.shape}; "
-            f"the kernel {tuple(kernel.shape)} needs A {want_a}, B {want_b}"
+            f"adapter {path} does not fit its weight: A {a.shape}, B {b.shape}"
+            + ("" if m is None else f", m {m.shape}")
+            + f"; the kernel {tuple(kernel.shape)} needs A {want_a}, B {want_b}"
+            + ("" if m is None else f", m {want_b[:1]}")
         )
 
 
@@ -75,7 +86,11 @@ def _new_kernels(
         for path, adapter in adapters.items():
             scaling = cfg.scaling_for(path, r=adapter["A"].shape[0])
             cols = output_columns(path, kernel.shape[1])
-            acc = acc.at[:, cols].add(sign * delta_w(adapter["A"], adapter["B"], scaling).T)
+            update = sign * delta_w(adapter["A"], adapter["B"], scaling).T
+            if "m" in adapter:  # DoRA: m / n from the weight before the update
+                acc = acc.at[:, cols].set((acc[:, cols] + update) * magnitude_scale(acc[:, cols], adapter, scaling))
+            else:
+                acc = acc.at[:, cols].add(update)
         new[module] = acc.astype(kernel.dtype)
         finite[module] = jnp.all(jnp.isfinite(new[module]))
     return new, finite
@@ -90,6 +105,11 @@ def _apply(params: Mapping, lora: Mapping, cfg: LoraConfig, sign: float, verb: s
     missing = [module for module in grouped if not has_path(params, module + ".kernel")]
     if missing:
         raise ValueError(f"the LoRA tree adapts {missing}, which have no kernel in params")
+    if sign < 0 and any("m" in a for adapters in grouped.values() for a in adapters.values()):
+        raise ValueError(
+            "unmerge cannot undo a DoRA merge: the norm ||W + scaling B A|| it divided by is not in the merged "
+            "weights; keep the base parameters instead"
+        )
     kernels = {module: get_path(params, module)["kernel"] for module in grouped}
     for module, adapters in grouped.items():
         for path, adapter in adapters.items():
@@ -106,11 +126,11 @@ def _apply(params: Mapping, lora: Mapping, cfg: LoraConfig, sign: float, verb: s
 
 
 def merge(params: Mapping, lora: Mapping, cfg: LoraConfig) -> PyTree:
-    """The base parameters with every adapter's update folded in: W' = W + scaling * B A.
+    """The base parameters with every adapter's update folded in: W' = W + scaling * B A (DoRA: see the module doc).
 
     Args:
       params: the base tree; kernels (d_in, d_out) in any float dtype.
-      lora: the LoRA tree, ``{"A": (r, d_in), "B": (d_out_slice, r)}`` per module.
+      lora: the LoRA tree, ``{"A": (r, d_in), "B": (d_out_slice, r)[, "m": (d_out,)]}`` per module.
       cfg: gives each module's scaling (``cfg.scaling_for(path, r)``, as the model uses).
 
     Returns:
@@ -125,5 +145,5 @@ def merge(params: Mapping, lora: Mapping, cfg: LoraConfig) -> PyTree:
 
 
 def unmerge(params: Mapping, lora: Mapping, cfg: LoraConfig) -> PyTree:
-    """The inverse of `merge`: W = W' - scaling * B A (exact up to the weights' rounding)."""
+    """The inverse of `merge`: W = W' - scaling * B A (exact up to the weights' rounding); not for DoRA."""
     return _apply(params, lora, cfg, -1.0, "unmerge")

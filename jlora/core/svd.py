@@ -24,6 +24,18 @@ energy 1 for every k (the rank-k approximation of zero is exact); nothing is nan
 `lora_from_delta` goes the other way: the best rank-r factors of a dense update (say a full
 fine-tune's), for comparing it with LoRA.
 
+Intruder dimensions (Shuttleworth et al. 2024, "LoRA vs Full Fine-tuning: An Illusion of
+Equivalence"; PEFT's ``lora/intruders.py``) compare the tuned weight with the base instead: a
+top-k left singular vector u'_i of W' (d_out x d_in) is an intruder when no singular vector
+of W is like it::
+
+    sim_i = max_j |u'_i . u_j|  over every left singular vector u_j of W;   intruder: sim_i < epsilon
+
+with PEFT's defaults k = 10, epsilon = 0.5 (`intruder_dimensions`; per module of two
+parameter trees, `module_intruders`). These need the dense weights and their full SVDs, as
+the definition does. (PEFT takes the SVD of the stored weight, which for GPT-2's Conv1D is
+W^T, the input side; jlora uses W, the output side, as the paper and PEFT's Linear do.)
+
 >>> import jax, jax.numpy as jnp
 >>> a = jax.random.normal(jax.random.key(0), (4, 16)); b = jax.random.normal(jax.random.key(1), (24, 4))
 >>> u, s, vt = factored_svd(a, b, scaling=2.0)
@@ -236,3 +248,60 @@ def _truncate(delta_w: jax.Array, r: int, scaling: float) -> tuple[dict[str, jax
     root = jnp.sqrt(s[:r] / scaling)
     adapter = {"A": root[:, None] * vt[:r], "B": u[:, :r] * root[None, :]}
     return adapter, spectrum(s)["energy"][r - 1]
+
+
+@partial(jax.jit, static_argnums=2)
+def _intruder_similarity(w_base: jax.Array, w_tuned: jax.Array, k: int) -> jax.Array:
+    u_base = jnp.linalg.svd(w_base.astype(jnp.float32), full_matrices=False)[0]  # (d_out, min)
+    u_tuned = jnp.linalg.svd(w_tuned.astype(jnp.float32), full_matrices=False)[0][:, :k]
+    return jnp.max(jnp.abs(_mm(u_tuned.T, u_base)), axis=1)
+
+
+def intruder_dimensions(
+    w_base: jax.Array, w_tuned: jax.Array, k: int = 10, epsilon: float = 0.5
+) -> tuple[int, jax.Array]:
+    """How many of W''s top-k left singular vectors are intruders (max |cos| with W's below `epsilon`).
+
+    Args:
+      w_base, w_tuned: (d_out, d_in), the weight before and after fine-tuning (maths layout:
+        a GPT-2 kernel is its transpose).
+      k: the top singular vectors of `w_tuned` to test (at most min(d_out, d_in)).
+      epsilon: the similarity below which a vector counts as an intruder.
+
+    Returns:
+      (count, sim): sim (k,) the best |cosine| of each top-k vector with any of W's.
+
+    >>> w = jnp.diag(jnp.arange(8.0, 0.0, -1.0))
+    >>> u = jnp.full(8, 8**-0.5)                            # |cos| 0.35 with each of W's singular vectors
+    >>> count, sim = intruder_dimensions(w, w + 20.0 * jnp.outer(u, u), k=3)   # it tops W': an intruder
+    >>> count, [round(float(x), 2) for x in sim]
+    (1, [0.42, 0.86, 0.75])
+    """
+    if w_base.shape != w_tuned.shape:
+        raise ValueError(f"the base {w_base.shape} and tuned {w_tuned.shape} weights differ in shape")
+    if not (isinstance(k, int) and k >= 1 and 0 < epsilon <= 1):
+        raise ValueError(f"need an integer k >= 1 and 0 < epsilon <= 1, got k={k!r}, epsilon={epsilon!r}")
+    sim = _intruder_similarity(w_base, w_tuned, min(k, *w_base.shape))
+    return int(jnp.sum(sim < epsilon)), sim
+
+
+def module_intruders(
+    before: Mapping, after: Mapping, paths, k: int = 10, epsilon: float = 0.5
+) -> dict[str, dict[str, object]]:
+    """`intruder_dimensions` of every module path between two parameter trees.
+
+    Args:
+      before, after: base trees (e.g. the base, and a full fine-tune's or ``merge(params, lora, cfg)``).
+      paths: module paths ("h.0.attn.c_attn", slices allowed), e.g. ``flatten_adapters(lora)``.
+
+    Returns:
+      {path: {"intruders": count, "similarity": (k,) best |cosine| of each top-k vector}}.
+    """
+    out = {}
+    for path in paths:
+        module = split_slice(path)[0]
+        w0, w1 = get_path(before, module)["kernel"], get_path(after, module)["kernel"]
+        cols = output_columns(path, w0.shape[1])
+        count, sim = intruder_dimensions(w0[:, cols].T, w1[:, cols].T, k, epsilon)
+        out[path] = {"intruders": count, "similarity": sim}
+    return out

@@ -8,7 +8,9 @@ A PEFT LoRA folder for GPT-2 holds two files::
                                base_model.model.transformer.ln_f.weight, ...   (modules_to_save, whole)
 
 so A and B travel as they are: PEFT keeps them in the maths' (out, in) layout although the
-Conv1D weight is (in, out). Two things need translating:
+Conv1D weight is (in, out). A DoRA adapter (``use_dora: true``) adds its magnitude,
+``...c_attn.lora_magnitude_vector`` (d_out,), also as it is (one value per output feature,
+whatever the layout). Three things need translating:
 
 - q/k/v slice adapters (``target_modules=("c_attn.q", "c_attn.v")``) have no PEFT name. They
   go out as one c_attn adapter of rank r_q + r_v: A stacked, B block-structured with zeros
@@ -21,6 +23,11 @@ Conv1D weight is (in, out). Two things need translating:
   folder back into the slices it came from (exactly) as long as PEFT did not change it.
 - trained base leaves (``{"ln_f": {"scale", "bias"}}``, the base tree's layout) go out as
   PEFT's ``modules_to_save``: whole modules under their checkpoint names.
+- a PiSSA / OLoRA adapter trained on a residual base goes out as PEFT shares one
+  (``path_initial_model_for_weight_conversion``): an ordinary rank-2r LoRA on the unmodified
+  base (`jlora.core.residual.as_plain_lora`), so `save_peft` needs the initial factors.
+  PEFT folders still holding such an init (unconverted) are refused: their base is not the
+  one PEFT users load.
 
 `save_peft` checks everything before it writes, writes into a hidden sibling folder and
 renames it at the end, so an error never leaves a partial folder.
@@ -42,6 +49,7 @@ import numpy as np
 
 from jlora.core.lora import adapters_by_module, split_slice, unflatten_adapters
 from jlora.core.lora_config import MODULES, QKV, LoraConfig, is_regex, pattern_value
+from jlora.core.residual import as_plain_lora
 from jlora.errors import CheckpointError, describe
 from jlora.exchange.hf_checkpoint import hf_key_to_path, new_folder, read_json, save_tokenizer, state_from_params
 from jlora.tree import path_names
@@ -51,6 +59,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLE_WEIGHTS = "adapter_model.bin"
 PREFIX = "base_model.model."
 JLORA_METADATA = "jlora_lora_config"
+PEFT_NAMES = {"A": "lora_A.weight", "B": "lora_B.weight", "m": "lora_magnitude_vector"}  # adapter leaf -> PEFT
 # LoRA variants whose init rewrites the base weights (or whose forward is not W x + s B A x):
 # the adapter alone does not describe the model.
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")
@@ -97,19 +106,19 @@ def _path_order(path: str) -> tuple[int, int]:
     return int(layer), MODULES.index(kind)
 
 
-def _peft_modules(lora: Mapping, cfg: LoraConfig) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
-    """{PEFT module path: (A, B, alpha)} with slices fused, in path order."""
+def _peft_modules(lora: Mapping, cfg: LoraConfig) -> dict[str, tuple[dict[str, np.ndarray], float]]:
+    """{PEFT module path: ({"A", "B"[, "m"]}, alpha)} with slices fused, in path order."""
     modules = {}
     for module, adapters in sorted(adapters_by_module(lora).items(), key=lambda item: _path_order(item[0])):
         if module in adapters and len(adapters) > 1:
             raise CheckpointError(f"{module} has an adapter and slice adapters; PEFT has one adapter per module")
         if module in adapters:
-            a = np.asarray(adapters[module]["A"], np.float32)
-            modules[module] = (a, np.asarray(adapters[module]["B"], np.float32), cfg.alpha_for(module))
+            tensors = {name: np.asarray(leaf, np.float32) for name, leaf in adapters[module].items()}
+            modules[module] = (tensors, cfg.alpha_for(module))
             continue
         a, b, scaling = _fuse_slices(module, adapters, cfg)
         rank = a.shape[0]
-        modules[module] = (a, b, scaling * (math.sqrt(rank) if cfg.rslora else rank))
+        modules[module] = ({"A": a, "B": b}, scaling * (math.sqrt(rank) if cfg.rslora else rank))
     return modules
 
 
@@ -185,8 +194,13 @@ def peft_config(
     modules = _peft_modules(lora, cfg)
     if not modules:
         raise CheckpointError("the LoRA tree has no adapters; nothing to export")
-    ranks = {m: a.shape[0] for m, (a, _, _) in modules.items()}
-    alphas = {m: alpha for m, (_, _, alpha) in modules.items()}
+    if cfg.changes_base:
+        raise CheckpointError(
+            f"a LoRA init {cfg.init!r} adapter works on a residual base: convert it first "
+            "(jlora.core.residual.as_plain_lora, or save_peft(..., init=initial factors))"
+        )
+    ranks = {m: t["A"].shape[0] for m, (t, _) in modules.items()}
+    alphas = {m: alpha for m, (_, alpha) in modules.items()}
     # The most common rank and alpha become r and lora_alpha; the rest go to the patterns.
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
     alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
@@ -207,7 +221,7 @@ def peft_config(
         "bias": "none",
         "modules_to_save": saved or None,
         "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
-        "use_dora": False,
+        "use_dora": cfg.use_dora,
         "inference_mode": True,
     }
 
@@ -220,30 +234,41 @@ def save_peft(
     base_model_name_or_path: str | None,
     modules_to_save: Mapping | None = None,
     tokenizer: Any = None,
+    init: Mapping | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write `lora` as a PEFT LoRA folder that ``PeftModel.from_pretrained(base, out_dir)`` loads.
 
     Args:
       out_dir: the folder to create (an existing non-empty one needs `overwrite`).
-      lora: the LoRA tree, ``{"A": (r, d_in), "B": (d_out, r)}`` per module (slices allowed).
-      cfg: its `LoraConfig` (scalings, dropout, rsLoRA).
+      lora: the LoRA tree, ``{"A": (r, d_in), "B": (d_out, r)[, "m": (d_out,)]}`` per module
+        (slices allowed, DoRA's m with whole modules).
+      cfg: its `LoraConfig` (scalings, dropout, rsLoRA, DoRA).
       base_model_name_or_path: what PEFT records as the base (a Hub id or a directory).
       modules_to_save: trained base leaves in the base tree's layout, e.g.
         ``{"ln_f": {"scale": (D,), "bias": (D,)}}``; whole modules only.
       tokenizer: saved beside the adapter (`jlora.exchange.hf_checkpoint.save_tokenizer`), so the
         folder carries the tokenizer the adapter was trained with (None: none).
+      init: for a PiSSA / OLoRA adapter (``cfg.changes_base``), its initial factors A0, B0:
+        the folder then holds the rank-2r LoRA on the unmodified base that equals it.
 
     Raises:
       CheckpointError: something PEFT cannot represent, or non-finite values; nothing is written.
     """
     from safetensors.numpy import save_file
 
+    if cfg.changes_base:
+        if init is None:
+            raise CheckpointError(
+                f"a LoRA init {cfg.init!r} adapter needs its initial factors (init=) to be written against "
+                "the unmodified base"
+            )
+        lora, cfg = as_plain_lora(lora, init, cfg)
     config = peft_config(lora, cfg, base_model_name_or_path=base_model_name_or_path, modules_to_save=modules_to_save)
     tensors = {}
-    for module, (a, b, _) in _peft_modules(lora, cfg).items():
-        tensors[f"{PREFIX}transformer.{module}.lora_A.weight"] = np.ascontiguousarray(a)
-        tensors[f"{PREFIX}transformer.{module}.lora_B.weight"] = np.ascontiguousarray(b)
+    for module, (adapter, _) in _peft_modules(lora, cfg).items():
+        for name, leaf in adapter.items():
+            tensors[f"{PREFIX}transformer.{module}.{PEFT_NAMES[name]}"] = np.ascontiguousarray(leaf)
     trained = {k: v for k, v in (modules_to_save or {}).items() if v is not None}
     for key, value in state_from_params(trained).items():
         tensors[PREFIX + key] = np.ascontiguousarray(np.asarray(value, np.float32))
@@ -289,11 +314,14 @@ def _check_supported(config: Mapping) -> None:
             raise CheckpointError(f"unsupported PEFT adapter: {what}; jlora reads plain LoRA adapters")
 
     refuse(config.get("peft_type") == "LORA", f"peft_type {config.get('peft_type')!r}")
-    refuse(not config.get("use_dora"), "use_dora (DoRA)")
     refuse(config.get("bias", "none") == "none", f"bias {config.get('bias')!r} (only 'none')")
     refuse(not config.get("lora_bias"), "lora_bias")
     init = config.get("init_lora_weights", True)
-    refuse(not (isinstance(init, str) and init.startswith(BASE_CHANGING_INITS)), f"init_lora_weights {init!r}")
+    refuse(
+        not (isinstance(init, str) and init.startswith(BASE_CHANGING_INITS)),
+        f"init_lora_weights {init!r} changes the base weights (save it from PEFT with "
+        "path_initial_model_for_weight_conversion=... for a LoRA on the unmodified base)",
+    )
     for key in ("layer_replication", "trainable_token_indices", "target_parameters", "alora_invocation_tokens"):
         refuse(not config.get(key), f"{key}={config.get(key)!r}")
     for key in ("use_qalora", "use_bdlora"):
@@ -320,9 +348,15 @@ def _read_tensors(directory: Path) -> tuple[dict[str, np.ndarray], dict[str, str
 
 
 def _adapter_key(key: str) -> tuple[str, str] | None:
-    """PEFT tensor name -> (module path, "A" or "B"), e.g. ("h.0.attn.c_attn", "A"); None: not LoRA."""
-    m = re.fullmatch(r"(?:base_model\.model\.)?(?:transformer\.)?(.+)\.lora_([AB])\.weight", key)
-    return (m.group(1), m.group(2)) if m else None
+    """PEFT tensor name -> (module path, "A", "B" or "m"), e.g. ("h.0.attn.c_attn", "A"); None: not LoRA."""
+    m = re.fullmatch(
+        r"(?:base_model\.model\.)?(?:transformer\.)?(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)"
+        r"(?:\.weight)?",  # older PEFT saved the magnitude as ...lora_magnitude_vector.weight
+        key,
+    )
+    if not m:
+        return None
+    return m.group(1), {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "m"}[m.group(2)]
 
 
 def _jlora_targets(paths: list[str], every_layer: bool) -> dict:
@@ -347,7 +381,7 @@ def _as_jlora_slices(flat: dict, cfg: LoraConfig) -> dict | None:
         slices = [p for p in wanted if split_slice(p)[0] == module]
         a, b = np.asarray(flat[module]["A"]), np.asarray(flat[module]["B"])
         if slices == [module]:
-            out[module] = {"A": a, "B": b}
+            out[module] = dict(flat[module])
             continue
         ranks = [cfg.rank_for(p) for p in slices]
         width = b.shape[0] // len(QKV)
@@ -367,8 +401,8 @@ def _as_jlora_slices(flat: dict, cfg: LoraConfig) -> dict | None:
     return out
 
 
-def _sort_tensors(tensors: Mapping[str, np.ndarray], file: Path) -> tuple[dict, dict]:
-    """PEFT tensors -> ({module path: {"A", "B"}}, trained base leaves in the base tree's layout)."""
+def _sort_tensors(tensors: Mapping[str, np.ndarray], file: Path, dora: bool) -> tuple[dict, dict]:
+    """PEFT tensors -> ({module path: {"A", "B"[, "m"]}}, trained base leaves in the base tree's layout)."""
     flat: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
     trained: dict = {}
     for key in sorted(tensors, key=lambda k: _adapter_key(k) is None):  # adapters first: their errors say more
@@ -393,10 +427,15 @@ def _sort_tensors(tensors: Mapping[str, np.ndarray], file: Path) -> tuple[dict, 
     if not flat:
         raise CheckpointError(f"no LoRA tensors (lora_A / lora_B) in {file}")
     for path, adapter in flat.items():
-        if set(adapter) != {"A", "B"} or adapter["A"].shape[0] != adapter["B"].shape[1]:
+        if {"A", "B"} - set(adapter) or adapter["A"].shape[0] != adapter["B"].shape[1]:
             raise CheckpointError(
                 f"adapter {path}: lora_A {getattr(adapter.get('A'), 'shape', None)} and "
                 f"lora_B {getattr(adapter.get('B'), 'shape', None)} are not a rank-r pair"
+            )
+        if ("m" in adapter) != dora or ("m" in adapter and adapter["m"].shape != adapter["B"].shape[:1]):
+            raise CheckpointError(
+                f"adapter {path}: lora_magnitude_vector {getattr(adapter.get('m'), 'shape', None)} does not fit "
+                f"{ADAPTER_CONFIG}'s use_dora={dora} and lora_B {adapter['B'].shape}"
             )
     return {p: flat[p] for p in sorted(flat, key=_path_order)}, trained
 
@@ -406,20 +445,21 @@ def load_peft(directory: str | os.PathLike) -> PeftAdapter:
 
     Returns:
       ``(config, lora, modules_to_save)``: a `LoraConfig` whose scalings are PEFT's for every
-      module (rank_pattern, alpha_pattern and use_rslora included), the LoRA tree
-      ``{"A": (r, d_in), "B": (d_out, r)}`` in float32, and the ``modules_to_save`` leaves in
+      module (rank_pattern, alpha_pattern, use_rslora and use_dora included), the LoRA tree
+      ``{"A": (r, d_in), "B": (d_out, r)[, "m": (d_out,)]}`` in float32, and the ``modules_to_save`` leaves in
       the base tree's layout (None if there are none).
 
     Raises:
-      CheckpointError: not a PEFT LoRA folder, or options jlora does not support (DoRA, other
-        PEFT types, bias training, targets outside GPT-2's attention and MLP projections, ...).
+      CheckpointError: not a PEFT LoRA folder, or options jlora does not support (other PEFT
+        types, bias training, an unconverted PiSSA / OLoRA init, targets outside GPT-2's
+        attention and MLP projections, ...).
     """
     directory = Path(directory)
     config = read_adapter_config(directory)
     _check_supported(config)
     tensors, metadata = _read_tensors(directory)
 
-    flat, trained = _sort_tensors(tensors, directory / ADAPTER_WEIGHTS)
+    flat, trained = _sort_tensors(tensors, directory / ADAPTER_WEIGHTS, bool(config.get("use_dora")))
     paths = list(flat)
     modules_to_save = trained or None
 
@@ -455,6 +495,7 @@ def load_peft(directory: str | os.PathLike) -> PeftAdapter:
         init=init,
         rank_pattern={p: k for p, k in ranks.items() if k != r},
         alpha_pattern={p: a for p, a in alphas.items() if a != alpha},
+        use_dora=bool(config.get("use_dora")),
         **_jlora_targets(paths, every_layer),
     )
     n_layer = 1 + max(int(p.split(".")[1]) for p in paths)
@@ -466,7 +507,16 @@ def load_peft(directory: str | os.PathLike) -> PeftAdapter:
     return PeftAdapter(cfg, _to_jax(unflatten_adapters(flat)), _to_jax(modules_to_save))
 
 
-_SCALING_KEYS = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout")
+_SCALING_KEYS = (
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_rslora",
+    "lora_dropout",
+    "use_dora",
+)
 
 
 def _as_written(flat: dict, config: Mapping, original: LoraConfig, modules_to_save: Mapping | None) -> dict | None:

@@ -1,6 +1,6 @@
 """`jlora diagnose RUN_DIR [--against RUN_DIR2]`: what a trained adapter's updates look like.
 
-    jlora diagnose runs/qa                                  # table; runs/qa/diagnose/{diagnose.json, spectrum.png}
+    jlora diagnose runs/qa                                  # table; runs/qa/diagnose/{diagnose.json, *.png}
     jlora diagnose runs/r8 --against runs/r64 --out diag/   # also phi(i, j) between the two: similarity.png
 
 For every adapted module of the run's newest checkpoint (or ``--step``), from the factors of
@@ -11,6 +11,13 @@ dW = scaling * B A (`jlora.core.svd.delta_svd`, no dense dW is formed):
     effective rank      exp(entropy of s / sum s)        stable rank  ||dW||_F^2 / s_1^2
     ||dW|| / ||W||      Frobenius norms, W the frozen base weight (the columns the adapter updates)
     amplification       ||dW||_F / ||U^T W V^T||_F (LoRA paper, App. H.4)
+    intruders           how many of the top k left singular vectors of the adapted weight W' have a
+                        best |cosine| below epsilon with every singular vector of W (Shuttleworth et
+                        al. 2024; k = 10, epsilon = 0.5 as PEFT's), in intruders.png too
+
+A PiSSA / OLoRA run is read against its original base: dW is the rank-2r update its export
+to PEFT holds, s (B A - B0 A0). For DoRA, dW is the direction's update s B A, and W' the
+merged weight m * (W + dW) / ||W + dW||.
 
 With ``--against``, for every module both runs adapt, the LoRA paper's normalised subspace
 similarity (eq. 4) phi(i, j) = ||U1_i^T U2_j||_F^2 / min(i, j) between the right singular
@@ -29,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from jlora.core.lora import flatten_adapters
-from jlora.core.svd import delta_svd, subspace_similarity_grid
+from jlora.core.merge import merge
+from jlora.core.svd import delta_svd, module_intruders, subspace_similarity_grid
 from jlora.errors import CheckpointError
 from jlora.training.checkpoint import find_checkpoint, load_adapter, load_run
 from jlora.training.metrics import read_metrics
@@ -37,15 +45,19 @@ from jlora.training.metrics import read_metrics
 TOP = (1, 2, 4, 8)
 
 
-def diagnose(run_dir: str | Path, *, step: int | None = None, member: int | None = None) -> dict:
+def diagnose(
+    run_dir: str | Path, *, step: int | None = None, member: int | None = None, k: int = 10, epsilon: float = 0.5
+) -> dict:
     """The spectrum figures of every adapter of a run, as plain JSON-able values.
 
     Returns:
-      {"run", "step", "lora_config", "modules": {path: {"r", "scaling", "singular_values" (r,),
-      "energy" (r,), "energy_top": {k: share}, "effective_rank", "stable_rank", "norm",
-      "relative_norm", "amplification"}}}.
+      {"run", "step", "lora_config", "intruders": {"k", "epsilon"}, "modules": {path: {"r",
+      "scaling", "singular_values" (r,), "energy" (r,), "energy_top": {k: share},
+      "effective_rank", "stable_rank", "norm", "relative_norm", "amplification", "intruders",
+      "intruder_similarity" (k,)}}}.
     """
-    _, params, lora, lora_cfg, meta = load_run(run_dir, step, member=member)
+    _, params, lora, lora_cfg, meta = load_run(run_dir, step, member=member, original_base=True)
+    intruders = module_intruders(params, merge(params, lora, lora_cfg), flatten_adapters(lora), k, epsilon)
     modules = {}
     for path, fig in delta_svd(lora, lora_cfg, params).items():
         r = int(fig["singular_values"].shape[0])
@@ -60,8 +72,16 @@ def diagnose(run_dir: str | Path, *, step: int | None = None, member: int | None
                 name: float(fig[name])
                 for name in ("effective_rank", "stable_rank", "norm", "relative_norm", "amplification")
             },
+            "intruders": intruders[path]["intruders"],
+            "intruder_similarity": np.asarray(intruders[path]["similarity"], np.float64).tolist(),
         }
-    report = {"run": str(run_dir), "step": meta["step"], "lora_config": meta["lora_config"], "modules": modules}
+    report = {
+        "run": str(run_dir),
+        "step": meta["step"],
+        "lora_config": meta["lora_config"],
+        "intruders": {"k": k, "epsilon": epsilon},
+        "modules": modules,
+    }
     history = telemetry_history(run_dir, member)
     return report if not history else {**report, "telemetry": history}
 
@@ -124,7 +144,19 @@ def compare(
 def format_table(report: dict) -> str:
     """The report as aligned text: one row per module (and one per compared module)."""
     tops = [k for k in TOP if any(str(k) in m["energy_top"] for m in report["modules"].values())]
-    header = ["module", "r", "||dW||", "/||W||", "amplif.", "eff.rank", "stable", *[f"E@{k}" for k in tops], "s_1..s_3"]
+    top_k = report["intruders"]["k"]
+    header = [
+        "module",
+        "r",
+        "||dW||",
+        "/||W||",
+        "amplif.",
+        "eff.rank",
+        "stable",
+        *[f"E@{k}" for k in tops],
+        f"intr.@{top_k}",
+        "s_1..s_3",
+    ]
     rows = []
     for path, m in report["modules"].items():
         rows.append(
@@ -137,10 +169,13 @@ def format_table(report: dict) -> str:
                 f"{m['effective_rank']:.2f}",
                 f"{m['stable_rank']:.2f}",
                 *[f"{m['energy_top'][str(k)]:.3f}" if str(k) in m["energy_top"] else "-" for k in tops],
+                str(m["intruders"]),
                 " ".join(f"{s:.3g}" for s in m["singular_values"][:3]),
             ]
         )
-    lines = [f"{report['run']} (step {report['step']})", *_aligned([header, *rows])]
+    eps = report["intruders"]["epsilon"]
+    title = f"{report['run']} (step {report['step']}; intr.@{top_k}: of the top {top_k} singular vectors of W', "
+    lines = [title + f"those with |cos| < {eps} against all of W's)", *_aligned([header, *rows])]
     against = report.get("against")
     if against:
         lines += ["", f"subspace similarity phi(i, j) against {against['against']} (LoRA paper eq. 4, A matrices)"]
@@ -162,15 +197,39 @@ def _aligned(rows: list[list[str]]) -> list[str]:
 
 
 def write_plots(report: dict, out: Path) -> list[Path]:
-    """spectrum.png (singular values per layer, one line per module) and, with a comparison,
-    similarity.png (the phi(i, j) heat map of each common module)."""
+    """spectrum.png (singular values per layer, one line per module), intruders.png (the best
+    similarity of each top-k singular vector of W' with W's, and the intruder count per layer)
+    and, with a comparison, similarity.png (the phi(i, j) heat map of each common module)."""
     from jlora.research import plots
 
     layers: dict[str, dict] = {}
+    similarity: dict[str, tuple] = {}
+    counts: dict[str, tuple[list, list]] = {}
     for path, m in report["modules"].items():
         layer, _, module = path.partition(".")[2].partition(".")
         layers.setdefault(f"layer {layer}", {})[module] = m["singular_values"]
+        similarity[path] = (list(range(1, len(m["intruder_similarity"]) + 1)), m["intruder_similarity"])
+        counts.setdefault(module, ([], []))
+        counts[module][0].append(int(layer))
+        counts[module][1].append(m["intruders"])
     written = [plots.spectra(out / "spectrum.png", layers, title=f"singular values of dW: {report['run']}")]
+    k, eps = report["intruders"]["k"], report["intruders"]["epsilon"]
+    written.append(
+        plots.panels(
+            out / "intruders.png",
+            [
+                dict(
+                    series=similarity,
+                    hlines={f"epsilon = {eps}": eps},
+                    xlabel="i (singular vector of W', by singular value)",
+                    ylabel="max |cos| with W's singular vectors",
+                    title="below epsilon: an intruder dimension",
+                ),
+                dict(series=counts, xlabel="layer", ylabel=f"intruders in the top {k}", title="per layer"),
+            ],
+            title=f"intruder dimensions: {report['run']}",
+        )
+    )
     against = report.get("against")
     if against:
         grids = {path: np.asarray(m["phi"]) for path, m in against["modules"].items()}

@@ -3,12 +3,15 @@
 A run directory holds::
 
     RUN_DIR/config.yaml                  the resolved run config
-    RUN_DIR/checkpoints/<step>/adapter   {"lora": adapters, "base": trained base leaves}  (Orbax StandardSave)
+    RUN_DIR/checkpoints/<step>/adapter   {"lora": adapters, "base": trained base leaves[, "init": A0, B0]}  (Orbax)
     RUN_DIR/checkpoints/<step>/opt_state the optimizer state                              (Orbax StandardSave)
     RUN_DIR/checkpoints/<step>/meta      step, seed, LoRA config, model config, base identity (JSON)
 
 The frozen base is never saved: it is the checkpoint the run started from, named in `meta`
-with a hash of its weights. `adapter` and `meta` alone restore the adapter::
+with a hash of its weights. A PiSSA / OLoRA run trains on a residual of that base; its
+checkpoints add the initial factors (``init``, the adapters at step 0), from which
+`load_checkpoint` (and a resumed run) rebuilds the residual exactly as training made it
+(`jlora.core.residual.residual_params`). `adapter` and `meta` alone restore the adapter::
 
     lora, base_leaves, meta = load_adapter("RUN_DIR/checkpoints/100")        # jlora
     tree = ocp.StandardCheckpointer().restore("RUN_DIR/checkpoints/100/adapter")  # plain Orbax
@@ -41,6 +44,7 @@ import orbax.checkpoint as ocp
 
 from jlora.core.gpt2 import GPT2, GPT2Config, init_params
 from jlora.core.lora_config import LoraConfig
+from jlora.core.residual import as_plain_lora, residual_params
 from jlora.errors import BaseMismatchError, CheckpointError, describe
 from jlora.exchange.hf_checkpoint import load_gpt2
 from jlora.training.population import load_member
@@ -65,18 +69,22 @@ def base_identity(name: str, params: Mapping) -> dict:
 
 def check_base(identity: Mapping, params: Mapping, *, allow_different_weights: bool = False) -> None:
     """Refuse a base whose shapes differ from `identity`'s, or (unless allowed) whose weights do."""
-    now = base_identity(identity.get("name", "?"), params)
-    wrong = [(p, s) for p, s in identity["shapes"].items() if now["shapes"].get(p) != s]
+    check_identity(identity, base_identity(identity.get("name", "?"), params), allow_different_weights)
+
+
+def check_identity(saved: Mapping, now: Mapping, allow_different_weights: bool = False) -> None:
+    """`check_base` on an identity already computed (`base_identity`) rather than on the params."""
+    wrong = [(p, s) for p, s in saved["shapes"].items() if now["shapes"].get(p) != s]
     if wrong:  # name a weight matrix rather than its bias where both differ
         path, shape = max(wrong, key=lambda item: len(item[1]))
         raise BaseMismatchError(
             f"base model does not match the adapter's: {path.rsplit('.', 1)[0]} has shape "
             f"{tuple(now['shapes'].get(path) or ())}, the adapter was trained on {tuple(shape)}"
         )
-    if now["sha256"] != identity["sha256"] and not allow_different_weights:
+    if now["sha256"] != saved["sha256"] and not allow_different_weights:
         raise BaseMismatchError(
-            f"base model weights differ from those the adapter was trained on ({identity['name']!r}, "
-            f"sha256 {identity['sha256'][:12]}...); pass allow_different_weights=True to use them anyway"
+            f"base model weights differ from those the adapter was trained on ({saved['name']!r}, "
+            f"sha256 {saved['sha256'][:12]}...); pass allow_different_weights=True to use them anyway"
         )
 
 
@@ -168,11 +176,16 @@ def _set_aside(manager: ocp.CheckpointManager, failed: list[tuple[int, str]]) ->
     return moved
 
 
+def committed_steps(run_dir: str | Path) -> list[int]:
+    """The steps of a run's committed checkpoints (Orbax renames a folder to its step when complete), newest first."""
+    root = Path(run_dir) / "checkpoints"
+    return sorted((int(p.name) for p in root.glob("*") if p.name.isdigit() and (p / "meta").exists()), reverse=True)
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest committed checkpoint folder of a run, or None."""
-    root = Path(run_dir) / "checkpoints"
-    steps = [int(p.name) for p in root.glob("*") if p.name.isdigit() and (p / "meta").exists()]
-    return root / str(max(steps)) if steps else None
+    steps = committed_steps(run_dir)
+    return Path(run_dir) / "checkpoints" / str(steps[0]) if steps else None
 
 
 def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
@@ -184,11 +197,8 @@ def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
     return found
 
 
-def load_adapter(checkpoint_dir: str | Path, member: int | None = None) -> tuple[dict, dict, dict]:
-    """(lora, trained base leaves, meta) from one checkpoint folder; no run directory needed.
-
-    A population run's checkpoint holds several adapters: `member` picks one (`load_member`).
-    """
+def _read(checkpoint_dir: str | Path) -> tuple[dict, dict]:
+    """(the adapter item's tree {"lora", "base"[, "init"]}, meta) of one checkpoint folder."""
     checkpoint_dir = Path(checkpoint_dir)
     if not (checkpoint_dir / "adapter").exists():
         raise CheckpointError(f"no adapter checkpoint in {checkpoint_dir}")
@@ -197,7 +207,15 @@ def load_adapter(checkpoint_dir: str | Path, member: int | None = None) -> tuple
         meta = json.loads(_meta_file(checkpoint_dir).read_text())
     except Exception as e:  # a truncated or corrupt file
         raise CheckpointError(f"cannot read the checkpoint in {checkpoint_dir} ({describe(e)})") from e
-    return load_member(tree, meta, member)
+    return tree, meta
+
+
+def load_adapter(checkpoint_dir: str | Path, member: int | None = None) -> tuple[dict, dict, dict]:
+    """(lora, trained base leaves, meta) from one checkpoint folder; no run directory needed.
+
+    A population run's checkpoint holds several adapters: `member` picks one (`load_member`).
+    """
+    return load_member(*_read(checkpoint_dir), member)
 
 
 def _meta_file(checkpoint_dir: Path) -> Path:
@@ -211,6 +229,7 @@ def load_checkpoint(
     *,
     allow_different_weights: bool = False,
     member: int | None = None,
+    original_base: bool = False,
 ):
     """An adapter checkpoint on its base model, ready to apply: ``(model, params, lora, lora_cfg, meta)``.
 
@@ -220,17 +239,31 @@ def load_checkpoint(
     checked against the recorded identity (`check_base`: shapes always, weights unless
     `allow_different_weights`), and the trained base leaves are put into `params`. `member`
     picks one adapter of a population run's checkpoint.
+
+    A PiSSA / OLoRA run's `params` are the residual base it trained on, rebuilt from the
+    checkpoint's initial factors; with `original_base` they are the unmodified base instead,
+    and the adapter comes converted to the rank-2r LoRA that equals it there (as exported to
+    PEFT, `jlora.core.residual.as_plain_lora`). Either way ``model.apply({"params": params,
+    "lora": lora}, ids)`` is the trained model.
     """
-    lora, base_leaves, meta = load_adapter(checkpoint_dir, member)
+    tree, meta = _read(checkpoint_dir)
+    lora, base_leaves, meta = load_member(tree, meta, member)
     model, params = load_base(meta, base, allow_different_weights=allow_different_weights)
-    return model, overlay(params, base_leaves), lora, model.lora, meta
+    lora_cfg, init = model.lora, tree.get("init")
+    if init is not None and original_base:
+        lora, lora_cfg = as_plain_lora(lora, init, lora_cfg)
+        model = model.clone(lora=lora_cfg)
+    elif init is not None:
+        params = residual_params(params, init, lora_cfg)
+    return model, overlay(params, base_leaves), lora, lora_cfg, meta
 
 
 def load_base(meta: Mapping, base: str | None = None, *, allow_different_weights: bool = False) -> tuple[GPT2, dict]:
     """The base model a checkpoint's adapter was trained on, checked (`check_base`): ``(model, params)``.
 
     `base` (default: the name in `meta`) is a checkpoint directory or Hub id; a random base is
-    rebuilt from the recorded config and seed. `params` are the base's own, without trained leaves.
+    rebuilt from the recorded config and seed. `params` are the base's own, without trained leaves
+    (nor a PiSSA / OLoRA run's residual: `load_checkpoint` makes that).
     """
     lora_cfg, config = lora_config_of(meta), model_config_of(meta)
     name = base or meta["base_model"]["name"]
@@ -242,12 +275,38 @@ def load_base(meta: Mapping, base: str | None = None, *, allow_different_weights
     return model, params
 
 
+def load_init(checkpoint_dir: str | Path) -> dict | None:
+    """The initial factors {"h": ... {"A", "B"}} a PiSSA / OLoRA checkpoint keeps (None for other inits)."""
+    return _read(checkpoint_dir)[0].get("init")
+
+
+def find_init(run_dir: str | Path) -> dict | None:
+    """A PiSSA / OLoRA run's initial factors from its newest checkpoint that reads back (None: none has them).
+
+    Every checkpoint of a run keeps the same factors; a damaged newer one is passed over here
+    (`restore_newest` sets it aside when the run resumes).
+    """
+    for step in committed_steps(run_dir):
+        try:
+            return load_init(Path(run_dir) / "checkpoints" / str(step))
+        except CheckpointError:
+            continue
+    return None
+
+
 def load_run(
-    run_dir: str | Path, step: int | None = None, *, allow_different_weights: bool = False, member: int | None = None
+    run_dir: str | Path,
+    step: int | None = None,
+    *,
+    allow_different_weights: bool = False,
+    member: int | None = None,
+    original_base: bool = False,
 ):
     """`load_checkpoint` of a run's newest checkpoint (or of `step`; of population member `member`)."""
     checkpoint = find_checkpoint(run_dir, step)
-    return load_checkpoint(checkpoint, allow_different_weights=allow_different_weights, member=member)
+    return load_checkpoint(
+        checkpoint, allow_different_weights=allow_different_weights, member=member, original_base=original_base
+    )
 
 
 def lora_config_of(meta: Mapping) -> LoraConfig:

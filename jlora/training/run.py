@@ -1,11 +1,12 @@
 """What a run is built from: its config, tokenizer, base model, data and first adapters.
 
     run = build_run(cfg)              # tokenizer, base (model, params), tokenized train / validation data
-    run, lora = initial_lora(run)     # fresh adapters (A random, B = 0), or cfg.init_from's PEFT adapter
+    run, lora = initial_lora(run)     # fresh adapters (A random, B = 0; PiSSA / OLoRA: from W, on the
+                                      # residual base), or cfg.init_from's PEFT adapter
     run.start_params                  # the base as training starts: params with the adapter's saved modules
     trainer = solo_trainer(run)       # the state at step 0 and how to compile its step (a population:
                                       # jlora.training.population.population_trainer)
-    adapter_of(state.trainable, run.start_leaves)   # what a checkpoint keeps: {"lora": ..., "base": ...}
+    adapter_of(state.trainable, run.start_leaves, run.init)   # what a checkpoint keeps: {"lora", "base"[, "init"]}
 
 Everything here is decided by the config alone (the random base by ``cfg.seed``, A's
 initialisation by the adapter seed), which is what lets a checkpoint name its base instead of
@@ -25,8 +26,8 @@ from typing import Any, NamedTuple
 import jax
 
 from jlora.core.gpt2 import GPT2, GPT2Config, init_params
-from jlora.core.lora import init_lora
 from jlora.core.optim import make_optimizer, partition, trainable_mask
+from jlora.core.residual import factors_of, init_adapters
 from jlora.core.step import EvalStep, TrainState, TrainStep, init_state, make_eval_step, make_train_step
 from jlora.errors import ConfigError, JloraError, RunDirError
 from jlora.exchange.hf_checkpoint import load_gpt2
@@ -44,7 +45,8 @@ class Run:
     """What a run is built from (everything but the training state).
 
     `val` is None when the config names no validation data; `start_leaves` holds the base
-    leaves the run starts from in place of the base's (an ``init_from`` adapter's modules_to_save).
+    leaves the run starts from in place of the base's (an ``init_from`` adapter's modules_to_save). A PiSSA / OLoRA
+    run's `params` are the residual base and `init` the initial factors they were made with (else None).
     """
 
     cfg: RunConfig
@@ -56,6 +58,7 @@ class Run:
     val: TokenizedData | None
     forgetting: TokenizedData | None = None  # cfg.eval.forgetting's held-out text
     start_leaves: dict = dataclasses.field(default_factory=dict)
+    init: dict | None = None
 
     @property
     def start_params(self) -> dict:
@@ -139,11 +142,19 @@ def start_from_peft(run: Run) -> tuple[Run, dict]:
     return run, adapter.lora
 
 
-def initial_lora(run: Run) -> tuple[Run, dict]:
-    """(run, lora): fresh adapters (A random, B = 0), or those of ``cfg.init_from``."""
+def initial_lora(run: Run, init: dict | None = None) -> tuple[Run, dict]:
+    """(run, lora): fresh adapters, or those of ``cfg.init_from``.
+
+    A PiSSA / OLoRA init takes A and B from the base weights and returns the run on the
+    residual base, with `run.init` the factors; `init` (a checkpoint's) gives those factors
+    instead of computing them, so a resumed run trains on the very residual it started with.
+    """
     if run.cfg.init_from:
         return start_from_peft(run)
-    return run, init_lora(init_key(adapter_seed(run.cfg)), run.model, run.params)
+    params, lora = init_adapters(init_key(adapter_seed(run.cfg)), run.model, run.params, init=init)
+    if not run.model.lora.changes_base:
+        return run, lora
+    return dataclasses.replace(run, params=params, init=factors_of(lora)), lora
 
 
 def init_key(seed: int) -> jax.Array:
@@ -151,10 +162,11 @@ def init_key(seed: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), 1)
 
 
-def solo_trainer(run: Run) -> Trainer:
-    """One adapter (`initial_lora`) and the trainable base leaves the config names, at step 0."""
+def solo_trainer(run: Run, init: dict | None = None) -> Trainer:
+    """One adapter (`initial_lora`; `init`: a PiSSA / OLoRA checkpoint's factors) and the trainable
+    base leaves the config names, at step 0."""
     cfg = run.cfg
-    run, lora = initial_lora(run)
+    run, lora = initial_lora(run, init)
     variables = {"params": run.start_params, "lora": lora}
     mask = trainable_mask(variables, bias=cfg.trainable.bias, modules_to_save=cfg.trainable.modules_to_save)
     optimizer = make_optimizer(cfg.optim, partition(variables, mask)[0])
@@ -182,14 +194,16 @@ def checkpoint_meta(run: Run, step: int, identity: dict) -> dict:
     }
 
 
-def adapter_of(trainable: dict, start_leaves: dict | None = None) -> dict:
-    """What a checkpoint keeps: {"lora": adapters, "base": base leaves that differ from the loaded base}.
+def adapter_of(trainable: dict, start_leaves: dict | None = None, init: dict | None = None) -> dict:
+    """What a checkpoint keeps: {"lora": adapters, "base": base leaves that differ from the loaded base[, "init"]}.
 
     "base" holds the trained base leaves of the trainable partition and the `start_leaves` the run
-    began from (a trained leaf wins where both have one), as one pruned tree.
+    began from (a trained leaf wins where both have one), as one pruned tree; "init" a PiSSA /
+    OLoRA run's initial factors, from which its residual base is rebuilt.
     """
     base = {**leaves_by_path(start_leaves or {}), **leaves_by_path(prune(trainable.get("params", {})))}
-    return {"lora": trainable["lora"], "base": unflatten(base)}
+    adapter = {"lora": trainable["lora"], "base": unflatten(base)}
+    return adapter if init is None else {**adapter, "init": init}
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -254,6 +254,9 @@ def _check_values(cfg: RunConfig) -> None:
     if cfg.population is not None:
         if cfg.init_from:
             raise ConfigError("init_from starts one adapter; it cannot be combined with a population")
+        if cfg.lora.use_dora or cfg.lora.changes_base:
+            variant = "lora.use_dora" if cfg.lora.use_dora else f"lora.init={cfg.lora.init}"
+            raise ConfigError(f"{variant} is not available in a population (its members share one unchanged base)")
         population_members(cfg)  # its errors now, before anything is loaded
     n_positions = cfg.model.random.get("n_positions", 1024) if cfg.model.name == "random" else None
     if n_positions is not None and cfg.seq_len > n_positions:

@@ -67,8 +67,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
     n_devices, n_hosts = jax.local_device_count(), jax.process_count()
     if cfg.batch_size % (n_devices * n_hosts):
         raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {n_devices * n_hosts} devices")
-    identity = ckpt.base_identity(run.base_name, run.params)
-    trainer = population_trainer(run) if cfg.population else solo_trainer(run)
+    identity = ckpt.base_identity(run.base_name, run.params)  # the original base, also under PiSSA / OLoRA
+    trainer = population_trainer(run) if cfg.population else solo_trainer(run, ckpt.find_init(run_dir))
     run, members = trainer.run, trainer.members
     size = None if members is None else len(members)
 
@@ -78,7 +78,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
         if primary:
             save_run_config(cfg, run_dir / "config.yaml")
         manager = ckpt.open_manager(run_dir, max_to_keep=cfg.checkpoint.max_to_keep)
-        state, start = resume(manager, trainer.state, run)
+        state, start = resume(manager, trainer.state, run, identity)
 
         step = trainer.make_step(n_devices)
         eval_step = trainer.make_eval_step(n_devices)
@@ -116,7 +116,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
             host = unreplicate(info.state) if step.pmapped else info.state
             check_finite_state(eval_step, info, host, newest=manager.latest_step())
             meta = {**checkpoint_meta(run, info.step, identity), **population_meta(members)}
-            ckpt.save(manager, info.step, adapter_of(host.trainable, run.start_leaves), host.opt_state, meta)
+            ckpt.save(manager, info.step, adapter_of(host.trainable, run.start_leaves, run.init), host.opt_state, meta)
 
         log = MetricsLog(
             writer,
@@ -162,18 +162,21 @@ def summarise(steps: int, last: dict, members) -> dict:
     return {"step": steps, "members": [{"member": k, "name": m.name, **last.get(k, {})} for k, m in enumerate(members)]}
 
 
-def resume(manager, state: TrainState, run: Run) -> tuple[TrainState, int]:
+def resume(manager, state: TrainState, run: Run, identity: dict) -> tuple[TrainState, int]:
     """(state, start step): `state` as the newest readable checkpoint saved it, or as it is at step 0.
 
     The checkpoint's base leaves (trained, or brought by an init_from adapter) go back into
     whichever partition holds them; a damaged newer checkpoint is set aside (`ckpt.restore_newest`).
+    `identity` is the original base's (`ckpt.base_identity`; a PiSSA / OLoRA run trains on a
+    residual of it).
     """
-    restored = ckpt.restore_newest(manager, adapter_of(state.trainable, run.start_leaves), state.opt_state)
+    like = adapter_of(state.trainable, run.start_leaves, run.init)
+    restored = ckpt.restore_newest(manager, like, state.opt_state)
     if restored is None:
         return state, 0
     for bad, why, where in restored.set_aside:
         print(f"jlora: checkpoint {bad} cannot be read ({why}); moved to {where}", file=sys.stderr)
-    ckpt.check_base(restored.meta["base_model"], run.params)
+    ckpt.check_identity(restored.meta["base_model"], identity)
     variables = {
         **state.variables,  # a population's scalings too
         "params": overlay(state.variables["params"], restored.adapter["base"]),

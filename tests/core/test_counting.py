@@ -18,10 +18,10 @@ from jlora.core.gpt2 import GPT2Config, param_shapes
 def lora_shapes(cfg, gpt2_config=None):
     """The LoRA tree's shapes for a GPT-2 without allocating it (GPT-2 small by default)."""
     params = param_shapes(gpt2_config or GPT2Config())
-    return params, jax.eval_shape(lambda: jlora.init_lora(jax.random.key(0), cfg, params))
+    return params, jax.eval_shape(lambda p: jlora.init_lora(jax.random.key(0), cfg, p), params)  # DoRA reads W
 
 
-def peft_trainable(targets, r, **config):
+def peft_trainable(targets, r, use_dora=False, **config):
     """The trainable parameter count real PEFT reports for transformers' GPT-2 (built on 'meta')."""
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config as HFConfig
@@ -29,7 +29,7 @@ def peft_trainable(targets, r, **config):
 
     with torch.device("meta"):
         model = GPT2LMHeadModel(HFConfig(**config))
-    peft_cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), fan_in_fan_out=True)
+    peft_cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), fan_in_fan_out=True, use_dora=use_dora)
     return get_peft_model(model, peft_cfg).get_nb_trainable_parameters()[0]
 
 
@@ -67,6 +67,13 @@ def test_matches_peft_on_other_targets(targets, peft_targets):
     cfg = jlora.LoraConfig(r=4, alpha=8, target_modules=targets)
     _, lora = lora_shapes(cfg, GPT2Config(**tiny))
     assert lora_param_count(lora) == peft_trainable(peft_targets, r=4, **tiny)
+
+
+def test_dora_counts_its_magnitudes_as_peft_does():
+    params, lora = lora_shapes(jlora.LoraConfig(r=8, alpha=16, use_dora=True))
+    row = module_counts(lora, params)["h.0.attn.c_attn"]
+    assert (row["A"], row["B"], row["m"], row["lora"]) == (6_144, 18_432, 2_304, 26_880)  # + one m per output
+    assert lora_param_count(lora) == 12 * 26_880 == peft_trainable(["c_attn"], r=8, use_dora=True)
 
 
 def test_slices_and_compression_by_hand():

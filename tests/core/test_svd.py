@@ -177,3 +177,36 @@ def test_lora_from_delta_is_eckart_young(r, scaling):
 def test_lora_from_delta_rejects_bad_rank():
     with pytest.raises(ValueError, match="rank must be an integer in 1..3"):
         jlora.lora_from_delta(np.ones((3, 5)), 4)
+
+
+def numpy_intruders(w_base, w_tuned, k=10, epsilon=0.5):
+    """Intruder dimensions by the definition, in float64: (count, best |cos| of each top-k vector of W')."""
+    u_base = np.linalg.svd(np.asarray(w_base, np.float64), full_matrices=False)[0]
+    u_tuned = np.linalg.svd(np.asarray(w_tuned, np.float64), full_matrices=False)[0][:, :k]
+    sim = np.abs(u_tuned.T @ u_base).max(axis=1)
+    return int(np.sum(sim < epsilon)), sim
+
+
+def test_intruders_match_dense_numpy(random_b, tiny_params):
+    """Small updates leave W's singular vectors in place; a large random one on c_fc plants intruders."""
+    cfg = jlora.LoraConfig(r=4, alpha=8, target_modules=("c_attn", "mlp.c_fc"))
+    lora = random_b(jlora.init_lora(jax.random.key(0), cfg, tiny_params), scale=1e-4)
+    lora["h"]["1"]["mlp"]["c_fc"] = random_b(lora["h"]["1"]["mlp"]["c_fc"], seed=3, scale=3.0)
+    tuned = jlora.merge(tiny_params, lora, cfg)
+    paths = list(flatten_adapters(lora)) + ["h.0.attn.c_attn.v"]  # a slice of a module: its own columns
+    report = jlora.module_intruders(tiny_params, tuned, paths)
+    counts = {}
+    for path in paths:
+        module = split_slice(path)[0]
+        before, after = (np.asarray(get_path(t, module)["kernel"]) for t in (tiny_params, tuned))
+        cols = output_columns(path, before.shape[1])
+        count, sim = numpy_intruders(before[:, cols].T, after[:, cols].T)
+        assert report[path]["intruders"] == count and report[path]["similarity"].shape == (10,)
+        np.testing.assert_allclose(report[path]["similarity"], sim, atol=1e-4)
+        counts[path] = count
+    assert counts["h.1.mlp.c_fc"] > 0 and counts["h.0.attn.c_attn"] == 0  # the test tells the two apart
+    count, same = jlora.intruder_dimensions(before, before, k=40)  # a (32, 32) weight against itself
+    assert count == 0 and same.shape == (32,)
+    np.testing.assert_allclose(same, 1.0, atol=1e-4)
+    with pytest.raises(ValueError, match="k >= 1"):
+        jlora.intruder_dimensions(before, after, k=0)

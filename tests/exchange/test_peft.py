@@ -232,7 +232,7 @@ def test_what_peft_cannot_represent_is_an_error_and_leaves_no_folder(tiny_hf, tm
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"use_dora": True}, "DoRA"),
+        ({"use_dora": True}, "use_dora=True"),
         ({"peft_type": "IA3"}, "peft_type"),
         ({"bias": "all"}, "bias"),
         ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights"),

@@ -11,6 +11,8 @@ from jlora.training.checkpoint import latest_checkpoint, load_adapter, load_run
 from jlora.training.run_config import load_run_config
 from jlora.training.train import train
 
+from ..core.test_svd import numpy_intruders
+
 TINY = [
     "model.random={n_layer: 2, n_embd: 32, n_head: 2, n_positions: 64, embd_pdrop: 0.0, resid_pdrop: 0.0}",
     "seq_len=64",
@@ -72,6 +74,9 @@ def test_report_matches_dense_numpy(runs, tmp_path, capsys):
         projected = u[:, :4].T @ w @ vt[:4].T
         assert fig["amplification"] == pytest.approx(np.linalg.norm(dw) / np.linalg.norm(projected), rel=1e-3)
         assert fig["singular_values"][0] > 0  # trained: B moved off zero
+        count, sim = numpy_intruders(w, w + dw)  # the adapted weight's top 10 against all of W's
+        assert fig["intruders"] == count and report["intruders"] == {"k": 10, "epsilon": 0.5}
+        np.testing.assert_allclose(fig["intruder_similarity"], sim, atol=1e-4)
 
     other = flatten_adapters(load_adapter(latest_checkpoint(runs[8]))[0])
     for path, entry in report["against"]["modules"].items():
@@ -82,8 +87,8 @@ def test_report_matches_dense_numpy(runs, tmp_path, capsys):
         assert entry["phi_full"] == pytest.approx(phi[3, 3], abs=1e-4)
 
     table = capsys.readouterr().out
-    assert all(path in table for path in adapters) and "phi(1,1)" in table
-    for name in ("spectrum.png", "similarity.png"):
+    assert all(path in table for path in adapters) and "phi(1,1)" in table and "intr.@10" in table
+    for name in ("spectrum.png", "similarity.png", "intruders.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 200_000
 

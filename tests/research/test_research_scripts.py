@@ -130,6 +130,10 @@ def test_full_vs_lora(quick):
     assert all(row["min_energy"] <= row["mean_energy"] + 1e-12 for row in rows)
     # cut at full rank, the truncation is the full fine-tune itself
     assert rows[-1]["val_loss"] == pytest.approx(s["full"]["val_loss"], abs=1e-4)
+    assert {run: sorted(counts) for run, counts in s["intruders"].items()} == {
+        run: sorted(s["shapes"]) for run in ("full", "lora")
+    }
+    assert all(0 <= n <= 10 for counts in s["intruders"].values() for n in counts.values())
     # learning against forgetting: the full fine-tune and LoRA at r = 1, 8 (one population), on the generic text
     lf = s["learn_forget"]
     assert lf["text"] == "bundled" and lf["pretrain_steps"] == 0

@@ -209,3 +209,15 @@ def test_bad_population_is_one_line_and_exit_2(population, message, tmp_path, ca
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+@pytest.mark.parametrize(
+    ("variant", "message"),
+    [("lora.use_dora=true", "lora.use_dora is not available"), ("lora.init=pissa", "lora.init=pissa is not available")],
+)
+def test_variants_that_change_the_base_are_refused_in_a_population(variant, message, tmp_path, capsys):
+    population = "population={grid: {r: [1, 2]}}"
+    assert main(["train", "--set", population, "--set", variant, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "checkpoints")

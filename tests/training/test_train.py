@@ -7,11 +7,14 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
 from jlora.cli import main
 from jlora.training.metrics import read_metrics
+from jlora.training.run_config import DEFAULT_CONFIG, load_run_config
+from jlora.training.train import train
 
 # A 1-layer, 32-wide random GPT-2 on the bundled QA set: seconds per run on 2 cores. Rows of 38 to 58
 # tokens packed 2 or 3 to a sequence of up to 128, so resuming and changing devices go through packing.
@@ -47,16 +50,21 @@ def finish(process: subprocess.Popen) -> str:
     return out + err
 
 
-def test_resume_after_sigkill_is_exact(tmp_path):
-    args = sets(*TINY, "steps=24", "checkpoint.every=4", "checkpoint.max_to_keep=2")
-    reference = cli(*args, "--out", str(tmp_path / "reference"))
-    killed = cli(*args, "--out", str(tmp_path / "killed"))
-    first = tmp_path / "killed" / "checkpoints" / "4" / "meta"
+def kill_after_first_checkpoint(args: list[str], run_dir) -> None:
+    """Start `jlora train` on `run_dir` and SIGKILL it once its step-4 checkpoint is committed."""
+    killed = cli(*args, "--out", str(run_dir))
+    first = run_dir / "checkpoints" / "4" / "meta"
     while not first.exists() and killed.poll() is None:
         time.sleep(0.01)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert killed.returncode == -signal.SIGKILL, "training finished before it could be killed"
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    args = sets(*TINY, "steps=24", "checkpoint.every=4", "checkpoint.max_to_keep=2")
+    reference = cli(*args, "--out", str(tmp_path / "reference"))
+    kill_after_first_checkpoint(args, tmp_path / "killed")
     finish(reference)
     log = finish(cli(*args, "--out", str(tmp_path / "killed")))
     assert "resuming at step" in log
@@ -65,6 +73,36 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     assert resumed == expected  # bit for bit, every step
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
     assert summary["step"] == 24 and 0 <= summary["exact_match"] <= 1
+
+
+def test_pissa_dora_run_resumes_exactly_and_reloads_its_residual_base(tmp_path):
+    """The residual base is rebuilt from the checkpoint's initial factors: on resume, load_run, generate, export."""
+    from jlora.cli.generate import load_source
+    from jlora.exchange.peft import load_peft
+    from jlora.training.checkpoint import load_run
+
+    variant = ("lora.init=pissa", "lora.use_dora=true", "lora.target_modules=[c_attn, c_fc]")
+    args = sets(*TINY, *variant, "exact_match=0", "data.validation=null", "steps=16", "checkpoint.every=4")
+    run = tmp_path / "killed"
+    kill_after_first_checkpoint(args, run)
+    assert "resuming at step 4" in finish(cli(*args, "--out", str(run)))
+    train(load_run_config(DEFAULT_CONFIG, args[1::2]), tmp_path / "reference", progress=False)  # uninterrupted
+    assert train_losses(run) == train_losses(tmp_path / "reference")  # bit for bit, every step
+
+    model, residual, lora, cfg, _ = load_run(run)
+    _, base, plain, plain_cfg, _ = load_run(run, original_base=True)  # the rank-2r LoRA on the unmodified base
+    assert (cfg.init, plain_cfg.init, plain_cfg.r) == ("pissa", "kaiming", 16)
+    ids = np.arange(12)[None] % 100
+    apply, apply_plain = jax.jit(model.apply), jax.jit(model.clone(lora=plain_cfg).apply)
+    logits = apply({"params": residual, "lora": lora}, ids)
+    assert np.abs(apply({"params": residual}, ids) - apply({"params": base}, ids)).max() > 1e-2
+    np.testing.assert_allclose(apply_plain({"params": base, "lora": plain}, ids), logits, atol=1e-5)
+    _, generate_params, _, _ = load_source(str(run))  # what `jlora generate RUN_DIR` runs
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(generate_params), jax.tree.leaves(residual)))
+    assert main(["export", str(run), "--peft", str(tmp_path / "peft")]) == 0
+    exported = load_peft(tmp_path / "peft")
+    assert exported.config == plain_cfg
+    np.testing.assert_allclose(apply_plain({"params": base, "lora": exported.lora}, ids), logits, atol=1e-5)
 
 
 def test_checkpoint_from_four_devices_resumes_on_one(tmp_path):
@@ -110,6 +148,9 @@ def test_a_blown_up_state_is_never_checkpointed(tmp_path):
         (["missing.yaml"], "no such config file missing.yaml"),
         (["--set", "lora.target_modules=[q_proj]"], "unknown LoRA target 'q_proj'"),
         (["--set", "data.train=/nonexistent/train.jsonl"], "no such file /nonexistent/train.jsonl"),
+        (["--set", "lora.init=svd"], "unknown LoRA init 'svd'; valid: kaiming, gaussian, zeros, pissa"),
+        (["--set", "lora.use_dora=true", "--set", "lora.target_modules=[c_attn.v]"], "use_dora with q/k/v slice"),
+        (["--set", "lora.init=olora", "--set", "lora.r=200"], "needs r <= min(d_out, d_in) = 128 at h.0.attn.c_attn"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
