@@ -139,7 +139,7 @@ CASES = {
     "config_not_utf8": Case(
         "train {tmp}/c.yaml --out {tmp}/out", 2, "cannot read config file", write("c.yaml", b"\xff")
     ),
-    "unknown_key": Case(T + " --set lr=1e-3", 2, "unknown key 'lr'; valid: batch_size"),
+    "unknown_key": Case(T + " --set lr=1e-3", 2, "unknown key 'lr'; valid: adapter_seed, batch_size"),
     "unknown_nested_key": Case(T + " --set lora.rank=4", 2, "unknown key 'lora.rank'; valid: alpha"),
     "int_given_text": Case(T + " --set steps=ten", 2, "steps must be int, got 'ten'"),
     "int_given_float": Case(T + " --set lora.r=2.5", 2, "lora.r must be int, got 2.5"),
@@ -361,8 +361,10 @@ def config_fields(cls: type = None, prefix: str = "") -> dict[str, object]:
     return fields
 
 
-def wrong_value(default: object) -> str:
+def wrong_value(key: str, default: object) -> str:
     """A YAML value of the wrong type for a field with this default: a mapping for a list or an optional, and so on."""
+    if key == "population":  # an optional section: a mapping would be read as one
+        return "[1, 2]"
     if default is None or isinstance(default, tuple | list):
         return "{x: 1}"
     return "[1]" if isinstance(default, dict) else "[1, 2]"
@@ -374,7 +376,7 @@ def test_every_config_field_refuses_a_wrong_type(key):
     from jlora.training.run_config import load_run_config
 
     with pytest.raises(ConfigError, match=f"^{re.escape(key)} must be ") as raised:
-        load_run_config(overrides=[f"{key}={wrong_value(config_fields()[key])}"])
+        load_run_config(overrides=[f"{key}={wrong_value(key, config_fields()[key])}"])
     assert "\n" not in str(raised.value)
 
 

@@ -33,11 +33,12 @@ def test_packaged_configs_by_name_and_in_help(tmp_path, monkeypatch, capsys):
 
 
 def test_evaluation_shows_its_own_progress(default_run_and_log):
-    """Each evaluation of the tiny default run counts 3 batches: 2 for the loss (eval_batches=2), 1 for exact match."""
+    """Each evaluation of the tiny default run counts 5 batches: 2 for the loss (eval_batches=2), 1 for exact
+    match, 2 for forgetting on the bundled generic text (eval_batches=2)."""
     _, stderr = default_run_and_log
     bars = [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("evaluating:")]
-    assert bars and all(line.split("|")[2].split()[0].endswith("/3") for line in bars)
-    assert sum(" 0/3 " in line for line in bars) == 2  # at step 0 and at step 3
+    assert bars and all(line.split("|")[2].split()[0].endswith("/5") for line in bars)
+    assert sum(" 0/5 " in line for line in bars) == 2  # at step 0 and at step 3
 
 
 @pytest.mark.parametrize("offline", [False, True])
