@@ -105,6 +105,8 @@ def test_default_out_is_inside_the_run(runs, capsys):
         (["/nonexistent/run"], "no such run directory /nonexistent/run"),
         (["RUN", "--against", "/nonexistent/other"], "no such run directory /nonexistent/other"),
         (["EMPTY"], "no adapter checkpoint in"),
+        (["RUN", "--intruder-k", "0"], "--intruder-k must be >= 1 and --intruder-epsilon in (0, 1], got 0 and 0.5"),
+        (["RUN", "--intruder-epsilon", "1.5"], "--intruder-epsilon in (0, 1], got 10 and 1.5"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(runs, tmp_path, capsys, args, message):
