@@ -319,20 +319,12 @@ def make_population_step(
     devices = local_devices(n_devices)
     axis_name = parallel_axis(devices)
 
+    settings = dict(grad_accum=grad_accum, axis_name=axis_name, dropout=dropout)
+
     def member_step(optimizer, schedule, trainable, opt_state, frozen, rng, shared):
         step, batch = shared
         state = TrainState(step, trainable, frozen, opt_state)
-        state, metrics = train_step(
-            model,
-            optimizer,
-            schedule,
-            state,
-            batch,
-            rng,
-            grad_accum=grad_accum,
-            axis_name=axis_name,
-            dropout=dropout,
-        )
+        state, metrics = train_step(model, optimizer, schedule, state, batch, rng, **settings)
         return state.trainable, state.opt_state, metrics
 
     members = vmap_members(member_step, cfg, pop)

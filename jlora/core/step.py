@@ -251,19 +251,11 @@ def make_train_step(
     devices = local_devices(n_devices)
     axis_name = parallel_axis(devices)
 
+    settings = dict(grad_accum=grad_accum, axis_name=axis_name, dropout=dropout)
+
     def update(step, trainable, opt_state, frozen, batch, rng):
         state = TrainState(step, trainable, frozen, opt_state)
-        state, metrics = train_step(
-            model,
-            optimizer,
-            schedule,
-            state,
-            batch,
-            rng,
-            grad_accum=grad_accum,
-            axis_name=axis_name,
-            dropout=dropout,
-        )
+        state, metrics = train_step(model, optimizer, schedule, state, batch, rng, **settings)
         return (state.step, state.trainable, state.opt_state), metrics
 
     return compile_update(update, devices)

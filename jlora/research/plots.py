@@ -24,11 +24,18 @@ from matplotlib.ticker import NullLocator, ScalarFormatter
 DPI = 100
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def _save(fig: Figure, path: str | Path, title: str | None = None) -> Path:
+    if title:
+        fig.suptitle(title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     return path
+
+
+def _hide_unused(axes, used: int) -> None:
+    for ax in axes[used:]:
+        ax.set_visible(False)
 
 
 def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
@@ -95,11 +102,8 @@ def panels(path: str | Path, plots: Sequence[Mapping], *, title: str | None = No
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     for ax, spec in zip(axes, plots):
         _lines(ax, spec)
-    for ax in axes[len(plots) :]:
-        ax.set_visible(False)
-    if title:
-        fig.suptitle(title)
-    return _save(fig, path)
+    _hide_unused(axes, len(plots))
+    return _save(fig, path, title)
 
 
 def curves(
@@ -151,11 +155,8 @@ def spectra(
             ax.plot(index[keep], s[keep], marker="o", markersize=3, linewidth=1, label=label)
         _axis(ax, "i", "singular value", name, False, True)
         ax.legend(fontsize=7)
-    for ax in axes[len(groups) :]:
-        ax.set_visible(False)
-    if title:
-        fig.suptitle(title)
-    return _save(fig, path)
+    _hide_unused(axes, len(groups))
+    return _save(fig, path, title)
 
 
 def heatmaps(
@@ -180,10 +181,7 @@ def heatmaps(
         ax.set_title(name, fontsize=9)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-    for ax in axes[len(grids) :]:
-        ax.set_visible(False)
+    _hide_unused(axes, len(grids))
     if image is not None:
         fig.colorbar(image, ax=list(axes[: len(grids)]), shrink=0.8, label="phi(i, j)")
-    if title:
-        fig.suptitle(title)
-    return _save(fig, path)
+    return _save(fig, path, title)

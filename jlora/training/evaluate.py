@@ -73,22 +73,13 @@ def host_sums(eval_step: EvalStep, sums) -> list[np.ndarray]:
     return [np.asarray(x, np.float64)[0] if eval_step.pmapped else np.asarray(x, np.float64) for x in sums]
 
 
-def mean_loss(
-    eval_step: EvalStep,
-    variables,
-    data: TokenizedData,
-    batch_size: int,
-    *,
-    max_batches: int | None = None,
-    feed: Callable[[dict], dict] | None = None,
-    progress: Callable[[], object] | None = None,
-) -> float | np.ndarray:
-    """Mean masked loss over `data`'s evaluation batches (the first `max_batches`), divided once.
+def mean_loss(eval_step: EvalStep, variables, data: TokenizedData, batch_size: int, **options) -> float | np.ndarray:
+    """Mean masked loss over `data`'s evaluation batches, divided once: `mean_sums`' first mean.
 
-    `eval_step` is a `make_eval_step` ((K,) losses from a population's); `feed` places a host batch
-    (e.g. shapes it and shards it for pmap); `progress()` is called after each batch.
+    `eval_step` is a `make_eval_step` ((K,) losses from a population's); `options` are `mean_sums`'
+    (`max_batches`, `feed`: e.g. shape and shard a host batch for pmap, `progress`).
     """
-    return mean_sums(eval_step, variables, data, batch_size, max_batches=max_batches, feed=feed, progress=progress)[0]
+    return mean_sums(eval_step, variables, data, batch_size, **options)[0]
 
 
 def n_batches(n_rows: int, batch_size: int, max_batches: int | None = None) -> int:
