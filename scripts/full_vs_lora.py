@@ -211,7 +211,9 @@ FORGETTING = (
 
 
 def learn_forget_panel(summary: dict, measure: str, label: str) -> dict:
-    """Learning (task validation loss, lower is more) against forgetting, LoRA by rank and the full fine-tune."""
+    """Learning (task validation loss, lower is more) against forgetting, LoRA by rank and the full fine-tune.
+
+    The base model's task loss goes in the axis label, not as a line: it would squeeze the points together."""
     lf = summary["learn_forget"]
     lora = lf["lora"]
     where = f" (the base trained {lf['pretrain_steps']} steps on it)" if lf["pretrain_steps"] else ""
@@ -222,10 +224,9 @@ def learn_forget_panel(summary: dict, measure: str, label: str) -> dict:
             "full fine-tune": ([lf["full"][measure]], [lf["full"]["val_loss"]]),
         },
         point_labels={"LoRA": [f"r={run['r']}" for run in lora]},
-        hlines={"base model": summary["base_val_loss"]},
-        xlabel=label,
-        ylabel="task validation loss",
-        title=f"learning against forgetting on {text}{where}",
+        xlabel=f"{label}\non {text}{where}",
+        ylabel=f"task validation loss (base model: {summary['base_val_loss']:.2f})",
+        title="learning against forgetting",
     )
 
 
