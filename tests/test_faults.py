@@ -56,6 +56,7 @@ def tiny(root: Path) -> list[str]:
     """--set arguments of a 1-layer, 32-wide random GPT-2 on a 24-row data file: a run of seconds."""
     values = [MODEL, "seq_len=64", "batch_size=8", "exact_match=0", "eval_every=1000", "log_every=1"]
     values += [f"data.train={root / 'train.jsonl'}", "data.validation=null", "data.tokenizer=bytes"]
+    values += ["eval.forgetting=null"]
     return [arg for value in values for arg in ("--set", value)]
 
 

@@ -16,6 +16,8 @@ import pytest
 
 from jlora.core.parallel import initialize_distributed, replicate, shard_batch, unreplicate
 
+from ..conftest import xla_devices
+
 REPO = Path(__file__).resolve().parents[2]
 
 PMAP_CHECK = r"""
@@ -74,7 +76,7 @@ print("RESULT " + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def pmap_result():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_devices(4), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
         [sys.executable, "-c", PMAP_CHECK], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )

@@ -185,7 +185,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_on_four_devices():
     """pmap over 4 devices of the vmap over members: a padded LoRA+ member is its solo run, pmapped alike."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    from ..conftest import xla_devices  # here: the subprocess below loads this module on its own
+
+    env = {**os.environ, "XLA_FLAGS": xla_devices(4), "JAX_PLATFORMS": "cpu"}
     code = (
         "import importlib.util, json, jax; assert jax.local_device_count() == 4\n"
         f"spec = importlib.util.spec_from_file_location('t', {str(Path(__file__))!r})\n"

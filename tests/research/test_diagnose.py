@@ -21,6 +21,7 @@ TINY = [
     "optim.lr=1e-2",
     "optim.warmup_steps=0",
     "data.validation=null",
+    "eval.forgetting=null",
     "exact_match=0",
     "checkpoint.every=6",
     "lora.target_modules=[c_attn, mlp.c_proj]",

@@ -19,6 +19,8 @@ import jlora
 from jlora.cli import main
 from jlora.training.metrics import read_metrics
 
+from ..conftest import xla_devices
+
 ARGS = [
     "model.random={n_layer: 1, n_embd: 32, n_head: 2, n_positions: 64, embd_pdrop: 0.0, resid_pdrop: 0.0}",
     "seq_len=64",
@@ -27,6 +29,7 @@ ARGS = [
     "log_every=1",
     "eval_every=2",
     "eval_batches=2",
+    "eval.forgetting=null",
     "exact_match=8",
     "checkpoint.every=2",
 ]
@@ -42,7 +45,7 @@ def test_two_processes_record_each_step_once(tmp_path):
     sets = [arg for value in ARGS for arg in ("--set", value)]
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "XLA_FLAGS": xla_devices(2),
         "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}",
         "JAX_NUM_PROCESSES": "2",
     }

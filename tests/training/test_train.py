@@ -16,6 +16,8 @@ from jlora.training.metrics import read_metrics
 from jlora.training.run_config import DEFAULT_CONFIG, load_run_config
 from jlora.training.train import train
 
+from ..conftest import xla_devices
+
 # A 1-layer, 32-wide random GPT-2 on the bundled QA set: seconds per run on 2 cores. Rows of 38 to 58
 # tokens packed 2 or 3 to a sequence of up to 128, so resuming and changing devices go through packing.
 TINY = [
@@ -26,6 +28,8 @@ TINY = [
     "log_every=1",
     "exact_match=8",
     "eval_every=1000",
+    "eval_batches=4",
+    "eval.forgetting=null",
 ]
 
 
@@ -62,17 +66,17 @@ def kill_after_first_checkpoint(args: list[str], run_dir) -> None:
 
 
 def test_resume_after_sigkill_is_exact(tmp_path):
-    args = sets(*TINY, "steps=24", "checkpoint.every=4", "checkpoint.max_to_keep=2")
+    args = sets(*TINY, "steps=12", "checkpoint.every=4", "checkpoint.max_to_keep=2")
     reference = cli(*args, "--out", str(tmp_path / "reference"))
     kill_after_first_checkpoint(args, tmp_path / "killed")
     finish(reference)
     log = finish(cli(*args, "--out", str(tmp_path / "killed")))
     assert "resuming at step" in log
     expected, resumed = train_losses(tmp_path / "reference"), train_losses(tmp_path / "killed")
-    assert sorted(resumed) == list(range(1, 25))
+    assert sorted(resumed) == list(range(1, 13))
     assert resumed == expected  # bit for bit, every step
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
-    assert summary["step"] == 24 and 0 <= summary["exact_match"] <= 1
+    assert summary["step"] == 12 and 0 <= summary["exact_match"] <= 1
 
 
 def test_pissa_dora_run_resumes_exactly_and_reloads_its_residual_base(tmp_path):
@@ -82,7 +86,7 @@ def test_pissa_dora_run_resumes_exactly_and_reloads_its_residual_base(tmp_path):
     from jlora.training.checkpoint import load_run
 
     variant = ("lora.init=pissa", "lora.use_dora=true", "lora.target_modules=[c_attn, c_fc]")
-    args = sets(*TINY, *variant, "exact_match=0", "data.validation=null", "steps=16", "checkpoint.every=4")
+    args = sets(*TINY, *variant, "exact_match=0", "data.validation=null", "steps=8", "checkpoint.every=4")
     run = tmp_path / "killed"
     kill_after_first_checkpoint(args, run)
     assert "resuming at step 4" in finish(cli(*args, "--out", str(run)))
@@ -106,17 +110,17 @@ def test_pissa_dora_run_resumes_exactly_and_reloads_its_residual_base(tmp_path):
 
 
 def test_checkpoint_from_four_devices_resumes_on_one(tmp_path):
-    args = sets(*TINY, "steps=12", "checkpoint.every=4", "checkpoint.max_to_keep=null")
-    four = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    args = sets(*TINY, "steps=8", "checkpoint.every=4", "checkpoint.max_to_keep=null")
+    four = {"XLA_FLAGS": xla_devices(4)}
     log = finish(cli(*args, "--out", str(tmp_path / "run"), env=four))
     assert "devices 4" in log
     pmapped = train_losses(tmp_path / "run")
-    for step in (8, 12):  # go back to step 4's checkpoint
+    for step in (8,):  # go back to step 4's checkpoint
         os.system(f"rm -rf {tmp_path / 'run' / 'checkpoints' / str(step)}")
     log = finish(cli(*args, "--out", str(tmp_path / "run")))
     assert "devices 1" in log and "resuming at step 4" in log
     single = train_losses(tmp_path / "run")
-    steps = range(5, 13)
+    steps = range(5, 9)
     np.testing.assert_allclose([single[s] for s in steps], [pmapped[s] for s in steps], rtol=1e-5)
 
 
