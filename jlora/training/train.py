@@ -85,7 +85,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
         eval_step = trainer.make_eval_step(n_devices)
         place = partial(feed_devices, n_devices=n_devices, n_hosts=n_hosts) if step.pmapped else (lambda batch: batch)
         layout = layout_of(cfg, n_devices * n_hosts)
-        feed = lambda batch: place(shape_batch(batch, layout))  # noqa: E731
+        feed = shaped_feed(place, layout)
         n_trainable = count_params(state.trainable)
         telemetry = None
         if cfg.telemetry:  # from the host state: it keeps a copy of the adapters to measure their drift
@@ -97,16 +97,15 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
 
         names = None if members is None else [m.name for m in members]
         writer = MetricsWriter(run_dir, truncate_after=start, primary=primary, members=names)
-        evaluate = make_evaluator(
-            trainer, eval_step, place, pmapped=step.pmapped, layout=layout, progress=progress and primary
-        )
+        evaluate = make_evaluator(trainer, eval_step, place, layout=layout, progress=progress and primary)
         bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and primary), dynamic_ncols=True, unit="step")
 
+        def evaluation_rows(step: int, state: TrainState) -> list[dict]:
+            result = evaluate(state)
+            return member_rows(step, result, size) if result else []  # {}: no validation or forgetting data
+
         def evaluation(info: StepInfo) -> None:
-            result = evaluate(info.state)
-            if not result:  # no validation or forgetting data
-                return
-            for row in member_rows(info.step, result, size):
+            for row in evaluation_rows(info.step, info.state):
                 writer.write(row)
                 log.remember(row)
                 who = "" if size is None else f" [{members[row['member']].name}]"
@@ -137,9 +136,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
         if telemetry is not None:  # before the checkpoint: a checkpoint at step s finds every row up to s written
             hooks.insert(2, Hook(lambda info: [writer.write(row) for row in telemetry(info)], every=cfg.telemetry))
         try:
-            if start == 0:
-                for row in member_rows(0, evaluate(state), size) if run.val or run.forgetting else ():
-                    writer.write(row)
+            for row in evaluation_rows(0, state) if start == 0 else ():
+                writer.write(row)
             batch_for = lambda i: feed(batch_at(run.train, i, cfg.batch_size, cfg.seed))  # noqa: E731
             steps = train_steps(
                 step, state, batch_for, trainer.rng, start=start, stop=cfg.steps, stop_requested=stop_requested
@@ -200,7 +198,7 @@ def check_finite_state(eval_step: EvalStep, info: StepInfo, host: TrainState, *,
     loss = total / np.maximum(count, 1.0)
     if not (np.isfinite(loss).all() and all_finite(host.trainable) and all_finite(host.opt_state)):
         losses = np.ravel(loss)
-        shown = (losses[~np.isfinite(losses)] if not np.isfinite(losses).all() else losses)[0]
+        shown = next((x for x in losses if not np.isfinite(x)), losses[0])  # a member's bad loss, if one is
         raise NonFiniteError(
             f"the trained state at step {info.step} is not finite (loss on its last batch: {shown:.4g}); "
             f"stopped without saving it (newest checkpoint: step {newest})"
@@ -237,9 +235,7 @@ def header(run: Run, n_trainable: int, n_devices: int, start: int, layout: Layou
     return line
 
 
-def make_evaluator(
-    trainer: Trainer, eval_step: EvalStep, place, *, pmapped: bool, layout: Layout, progress: bool = False
-):
+def make_evaluator(trainer: Trainer, eval_step: EvalStep, place, *, layout: Layout, progress: bool = False):
     """``evaluate(state) -> {"val_loss", "val_ppl"[, "exact_match"][, "forget_*"]}``: floats, or (K,)
     arrays for a population; {} without validation or forgetting data.
 
@@ -250,13 +246,13 @@ def make_evaluator(
     from tqdm.auto import tqdm
 
     run = trainer.run
-    cfg = run.cfg
+    cfg, pmapped = run.cfg, eval_step.pmapped
     predict = greedy_predictor(run.model, trainer.axes)
+    feed = shaped_feed(place, layout)
     forgetting = None
     if run.forgetting is not None:
-        rows = dataclasses.replace(layout, pack=False)
-        feed_rows = lambda batch: place(shape_batch(batch, rows))  # noqa: E731
-        forgetting = make_forgetting(trainer, feed_rows, pmapped=pmapped, n_devices=eval_step.n_devices)
+        rows = shaped_feed(place, dataclasses.replace(layout, pack=False))
+        forgetting = make_forgetting(trainer, rows, pmapped=pmapped, n_devices=eval_step.n_devices)
 
     def evaluate(state: TrainState) -> dict:
         total = 0
@@ -268,7 +264,6 @@ def make_evaluator(
         out = {}
         with tqdm(total=total, desc="evaluating", unit="batch", leave=False, disable=not progress) as bar:
             if run.val is not None:
-                feed = lambda batch: place(shape_batch(batch, layout))  # noqa: E731
                 loss = mean_loss(
                     eval_step,
                     state,
@@ -289,6 +284,11 @@ def make_evaluator(
         return out
 
     return evaluate
+
+
+def shaped_feed(place, layout: Layout):
+    """``feed(host batch) -> the batch a step reads``: shaped as `layout` says, then placed on the devices."""
+    return lambda batch: place(shape_batch(batch, layout))
 
 
 def feed_devices(batch: dict, *, n_devices: int, n_hosts: int) -> dict:
