@@ -67,7 +67,7 @@ from jlora.errors import (
 from jlora.exchange.hf_checkpoint import load_gpt2, save_gpt2
 from jlora.exchange.merged import save_merged
 from jlora.exchange.peft import load_peft, save_peft
-from jlora.training.checkpoint import load_adapter, load_checkpoint, load_init, load_run, lora_config_of
+from jlora.training.records.checkpoint import load_adapter, load_checkpoint, load_init, load_run, lora_config_of
 
 __all__ = [
     # model and adapters

@@ -31,7 +31,7 @@ import pytest
 import jlora
 from jlora.cli import main
 from jlora.errors import CheckpointError, ConfigError, DataError
-from jlora.training.metrics import read_metrics
+from jlora.training.records.metrics import read_metrics
 
 MODEL = "model.random={n_layer: 1, n_embd: 32, n_head: 2, n_positions: 64, embd_pdrop: 0.0, resid_pdrop: 0.0}"
 
@@ -349,7 +349,7 @@ def test_command_fault(name, shared, tmp_path, capsys):
 
 def config_fields(cls: type = None, prefix: str = "") -> dict[str, object]:
     """{dotted key: default} of every leaf field of RunConfig (optim.total_steps is the run's steps)."""
-    from jlora.training.run_config import RunConfig
+    from jlora.training.run.config import RunConfig
 
     cls = cls or RunConfig
     fields = {}
@@ -374,7 +374,7 @@ def wrong_value(key: str, default: object) -> str:
 @pytest.mark.parametrize("key", sorted(config_fields()))
 def test_every_config_field_refuses_a_wrong_type(key):
     from jlora.errors import ConfigError
-    from jlora.training.run_config import load_run_config
+    from jlora.training.run.config import load_run_config
 
     with pytest.raises(ConfigError, match=f"^{re.escape(key)} must be ") as raised:
         load_run_config(overrides=[f"{key}={wrong_value(key, config_fields()[key])}"])
@@ -455,8 +455,13 @@ def test_read_only_run_dir(shared, tmp_path, capsys):
 
 
 def corrupt(checkpoint: Path) -> Path:
-    """Truncate the largest file of a checkpoint's adapter (as a full disk or a partial copy would)."""
-    truncate(max((f for f in (checkpoint / "adapter").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size))
+    """Truncate every data file of a checkpoint's adapter (as a full disk or a partial copy would).
+
+    Every one: OCDBT may leave data files that no longer hold a live value, and one truncated alone
+    may not be read at all."""
+    for f in (checkpoint / "adapter").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            truncate(f)
     return checkpoint
 
 

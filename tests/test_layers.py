@@ -1,4 +1,4 @@
-"""The package's shape: layers import only downwards, and the public names stay public."""
+"""The package's shape: layers import only downwards, no import cycle anywhere, and the public names stay public."""
 
 import ast
 from pathlib import Path
@@ -39,6 +39,53 @@ def module_name(file: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def modules() -> dict[str, Path]:
+    return {module_name(file): file for file in sorted(PACKAGE.rglob("*.py"))}
+
+
+# The rooms of the training layer: data (where a batch is made) and records (where anything is written)
+# import neither each other nor run; run (where an update happens) composes both.
+ROOMS = {"data": {"data"}, "records": {"records"}, "run": {"data", "records", "run"}}
+
+
+def room(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[:2] == ["jlora", "training"] and parts[2] in ROOMS else None
+
+
+def import_graph(found: dict[str, Path]) -> dict[str, set[str]]:
+    """{module: the jlora modules it imports}; ``from jlora.x import y`` is an edge to jlora.x.y if that is a module."""
+    graph = {}
+    for name, file in found.items():
+        edges = set()
+        for _, imported in imports(file):
+            parent, _, last = imported.rpartition(".")
+            edges.add(imported if imported in found or parent not in found else parent)
+        graph[name] = edges - {name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of `graph`: each a list of modules ending where it starts (depth-first search)."""
+    found, state, path = [], {}, []
+
+    def visit(node: str) -> None:
+        state[node] = "open"
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                found.append(path[path.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt)
+        path.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    return found
+
+
 def test_every_module_belongs_to_a_layer():
     tops = {p.name.removesuffix(".py") for p in PACKAGE.iterdir() if p.suffix == ".py" or (p / "__init__.py").exists()}
     assert tops - {"__init__"} == set(LAYERS)
@@ -56,6 +103,34 @@ def test_no_module_imports_a_layer_above_its_own():
             if theirs is not None and theirs > own:
                 upward.append(f"{file.relative_to(PACKAGE.parent)}:{line} ({name}) imports {imported}")
     assert not upward, "\n".join(upward)
+
+
+def test_no_import_cycle_anywhere():
+    found = cycles(import_graph(modules()))
+    assert not found, "\n".join(" -> ".join(c) for c in found)
+
+
+def test_the_cycle_check_finds_a_cycle(tmp_path):
+    a, b, c = tmp_path / "a.py", tmp_path / "b.py", tmp_path / "c.py"
+    a.write_text("from jlora.b import f\n")
+    b.write_text("def g():\n    from jlora import c\n")
+    c.write_text("import jlora.a\n")
+    graph = import_graph({"jlora.a": a, "jlora.b": b, "jlora.c": c})
+    assert graph == {"jlora.a": {"jlora.b"}, "jlora.b": {"jlora.c"}, "jlora.c": {"jlora.a"}}
+    assert cycles(graph) == [["jlora.a", "jlora.b", "jlora.c", "jlora.a"]]
+    assert cycles({"jlora.a": {"jlora.b"}, "jlora.b": set()}) == []
+
+
+def test_the_rooms_of_training_import_only_what_they_may():
+    crossing = []
+    for name, file in modules().items():
+        own = room(name)
+        for line, imported in imports(file) if own else ():
+            theirs = room(imported)
+            if theirs is not None and theirs not in ROOMS[own]:
+                crossing.append(f"{file.relative_to(PACKAGE.parent)}:{line} ({own}) imports {imported} ({theirs})")
+    assert not crossing, "\n".join(crossing)
+    assert {room(n) for n in modules()} == {None, *ROOMS}  # every room exists and holds modules
 
 
 def test_the_walk_sees_imports_inside_functions(tmp_path):

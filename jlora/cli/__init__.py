@@ -1,7 +1,7 @@
 """The command line: `jlora train | export | generate | diagnose`, thin wiring over the library.
 
     main.py       the parser; input errors (`jlora.errors.JloraError`) -> one line, exit 2
-    train         `jlora train`    -> jlora.training.train (a config file or a packaged config's name)
+    train         `jlora train`    -> jlora.training.run.train (a config file or a packaged config's name)
     export.py     `jlora export`   -> jlora.exchange (PEFT folder, with a random base beside it, or merged
                                       checkpoint of a run; either with the run's tokenizer)
     generate.py   `jlora generate` -> jlora.core.generate (a run, in its training prompt form; a PEFT

@@ -2,7 +2,7 @@
 
 Either folder carries the run's tokenizer: the base's own files, or the tokenizer the run trained
 with instead (a byte-tokenizer run's as the equivalent ``GPT2TokenizerFast``, see
-`jlora.training.tokenizer.ByteTokenizer.hf`). A PEFT adapter needs its base model; a run on a
+`jlora.training.data.tokenizer.ByteTokenizer.hf`). A PEFT adapter needs its base model; a run on a
 random base has no checkpoint to name, so the export writes that base too::
 
     OUT_DIR/adapter_config.json, adapter_model.safetensors, tokenizer.json, ...
@@ -23,7 +23,8 @@ from typing import Any
 from jlora.exchange.hf_checkpoint import check_new_folder, new_folder, resolve
 from jlora.exchange.merged import save_merged
 from jlora.exchange.peft import save_peft
-from jlora.training.checkpoint import (
+from jlora.training.data.tokenizer import load_tokenizer
+from jlora.training.records.checkpoint import (
     find_checkpoint,
     load_adapter,
     load_base,
@@ -31,7 +32,6 @@ from jlora.training.checkpoint import (
     load_init,
     lora_config_of,
 )
-from jlora.training.tokenizer import load_tokenizer
 
 BYTES_NOTE = (
     "tokenizer: jlora's byte tokenizer, saved as a GPT2TokenizerFast that encodes and decodes the same "

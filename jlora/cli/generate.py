@@ -1,6 +1,6 @@
 """`jlora generate SOURCE --prompt TEXT | --prompts FILE`: continuations of a run, a PEFT folder or a checkpoint.
 
-A run directory is asked as it was trained (`jlora.training.prompt`): end-of-text, then the
+A run directory is asked as it was trained (`jlora.training.data.prompt`): end-of-text, then the
 prompt through its data's template (``Question: ...\nAnswer:`` for QA runs); ``--raw`` sends
 the text as written, which is what every other source gets. Without ``--max-new-tokens``, up
 to 64 new tokens, fewer (said on stderr) when the model's positions leave less room.
@@ -20,10 +20,10 @@ from jlora.core.generate import generate
 from jlora.errors import CheckpointError, TokenizerError, UsageError
 from jlora.exchange.hf_checkpoint import load_gpt2
 from jlora.exchange.peft import ADAPTER_CONFIG, load_peft, read_adapter_config
-from jlora.training.checkpoint import load_run
-from jlora.training.prompt import data_format, run_prompt
-from jlora.training.run_config import DataConfig
-from jlora.training.tokenizer import has_tokenizer_files, load_tokenizer
+from jlora.training.data.config import DataConfig
+from jlora.training.data.prompt import data_format, run_prompt
+from jlora.training.data.tokenizer import has_tokenizer_files, load_tokenizer
+from jlora.training.records.checkpoint import load_run
 from jlora.tree import overlay
 
 DEFAULT_NEW_TOKENS = 64

@@ -17,8 +17,8 @@ from jlora.errors import Interrupted, JloraError, RunError
 
 def _train(args: argparse.Namespace) -> int:
     from jlora.core.parallel import initialize_distributed
-    from jlora.training.run_config import DEFAULT_CONFIG, load_run_config
-    from jlora.training.train import train
+    from jlora.training.run.config import DEFAULT_CONFIG, load_run_config
+    from jlora.training.run.train import train
 
     initialize_distributed()  # a no-op unless launched as a multi-host job (see jlora.core.parallel)
     cfg = load_run_config(args.config or DEFAULT_CONFIG, args.set)
@@ -27,7 +27,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jlora.training.run_config import packaged_configs
+    from jlora.training.run.config import packaged_configs
 
     parser = argparse.ArgumentParser(
         prog="jlora",

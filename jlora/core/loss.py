@@ -6,7 +6,7 @@ A batch is a dict of (R, L) arrays, right-padded::
     targets       int32    the next token at each position
     loss_mask     float32  1 where the target counts (answer and end-of-text tokens), else 0
     loss_index    int32    (R, K), optional: the positions of each row that carry loss, then
-                           positions that carry none (`jlora.training.batching`); without it
+                           positions that carry none (`jlora.training.data.batching`); without it
                            every position is a candidate
     segment_ids, position_ids   (R, L), optional: rows packed into one sequence (`GPT2.hidden`)
 

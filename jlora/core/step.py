@@ -6,7 +6,7 @@ One update, with k = ``grad_accum`` micro-batches of m rows on each of n devices
                                                    │ pmap: psum over the "batch" axis
                              grads = Σ∇ / Σ mask ──┴─> optimizer ─> trainable', opt_state'
 
-A batch may be a shaped one (`jlora.training.batching`: trimmed or packed, ``loss_index`` listing
+A batch may be a shaped one (`jlora.training.data.batching`: trimmed or packed, ``loss_index`` listing
 the positions that carry loss); the compiled step is specialised to its shapes, so it compiles
 once per distinct (rows, length, loss capacity), which a run keeps to a few.
 

@@ -39,8 +39,8 @@ from jlora.core.lora import flatten_adapters
 from jlora.core.merge import merge
 from jlora.core.svd import delta_svd, module_intruders, subspace_similarity_grid
 from jlora.errors import CheckpointError
-from jlora.training.checkpoint import find_checkpoint, load_adapter, load_run
-from jlora.training.metrics import read_metrics
+from jlora.training.records.checkpoint import find_checkpoint, load_adapter, load_run
+from jlora.training.records.metrics import read_metrics
 
 TOP = (1, 2, 4, 8)
 

@@ -51,11 +51,11 @@ from jlora.core.population import (
 from jlora.core.step import TrainState, TrainStep, compile_eval, init_state, make_eval_step, make_train_step
 from jlora.core.svd import lora_from_delta
 from jlora.errors import ConfigError
-from jlora.training.data import TokenizedData, batch_at
-from jlora.training.evaluate import mean_loss
-from jlora.training.members import MemberSpec
-from jlora.training.run import Run, build_run, init_key
-from jlora.training.run_config import DEFAULT_CONFIG, RunConfig, adapter_seed, load_run_config
+from jlora.training.data.rows import TokenizedData, batch_at
+from jlora.training.run.build import Run, build_run, init_key
+from jlora.training.run.config import DEFAULT_CONFIG, RunConfig, adapter_seed, load_run_config
+from jlora.training.run.evaluate import mean_loss
+from jlora.training.run.members import MemberSpec
 from jlora.tree import get_path, replace_paths
 
 PyTree = Any
@@ -124,7 +124,7 @@ class Task:
 
 
 def load_task(cfg: RunConfig) -> Task:
-    """The tokenizer, base model, base params and tokenized data of `cfg`, as `jlora.training.loop` builds them."""
+    """The tokenizer, base model, base params and tokenized data of `cfg`, as `jlora.training.run.loop` builds them."""
     if not cfg.data.validation:
         raise ConfigError("the research scripts compare validation losses: set data.validation")
     run = build_run(cfg)
@@ -142,7 +142,7 @@ def lora_variables(task: Task, lora_cfg: LoraConfig, *, seed: int | None = None)
 
 
 def lora_mask(variables: Mapping, cfg: RunConfig) -> PyTree:
-    """The trainable mask `jlora.training.loop` uses: every adapter leaf plus `cfg.trainable`'s base leaves."""
+    """The trainable mask `jlora.training.run.loop` uses: every adapter leaf plus `cfg.trainable`'s base leaves."""
     return trainable_mask(variables, bias=cfg.trainable.bias, modules_to_save=cfg.trainable.modules_to_save)
 
 

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from jlora.core.lora_config import LoraConfig
 from jlora.errors import ConfigError
 from jlora.research.experiments import Task, fit, lora_mask, merged_params
-from jlora.training.evaluate import mean_sums
+from jlora.training.run.evaluate import mean_sums
 
 EVERYTHING = ("wte", "wpe", "h", "ln_f")  # modules_to_save that train every base leaf
 

@@ -2,8 +2,8 @@
 
 from jlora.cli import main
 from jlora.core.generate import generate
-from jlora.training.checkpoint import load_run
-from jlora.training.tokenizer import ByteTokenizer
+from jlora.training.data.tokenizer import ByteTokenizer
+from jlora.training.records.checkpoint import load_run
 
 QUESTION = "What is 23 plus 19?"
 TEMPLATED = f"Question: {QUESTION}\nAnswer:"

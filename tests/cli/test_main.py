@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from jlora.cli import build_parser, main
-from jlora.training.run_config import CONFIGS, load_run_config, packaged_configs
+from jlora.training.run.config import CONFIGS, load_run_config, packaged_configs
 
 from ..conftest import TINY_QA, sets, unused_port
 

@@ -158,7 +158,7 @@ def test_generate_command_on_a_checkpoint_and_a_peft_folder(tmp_path, capsys):
     from jlora.cli import main
     from jlora.core.generate import generate_text
     from jlora.exchange.peft import save_peft
-    from jlora.training.tokenizer import load_tokenizer
+    from jlora.training.data.tokenizer import load_tokenizer
 
     from ..conftest import save_byte_level_tokenizer
 

@@ -103,7 +103,7 @@ def put_in_hub_cache(cache, name: str, files_from) -> None:
 def test_offline_a_hub_id_is_read_from_the_cache(tiny_hf_with_tokenizer, tmp_path, monkeypatch):
     import huggingface_hub.constants
 
-    from jlora.training.tokenizer import load_tokenizer
+    from jlora.training.data.tokenizer import load_tokenizer
 
     put_in_hub_cache(tmp_path, "gpt2", tiny_hf_with_tokenizer)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

@@ -7,9 +7,9 @@ import pytest
 
 from jlora.cli import main
 from jlora.core.lora import flatten_adapters, get_path, output_columns, split_slice
-from jlora.training.checkpoint import latest_checkpoint, load_adapter, load_run
-from jlora.training.run_config import load_run_config
-from jlora.training.train import train
+from jlora.training.records.checkpoint import latest_checkpoint, load_adapter, load_run
+from jlora.training.run.config import load_run_config
+from jlora.training.run.train import train
 
 from ..core.test_svd import numpy_intruders
 

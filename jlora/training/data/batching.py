@@ -47,15 +47,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
 from jlora.errors import ConfigError
-from jlora.training.data import TokenizedData, batch_indices
-
-if TYPE_CHECKING:
-    from jlora.training.run_config import RunConfig
+from jlora.training.data.rows import TokenizedData, batch_indices
 
 MIN_CAPACITY = 8  # smaller loss capacities would only add compiled shapes
 
@@ -209,11 +206,6 @@ def loss_index(loss_mask: np.ndarray, k: int) -> np.ndarray:
     # a stable sort puts the loss positions first, each group in position order
     order = np.argsort(~carries, axis=1, kind="stable")
     return order[:, :k].astype(np.int32)
-
-
-def layout_of(cfg: RunConfig, n_devices: int) -> Layout:
-    """A run's layout: ``data.buckets`` and ``data.pack``, sequences in multiples of devices x micro-batches."""
-    return Layout(cfg.data.buckets, cfg.data.pack, n_devices * cfg.optim.grad_accum)
 
 
 class Shapes(NamedTuple):

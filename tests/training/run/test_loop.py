@@ -1,6 +1,6 @@
 """The loop: updates yielded in order, hooks due at their multiples and at the end, state threaded."""
 
-from jlora.training.loop import Hook, StepInfo, run_hooks, train_steps
+from jlora.training.run.loop import Hook, StepInfo, run_hooks, train_steps
 
 
 def test_hooks_run_at_their_multiples_and_the_last_step_in_list_order():

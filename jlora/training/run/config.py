@@ -27,11 +27,12 @@ from jlora.core.gpt2 import NUMERICS, GPT2Config
 from jlora.core.lora_config import LoraConfig
 from jlora.core.optim import OptimConfig
 from jlora.errors import ConfigError
-from jlora.training.batching import check_buckets
-from jlora.training.members import MemberSpec, PopulationConfig
+from jlora.training.data.batching import check_buckets
+from jlora.training.data.config import DataConfig
+from jlora.training.run.members import MemberSpec, PopulationConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
-CONFIGS = Path(__file__).parent.parent / "configs"  # run configs shipped in the package; configs/ links here
+CONFIGS = Path(__file__).parents[2] / "configs"  # run configs shipped in the package; configs/ links here
 DEFAULT_CONFIG = CONFIGS / "default.yaml"
 
 
@@ -57,18 +58,6 @@ class ModelConfig:
         if self.dtype != "auto":
             return self.dtype
         return "float32" if backend == "cpu" else "bfloat16"
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """`train` / `validation`: a .jsonl file, "bundled" (the package's QA set) or a `datasets` name."""
-
-    train: str = "bundled"
-    validation: str | None = "bundled"
-    format: str = "auto"
-    tokenizer: str | None = None  # None: the model's own; "bytes": the offline byte tokenizer
-    buckets: int | str = 64  # batch lengths round up to multiples of this, or "pow2", or "none" (seq_len)
-    pack: bool = False  # several rows per sequence (attention kept within each row)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +102,7 @@ class RunConfig:
     init_from: str | None = None  # a PEFT adapter folder to start from (its LoRA config replaces `lora`)
     adapter_seed: int | None = None  # A's initialisation and the dropout keys (None: `seed`, which also
     # seeds a random base and the data order)
-    population: PopulationConfig | None = None  # several adapters trained at once (jlora.training.members)
+    population: PopulationConfig | None = None  # several adapters trained at once (jlora.training.run.members)
     telemetry: int | None = None  # every this many steps, the spectrum of each adapter's dW (None: off)
     eval: EvalConfig = EvalConfig()
 

@@ -9,7 +9,7 @@ import pytest
 
 import jlora
 from jlora.core.gpt2 import GPT2Config
-from jlora.training import checkpoint as ckpt
+from jlora.training.records import checkpoint as ckpt
 
 TINY = GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2)
 
@@ -88,7 +88,7 @@ def test_adapter_checkpoint_travels_alone(tmp_path, tiny_hf_with_tokenizer):
     shutil.copytree(run / "checkpoints" / "2", moved)
     shutil.rmtree(run)
     script = (
-        "import sys, numpy as np; from jlora.training.checkpoint import load_checkpoint\n"
+        "import sys, numpy as np; from jlora.training.records.checkpoint import load_checkpoint\n"
         "m, p, l, c, meta = load_checkpoint(sys.argv[1], base=sys.argv[2])\n"
         "ids = np.arange(24).reshape(2, 12) % 200\n"
         "np.save(sys.argv[3], np.asarray(m.apply({'params': p, 'lora': l}, ids)))\n"

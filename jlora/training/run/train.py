@@ -9,7 +9,7 @@ step)` and the dropout key is ``fold_in(key(adapter seed), step)``. So the same 
 RUN_DIR resumes from the newest checkpoint and reproduces an uninterrupted run's losses.
 
 A config with a ``population:`` section trains its members at once through the same loop: the
-trainer (`jlora.training.population.population_trainer`) stacks their adapters, and every hook
+trainer (`jlora.training.run.population.population_trainer`) stacks their adapters, and every hook
 writes a row per member.
 """
 
@@ -29,10 +29,23 @@ from jlora.core.optim import count_params, partition
 from jlora.core.parallel import replicate, shard_batch, unreplicate
 from jlora.core.step import EvalStep, TrainState
 from jlora.errors import ConfigError, Interrupted, NonFiniteError
-from jlora.training import checkpoint as ckpt
-from jlora.training.batching import Layout, describe, layout_of, run_shapes, shape_batch, shape_bound
-from jlora.training.data import batch_at
-from jlora.training.evaluate import (
+from jlora.training.data.batching import Layout, describe, run_shapes, shape_batch, shape_bound
+from jlora.training.data.rows import batch_at
+from jlora.training.records import checkpoint as ckpt
+from jlora.training.records.metrics import MetricsWriter
+from jlora.training.records.rundir import check_run_dir, hold_run_dir, is_primary
+from jlora.training.run.build import (
+    Run,
+    Trainer,
+    adapter_of,
+    build_run,
+    check_config_matches,
+    checkpoint_meta,
+    layout_of,
+    solo_trainer,
+)
+from jlora.training.run.config import RunConfig, save_run_config
+from jlora.training.run.evaluate import (
     exact_match,
     greedy_predictor,
     host_sums,
@@ -41,14 +54,10 @@ from jlora.training.evaluate import (
     mean_loss,
     n_batches,
 )
-from jlora.training.hooks import MetricsLog, Telemetry, member_rows
-from jlora.training.interrupt import stop_requests
-from jlora.training.loop import Hook, StepInfo, run_hooks, train_steps
-from jlora.training.metrics import MetricsWriter
-from jlora.training.population import population_meta, population_trainer
-from jlora.training.run import Run, Trainer, adapter_of, build_run, check_config_matches, checkpoint_meta, solo_trainer
-from jlora.training.run_config import RunConfig, save_run_config
-from jlora.training.rundir import check_run_dir, hold_run_dir, is_primary
+from jlora.training.run.hooks import MetricsLog, Telemetry, member_rows
+from jlora.training.run.interrupt import stop_requests
+from jlora.training.run.loop import Hook, StepInfo, run_hooks, train_steps
+from jlora.training.run.population import population_meta, population_trainer
 from jlora.tree import all_finite, overlay
 
 

@@ -5,7 +5,7 @@ import signal
 
 import pytest
 
-from jlora.training.interrupt import stop_requests
+from jlora.training.run.interrupt import stop_requests
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

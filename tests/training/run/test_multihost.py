@@ -17,9 +17,9 @@ import numpy as np
 
 import jlora
 from jlora.cli import main
-from jlora.training.metrics import read_metrics
+from jlora.training.records.metrics import read_metrics
 
-from ..conftest import xla_devices
+from ...conftest import xla_devices
 
 ARGS = [
     "model.random={n_layer: 1, n_embd: 32, n_head: 2, n_positions: 64, embd_pdrop: 0.0, resid_pdrop: 0.0}",
@@ -76,7 +76,7 @@ def test_two_processes_record_each_step_once(tmp_path):
     (events,) = (tmp_path / "multi" / "tb").iterdir()  # one event file, each step once
     from tensorboardX.proto.event_pb2 import Event
 
-    from jlora.training.tensorboard import records
+    from jlora.training.records.tensorboard import records
 
     parsed = [Event.FromString(body) for _, body in records(events.read_bytes())]
     tagged = [(e.step, v.tag) for e in parsed for v in e.summary.value]

@@ -3,15 +3,17 @@
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jlora
 from jlora.core.step import EvalStep
-from jlora.training.batching import Layout, shape_batch
-from jlora.training.data import Example, tokenize
-from jlora.training.evaluate import exact_match, greedy_predictor, mean_loss, n_batches
-from jlora.training.tokenizer import ByteTokenizer
+from jlora.training.data.batching import Layout, shape_batch
+from jlora.training.data.rows import eval_batches, prompt_tokens, tokenize
+from jlora.training.data.sources import Example
+from jlora.training.data.tokenizer import ByteTokenizer
+from jlora.training.run.evaluate import exact_match, greedy_exact_match, greedy_predictor, mean_loss, n_batches
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +23,10 @@ def setup():
     variables = {"params": jlora.init_params(jax.random.key(0), config)}
     examples = [Example("Q" + "abcdefg"[: 1 + i % 7], " " + "xyz"[: 1 + i % 3]) for i in range(10)]
     return model, variables, tokenize(examples, ByteTokenizer(), seq_len=32)
+
+
+EOT = 256  # the byte tokenizer's end-of-text
+BYTES = ByteTokenizer()
 
 
 def test_mean_loss_on_shaped_batches_equals_full_rows(setup):
@@ -52,3 +58,35 @@ def test_progress_is_called_once_per_batch(rows, batch_size, max_batches, n):
     exact_match(zeros, None, data, n, batch_size, progress=lambda: calls.append("exact"))
     assert calls.count("loss") == n_batches(rows, batch_size, max_batches)
     assert calls.count("exact") == n_batches(min(n, rows), batch_size)
+
+
+# --- exact match from one forward pass ---------------------------------------------------------------------
+
+
+def bigram_next(token: int) -> int:
+    """A toy greedy model: letters step to the next letter, 'z' ends the text, ':' -> ' ' -> 'v'."""
+    if ord("a") <= token < ord("z"):
+        return token + 1
+    return {ord("z"): EOT, ord(":"): ord(" "), ord(" "): ord("v")}.get(token, ord("?"))
+
+
+def test_greedy_exact_match_equals_greedy_decoding():
+    examples = [Example("Q:", " vwxyz"), Example("Q:", " vwx"), Example("R;", " vwxyz"), Example("Qz:", " vwxyz")]
+    data = tokenize(examples, BYTES, seq_len=12)
+    predictions = np.vectorize(bigram_next)(data.input_ids)  # teacher forcing: one "forward pass"
+
+    def greedy(example, max_new=20):
+        prompt = prompt_tokens(example, BYTES)
+        tokens = list(prompt)
+        while len(tokens) < len(prompt) + max_new and (len(tokens) == len(prompt) or tokens[-1] != EOT):
+            tokens.append(bigram_next(tokens[-1]))
+        return tokens[len(prompt) :]
+
+    decoded = [greedy(ex) == BYTES.encode(ex.completion) + [EOT] for ex in examples]
+    assert decoded == [True, False, False, True]
+    assert greedy_exact_match(predictions, data.targets, data.loss_mask).tolist() == decoded
+    padded = next(eval_batches(data, 6))  # the two padding rows never count as matches
+    as_jax = greedy_exact_match(
+        jnp.asarray(np.vectorize(bigram_next)(padded["input_ids"])), padded["targets"], padded["loss_mask"]
+    )
+    assert np.asarray(as_jax).tolist() == decoded + [False, False]

@@ -5,10 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from jlora.training.data import read_examples, tokenize
-from jlora.training.prompt import data_format, run_prompt
-from jlora.training.run_config import DataConfig
-from jlora.training.tokenizer import ByteTokenizer
+from jlora.training.data.config import DataConfig
+from jlora.training.data.prompt import data_format, run_prompt
+from jlora.training.data.rows import tokenize
+from jlora.training.data.sources import read_examples
+from jlora.training.data.tokenizer import ByteTokenizer
 
 
 @pytest.mark.parametrize(

@@ -2,9 +2,8 @@
 
     trainer = population_trainer(run)     # the members' adapters stacked, one compiled (vmapped) step
     population_meta(trainer.members)      # what a checkpoint records: each member's settings
-    load_member(tree, meta, k)            # member k of a population checkpoint, as an ordinary adapter
 
-The loop, its hooks and the checkpoints are a single run's (`jlora.training.train`); what changes
+The loop, its hooks and the checkpoints are a single run's (`jlora.training.run.train`); what changes
 is the trainer: its state holds the members' adapters, optimizer states and trained base leaves
 stacked along a member axis (`jlora.core.population`), its step returns each metric per member,
 and the hooks write a row per member. Member k's adapter seed (``seed`` in its settings) seeds A's
@@ -14,10 +13,6 @@ reproduces the solo run with its settings.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-import jax
-
 from jlora.core.lora import init_lora
 from jlora.core.optim import trainable_mask
 from jlora.core.population import (
@@ -26,14 +21,12 @@ from jlora.core.population import (
     make_population_step,
     member_axes,
     member_keys,
-    member_lora,
     population,
     stack_variables,
 )
-from jlora.errors import CheckpointError
-from jlora.training.members import MemberSpec
-from jlora.training.run import Run, Trainer, init_key
-from jlora.training.run_config import population_members
+from jlora.training.run.build import Run, Trainer, init_key
+from jlora.training.run.config import population_members
+from jlora.training.run.members import MemberSpec
 
 
 def population_trainer(run: Run) -> Trainer:
@@ -60,27 +53,3 @@ def population_trainer(run: Run) -> Trainer:
 def population_meta(members: tuple[MemberSpec, ...] | None) -> dict:
     """The checkpoint meta's ``population`` entry (each member's settings), or nothing for a single adapter."""
     return {} if members is None else {"population": [m.to_dict() for m in members]}
-
-
-def load_member(tree: Mapping, meta: Mapping, member: int | None) -> tuple[dict, dict, dict]:
-    """(lora, trained base leaves, meta) of one adapter from a checkpoint's ``{"lora", "base"}`` and meta.
-
-    A population checkpoint holds every member stacked: `member` picks one, returned at its own rank
-    with its own LoRA config in the meta (and ``meta["member"]``: its index and settings). A single
-    adapter's checkpoint is returned as it is (and `member` must be None).
-    """
-    members = meta.get("population")
-    if members is None:
-        if member is not None:
-            raise CheckpointError(f"member={member}: the checkpoint holds one adapter, not a population")
-        return tree["lora"], tree.get("base", {}), dict(meta)
-    if member is None or not 0 <= member < len(members):
-        names = ", ".join(f"{k}: {m['name']}" for k, m in enumerate(members))
-        raise CheckpointError(
-            f"the checkpoint holds a population of {len(members)} adapters; choose one with --member K "
-            f"(member=K): {names}"
-        )
-    spec = MemberSpec.from_dict(members[member])
-    lora = member_lora(tree["lora"], member, spec.lora)
-    base = jax.tree.map(lambda x: x[member], tree.get("base", {}))
-    return lora, base, {**meta, "lora_config": spec.lora.to_dict(), "member": {"index": member, **spec.to_dict()}}

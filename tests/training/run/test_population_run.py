@@ -20,10 +20,10 @@ import pytest
 from jlora.cli import main
 from jlora.core.lora import flatten_adapters, output_columns, split_slice
 from jlora.exchange.peft import load_peft
-from jlora.training.checkpoint import find_checkpoint, load_adapter, load_run, lora_config_of
-from jlora.training.metrics import read_metrics
-from jlora.training.run_config import DEFAULT_CONFIG, load_run_config
-from jlora.training.train import train
+from jlora.training.records.checkpoint import find_checkpoint, load_adapter, load_run, lora_config_of
+from jlora.training.records.metrics import read_metrics
+from jlora.training.run.config import DEFAULT_CONFIG, load_run_config
+from jlora.training.run.train import train
 from jlora.tree import get_path
 
 TINY = [

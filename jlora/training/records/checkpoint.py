@@ -44,11 +44,11 @@ import orbax.checkpoint as ocp
 
 from jlora.core.gpt2 import GPT2, GPT2Config, init_params
 from jlora.core.lora_config import LoraConfig
+from jlora.core.population import member_lora
 from jlora.core.residual import as_plain_lora, residual_params
 from jlora.errors import BaseMismatchError, CheckpointError, describe
 from jlora.exchange.hf_checkpoint import load_gpt2
-from jlora.training.population import load_member
-from jlora.training.rundir import barrier, is_primary
+from jlora.training.records.rundir import barrier, is_primary
 from jlora.tree import leaves_by_path, overlay
 
 PyTree = Any
@@ -315,3 +315,28 @@ def lora_config_of(meta: Mapping) -> LoraConfig:
 
 def model_config_of(meta: Mapping) -> GPT2Config:
     return GPT2Config(**meta["model_config"])
+
+
+def load_member(tree: Mapping, meta: Mapping, member: int | None) -> tuple[dict, dict, dict]:
+    """(lora, trained base leaves, meta) of one adapter from a checkpoint's ``{"lora", "base"}`` and meta.
+
+    A population checkpoint holds every member stacked: `member` picks one, returned at its own rank
+    with its own LoRA config in the meta (and ``meta["member"]``: its index and settings). A single
+    adapter's checkpoint is returned as it is (and `member` must be None).
+    """
+    members = meta.get("population")
+    if members is None:
+        if member is not None:
+            raise CheckpointError(f"member={member}: the checkpoint holds one adapter, not a population")
+        return tree["lora"], tree.get("base", {}), dict(meta)
+    if member is None or not 0 <= member < len(members):
+        names = ", ".join(f"{k}: {m['name']}" for k, m in enumerate(members))
+        raise CheckpointError(
+            f"the checkpoint holds a population of {len(members)} adapters; choose one with --member K "
+            f"(member=K): {names}"
+        )
+    spec = members[member]  # a MemberSpec's to_dict (jlora.training.run.members)
+    lora_cfg = LoraConfig.from_dict(spec["lora_config"])
+    lora = member_lora(tree["lora"], member, lora_cfg)
+    base = jax.tree.map(lambda x: x[member], tree.get("base", {}))
+    return lora, base, {**meta, "lora_config": lora_cfg.to_dict(), "member": {"index": member, **spec}}

@@ -7,7 +7,7 @@ import json
 import pytest
 from tokenizers.pre_tokenizers import ByteLevel
 
-from jlora.training.tokenizer import ByteTokenizer, HFTokenizer, TokenizerError, load_tokenizer
+from jlora.training.data.tokenizer import ByteTokenizer, HFTokenizer, TokenizerError, load_tokenizer
 
 EOT = "<|endoftext|>"
 MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]

@@ -13,8 +13,8 @@ should show that it is moving.
 
 Exact match needs no decoding loop: with the true tokens as input, greedy decoding from the
 prompt reproduces the completion exactly when every answer position's argmax is right
-(`jlora.training.data.greedy_exact_match`), so one teacher-forced forward pass decides it. Both
-run on batches shaped like the training ones (`jlora.training.batching`): trimmed to their
+(`greedy_exact_match`), so one teacher-forced forward pass decides it. Both
+run on batches shaped like the training ones (`jlora.training.data.batching`): trimmed to their
 content, and the LM head only at the positions that carry loss.
 """
 
@@ -32,8 +32,27 @@ from jlora.core.loss import loss_argmax
 from jlora.core.optim import combine, partition
 from jlora.core.parallel import local_devices, replicate
 from jlora.core.step import EvalStep, compile_eval, step_inputs
-from jlora.training.batching import Layout, shape_batch
-from jlora.training.data import TokenizedData, eval_batches, greedy_exact_match
+from jlora.training.data.batching import Layout, shape_batch
+from jlora.training.data.rows import TokenizedData, eval_batches
+
+
+def greedy_exact_match(
+    predictions: np.ndarray | jax.Array, targets: np.ndarray | jax.Array, loss_mask: np.ndarray | jax.Array
+) -> np.ndarray | jax.Array:
+    """Per row, whether greedy decoding from the prompt would write exactly the completion (and stop).
+
+    predictions: (N, T) argmax of the logits at each position, with the true tokens as input
+    (teacher forcing). If every counted position is predicted right, greedy decoding from the
+    prompt reproduces the completion token by token, closing end-of-text included, and
+    conversely; so one forward pass gives exact match. Rows with no counted position (eval
+    padding) are False. Works on numpy and JAX arrays. Returns (N,) bool.
+
+    >>> t = np.array([[5, 6, 7], [5, 6, 7]]); m = np.array([[0, 1, 1], [0, 1, 1]])
+    >>> greedy_exact_match(np.array([[0, 6, 7], [5, 6, 0]]), t, m).tolist()
+    [True, False]
+    """
+    counted = loss_mask > 0
+    return ((predictions == targets) | ~counted).all(axis=-1) & counted.any(axis=-1)
 
 
 def mean_sums(

@@ -4,8 +4,8 @@ import struct
 
 import pytest
 
-from jlora.training.metrics import MetricsWriter, read_metrics
-from jlora.training.tensorboard import crc32c
+from jlora.training.records.metrics import MetricsWriter, read_metrics
+from jlora.training.records.tensorboard import crc32c
 
 
 def read_records(path):

@@ -18,7 +18,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from jlora.training.tensorboard import ScalarWriter
+from jlora.training.records.tensorboard import ScalarWriter
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -5,7 +5,7 @@
                                       # residual base), or cfg.init_from's PEFT adapter
     run.start_params                  # the base as training starts: params with the adapter's saved modules
     trainer = solo_trainer(run)       # the state at step 0 and how to compile its step (a population:
-                                      # jlora.training.population.population_trainer)
+                                      # jlora.training.run.population.population_trainer)
     adapter_of(state.trainable, run.start_leaves, run.init)   # what a checkpoint keeps: {"lora", "base"[, "init"]}
 
 Everything here is decided by the config alone (the random base by ``cfg.seed``, A's
@@ -31,10 +31,12 @@ from jlora.core.residual import factors_of, init_adapters
 from jlora.core.step import EvalStep, TrainState, TrainStep, init_state, make_eval_step, make_train_step
 from jlora.errors import ConfigError, JloraError, RunDirError
 from jlora.exchange.hf_checkpoint import load_gpt2
-from jlora.training.data import TokenizedData, read_examples, tokenize
-from jlora.training.members import MemberSpec
-from jlora.training.run_config import RunConfig, adapter_seed, load_run_config
-from jlora.training.tokenizer import load_tokenizer
+from jlora.training.data.batching import Layout
+from jlora.training.data.rows import TokenizedData, tokenize
+from jlora.training.data.sources import read_examples
+from jlora.training.data.tokenizer import load_tokenizer
+from jlora.training.run.config import RunConfig, adapter_seed, load_run_config
+from jlora.training.run.members import MemberSpec
 from jlora.tree import leaves_by_path, overlay, prune, unflatten
 
 PyTree = Any
@@ -67,7 +69,7 @@ class Run:
 
 
 class Trainer(NamedTuple):
-    """What a run trains and how, alone or as a population: `jlora.training.train`'s one loop drives either.
+    """What a run trains and how, alone or as a population: `jlora.training.run.train`'s one loop drives either.
 
     A population (`members` set) stacks K adapters: its state carries a member axis, `rng` holds K
     dropout keys, its step's metrics and its evaluations have K values each, and `axes` are the
@@ -236,3 +238,8 @@ def check_config_matches(run_dir: Path, cfg: RunConfig) -> None:
             f"{run_dir} holds a run with {key}={old.get(key)!r}, not {new.get(key)!r}{more}; "
             "use another --out, or the run's own config"
         )
+
+
+def layout_of(cfg: RunConfig, n_devices: int) -> Layout:
+    """A run's layout: ``data.buckets`` and ``data.pack``, sequences in multiples of devices x micro-batches."""
+    return Layout(cfg.data.buckets, cfg.data.pack, n_devices * cfg.optim.grad_accum)

@@ -8,7 +8,7 @@
 A population's step gives every metric with a member axis (K,); `member_rows` turns such values
 into one row per member, each with its ``member`` index, and the hooks write those.
 
-Each is called by `jlora.training.loop.run_hooks` with a `StepInfo`; they run in the order the
+Each is called by `jlora.training.run.loop.run_hooks` with a `StepInfo`; they run in the order the
 run lists them, so the log (which stops a run whose loss is not finite) runs before a
 checkpoint could save a bad state.
 """
@@ -29,9 +29,9 @@ from jlora.core.parallel import unreplicate
 from jlora.core.population import scalings_by_path, take
 from jlora.core.telemetry import adapter_figures, telemetry_row, weight_norms
 from jlora.errors import NonFiniteError
-from jlora.training.loop import StepInfo
-from jlora.training.metrics import MetricsWriter
-from jlora.training.run import Trainer
+from jlora.training.records.metrics import MetricsWriter
+from jlora.training.run.build import Trainer
+from jlora.training.run.loop import StepInfo
 
 
 class MetricsLog:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from jlora.training.run_config import (
+from jlora.training.run.config import (
     DEFAULT_CONFIG,
     ConfigError,
     RunConfig,
@@ -79,7 +79,7 @@ def test_dtype_auto_is_float32_on_a_cpu_and_bfloat16_on_accelerators(monkeypatch
     # the run builds its model with the dtype of the machine it runs on
     import jax
 
-    from jlora.training.run import build_base
+    from jlora.training.run.build import build_base
 
     cfg = from_dict({"model": {"random": {"n_layer": 1, "n_embd": 16, "n_head": 2}}})
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
@@ -88,7 +88,7 @@ def test_dtype_auto_is_float32_on_a_cpu_and_bfloat16_on_accelerators(monkeypatch
 
 
 def test_population_members_from_a_grid_and_a_list():
-    from jlora.training.run_config import from_dict, population_members
+    from jlora.training.run.config import from_dict, population_members
 
     cfg = from_dict(
         {

@@ -10,7 +10,7 @@ Prompt-completion and plain-text runs read the text as written, after the same e
 The format is the run's ``data.format``, or (when "auto") that of its training file's first
 record; a `datasets` source cannot be told without loading it, and its prompts go as written.
 
->>> from jlora.training.tokenizer import ByteTokenizer
+>>> from jlora.training.data.tokenizer import ByteTokenizer
 >>> text, ids = run_prompt("What is 2 plus 3?", "qa", ByteTokenizer())
 >>> text, ids[:3]
 ('Question: What is 2 plus 3?\\nAnswer:', [256, 81, 117])
@@ -22,9 +22,10 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from jlora.training.data import Example, bundled_file, detect_format, prompt_tokens, qa_example
-from jlora.training.run_config import DataConfig
-from jlora.training.tokenizer import Tokenizer
+from jlora.training.data.config import DataConfig
+from jlora.training.data.rows import prompt_tokens
+from jlora.training.data.sources import Example, bundled_file, detect_format, qa_example
+from jlora.training.data.tokenizer import Tokenizer
 
 
 def data_format(data: DataConfig) -> str | None:

@@ -12,17 +12,10 @@ import pytest
 import jlora
 from jlora.core.loss import loss_sums
 from jlora.errors import ConfigError
-from jlora.training.batching import (
-    Layout,
-    capacity,
-    ladder,
-    round_up,
-    run_shapes,
-    shape_batch,
-    shape_bound,
-)
-from jlora.training.data import Example, batch_at, tokenize
-from jlora.training.run_config import from_dict
+from jlora.training.data.batching import Layout, capacity, ladder, round_up, run_shapes, shape_batch, shape_bound
+from jlora.training.data.rows import batch_at, tokenize
+from jlora.training.data.sources import Example
+from jlora.training.run.config import from_dict
 
 E = 100  # end-of-text of the tiny checkpoint's 101-token vocabulary
 

@@ -1,0 +1,171 @@
+"""Fine-tuning data, first stage: records -> `Example`s (prompt, completion).
+
+    examples = read_examples("qa.jsonl")             # or "bundled", or a `datasets` name
+    (then jlora.training.data.rows: tokenize -> batch_at; jlora.training.data.batching: shape_batch)
+
+Three record formats, detected from the first record's keys (or named with ``fmt``)::
+
+    {"question": q, "answer": a}      prompt "Question: {q}\\nAnswer:", completion " {a}"  (QA_TEMPLATE)
+    {"prompt": p, "completion": c}    prompt p, completion c
+    {"text": t}                       prompt "", completion t
+
+A bad record is a one-line `DataError` naming the file and line (or the dataset and row).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import json
+from collections.abc import Iterator, Mapping
+from importlib.resources.abc import Traversable
+from pathlib import Path
+
+from jlora.errors import DataError, describe
+
+QA_TEMPLATE = ("Question: {question}\nAnswer:", " {answer}")  # (prompt, completion): the one place it lives
+FORMATS = {"qa": ("question", "answer"), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
+BUNDLED = {
+    "train": "qa_train.jsonl",
+    "validation": "qa_val.jsonl",
+    "val": "qa_val.jsonl",
+    "generic": "generic_text.jsonl",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One training pair: the model reads `prompt` and learns to write `completion`."""
+
+    prompt: str
+    completion: str
+
+
+def qa_example(question: str, answer: str) -> Example:
+    """A question-answer pair through QA_TEMPLATE.
+
+    >>> qa_example("What is 2 plus 3?", "5")
+    Example(prompt='Question: What is 2 plus 3?\\nAnswer:', completion=' 5')
+    """
+    prompt, completion = QA_TEMPLATE
+    return Example(prompt.format(question=question), completion.format(answer=answer))
+
+
+def detect_format(record: Mapping) -> str | None:
+    """The format whose keys `record` has (QA first), or None."""
+    return next((fmt for fmt, keys in FORMATS.items() if all(k in record for k in keys)), None)
+
+
+def to_example(record: object, fmt: str) -> Example:
+    """One parsed record -> an Example; raises DataError (without location) if it does not fit `fmt`."""
+    if not isinstance(record, Mapping):
+        raise DataError(f"expected a JSON object, got {type(record).__name__}")
+    keys = FORMATS[fmt]
+    for key in keys:
+        if key not in record:
+            raise DataError(f"missing key {key!r} (a {fmt} record needs {', '.join(map(repr, keys))})")
+        if not isinstance(record[key], str):
+            raise DataError(f"{key!r} must be a string, got {type(record[key]).__name__}")
+        if key != "prompt" and not record[key].strip():
+            raise DataError(f"{key!r} is empty")
+    if fmt == "qa":
+        return qa_example(record["question"], record["answer"])
+    if fmt == "prompt_completion":
+        return Example(record["prompt"], record["completion"])
+    return Example("", record["text"])
+
+
+def _examples(records: Iterator[tuple[str, object]], fmt: str, name: str) -> list[Example]:
+    """(location, record) pairs -> Examples, the format fixed by the first record when "auto"."""
+    if fmt != "auto" and fmt not in FORMATS:
+        raise DataError(f"unknown data format {fmt!r}; expected 'auto' or one of {', '.join(FORMATS)}")
+    examples = []
+    for where, record in records:
+        try:
+            if fmt == "auto":
+                fmt = detect_format(record) if isinstance(record, Mapping) else None
+                if fmt is None:
+                    keys = sorted(record) if isinstance(record, Mapping) else type(record).__name__
+                    raise DataError(f"cannot tell the format from {keys}; expected keys {list(FORMATS.values())}")
+            examples.append(to_example(record, fmt))
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+    if not examples:
+        raise DataError(f"{name}: no examples")
+    return examples
+
+
+def _jsonl_records(raw: bytes, name: str) -> Iterator[tuple[str, object]]:
+    lines = raw.split(b"\n")
+    if lines[-1] == b"":  # the newline that ends the last line opens no new one
+        lines.pop()
+    for n, line in enumerate(lines, 1):
+        where = f"{name}, line {n}"
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{where}: not UTF-8 text") from None
+        if not text.strip():
+            raise DataError(f"{where}: empty line")
+        try:
+            yield where, json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{where}: invalid JSON ({e.msg}, column {e.colno}); expected one object per line"
+            ) from None
+
+
+def read_jsonl(path: str | Path, fmt: str = "auto") -> list[Example]:
+    """A local JSON Lines file -> Examples; a bad line raises DataError naming the file and line (1-based)."""
+    path = Path(path).expanduser()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read data file {path} ({e.strerror or type(e).__name__})") from None
+    return _examples(_jsonl_records(raw, str(path)), fmt, str(path))
+
+
+def bundled_file(split: str = "train") -> Traversable:
+    """The package's data: the QA task's split "train" (1,000 pairs) or "validation" (200; alias "val"),
+    or "generic": general text from outside the task, the held-out set that measures forgetting."""
+    if split not in BUNDLED:
+        raise DataError(
+            f"the bundled data has splits 'train' and 'validation' (the QA task) and 'generic', not {split!r}"
+        )
+    return importlib.resources.files("jlora") / "data" / BUNDLED[split]
+
+
+def read_examples(source: str, *, split: str = "train", fmt: str = "auto", **load_kwargs) -> list[Example]:
+    """Examples from a local ``.jsonl`` file, ``"bundled"``, or a Hugging Face `datasets` dataset.
+
+    Args:
+      source: a file path (its content is the split: `split` is not used), ``"bundled"`` (jlora's
+        QA task), or a name for ``datasets.load_dataset`` (a Hub id, or a builder such as ``"json"``
+        with ``data_files=...`` in `load_kwargs`).
+      split: which split of the bundled data or of the dataset.
+      fmt: "auto" (from the first record's keys), "qa", "prompt_completion" or "text".
+      load_kwargs: passed to ``datasets.load_dataset`` (``data_files``, ``revision``, ``cache_dir``...).
+
+    Raises DataError with a one-line message naming the file and line (or dataset and row).
+    """
+    if source == "bundled":
+        file = bundled_file(split)
+        return _examples(_jsonl_records(file.read_bytes(), f"bundled {BUNDLED[split]}"), fmt, str(file))
+    path = Path(source).expanduser()
+    if path.is_file():
+        return read_jsonl(path, fmt)
+    if path.exists() or path.suffix in (".jsonl", ".json") or source.startswith((".", "/", "~")):
+        raise DataError(f"no data file {source!r}")
+    return read_dataset(source, split=split, fmt=fmt, **load_kwargs)
+
+
+def read_dataset(name: str, *, split: str = "train", fmt: str = "auto", **load_kwargs) -> list[Example]:
+    """A split of a Hugging Face `datasets` dataset -> Examples (a bad row is named by its 1-based number)."""
+    try:
+        import datasets
+
+        rows = datasets.load_dataset(name, split=split, **load_kwargs)
+    except Exception as e:  # missing, offline, bad files: all end the same way for the caller
+        raise DataError(f"could not load dataset {name!r} split {split!r} ({describe(e)})") from e
+    where = f"dataset {name!r} split {split!r}"
+    return _examples(((f"{where}, row {i}", row) for i, row in enumerate(rows, 1)), fmt, where)

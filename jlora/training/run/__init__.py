@@ -1,0 +1,17 @@
+"""Where an update happens: the run config, what a run is built from, the loop and its hooks.
+
+    config.py       RunConfig from YAML (a file or a packaged config's name) and --set overrides, validated
+    members.py      a population's members from the config's ``population:`` section
+    build.py        build_run: tokenizer, base model, data, first adapters; the Trainer of one adapter
+    population.py   the Trainer of a population (K adapters stacked, one vmapped step)
+    loop.py         train_steps (a generator of updates) and run_hooks
+    hooks.py        the metrics log (jsonl, TensorBoard, progress bar), telemetry
+    evaluate.py     validation loss, perplexity, exact match (with a progress callback), forgetting
+    interrupt.py    SIGINT / SIGTERM as stop requests (shared by every process of a run)
+    train.py        train(cfg, run_dir): the pieces above, resumable
+
+    load_run_config ─> build_run ─> solo_trainer | population_trainer ─> train_steps ─> run_hooks
+                                                                         (log, evaluate, checkpoint)
+
+Reads batches from `jlora.training.data` and writes through `jlora.training.records`.
+"""
