@@ -86,8 +86,9 @@ def workload_batches(args) -> list[dict]:
                 }
             )
         return batches
-    from jlora.training.data import batch_at, read_examples, tokenize
-    from jlora.training.tokenizer import ByteTokenizer
+    from jlora.training.data.rows import batch_at, tokenize
+    from jlora.training.data.sources import read_examples
+    from jlora.training.data.tokenizer import ByteTokenizer
 
     data = tokenize(read_examples("bundled"), ByteTokenizer(), args.seq_len)
     return [batch_at(data, step, args.batch, seed=0) for step in range(args.rounds + 1)]
@@ -132,8 +133,8 @@ class JloraWorker:
 
         import jlora
         from jlora.core.step import step_inputs
-        from jlora.training.batching import Layout, shape_batch
-        from jlora.training.run_config import load_run_config
+        from jlora.training.data.batching import Layout, shape_batch
+        from jlora.training.run.config import load_run_config
 
         cfg = load_run_config(args.config, [f"lora.r={args.r}", f"lora.alpha={2 * args.r}"])
         config = jlora.GPT2Config(
@@ -193,7 +194,7 @@ class PeftWorker:
         from peft import LoraConfig, get_peft_model
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        from jlora.training.run_config import load_run_config
+        from jlora.training.run.config import load_run_config
 
         cfg = load_run_config(args.config)
         torch.manual_seed(0)

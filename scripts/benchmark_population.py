@@ -31,8 +31,8 @@ import numpy as np
 
 from jlora.core.step import step_inputs
 from jlora.research import experiments as ex
-from jlora.training.data import batch_at
-from jlora.training.run_config import DEFAULT_CONFIG, load_run_config
+from jlora.training.data.rows import batch_at
+from jlora.training.run.config import DEFAULT_CONFIG, load_run_config
 
 
 def parse_args(argv=None) -> argparse.Namespace:

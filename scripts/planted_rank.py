@@ -36,7 +36,7 @@ from jlora.core.optim import OptimConfig
 from jlora.research import experiments as ex
 from jlora.research import plots
 from jlora.research.planted import compare_to_planted, distill_gap, distill_students, plant_low_rank
-from jlora.training.run import build_run
+from jlora.training.run.build import build_run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
