@@ -46,7 +46,9 @@ left-padded prompts decode as they would alone.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import zlib
 from collections.abc import Mapping
 
 import flax.linen as nn
@@ -58,6 +60,7 @@ from jlora.core.dora import dora_output
 from jlora.core.lora import lora_delta
 from jlora.core.lora_config import QKV, LoraConfig
 from jlora.errors import ConfigError, DataError
+from jlora.tree import dotted
 
 ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -426,13 +429,56 @@ def check_token_ids(input_ids: jax.Array, vocab_size: int) -> None:
         raise DataError(f"token id {int(bad)} is outside the model's vocabulary 0..{vocab_size - 1}")
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def init_params(key: jax.Array, config: GPT2Config) -> dict:
-    """A randomly initialised base parameter tree (GPT-2's initialisation).
+    """A randomly initialised base parameter tree (GPT-2's initialisation), drawn with `key`.
 
-    Compiled as one program: run op by op, Flax's init would compile every initializer apart.
+    Compiled as one program (op by op, Flax's init would compile every initializer apart), once
+    per config. Its float bits depend on XLA's code generation (flags, vector units); a base that
+    must be the same on every machine is `random_params`'.
     """
-    ids = jnp.zeros((1, 1), jnp.int32)
-    return jax.jit(lambda k: GPT2(config).init(k, ids)["params"])(key)
+    return GPT2(config).init(key, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def init_std(path: str, config: GPT2Config) -> float | None:
+    """The standard deviation GPT-2's initialisation draws leaf `path` with; None: a constant leaf (a bias,
+    zero, or a LayerNorm scale, one). The residual projections (``c_proj``) are scaled by 1/sqrt(2 n_layer)."""
+    if path == "wte.embedding":
+        return 0.02
+    if path == "wpe.embedding":
+        return 0.01
+    if path.endswith(".kernel"):
+        return 0.02 / math.sqrt(2 * config.n_layer) if path.endswith("c_proj.kernel") else 0.02
+    return None
+
+
+def random_params(seed: int, config: GPT2Config) -> dict:
+    """A random base drawn on the host with numpy's generator, the same bits on every machine.
+
+    The distribution is `init_params`' (normal leaves with `init_std`, zero biases, unit LayerNorm
+    scales); each leaf has its own stream, ``default_rng((seed, crc32(path)))``, so no leaf depends on
+    the order of the others. This is the base of a ``model: random`` run: a run started under one
+    ``XLA_FLAGS`` or CPU resumes under another, its base the same to the bit.
+
+    >>> small = GPT2Config(vocab_size=11, n_positions=8, n_embd=4, n_layer=1, n_head=1)
+    >>> p = random_params(0, small)
+    >>> p["wte"]["embedding"].shape, float(p["h"]["0"]["ln_1"]["scale"][0])
+    ((11, 4), 1.0)
+    >>> bool((random_params(0, small)["wte"]["embedding"] == p["wte"]["embedding"]).all())
+    True
+    """
+
+    def draw(key_path, leaf):
+        path = dotted(key_path)
+        std = init_std(path, config)
+        if std is None:
+            value = np.ones(leaf.shape, np.float32) if path.endswith(".scale") else np.zeros(leaf.shape, np.float32)
+        else:
+            rng = np.random.default_rng((seed, zlib.crc32(path.encode())))
+            value = std * rng.standard_normal(leaf.shape, dtype=np.float32)
+        return jnp.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, param_shapes(config))
 
 
 def init_cache(config: GPT2Config, batch: int, max_length: int) -> dict:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import jlora
-from jlora.core.gpt2 import GPT2Config
+from jlora.core.gpt2 import GPT2Config, init_std, random_params
+from jlora.tree import leaves_by_path
 
 
 def torch_logits(model, ids, mask=None):
@@ -117,3 +118,32 @@ def test_attention_asks_for_the_fused_kernel_on_a_gpu_and_falls_back(monkeypatch
         out = causal_attention(*args, 0.3, None)
         assert asked == implementations
         np.testing.assert_allclose(np.float32(out), np.float32(expected), atol=1e-2)
+
+
+def test_random_params_draw_init_params_distribution_the_same_everywhere():
+    """numpy's draws: GPT-2's initialisation leaf for leaf (constants exactly, normals by their std), fixed bits."""
+    config = GPT2Config(vocab_size=300, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+    ours, flax_init = (
+        leaves_by_path(random_params(3, config)),
+        leaves_by_path(jlora.init_params(jax.random.key(3), config)),
+    )
+    assert {k: (v.shape, v.dtype) for k, v in ours.items()} == {k: (v.shape, v.dtype) for k, v in flax_init.items()}
+    for path, x in ours.items():
+        std = init_std(path, config)
+        if std is None:  # biases and LayerNorm shifts 0, LayerNorm scales 1: exactly what Flax gives
+            np.testing.assert_array_equal(x, flax_init[path])
+        else:  # 2,048 or more draws each: the sample std within 10 % of the initialiser's, as Flax's is
+            assert abs(float(np.std(x)) / std - 1) < 0.1 and abs(float(np.std(flax_init[path])) / std - 1) < 0.1, path
+    assert init_std("h.1.mlp.c_proj.kernel", config) == 0.02 / 2  # 1 / sqrt(2 n_layer)
+    again, other = leaves_by_path(random_params(3, config)), leaves_by_path(random_params(4, config))
+    assert all(np.array_equal(again[k], v) for k, v in ours.items())
+    assert not np.array_equal(other["wte.embedding"], ours["wte.embedding"])
+
+
+def test_init_params_compiles_once_per_config():
+    config = GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    before = jlora.init_params._cache_size()
+    a = jlora.init_params(jax.random.key(0), config)
+    b = jlora.init_params(jax.random.key(1), config)
+    assert jlora.init_params._cache_size() == before + 1
+    assert not np.array_equal(a["wte"]["embedding"], b["wte"]["embedding"])

@@ -42,7 +42,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jlora.core.gpt2 import GPT2, GPT2Config, init_params
+from jlora.core.gpt2 import GPT2, GPT2Config, random_params
 from jlora.core.lora_config import LoraConfig
 from jlora.core.population import member_lora
 from jlora.core.residual import as_plain_lora, residual_params
@@ -268,7 +268,7 @@ def load_base(meta: Mapping, base: str | None = None, *, allow_different_weights
     lora_cfg, config = lora_config_of(meta), model_config_of(meta)
     name = base or meta["base_model"]["name"]
     if name == "random":
-        model, params = GPT2(config, lora_cfg), init_params(jax.random.key(meta["seed"]), config)
+        model, params = GPT2(config, lora_cfg), random_params(meta["seed"], config)
     else:
         model, params = load_gpt2(name, lora_cfg, dtype=config.dtype, param_dtype=config.param_dtype)
     check_base(meta["base_model"], params, allow_different_weights=allow_different_weights)

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from jlora.core.gpt2 import GPT2, GPT2Config, init_params
+from jlora.core.gpt2 import GPT2, GPT2Config, random_params
 from jlora.core.optim import make_optimizer, partition, trainable_mask
 from jlora.core.residual import factors_of, init_adapters
 from jlora.core.step import EvalStep, TrainState, TrainStep, init_state, make_eval_step, make_train_step
@@ -99,7 +99,7 @@ def build_base(cfg: RunConfig, vocab_size: int) -> tuple[GPT2, dict]:
     numerics = dict(dtype=m.compute_dtype(jax.default_backend()), param_dtype=m.param_dtype, remat=m.remat)
     if m.name == "random":  # model.random was checked with the config
         config = GPT2Config(**{"vocab_size": vocab_size, "n_positions": max(cfg.seq_len, 128), **m.random}, **numerics)
-        return GPT2(config, cfg.lora), init_params(jax.random.key(cfg.seed), config)
+        return GPT2(config, cfg.lora), random_params(cfg.seed, config)
     model, params = load_gpt2(m.name, cfg.lora, allow_pickle=m.allow_pickle, **numerics)
     if cfg.seq_len > model.config.n_positions:
         raise ConfigError(f"seq_len={cfg.seq_len} is longer than the model's n_positions={model.config.n_positions}")

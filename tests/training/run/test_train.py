@@ -109,6 +109,15 @@ def test_pissa_dora_run_resumes_exactly_and_reloads_its_residual_base(tmp_path):
     np.testing.assert_allclose(apply_plain({"params": base, "lora": exported.lora}, ids), logits, atol=1e-5)
 
 
+def test_a_random_base_resumes_under_other_xla_flags(tmp_path):
+    """A random base is drawn by numpy, not by XLA: other code generation (flags, a CPU's vector units) resumes it."""
+    args = sets(*TINY, "exact_match=0", "data.validation=null", "checkpoint.every=2")
+    run = str(tmp_path / "run")
+    finish(cli(*args, "--set", "steps=2", "--out", run, env={"XLA_FLAGS": "--xla_backend_optimization_level=0"}))
+    log = finish(cli(*args, "--set", "steps=3", "--out", run, env={"XLA_FLAGS": "--xla_cpu_enable_fast_math=true"}))
+    assert "resuming at step 2" in log and sorted(train_losses(run)) == [1, 2, 3]
+
+
 def test_checkpoint_from_four_devices_resumes_on_one(tmp_path):
     args = sets(*TINY, "steps=8", "checkpoint.every=4", "checkpoint.max_to_keep=null")
     four = {"XLA_FLAGS": xla_devices(4)}
