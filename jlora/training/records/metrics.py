@@ -10,11 +10,16 @@ writes them, so each step is recorded once.
 A population run (several adapters trained at once) writes one stream per member: each of its
 rows carries a ``member`` index, and member k's numbers go to their own TensorBoard run,
 ``RUN_DIR/tb/<k>-<name>``, so TensorBoard draws the members side by side.
+
+TensorBoard files need tensorboardX (a dependency of jlora); where it is missing (a fixed image
+without it), the run says so once and writes metrics.jsonl alone, which holds every number.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -56,7 +61,14 @@ class MetricsWriter:
             kept = [r for r in read_metrics(run_dir) if r["step"] <= truncate_after] if truncate_after else []
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._file = self.path.open("a")
-        self._tb = member_writers(Path(run_dir) / "tb", members, truncate_after)
+        self._tb = {}
+        if importlib.util.find_spec("tensorboardX") is not None:
+            self._tb = member_writers(Path(run_dir) / "tb", members, truncate_after)
+        else:
+            print(
+                "jlora: tensorboardX is not installed: no TensorBoard files (metrics.jsonl has every number)",
+                file=sys.stderr,
+            )
 
     def write(self, row: Mapping) -> None:
         if self._file is None:
@@ -64,7 +76,8 @@ class MetricsWriter:
         self._file.write(json.dumps(dict(row)) + "\n")
         self._file.flush()
         numbers = {k: float(v) for k, v in row.items() if k not in ("step", "member") and isinstance(v, int | float)}
-        self._tb[row.get("member")].scalars(int(row["step"]), numbers)
+        if self._tb:
+            self._tb[row.get("member")].scalars(int(row["step"]), numbers)
 
     def close(self) -> None:
         if self._file is not None:

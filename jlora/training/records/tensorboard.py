@@ -1,138 +1,56 @@
-"""TensorBoard scalars without TensorFlow, PyTorch or tensorboardX: the event file written by hand.
+"""TensorBoard scalars through tensorboardX (no TensorFlow needed), a resumed run cut back to its step.
 
-An event file is a sequence of TFRecords, each holding one serialised ``Event`` protobuf::
+    writer = ScalarWriter(log_dir)                      # a new event file, written by tensorboardX
+    writer.scalars(step, {"loss": 2.31, "lr": 2e-4})    # on disk at once: a killed run loses nothing it logged
+    ScalarWriter(log_dir, truncate_after=400)           # resuming at step 400
 
-    record = uint64 len | uint32 masked_crc32c(len) | Event bytes | uint32 masked_crc32c(bytes)
-    Event  = wall_time (1: double) | step (2: int64) | file_version (3) or summary (5)
-    Summary.Value = tag (1: string) | simple_value (2: float)
+A resumed run first cuts every event file in `log_dir` after its last record at or before the step
+it resumes from (and before any record a killed process left half-written), then writes a new file
+after them: read in order, as TensorBoard reads a folder, the files hold each step once, like
+metrics.jsonl. ``truncate_after=0`` is a fresh start in a used folder: only the files' headers stay.
 
-Scalars are all jlora logs, so these few fields are the whole format it needs.
-
-A run keeps one event file. A resumed run reopens it and cuts it after the last record at or
-before the step it resumes from (and before any record a killed process left half-written),
-then appends: like metrics.jsonl, the file reads as one run with each step once, which every
-TensorBoard reader shows as such (a second file per resume would repeat the replayed steps).
-
->>> hex(crc32c(b"123456789"))  # the standard CRC-32C check value
-'0xe3069283'
+An event file is a sequence of TFRecords (``uint64 len | masked crc32c(len) | Event | masked crc32c``);
+reading one back to find where to cut needs only that framing and tensorboardX's own ``Event`` protobuf.
 """
 
 from __future__ import annotations
 
-import socket
 import struct
 import time
 from pathlib import Path
 
 
-def _crc_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-        table.append(crc)
-    return table
-
-
-_TABLE = _crc_table()
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli), the checksum TFRecords use."""
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked(crc: int) -> int:
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:  # a length-delimited field
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _event(step: int, **body: bytes) -> bytes:
-    head = b"\x09" + struct.pack("<d", time.time()) + b"\x10" + _varint(step)
-    if "file_version" in body:
-        return head + _field(3, body["file_version"])
-    return head + _field(5, body["summary"])
-
-
-def _scalar_summary(values: dict[str, float]) -> bytes:
-    return b"".join(
-        _field(1, _field(1, tag.encode()) + b"\x15" + struct.pack("<f", value)) for tag, value in values.items()
-    )
-
-
-def _record(data: bytes) -> bytes:
-    length = struct.pack("<Q", len(data))
-    return length + struct.pack("<I", _masked(crc32c(length))) + data + struct.pack("<I", _masked(crc32c(data)))
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        value |= (byte & 0x7F) << shift
-        pos, shift = pos + 1, shift + 7
-        if not byte & 0x80:
-            return value, pos
-
-
 def records(data: bytes) -> list[tuple[int, bytes]]:
-    """(end offset, Event bytes) of each whole, intact record; stops at a torn or corrupt one."""
+    """(end offset, Event bytes) of each whole, intact record of an event file; stops at a torn or corrupt one."""
+    from tensorboardX.record_writer import masked_crc32c
+
     out, pos = [], 0
     while pos + 12 <= len(data):
         head = data[pos : pos + 8]
         (length,) = struct.unpack("<Q", head)
         end = pos + 12 + length + 4
-        if struct.unpack("<I", data[pos + 8 : pos + 12])[0] != _masked(crc32c(head)) or end > len(data):
+        if struct.unpack("<I", data[pos + 8 : pos + 12])[0] != masked_crc32c(head) or end > len(data):
             break
         body = data[pos + 12 : end - 4]
-        if struct.unpack("<I", data[end - 4 : end])[0] != _masked(crc32c(body)):
+        if struct.unpack("<I", data[end - 4 : end])[0] != masked_crc32c(body):
             break
         out.append((end, body))
         pos = end
     return out
 
 
-def event_step(event: bytes) -> int:
-    """The ``step`` field (2) of a serialised Event (0 when absent, as in protobuf)."""
-    pos = 0
-    while pos < len(event):
-        key, pos = _read_varint(event, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _read_varint(event, pos)
-            if number == 2:
-                return value
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        else:  # length-delimited
-            size, pos = _read_varint(event, pos)
-            pos += size
-    return 0
+def event_files(log_dir: str | Path) -> list[Path]:
+    """The event files of `log_dir` in the order they were written (the order TensorBoard reads them in)."""
+    return sorted(Path(log_dir).glob("events.out.tfevents.*"))
 
 
-def _cut_after(path: Path, step: int) -> None:
-    """Truncate an event file after its last intact record whose step is <= `step` (0: after the header)."""
+def cut_after(path: Path, step: int) -> None:
+    """Truncate an event file after its last intact record whose step is <= `step` (0: after its header)."""
+    from tensorboardX.proto.event_pb2 import Event
+
     kept = 0
     for i, (end, body) in enumerate(records(path.read_bytes())):
-        if i > 0 and (step == 0 or event_step(body) > step):
+        if i > 0 and (step == 0 or Event.FromString(body).step > step):
             break
         kept = end
     with path.open("r+b") as f:
@@ -140,31 +58,37 @@ def _cut_after(path: Path, step: int) -> None:
 
 
 class ScalarWriter:
-    """Appends scalar summaries to the run's ``events.out.tfevents.*`` file in `log_dir`.
+    """Scalars of a run (or of one population member) into a new event file in `log_dir`.
 
-    `truncate_after` None starts a new file; a step number reopens the newest one, cut after
-    that step (0: only its header kept), as a resumed run needs.
+    tensorboardX builds the summaries and writes the records (its `EventsWriter`, synchronously:
+    its `SummaryWriter` queues events for a background thread, which a killed run would lose).
+    `truncate_after` None leaves the folder's earlier files as they are; a step cuts them after it
+    first (a resumed run). The new file's name sorts after them: tensorboardX names a file by the
+    second it was opened, and a counter suffix orders two opened within the same second.
     """
 
     def __init__(self, log_dir: str | Path, *, truncate_after: int | None = None):
+        from tensorboardX.event_file_writer import EventsWriter
+
         log_dir = Path(log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
-        existing = sorted(log_dir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
-        if truncate_after is not None and existing:
-            self.path = existing[-1]
-            _cut_after(self.path, truncate_after)
-            if self.path.stat().st_size:
-                self._file = self.path.open("ab")
-                return
-        else:
-            self.path = log_dir / f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}"
-        self._file = self.path.open("ab")
-        self._file.write(_record(_event(0, file_version=b"brain.Event:2")))
+        existing = event_files(log_dir)
+        if truncate_after is not None:
+            for path in existing:
+                cut_after(path, truncate_after)
+        self._writer = EventsWriter(str(log_dir / "events"), filename_suffix=f".{len(existing):04d}")
+        self._writer.flush()
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
+        """One event at `step` holding every value (tag: its key), on disk when this returns."""
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+        from tensorboardX.summary import scalar
+
         if values:
-            self._file.write(_record(_event(step, summary=_scalar_summary(values))))
-            self._file.flush()
+            summary = Summary(value=[v for tag, x in values.items() for v in scalar(tag, x).value])
+            self._writer.write_event(Event(wall_time=time.time(), step=step, summary=summary))
+            self._writer.flush()
 
     def close(self) -> None:
-        self._file.close()
+        self._writer.close()

@@ -1,16 +1,15 @@
-"""metrics.jsonl and the hand-written TensorBoard event file, read back with tensorboardX's protobufs."""
+"""metrics.jsonl and the TensorBoard event files tensorboardX writes, read back with an independent reader."""
 
 import struct
 
 import pytest
 
 from jlora.training.records.metrics import MetricsWriter, read_metrics
-from jlora.training.records.tensorboard import crc32c
 
 
 def read_records(path):
     """TFRecords of an event file, checking both masked CRCs the way TensorFlow's reader does."""
-    from tensorboardX.crc32c import crc32c as reference_crc  # an independent implementation
+    from tensorboardX.crc32c import crc32c as reference_crc
 
     def masked(crc):
         return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
@@ -26,29 +25,31 @@ def read_records(path):
     return records
 
 
-def test_crc32c_matches_tensorboardx():
-    from tensorboardX.crc32c import crc32c as reference_crc
+def read_events(tb_dir):
+    """Every Event of every event file in `tb_dir`, files in name order (as TensorBoard reads a folder)."""
+    from tensorboardX.proto.event_pb2 import Event
 
-    for data in (b"", b"a", b"123456789", bytes(range(256)) * 3):
-        assert crc32c(data) == reference_crc(data)
+    files = sorted(tb_dir.glob("events.out.tfevents.*"))
+    return [Event.FromString(r) for f in files for r in read_records(f)], files
+
+
+def scalars(events):
+    return [(e.step, v.tag, v.simple_value) for e in events for v in e.summary.value]
 
 
 def test_rows_reach_jsonl_and_tensorboard(tmp_path):
-    from tensorboardX.proto.event_pb2 import Event
-
     writer = MetricsWriter(tmp_path)
     writer.write({"step": 0, "val_loss": 5.5})
     writer.write({"step": 1, "loss": 2.25, "lr": 1e-3, "note": "text is skipped"})
+    assert scalars(read_events(tmp_path / "tb")[0])[-1][:2] == (1, "lr")  # on disk before close: a kill loses none
     writer.close()
     assert read_metrics(tmp_path) == [
         {"step": 0, "val_loss": 5.5},
         {"step": 1, "loss": 2.25, "lr": 1e-3, "note": "text is skipped"},
     ]
-    (events_file,) = (tmp_path / "tb").iterdir()
-    events = [Event.FromString(r) for r in read_records(events_file)]
-    assert events[0].file_version == "brain.Event:2"
-    scalars = [(e.step, v.tag, v.simple_value) for e in events[1:] for v in e.summary.value]
-    assert scalars == [(0, "val_loss", 5.5), (1, "loss", 2.25), (1, "lr", pytest.approx(1e-3))]
+    events, files = read_events(tmp_path / "tb")
+    assert len(files) == 1 and events[0].file_version == "brain.Event:2"
+    assert scalars(events) == [(0, "val_loss", 5.5), (1, "loss", 2.25), (1, "lr", pytest.approx(1e-3))]
 
 
 def test_resume_drops_rows_past_the_checkpoint(tmp_path):
@@ -63,29 +64,44 @@ def test_resume_drops_rows_past_the_checkpoint(tmp_path):
 
 
 def test_a_resumed_run_reads_as_one_run_in_tensorboard(tmp_path):
-    """Resuming reopens the run's event file cut after the resumed step (a half-written record too)."""
-    from tensorboardX.proto.event_pb2 import Event
-
+    """Resuming cuts the run's event files after the resumed step (a half-written record too), then
+    tensorboardX writes a new file after them: each step once, in order."""
     writer = MetricsWriter(tmp_path)
     for step in range(7):
         writer.write({"step": step, "loss": float(step)})
     writer.close()
-    (events_file,) = (tmp_path / "tb").iterdir()
-    with events_file.open("ab") as f:  # a record a killed process left half-written
+    (first,) = (tmp_path / "tb").iterdir()
+    with first.open("ab") as f:  # a record a killed process left half-written
         f.write(struct.pack("<Q", 40) + b"\x00" * 9)
-    writer = MetricsWriter(tmp_path, truncate_after=3)
-    for step in range(4, 9):
-        writer.write({"step": step, "loss": 10.0 + step})
-    writer.close()
-    assert list((tmp_path / "tb").iterdir()) == [events_file]
-    events = [Event.FromString(r) for r in read_records(events_file)]
-    assert [e.file_version for e in events if e.file_version] == ["brain.Event:2"]
-    scalars = [(e.step, v.tag, v.simple_value) for e in events for v in e.summary.value]
-    assert scalars == [(s, "loss", float(s)) for s in range(4)] + [(s, "loss", 10.0 + s) for s in range(4, 9)]
-    assert [r["loss"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3, 14, 15, 16, 17, 18]
+    for resumed, losses in ((3, range(4, 9)), (5, range(6, 8))):  # resumed twice, within the same second
+        writer = MetricsWriter(tmp_path, truncate_after=resumed)
+        for step in losses:
+            writer.write({"step": step, "loss": 10.0 * resumed + step})
+        writer.close()
+    events, files = read_events(tmp_path / "tb")
+    assert len(files) == 3 and files[0] == first
+    assert [e.file_version for e in events if e.file_version] == ["brain.Event:2"] * 3
+    expected = [float(s) for s in range(4)] + [30.0 + s for s in (4, 5)] + [50.0 + s for s in (6, 7)]
+    assert scalars(events) == [(s, "loss", loss) for s, loss in enumerate(expected)]
+    assert [r["loss"] for r in read_metrics(tmp_path)] == expected
 
     MetricsWriter(tmp_path, truncate_after=0).close()  # a fresh start in the same folder
-    assert [Event.FromString(r).file_version for r in read_records(events_file)] == ["brain.Event:2"]
+    events, files = read_events(tmp_path / "tb")
+    assert len(files) == 4 and scalars(events) == [] and len(events) == 4  # the four files' headers
+
+
+def test_without_tensorboardx_the_run_writes_metrics_alone(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboardX" else real(name, *a)
+    )
+    writer = MetricsWriter(tmp_path)
+    writer.write({"step": 1, "loss": 1.0})
+    writer.close()
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}] and not (tmp_path / "tb").exists()
+    assert "tensorboardX is not installed" in capsys.readouterr().err
 
 
 def test_a_process_other_than_the_first_writes_nothing(tmp_path):
