@@ -134,6 +134,12 @@ CASES = {
     "config_path_is_a_directory": Case("train {tmp} --out {tmp}/out", 2, "is a directory, not a config file"),
     "config_file_missing": Case("train {tmp}/none.yaml --out {tmp}/out", 2, "no such config file"),
     "config_not_yaml": Case("train {tmp}/c.yaml --out {tmp}/out", 2, "not valid YAML", write("c.yaml", "steps: [1,")),
+    "config_yaml_error_names_line_and_column": Case(
+        "train {tmp}/c.yaml --out {tmp}/out",
+        2,
+        "c.yaml, line 4, column 9: not valid YAML (mapping values are not allowed here)",
+        write("c.yaml", "steps: 10\nlora:\n  r: 4\n   alpha: 8\n"),  # alpha indented one too many
+    ),
     "config_not_a_mapping": Case(
         "train {tmp}/c.yaml", 2, "expected a mapping at the top level", write("c.yaml", "- 1")
     ),
@@ -168,7 +174,9 @@ CASES = {
     ),
     "model_dtype_unknown": Case(T + " --set model.dtype=int8", 2, "model.dtype must be one of auto, float32, bfloat16"),
     "set_without_equals": Case(T + " --set steps", 2, "--set expects key=value"),
-    "set_value_not_yaml": Case(T + " --set 'steps=[1,'", 2, "--set 'steps=[1,': the value is not valid YAML"),
+    "set_value_not_yaml": Case(
+        T + " --set 'steps=[1,'", 2, "--set 'steps=[1,': the value is not valid YAML, line 1, column 4"
+    ),
     "set_key_with_empty_part": Case(T + " --set lora..r=4", 2, "--set expects key=value"),
     "lora_target_unknown": Case(T + " --set lora.target_modules=[q_proj]", 2, "unknown LoRA target 'q_proj'"),
     "lora_layers_out_of_range": Case(T + " --set lora.layers=[5]", 2, "LoRA layers [5] out of range; valid: 0..0"),

@@ -27,3 +27,13 @@ def test_a_run_is_asked_in_its_training_form_with_as_many_tokens_as_fit(default_
     # --raw: the text's own tokens, nothing added
     assert main(["generate", str(default_run), "--raw", "--prompt", TEMPLATED, "--max-new-tokens", str(room)]) == 0
     assert capsys.readouterr().out == TEMPLATED + continuation(list(TEMPLATED.encode()), room) + "\n"
+
+
+def test_a_prompt_already_in_the_template_goes_as_written(default_run, capsys):
+    """README's own export example writes the template out; asked of the run, it must not be wrapped again."""
+    capsys.readouterr()
+    assert main(["generate", str(default_run), "--prompt", QUESTION, "--max-new-tokens", "4"]) == 0
+    wrapped = capsys.readouterr().out
+    assert main(["generate", str(default_run), "--prompt", TEMPLATED, "--max-new-tokens", "4"]) == 0
+    written = capsys.readouterr().out
+    assert written == wrapped and written.startswith(TEMPLATED) and "Question: Question:" not in written

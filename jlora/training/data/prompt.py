@@ -9,6 +9,7 @@ is asked of such a run as its training rows ask it::
 Prompt-completion and plain-text runs read the text as written, after the same end-of-text.
 The format is the run's ``data.format``, or (when "auto") that of its training file's first
 record; a `datasets` source cannot be told without loading it, and its prompts go as written.
+A QA prompt already written in the template (`Question: ...\\nAnswer:`, as an export is asked) goes as written.
 
 >>> from jlora.training.data.tokenizer import ByteTokenizer
 >>> text, ids = run_prompt("What is 2 plus 3?", "qa", ByteTokenizer())
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from jlora.training.data.config import DataConfig
 from jlora.training.data.rows import prompt_tokens
-from jlora.training.data.sources import Example, bundled_file, detect_format, qa_example
+from jlora.training.data.sources import QA_TEMPLATE, Example, bundled_file, detect_format, qa_example
 from jlora.training.data.tokenizer import Tokenizer
 
 
@@ -51,7 +52,22 @@ def data_format(data: DataConfig) -> str | None:
     return detect_format(record) if isinstance(record, Mapping) else None
 
 
+def in_template(text: str) -> bool:
+    """Whether `text` is already a prompt in QA_TEMPLATE's form (``Question: ...\\nAnswer:``).
+
+    >>> in_template("Question: Is 736 even or odd?\\nAnswer:"), in_template("Is 736 even or odd?")
+    (True, False)
+    """
+    before, _, after = QA_TEMPLATE[0].partition("{question}")
+    return text.startswith(before) and text.endswith(after) and len(text) > len(before) + len(after)
+
+
 def run_prompt(text: str, fmt: str | None, tokenizer: Tokenizer) -> tuple[str, list[int]]:
-    """(the prompt as the run's rows show it, its token ids after the opening end-of-text)."""
-    example = qa_example(text, "") if fmt == "qa" else Example(text, "")
+    """(the prompt as the run's rows show it, its token ids after the opening end-of-text).
+
+    A QA run's question goes through the template; a prompt already in the template's form goes as
+    written (wrapping it again would ask ``Question: Question: ...``).
+    """
+    wrap = fmt == "qa" and not in_template(text)
+    example = qa_example(text, "") if wrap else Example(text, "")
     return example.prompt, prompt_tokens(example, tokenizer)

@@ -263,6 +263,21 @@ def population_members(cfg: RunConfig) -> list[MemberSpec]:
     return cfg.population.resolve(cfg.lora, lr=optim.lr, loraplus_ratio=optim.loraplus_ratio, seed=adapter_seed(cfg))
 
 
+def yaml_where(error: yaml.YAMLError) -> str:
+    """ ", line L, column C" of a YAML error (1-based, where PyYAML found the problem), or "" without a mark."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    return "" if mark is None else f", line {mark.line + 1}, column {mark.column + 1}"
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """What PyYAML says is wrong, in a few words (its context too: "while parsing a flow mapping ...")."""
+    problem = getattr(error, "problem", None)
+    if problem is None:
+        return str(error).splitlines()[0]
+    context = getattr(error, "context", None)
+    return f"{problem}, {context}" if context else problem
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'optim.lr=1e-3' -> (['optim', 'lr'], 0.001); the value is read as YAML."""
     key, sep, raw = text.partition("=")
@@ -271,7 +286,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         return key.split("."), yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML{yaml_where(e)} ({yaml_problem(e)})") from None
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
@@ -322,7 +337,7 @@ def load_run_config(path: str | Path | None = DEFAULT_CONFIG, overrides: list[st
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError(f"{path}{yaml_where(e)}: not valid YAML ({yaml_problem(e)})") from None
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot read config file {path} ({getattr(e, 'strerror', None) or e})") from None
         if not isinstance(values, dict):
