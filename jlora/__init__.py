@@ -25,7 +25,7 @@ from jlora.core.counting import (
     module_counts,
 )
 from jlora.core.generate import Generation, generate, generate_text
-from jlora.core.gpt2 import GPT2, GPT2Config, init_cache, init_params, param_shapes
+from jlora.core.gpt2 import GPT2, GPT2Config, init_cache, init_params, param_shapes, random_params
 from jlora.core.lora import adapters_by_module, flatten_adapters, init_lora, lora_delta, unflatten_adapters
 from jlora.core.lora_config import LoraConfig, alpha_for_rank, effective_lr, scaling
 from jlora.core.merge import delta_w, merge, unmerge
@@ -78,6 +78,7 @@ __all__ = [
     "load_gpt2",
     "save_gpt2",
     "init_params",
+    "random_params",
     "param_shapes",
     "init_lora",
     "init_adapters",

@@ -2,7 +2,7 @@
 
     python scripts/benchmark.py                         # both workloads, GPT-2 small shapes (~15 min on 2 cores)
     python scripts/benchmark.py --workload qa --rounds 12
-    python scripts/benchmark.py --n-layer 2 --vocab 1000 --rounds 2     # a quick smoke run
+    python scripts/benchmark.py --quick                 # a 1-layer, 32-wide model, one round (the tests run it)
 
 Two workloads, LoRA r=8, alpha=16 on c_attn, AdamW, dropout on (training mode), random weights:
 
@@ -16,11 +16,18 @@ Two workloads, LoRA r=8, alpha=16 on c_attn, AdamW, dropout on (training mode), 
 The rows are tokenized with jlora's byte tokenizer (the real GPT-2 vocabulary is not available
 offline; byte rows are about 2.5 times longer than GPT-2 BPE rows, 38-58 tokens here).
 
-Fair timing on a shared machine: each system lives in its own persistent worker process (model
-built, steps compiled), and the two step strictly in turn, A, B, A, B, each step of round i on
-the same batch; the figure reported is the median over rounds of the per-round ratio, and the
-load average is printed beside it. Useful tokens are a batch's real tokens (its rows' lengths,
-no padding), the same count for both sides.
+Fair timing (`scripts/harness.py`): each system lives in its own persistent worker process (model
+built, steps compiled), and they step strictly in turn, A, B, C, A, B, C, each step of round i on
+the same batch; a ratio is the median over rounds of the per-round ratio. The load average is
+read after every round, and the summary says whether the comparison is a result (every round's
+1-minute load below the number of cores plus 0.5) or by how much it was not. Useful tokens are a
+batch's real tokens (its rows' lengths, no padding), the same count for every system.
+
+The systems: ``jlora`` (the config's batch layout), PEFT in float32 (``peft``) and PEFT under
+``torch.autocast(bfloat16)`` (``peft-bf16``: what a PEFT user with a recent Xeon or a GPU may pick;
+reported, not a target), chosen with ``--peft``; ``--variant NAME:KEY=VALUE,...`` adds jlora workers
+with other config values (``--variant b16:data.buckets=16 --variant packed:data.pack=true`` measures
+the batch layouts against each other in the same rounds).
 
 Useful FLOPs of a step, counted by hand (n useful tokens, m loss positions, rows of length l_i,
 L layers, D width, V vocabulary, r rank; a multiply-add is 2 FLOPs)::
@@ -40,13 +47,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from harness import Worker, alternate, cpu_name, load_average, median_seconds, ratio, serve, summary
 
 QA_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "gpt2_qa.yaml"
 
@@ -62,6 +68,9 @@ BF16_PEAK_TFLOPS = {  # dense, per chip
     "TPU v5p": 459,
     "TPU v6 lite": 918,
 }
+
+
+QUICK = dict(n_layer=1, n_embd=32, n_head=2, vocab=300, batch=4, seq_len=64, uniform_seq=16, rounds=1)
 
 
 # --- the work: batches of each workload, the same in both workers ---------------------------------------------
@@ -124,11 +133,14 @@ def peft_collate(batch: dict) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-# --- the two workers ----------------------------------------------------------------------------------------------
+# --- the systems, each in its own worker ----------------------------------------------------------------------
 
 
-class JloraWorker:
-    def __init__(self, args, batches):
+class JloraSystem:
+    """jlora's train step on the workload: the run config (``--config``, plus a variant's overrides), every
+    distinct batch shape compiled ahead of time."""
+
+    def __init__(self, args, batches, overrides: list[str] = ()):
         import jax
 
         import jlora
@@ -136,7 +148,7 @@ class JloraWorker:
         from jlora.training.data.batching import Layout, shape_batch
         from jlora.training.run.config import load_run_config
 
-        cfg = load_run_config(args.config, [f"lora.r={args.r}", f"lora.alpha={2 * args.r}"])
+        cfg = load_run_config(args.config, [f"lora.r={args.r}", f"lora.alpha={2 * args.r}", *overrides])
         config = jlora.GPT2Config(
             vocab_size=args.vocab,
             n_positions=1024,
@@ -146,7 +158,7 @@ class JloraWorker:
             dtype=cfg.model.compute_dtype(jax.default_backend()) if args.dtype == "auto" else args.dtype,
         )
         model = jlora.GPT2(config, cfg.lora)
-        params = jlora.init_params(jax.random.key(0), config)
+        params = jlora.random_params(0, config)
         variables = {"params": params, "lora": jlora.init_lora(jax.random.key(1), model, params)}
         mask = jlora.trainable_mask(variables)
         optimizer = jlora.make_optimizer(cfg.optim, jlora.partition(variables, mask)[0])
@@ -155,14 +167,14 @@ class JloraWorker:
         layout = Layout(cfg.data.buckets, cfg.data.pack)
         self.batches = [jax.device_put(step_inputs(shape_batch(b, layout))) for b in batches]
         self.rng, self.jax, self.dtype = jax.random.key(2), jax, config.dtype
-        self.executables, self.compile_s = {}, 0.0
+        self.executables, self.compile_s, self.computed = {}, 0.0, []
         for batch in self.batches:  # each distinct shape compiled once, ahead of time
-            key = jax.tree.map(lambda x: x.shape, batch)
-            if str(key) not in self.executables:
+            key = str(jax.tree.map(lambda x: x.shape, batch))
+            self.computed.append(int(batch["input_ids"].size))
+            if key not in self.executables:
                 start = time.perf_counter()
-                self.executables[str(key)] = step.compiled.lower(*self._inputs(batch)).compile()
+                self.executables[key] = step.compiled.lower(*self._inputs(batch)).compile()
                 self.compile_s += time.perf_counter() - start
-        self.shapes = len(self.executables)
 
     def _inputs(self, batch):
         s = self.state
@@ -179,7 +191,12 @@ class JloraWorker:
         return seconds
 
     def info(self) -> dict:
-        out = {"compile_s": self.compile_s, "shapes": self.shapes, "dtype": self.dtype}
+        out = {
+            "compile_s": self.compile_s,
+            "shapes": len(self.executables),
+            "dtype": self.dtype,
+            "computed_tokens": self.computed[1:],
+        }
         device = self.jax.devices()[0]
         if device.platform != "cpu":
             out["device"] = device.device_kind
@@ -187,8 +204,11 @@ class JloraWorker:
         return out
 
 
-class PeftWorker:
-    def __init__(self, args, batches):
+class PeftSystem:
+    """A PEFT user's step: get_peft_model on transformers' GPT-2, the collator's padded batches, AdamW with the
+    Trainer's gradient clipping; `bf16`: under ``torch.autocast(bfloat16)``, as ``bf16=True`` gives."""
+
+    def __init__(self, args, batches, bf16: bool = False):
         import torch
         import transformers
         from peft import LoraConfig, get_peft_model
@@ -217,9 +237,9 @@ class PeftWorker:
             fan_in_fan_out=True,
             task_type="CAUSAL_LM",
         )
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32  # what a GPU user's bf16=True gives
         self.model = get_peft_model(GPT2LMHeadModel(config), lora).to(self.device).train()
-        self.autocast = torch.autocast(self.device, dtype=dtype, enabled=self.device == "cuda")
+        self.autocast = torch.autocast(self.device, dtype=torch.bfloat16, enabled=bf16)
+        self.dtype = "bfloat16 autocast" if bf16 else "float32"
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.clip, self.trainable, self.torch = cfg.optim.clip_norm, trainable, torch
@@ -239,60 +259,33 @@ class PeftWorker:
         return time.perf_counter() - start
 
     def info(self) -> dict:
-        out = {"threads": self.torch.get_num_threads()}
+        out = {"threads": self.torch.get_num_threads(), "dtype": self.dtype}
         if self.device == "cuda":
+            out["device"] = self.torch.cuda.get_device_name()
             out["device_peak_bytes"] = self.torch.cuda.max_memory_allocated()
         return out
 
 
-def worker(args) -> int:
-    """A persistent worker: builds its system, then steps when told (one line in, one JSON line out)."""
-    import warnings
+def parse_variants(specs: list[str]) -> dict[str, list[str]]:
+    """``NAME:KEY=VALUE,KEY=VALUE`` -> {"jlora[NAME]": [overrides]}; the plain config is "jlora"."""
+    out = {"jlora": []}
+    for spec in specs:
+        name, sep, sets = spec.partition(":")
+        if not sep or not name or not sets:
+            raise ValueError(f"--variant expects NAME:KEY=VALUE[,KEY=VALUE], got {spec!r}")
+        out[f"jlora[{name}]"] = sets.split(",")
+    return out
 
-    warnings.filterwarnings("ignore")  # transformers' deprecation notices, not the benchmark's business
+
+def build(args):
+    """The system this worker hosts (``--worker NAME``), built on the workload's batches."""
     batches = workload_batches(args)
-    system = (JloraWorker if args.worker == "jlora" else PeftWorker)(args, batches)
-    print(json.dumps({"ready": True, **system.info()}), flush=True)
-    for line in sys.stdin:
-        if line.strip() == "done":
-            break
-        print(json.dumps({"seconds": system.step(int(line))}), flush=True)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: kilobytes
-    print(json.dumps({"peak_rss_mb": peak_kb / 1024, **system.info()}), flush=True)
-    return 0
-
-
-class Worker:
-    def __init__(self, kind: str, argv: list[str]):
-        command = [sys.executable, __file__, "--worker", kind, *argv]
-        self.kind = kind
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.info = self._read()
-
-    def _read(self) -> dict:
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the {self.kind} worker stopped (exit status {self.process.wait()})")
-        return json.loads(line)
-
-    def step(self, i: int) -> float:
-        self.process.stdin.write(f"{i}\n")
-        self.process.stdin.flush()
-        return self._read()["seconds"]
-
-    def finish(self) -> dict:
-        self.process.stdin.write("done\n")
-        self.process.stdin.flush()
-        out = self._read()
-        self.process.wait()
-        return out
+    if args.worker.startswith("peft"):
+        return PeftSystem(args, batches, bf16=args.worker == "peft-bf16")
+    return JloraSystem(args, batches, parse_variants(args.variant)[args.worker])
 
 
 # --- the comparison -------------------------------------------------------------------------------------------------
-
-
-def load() -> str:
-    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def worker_argv(args) -> list[str]:
@@ -311,7 +304,8 @@ def worker_argv(args) -> list[str]:
         "vocab",
         "r",
     ]
-    return [x for name in names for x in (f"--{name.replace('_', '-')}", str(getattr(args, name)))]
+    argv = [x for name in names for x in (f"--{name.replace('_', '-')}", str(getattr(args, name)))]
+    return argv + [x for v in args.variant for x in ("--variant", v)]
 
 
 def compare(args) -> dict:
@@ -320,71 +314,56 @@ def compare(args) -> dict:
     tokens = [int(b["attention_mask"].sum()) for b in batches]
     flops = [useful_flops(b, args) for b in batches]
     padded = sum(b["attention_mask"].shape[0] * (b["attention_mask"].sum(axis=1).max() + 1) for b in batches[1:])
-    print(f"\n== {args.workload}: {load()} | useful tokens per step {statistics.mean(tokens[1:]):.0f}", flush=True)
-    start = time.perf_counter()
-    ours = Worker("jlora", argv)
-    print(
-        f"jlora ready in {time.perf_counter() - start:.0f} s: {ours.info['shapes']} step shapes compiled in "
-        f"{ours.info['compile_s']:.1f} s ({ours.info['dtype']}) | {load()}",
-        flush=True,
-    )
-    theirs = Worker("peft", argv) if not args.no_peft else None
-    times = {"jlora": [], "peft": []}
-    for system in [ours] + ([theirs] if theirs else []):
-        system.step(0)  # warm-up: first-run allocations
-    for i in range(1, args.rounds + 1):
-        times["jlora"].append(ours.step(i))
-        if theirs:
-            times["peft"].append(theirs.step(i))
-        print(
-            f"  round {i}: jlora {times['jlora'][-1]:.2f} s"
-            + (f", PEFT {times['peft'][-1]:.2f} s" if theirs else "")
-            + f" | {load()}",
-            flush=True,
-        )
-    result = {"workload": args.workload, "load_end": os.getloadavg(), "useful_tokens": sum(tokens[1:])}
-    for name, system in [("jlora", ours), ("peft", theirs)]:
-        if system is None:
-            continue
+    print(f"\n== {args.workload}: useful tokens per step {statistics.mean(tokens[1:]):.0f} | load {load_average():.2f}")
+    names = [*parse_variants(args.variant), *("peft-bf16" if d == "bfloat16" else "peft" for d in args.peft)]
+    workers = {}
+    for name in names:  # one at a time: no two compile together
+        workers[name] = Worker(__file__, name, argv)
+        info = workers[name].info
+        built = f"{info['shapes']} step shapes compiled in {info['compile_s']:.1f} s" if "shapes" in info else "built"
+        print(f"{name} ready in {workers[name].ready_s:.0f} s: {built} ({info['dtype']}) | load {load_average():.2f}")
+    rounds = alternate(workers, range(1, args.rounds + 1), warmup=[0])
+    result = {"workload": args.workload, "useful_tokens": sum(tokens[1:]), "rounds": [r.__dict__ for r in rounds]}
+    for name, system in workers.items():
         end = system.finish()
-        t = times[name]
+        times = [r.seconds[name] for r in rounds]
         result[name] = {
-            "step_s": statistics.median(t),
-            "tokens_per_s": statistics.median(n / s for n, s in zip(tokens[1:], t)),
-            "gflops": statistics.median(f / s for f, s in zip(flops[1:], t)) / 1e9,
+            "step_s": median_seconds(rounds, name),
+            "tokens_per_s": statistics.median(n / s for n, s in zip(tokens[1:], times)),
+            "gflops": statistics.median(f / s for f, s in zip(flops[1:], times)) / 1e9,
             "peak_rss_mb": end["peak_rss_mb"],
             **{k: v for k, v in {**system.info, **end}.items() if k not in ("ready", "peak_rss_mb")},
         }
-    if theirs:
-        result["ratio"] = statistics.median(p / j for p, j in zip(times["peft"], times["jlora"]))
-        result["peft_padding"] = 1 - sum(tokens[1:]) / padded if args.workload == "qa" else 0.0
+        if "computed_tokens" in result[name]:
+            result[name]["padding"] = 1 - sum(tokens[1:]) / sum(result[name]["computed_tokens"])
+    result["ratios"] = {name: ratio(rounds, name, "jlora") for name in names if name != "jlora"}
+    result["peft_padding"] = 1 - sum(tokens[1:]) / padded if args.workload == "qa" else 0.0
+    result["load"] = summary(rounds)
     report(result)
     return result
 
 
 def report(result: dict) -> None:
-    for name in ("jlora", "peft"):
-        r = result.get(name)
-        if r is None:
+    for name, r in result.items():
+        if not isinstance(r, dict) or "step_s" not in r:
             continue
         line = (
-            f"{name:5s} step {r['step_s']:6.2f} s (median) | {r['tokens_per_s']:7.1f} useful tokens/s | "
-            f"{r['gflops']:6.1f} useful GFLOP/s | peak RSS {r['peak_rss_mb']:,.0f} MB"
+            f"{name:16s} step {r['step_s']:7.3f} s (median) | {r['tokens_per_s']:7.1f} useful tokens/s | "
+            f"{r['gflops']:6.1f} useful GFLOP/s | peak RSS {r['peak_rss_mb']:,.0f} MB | {r['dtype']}"
         )
         if "compile_s" in r:
-            line += f" | compile {r['compile_s']:.1f} s, {r['shapes']} shapes"
+            line += f" | compile {r['compile_s']:.1f} s, {r['shapes']} shapes, padding {r['padding']:.0%}"
         if r.get("device_peak_bytes"):
             line += f" | device peak {r['device_peak_bytes'] / 2**20:,.0f} MB"
         peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in r.get("device", "")), None)
         if peak:
             line += f" | MFU {r['gflops'] / (peak * 1e3):.1%} of {r['device']}'s {peak} TFLOP/s bf16"
         print(line)
-    if "ratio" in result:
-        print(
-            f"jlora / PEFT useful tokens/s: {result['ratio']:.2f}x (median of per-round ratios) | "
-            f"PEFT's batches were {result['peft_padding']:.0%} padding | {load()}",
-            flush=True,
-        )
+    for name, x in result["ratios"].items():
+        print(f"{name} step time / jlora's: {x:.2f}x (median of per-round ratios)")
+    if result["workload"] == "qa":
+        print(f"PEFT's batches were {result['peft_padding']:.0%} padding")
+    print(f"{result['load']['verdict']} | {result['load']['cpu']}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -401,15 +380,30 @@ def main(argv=None) -> int:
     parser.add_argument("--n-head", type=int, default=12)
     parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--r", type=int, default=8)
-    parser.add_argument("--no-peft", action="store_true", help="jlora only")
+    parser.add_argument(
+        "--peft",
+        default="float32,bfloat16",
+        type=lambda s: [x for x in s.split(",") if x],
+        help="PEFT's rows: float32, bfloat16 (autocast), both (default) or '' for none",
+    )
+    parser.add_argument("--variant", action="append", default=[], help="NAME:KEY=VALUE,... another jlora worker")
     parser.add_argument("--out", help="write the results as JSON here")
-    parser.add_argument("--worker", choices=["jlora", "peft"], help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="a 1-layer, 32-wide model, one round (a check)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.quick:
+        vars(args).update(QUICK, quick=False)
+    if any(d not in ("float32", "bfloat16") for d in args.peft):
+        parser.error(f"--peft takes float32 and/or bfloat16, got {','.join(args.peft)}")
+    try:
+        parse_variants(args.variant)
+    except ValueError as e:
+        parser.error(str(e))
     if args.worker:
-        return worker(args)
+        return serve(lambda: build(args), info=lambda system: system.info())
     print(
         f"GPT-2 L={args.n_layer} D={args.n_embd} H={args.n_head} V={args.vocab} | LoRA r={args.r} alpha={2 * args.r} "
-        f"on c_attn, AdamW | {os.cpu_count()} CPUs | {load()}",
+        f"on c_attn, AdamW | {cpu_name()} | load {load_average():.2f}",
         flush=True,
     )
     results = []

@@ -1,29 +1,28 @@
 """DoRA's train step against plain LoRA's, in jlora and in Hugging Face PEFT, on the same shapes in one run.
 
     python scripts/benchmark_variants.py                        # GPT-2 small shape, r=8 on c_attn, 8 x 128 tokens
-    python scripts/benchmark_variants.py --n-layer 2 --vocab 1000 --rounds 2   # a quick smoke run
+    python scripts/benchmark_variants.py --quick                # a 1-layer, 32-wide model, one round (the tests)
     python scripts/benchmark_variants.py --lora-dropout 0.1     # DoRA's dropout form (a second base matmul)
     python scripts/benchmark_variants.py --targets c_attn,c_proj,c_fc   # every projection adapted
 
 Four persistent worker processes hold one model each (jlora LoRA, jlora DoRA, PEFT LoRA, PEFT
 DoRA: random GPT-2 weights, r, alpha = 2r on --targets (c_attn), AdamW at 2e-4, GPT-2's dropout in training
 mode, one fixed batch). After each has compiled and run a warm-up step, they step strictly in
-turn, one at a time, for --rounds rounds; each round gives the ratios DoRA / LoRA of jlora and
-of PEFT, and the medians of those per-round ratios are reported (a shared machine's speed
-drifts between rounds, not within one). The load average is printed at the start and the end.
+turn, one at a time, for --rounds rounds (`scripts/harness.py`); each round gives the ratios DoRA /
+LoRA of jlora and of PEFT, and the medians of those per-round ratios are reported (a machine's
+speed drifts between rounds, not within one), with the load beside every round and the verdict
+on it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
-import subprocess
 import sys
-import time
+
+from harness import Worker, alternate, cpu_name, load_average, median_seconds, ratio, serve, timed, verdict
 
 WORKERS = (("jlora", "lora"), ("jlora", "dora"), ("peft", "lora"), ("peft", "dora"))
+QUICK = dict(n_layer=1, n_embd=32, n_head=2, vocab=300, batch=2, seq=16, rounds=1)
 
 
 def batch_ids(args):
@@ -104,29 +103,16 @@ def peft_step(args, dora: bool):
     return one, 0.0
 
 
-def worker(args) -> int:
-    """Build one system's step, warm it up, then time one step per "step" line on stdin."""
-    system, variant = args.worker.split(":")
-    one, flops = (jlora_step if system == "jlora" else peft_step)(args, variant == "dora")
-    one()  # compiles (jlora) / allocates (both)
-    print(json.dumps({"ready": True, "flops": flops}), flush=True)
-    for line in sys.stdin:
-        if line.strip() != "step":
-            break
-        start = time.perf_counter()
-        one()
-        print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
-    return 0
+class Step:
+    """One system's train step in a worker: ``step(i) -> seconds`` (every round on the same batch)."""
 
+    def __init__(self, args):
+        system, variant = args.worker.split(":")
+        self.one, self.flops = (jlora_step if system == "jlora" else peft_step)(args, variant == "dora")
+        self.one()  # compiles (jlora) / allocates (both)
 
-def ask(process: subprocess.Popen, command: str | None = None) -> dict:
-    if command is not None:
-        process.stdin.write(command + "\n")
-        process.stdin.flush()
-    line = process.stdout.readline()
-    if not line:
-        raise RuntimeError(f"a worker stopped: {process.args[-1]}; stderr:\n{process.stderr.read()[-2000:]}")
-    return json.loads(line)
+    def step(self, i: int) -> float:
+        return timed(self.one)
 
 
 def main(argv=None) -> int:
@@ -142,52 +128,39 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", default="c_attn", help="adapted modules, comma-separated (default c_attn)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds; each steps every worker once, in turn")
     parser.add_argument("--no-peft", action="store_true", help="jlora's two workers only")
+    parser.add_argument("--quick", action="store_true", help="a 1-layer, 32-wide model, one round (a check)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.quick:
+        vars(args).update(QUICK)
     if args.worker:
-        return worker(args)
+        return serve(lambda: Step(args), info=lambda s: {"flops": s.flops})
 
     names = [f"{s}:{v}" for s, v in WORKERS if not (args.no_peft and s == "peft")]
     shape = f"GPT-2 L={args.n_layer} D={args.n_embd} H={args.n_head} V={args.vocab}"
     print(f"{shape} | r={args.r} on {args.targets}, LoRA dropout {args.lora_dropout} | batch {args.batch} x {args.seq}")
-    print("load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()), flush=True)
-    command = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])]
+    print(f"{cpu_name()} | load {load_average():.2f}", flush=True)
+    argv = list(argv if argv is not None else sys.argv[1:])
     workers = {}
     for name in names:  # one at a time, so no two compile together
-        workers[name] = subprocess.Popen(
-            [*command, "--worker", name],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        ready = ask(workers[name])
-        if ready["flops"]:
-            print(f"{name}: XLA counts {ready['flops'] / 1e9:.1f} GFLOP per step", flush=True)
-    times = {name: [] for name in names}
-    try:
-        for i in range(args.rounds):
-            for name in names:
-                times[name].append(ask(workers[name], "step")["seconds"])
-            print(f"round {i + 1}: " + "  ".join(f"{n} {times[n][-1]:.2f} s" for n in names), flush=True)
-    finally:
-        for process in workers.values():
-            process.stdin.close()
-            process.wait()
-    print("load average at end:   {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
+        workers[name] = Worker(__file__, name, argv)
+        if workers[name].info["flops"]:
+            print(f"{name}: XLA counts {workers[name].info['flops'] / 1e9:.1f} GFLOP per step", flush=True)
+    rounds = alternate(workers, range(args.rounds))
+    for worker in workers.values():
+        worker.finish()
     for system in dict.fromkeys(s for s, _ in WORKERS):
-        if f"{system}:dora" not in times:
+        if f"{system}:dora" not in names:
             continue
-        lora, dora = times[f"{system}:lora"], times[f"{system}:dora"]
-        ratio = statistics.median(d / r for d, r in zip(dora, lora, strict=True))
+        lora, dora = median_seconds(rounds, f"{system}:lora"), median_seconds(rounds, f"{system}:dora")
         print(
-            f"{system:5s}: LoRA step {statistics.median(lora):.2f} s, DoRA step {statistics.median(dora):.2f} s "
-            f"(medians); DoRA / LoRA {ratio:.2f}x (median of per-round ratios)"
+            f"{system:5s}: LoRA step {lora:.2f} s, DoRA step {dora:.2f} s (medians); "
+            f"DoRA / LoRA {ratio(rounds, f'{system}:dora', f'{system}:lora'):.2f}x (median of per-round ratios)"
         )
-    if "peft:lora" in times:
-        ratio = statistics.median(p / j for p, j in zip(times["peft:lora"], times["jlora:lora"], strict=True))
-        dora = statistics.median(p / j for p, j in zip(times["peft:dora"], times["jlora:dora"], strict=True))
-        print(f"PEFT / jlora step time: LoRA {ratio:.2f}x, DoRA {dora:.2f}x (medians of per-round ratios)")
+    if "peft:lora" in names:
+        lora, dora = ratio(rounds, "peft:lora", "jlora:lora"), ratio(rounds, "peft:dora", "jlora:dora")
+        print(f"PEFT / jlora step time: LoRA {lora:.2f}x, DoRA {dora:.2f}x (medians of per-round ratios)")
+    print(verdict(rounds))
     return 0
 
 

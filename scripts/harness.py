@@ -179,13 +179,23 @@ def median_seconds(rounds: list[Round], name: str) -> float:
 
 
 def summary(rounds: list[Round], cores: int | None = None) -> dict:
-    """{"quiet": every round's load below cores + 0.5, "max_load", "limit", "cores", "loads", "cpu"}."""
+    """{"quiet": every round's load below cores + 0.5, "verdict": one line saying so, "max_load", "limit",
+    "cores", "loads", "cpu"}: what a benchmark's JSON carries beside its figures."""
     cores = cores or os.cpu_count() or 1
     loads = [r.load for r in rounds]
-    limit = cores + 0.5
+    limit, top = cores + 0.5, max(loads, default=0.0)
+    quiet = bool(loads) and top < limit
+    if quiet:
+        line = f"a result: every round's load below {limit:.1f} ({cores} cores + 0.5), at most {top:.2f}"
+    else:
+        line = (
+            f"NOT a result: the load reached {top:.2f} against a limit of {limit:.2f} ({cores} cores + 0.5), "
+            f"{top - limit:.2f} over; rerun on a quiet machine"
+        )
     return {
-        "quiet": bool(loads) and max(loads) < limit,
-        "max_load": max(loads, default=0.0),
+        "quiet": quiet,
+        "verdict": line,
+        "max_load": top,
         "limit": limit,
         "cores": cores,
         "loads": loads,
@@ -199,12 +209,4 @@ def verdict(rounds: list[Round], cores: int | None = None) -> str:
     >>> verdict([Round(1, {}, 3.1)], cores=2)
     'NOT a result: the load reached 3.10 against a limit of 2.50 (2 cores + 0.5), 0.60 over; rerun on a quiet machine'
     """
-    s = summary(rounds, cores)
-    if s["quiet"]:
-        limit = f"{s['limit']:.1f} ({s['cores']} cores + 0.5)"
-        return f"a result: every round's load below {limit}, at most {s['max_load']:.2f}"
-    over = s["max_load"] - s["limit"]
-    return (
-        f"NOT a result: the load reached {s['max_load']:.2f} against a limit of {s['limit']:.2f} "
-        f"({s['cores']} cores + 0.5), {over:.2f} over; rerun on a quiet machine"
-    )
+    return summary(rounds, cores)["verdict"]
