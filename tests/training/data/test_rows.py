@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,12 +14,6 @@ from jlora.training.data.tokenizer import ByteTokenizer
 
 E = 256  # the byte tokenizer's end-of-text
 BYTES = ByteTokenizer()
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def write_jsonl(path: Path, lines: list[str]) -> Path:
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return path
 
 
 def toy_data(n: int, seq_len: int = 8):

@@ -10,11 +10,9 @@ from pathlib import Path
 import pytest
 
 from jlora.errors import DataError
-from jlora.training.data.rows import tokenize
 from jlora.training.data.sources import Example, bundled_file, read_examples
 from jlora.training.data.tokenizer import ByteTokenizer
 
-E = 256  # the byte tokenizer's end-of-text
 BYTES = ByteTokenizer()
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -22,11 +20,6 @@ ROOT = Path(__file__).resolve().parents[3]
 def write_jsonl(path: Path, lines: list[str]) -> Path:
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return path
-
-
-def toy_data(n: int, seq_len: int = 8):
-    """n examples whose completion is the n-th letter (targets[:, 1]), so each row is recognisable."""
-    return tokenize([Example("q", chr(ord("a") + i)) for i in range(n)], BYTES, seq_len)
 
 
 # --- reading ---------------------------------------------------------------------------------------------------
