@@ -148,16 +148,17 @@ def _order(path: str) -> tuple[int, int, int]:
 def adapters_by_path(adapters: AdapterList) -> dict[str, list[tuple[int, Adapter, float]]]:
     """{adapter path: [(input index, {"A", "B"}, scaling), ...] for the inputs that adapt it}, in model order.
 
-    Raises CheckpointError for what no method combines: a DoRA adapter, factors that do not fit
-    each other (adapters of different bases), a fused module in one input and its slices in another.
+    Raises CheckpointError for what neither combines nor stacks (`jlora.core.mixed`): a DoRA adapter,
+    factors that do not fit each other (adapters of different bases), a fused module in one input
+    and its slices in another.
     """
     by_path: dict[str, list] = collections.defaultdict(list)
     for i, (cfg, lora) in enumerate(adapters):
         for path, adapter in flatten_adapters(lora).items():
             if "m" in adapter:
                 raise CheckpointError(
-                    f"adapter {i} is a DoRA adapter ({path} has a magnitude m); DoRA magnitudes are not task "
-                    "vectors and do not combine: combine plain LoRA adapters"
+                    f"adapter {i} is a DoRA adapter ({path} has a magnitude m); DoRA magnitudes rescale the base's "
+                    "output and neither combine nor stack: use plain LoRA adapters"
                 )
             by_path[path].append((i, adapter, cfg.scaling_for(path, r=adapter["A"].shape[0])))
     for path, present in by_path.items():
@@ -172,7 +173,7 @@ def adapters_by_path(adapters: AdapterList) -> dict[str, list[tuple[int, Adapter
         if part is not None and module in by_path:
             raise CheckpointError(
                 f"{module} is adapted whole by adapter {by_path[module][0][0]} and in slices ({path}) by adapter "
-                f"{present[0][0]}; adapters to combine must adapt it the same way"
+                f"{present[0][0]}; adapters used together must adapt it the same way"
             )
     return {p: by_path[p] for p in sorted(by_path, key=_order)}
 
@@ -255,9 +256,10 @@ def combine_adapters(
         factors = [{"A": a["A"], "B": a["B"]} for _, a, _ in present]
         w = [float(weights[i]) for i, _, _ in present]
         scalings = [s for _, _, s in present]
-        keep = _keep(mask, present, path)
         if method in FACTOR_METHODS:
             _check_ranks(method, path, factors)
+        keep = _keep(mask, present, path)
+        if method in FACTOR_METHODS:
             flat[path] = _factor_merge(method, factors, w, scalings, keep, **options)
         elif method == "cat":
             flat[path] = _cat(factors, w, scalings)
