@@ -10,7 +10,7 @@ population's members, ``--adapter DIR --adapter DIR2 ...`` for adapter folders (
 checkpoints) on one base. They decode as one mixed batch (`jlora.core.mixed`: every prompt once
 per adapter, each row with its own adapter); adapters that train base leaves (a run's ln_f)
 cannot share one base, so they decode one after another. Each prompt is printed, then each
-adapter's answer on one line (new lines shown as ``\n``).
+adapter's answer on one line (line breaks escaped, `one_line`).
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ from jlora.training.records.checkpoint import load_run
 from jlora.tree import overlay
 
 DEFAULT_NEW_TOKENS = 64
+# What str.splitlines() breaks at, written as its escape: a side-by-side answer stays on its line.
+LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
 
 
 class Source(NamedTuple):
@@ -150,6 +152,15 @@ def generate_command(args: Any) -> int:
     return 0
 
 
+def one_line(text: str) -> str:
+    """`text` with its line breaks escaped (``\\n`` for a new line), for one line of a side-by-side table.
+
+    >>> one_line("6\\nQuestion:")
+    '6\\\\nQuestion:'
+    """
+    return text.translate(LINE_BREAKS)
+
+
 def new_tokens(asked: int | None, longest: int, n_positions: int) -> int:
     """`asked`, or (None) up to DEFAULT_NEW_TOKENS, as many as the model's positions leave room for."""
     if asked is not None:
@@ -224,7 +235,7 @@ def side_by_side_command(args: Any, prompts: list[str]) -> int:
     for p, text in enumerate(texts):
         print(text)
         for label, rows in zip(labels, answers, strict=True):
-            print(f"  {label:<{width}} | {tokenizer.decode(rows[p])}".replace("\n", "\\n").rstrip())
+            print(f"  {label:<{width}} | {one_line(tokenizer.decode(rows[p]))}")
     tokens = sum(int(out.lengths.sum()) for out in outs)
     seconds = sum(out.seconds for out in outs)
     print(
