@@ -15,7 +15,8 @@ with random weights, the K adapters r=8, alpha=16 on c_attn, c_proj and c_fc wit
 decoding is greedy with no end-of-text, so every row makes --new-tokens tokens on both sides. Each
 system lives in its own worker process (`scripts/harness.py`); a worker compiles and runs a first,
 untimed round when it starts (its compile seconds and that round's wall time are reported), then
-the two step strictly in turn, each round on new prompts of the same length. Reported: tokens/s of
+the two step strictly in turn, each round on new prompts of the same length (whether the first
+round's answers agree token for token is checked and printed). Reported: tokens/s of
 each (median round), the median per-round ratio separate / mixed (the aim: >= 3x), the load beside
 every round and the verdict (only figures taken idle are results), and --out/summary.json.
 """
@@ -23,6 +24,7 @@ every round and the verdict (only figures taken idle are results), and --out/sum
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -89,8 +91,10 @@ class Answering:
             self.loras.append(treedef.unflatten([0.1 * jax.random.normal(q, x.shape) for q, x in zip(keys, leaves)]))
         self.stack = stack_adapters([(self.cfg, lora) for lora in self.loras]) if how == "mixed" else None
         start = time.perf_counter()
-        self.compile_s = sum(out.compile_seconds for out in self.answer(self.prompts(0)))
+        first = self.answer(self.prompts(0))
         self.first_round_s = time.perf_counter() - start
+        self.compile_s = sum(out.compile_seconds for out in first)
+        self.answers = hashlib.sha256(self.in_prompt_order(first).tobytes()).hexdigest()
 
     def prompts(self, i: int) -> np.ndarray:
         """Round i's (P, prompt length) token ids."""
@@ -109,6 +113,15 @@ class Answering:
             generate(self.model, self.params, rows[j::k], lora=lora, **options) for j, lora in enumerate(self.loras)
         ]
 
+    def in_prompt_order(self, outs: list) -> np.ndarray:
+        """(P, new tokens): the answers of `answer` row by row in prompt order, whichever way they were made."""
+        if self.how == "mixed":
+            return outs[0].tokens
+        tokens = np.zeros((self.args.prompts, self.args.new_tokens), np.int32)
+        for j, out in enumerate(outs):
+            tokens[j :: self.args.adapters] = out.tokens
+        return tokens
+
     def step(self, i: int) -> float:
         prompts = self.prompts(i)
         return timed(lambda: self.answer(prompts))
@@ -119,6 +132,7 @@ class Answering:
         return {
             "compile_s": self.compile_s,
             "first_round_s": self.first_round_s,
+            "answers_sha256": self.answers,
             "device": jax.devices()[0].device_kind,
         }
 
@@ -143,6 +157,8 @@ def main(argv=None) -> dict:
         infos = {name: {k: v for k, v in worker.info.items() if k != "ready"} for name, worker in systems.items()}
     for name, info in infos.items():
         print(f"{name}: compiling {info['compile_s']:.2f} s, first round {info['first_round_s']:.2f} s", flush=True)
+    same = len({info["answers_sha256"] for info in infos.values()}) == 1
+    print(f"the first round's answers are {'the same' if same else 'NOT the same'} both ways", flush=True)
     rounds = alternate(systems, range(1, args.rounds + 1))
     if not args.in_process:
         for worker in systems.values():
@@ -164,6 +180,7 @@ def main(argv=None) -> dict:
         "setup": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
         "systems": figures,
         "speedup": speedup,
+        "same_answers": same,
         "rounds": [{"index": r.index, "seconds": r.seconds, "load": r.load} for r in rounds],
         "load": summary(rounds),
     }

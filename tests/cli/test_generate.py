@@ -3,7 +3,7 @@
 import pytest
 
 from jlora.cli import main
-from jlora.cli.generate import one_line
+from jlora.cli.generate import load_source, one_line
 from jlora.core.generate import generate
 from jlora.training.data.tokenizer import ByteTokenizer
 from jlora.training.records.checkpoint import load_run
@@ -42,13 +42,14 @@ def answers(out: str, n_adapters: int) -> dict[str, list[str]]:
     return table
 
 
-def alone(capsys, *args: str, text: str) -> str:
-    """The continuation `jlora generate ARGS` prints after `text` (one prompt), as a side-by-side line shows it."""
-    capsys.readouterr()
-    assert main(["generate", *args]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith(text) and out.endswith("\n")
-    return one_line(out[len(text) : -1])
+def alone(source: str, prompts: list[str], max_new_tokens: int, **options) -> list[str]:
+    """What `jlora generate SOURCE` answers to each prompt alone (its `load_source` and `generate`), as one line."""
+    model, params, lora, tokenizer, prompt = load_source(source, **options)
+    encoded = [prompt(text)[1] for text in prompts]
+    out = generate(
+        model, params, encoded, lora=lora, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id
+    )
+    return [one_line(tokenizer.decode(row)) for row in out.sequences()]
 
 
 def test_a_populations_members_answer_side_by_side(population_run, capsys):
@@ -63,10 +64,8 @@ def test_a_populations_members_answer_side_by_side(population_run, capsys):
     assert list(table) == [f"Question: {q}\nAnswer:" for q in questions]
     labels = [line.split(" | ")[0].strip() for line in out.splitlines()[2:5]]
     assert labels == ["0 r=1,alpha=2", "1 r=2,alpha=8,seed=1", "2 r=4,alpha=4,lr=0.1"]
-    for (text, row), question in zip(table.items(), questions):
-        for k in range(3):
-            one = [str(population_run), "--member", str(k), "--prompt", question, "--max-new-tokens", "8"]
-            assert alone(capsys, *one, text=text) == row[k]
+    for k in range(3):
+        assert alone(str(population_run), questions, 8, member=k) == [row[k] for row in table.values()]
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +103,8 @@ def test_adapter_folders_answer_side_by_side(lively_folders, capsys):
     table = answers(out, 3)
     assert list(table) == prompts
     assert all(len(set(row)) == 3 for row in table.values())  # the adapters answer differently
-    for text, row in table.items():
-        assert [alone(capsys, folder, *base, "--prompt", text, text=text) for folder in folders] == row
+    for k, folder in enumerate(folders):
+        assert alone(folder, prompts, 6, base=base[1]) == [row[k] for row in table.values()]
 
 
 def test_adapters_with_trained_leaves_answer_one_after_another(population_run, default_run, tmp_path, capsys):
@@ -118,6 +117,6 @@ def test_adapters_with_trained_leaves_answer_one_after_another(population_run, d
     out, err = capsys.readouterr()
     assert "2 adapters one after another (they train base leaves" in err
     (row,) = answers(out, 2).values()
-    assert [alone(capsys, str(tmp_path / name), *prompt, text=TEMPLATED) for name in "ab"] == row
+    assert [alone(str(tmp_path / name), [TEMPLATED], 6)[0] for name in "ab"] == row
     assert main(["generate", str(default_run), "--adapter", str(tmp_path / "a"), *prompt]) == 2
     assert "not both" in capsys.readouterr().err

@@ -35,9 +35,9 @@ def setup(random_b):
 def alone(model, params, adapter, ids):
     """Logits of `ids` with one adapter (None: the base), the ordinary single-adapter path."""
     if adapter is None:
-        return model.apply({"params": params}, ids)
+        return jax.jit(model.apply)({"params": params}, ids)
     cfg, lora = adapter
-    return model.clone(lora=cfg).apply({"params": params, "lora": lora}, ids)
+    return jax.jit(model.clone(lora=cfg).apply)({"params": params, "lora": lora}, ids)
 
 
 def test_each_row_equals_its_adapter_alone(setup):
@@ -46,9 +46,10 @@ def test_each_row_equals_its_adapter_alone(setup):
     assert stack.size == 3 and stack.lora["h"]["1"]["attn"]["c_attn"]["A"].shape == (3, 8, 32)
     assert (stack.lora["h"]["0"]["attn"]["c_attn"]["A"][2] == 0).all()  # adapter 2 adapts block 1 only
     mixed = np.asarray(jax.jit(model.apply)(mixed_variables(params, stack, INDEX), IDS))
-    for n, k in enumerate(INDEX):
-        expected = alone(model, params, None if k < 0 else adapters[k], IDS[n : n + 1])[0]
-        np.testing.assert_allclose(mixed[n], expected, atol=2e-5, rtol=0)
+    for k in (0, 1, 2, -1):
+        rows = INDEX == k
+        expected = alone(model, params, None if k < 0 else adapters[k], IDS[rows])
+        np.testing.assert_allclose(mixed[rows], expected, atol=2e-5, rtol=0)
     assert np.abs(mixed[1] - np.asarray(alone(model, params, None, IDS[1:2])[0])).max() > 1e-2  # adapters count
 
 
@@ -62,7 +63,9 @@ def test_mixed_eval_gives_each_adapter_its_rows_and_compiles_once(setup, caplog)
     for k, adapter in enumerate(adapters):
         rows = {key: value[INDEX == k] for key, value in batch.items() if key != "adapter_index"}
         cfg, lora = adapter
-        loss, count = loss_sums(model.clone(lora=cfg), {"params": params, "lora": lora}, rows)
+        loss, count = jax.jit(loss_sums, static_argnums=0)(
+            model.clone(lora=cfg), {"params": params, "lora": lora}, rows
+        )
         np.testing.assert_allclose(sums[k], loss, rtol=1e-5)
         assert counts[k] == count == 8 * (INDEX == k).sum()
     # another stack of the same shapes (other values) runs in the same compiled step

@@ -28,12 +28,5 @@ def test_quick_run_compares_the_same_answers(tmp_path):
     ratios = [r["seconds"]["separate"] / r["seconds"]["mixed"] for r in result["rounds"]]
     assert np.isclose(result["speedup"], np.median(ratios))
     assert set(result["load"]) >= {"quiet", "max_load", "cpu"}
-
-    # the work is the same: prompt n answered by adapter n mod K, in one mixed call or in K calls
-    args = bench.parse_args(["--quick"])
-    mixed, separate = bench.Answering(args, "mixed"), bench.Answering(args, "separate")
-    prompts = mixed.prompts(5)
-    (together,) = mixed.answer(prompts)
-    apart = separate.answer(prompts)
-    for n, row in enumerate(together.tokens):
-        np.testing.assert_array_equal(row, apart[n % 2].tokens[n // 2])
+    assert result["same_answers"]  # prompt n answered by adapter n mod K, in one mixed call or in K calls
+    assert len({result["systems"][name]["answers_sha256"] for name in ("mixed", "separate")}) == 1
