@@ -244,6 +244,8 @@ def combine_adapters(
         majority_sign_method=majority_sign_method,
         clamp=clamp,
     )
+    if mask is not None and not is_dare(method):
+        raise ConfigError(f"mask= holds DARE's keep masks; {method} drops nothing")
     by_path = adapters_by_path(adapters)
     if is_dare(method) and density < 1 and mask is None:
         if key is None:
@@ -258,13 +260,12 @@ def combine_adapters(
         scalings = [s for _, _, s in present]
         if method in FACTOR_METHODS:
             _check_ranks(method, path, factors)
-        keep = _keep(mask, present, path)
-        if method in FACTOR_METHODS:
-            flat[path] = _factor_merge(method, factors, w, scalings, keep, **options)
+            flat[path] = _factor_merge(method, factors, w, scalings, _keep(mask, present, path), **options)
         elif method == "cat":
             flat[path] = _cat(factors, w, scalings)
         else:
             rank = _rank(method, path, factors, r, largest)
+            keep = _keep(mask, present, path)
             flat[path] = _update_merge(method, factors, w, scalings, keep, rank=rank, clamp=clamp, **options)
     return result_config(flat, [cfg for cfg, _ in adapters]), unflatten_adapters(flat)
 
