@@ -14,9 +14,11 @@ The package is layered; a layer imports only the layers below it (tests/test_lay
     jlora.tree, jlora.errors    path helpers and the error hierarchy          (nothing of jlora)
 
 The names below are the public surface, grouped as the package is: the model and its
-adapters, the LoRA maths, training, populations, checkpoints and exchange, generation, errors.
+adapters, the LoRA maths, training, populations, adapters as values (combining them, many in
+one batch), checkpoints and exchange, generation, errors.
 """
 
+from jlora.core.combine import combine_adapters
 from jlora.core.counting import (
     adapter_compression,
     adapter_param_count,
@@ -29,6 +31,7 @@ from jlora.core.gpt2 import GPT2, GPT2Config, init_cache, init_params, param_sha
 from jlora.core.lora import adapters_by_module, flatten_adapters, init_lora, lora_delta, unflatten_adapters
 from jlora.core.lora_config import LoraConfig, alpha_for_rank, effective_lr, scaling
 from jlora.core.merge import delta_w, merge, unmerge
+from jlora.core.mixed import AdapterStack, make_mixed_eval_step, mixed_variables, stack_adapters
 from jlora.core.optim import OptimConfig, combine, learning_rate, make_optimizer, partition, trainable_mask
 from jlora.core.parallel import initialize_distributed, replicate, shard_batch, unreplicate
 from jlora.core.population import (
@@ -136,6 +139,12 @@ __all__ = [
     "make_population_step",
     "member_keys",
     "split_member",
+    # adapters as values: combining them, many answering at once
+    "combine_adapters",
+    "AdapterStack",
+    "stack_adapters",
+    "mixed_variables",
+    "make_mixed_eval_step",
     # checkpoints and exchange
     "load_adapter",
     "load_init",

@@ -174,3 +174,21 @@ def unused_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def population_run(tmp_path_factory):
+    """RUN_DIR of `jlora train` with a population of 3 (r = 1, 2, 4) on TINY_DEFAULT's model and base, 2 steps,
+    without trained base leaves (so its members can share one base in a mixed batch)."""
+    import contextlib
+    import io
+
+    from jlora.cli import main
+
+    members = "population={members: [{r: 1, alpha: 2r}, {r: 2, alpha: 8, seed: 1}, {r: 4, alpha: 4, lr: 0.1}]}"
+    short = ["steps=2", "eval_every=2", "checkpoint.every=2", "exact_match=0", "eval.forgetting=null"]
+    run = tmp_path_factory.mktemp("population_run")
+    with contextlib.redirect_stderr(io.StringIO()):
+        args = sets(*TINY_DEFAULT, *short, "trainable.modules_to_save=[]", members)
+        assert main(["train", "default", *args, "--out", str(run)]) == 0
+    return run

@@ -1,11 +1,14 @@
-"""The command line: `jlora train | export | generate | diagnose`, thin wiring over the library.
+"""The command line: `jlora train | export | generate | combine | diagnose`, thin wiring over the library.
 
     main.py       the parser; input errors (`jlora.errors.JloraError`) -> one line, exit 2
     train         `jlora train`    -> jlora.training.run.train (a config file or a packaged config's name)
     export.py     `jlora export`   -> jlora.exchange (PEFT folder, with a random base beside it, or merged
                                       checkpoint of a run; either with the run's tokenizer)
     generate.py   `jlora generate` -> jlora.core.generate (a run, in its training prompt form; a PEFT
-                                      folder or a checkpoint)
+                                      folder or a checkpoint; several adapters side by side, jlora.core.mixed)
+    combine.py    `jlora combine`  -> jlora.core.combine (PEFT's combination types), a PEFT folder
+    adapters.py   the adapters a source holds (runs, checkpoints, PEFT folders) and their base
+    members.py    --member K | K,L,... | all, resolved in one place
     diagnose.py   `jlora diagnose` -> jlora.research.diagnose
 
 The top layer: it may import every other part of jlora, and nothing imports it.

@@ -4,6 +4,13 @@ A run directory is asked as it was trained (`jlora.training.data.prompt`): end-o
 prompt through its data's template (``Question: ...\nAnswer:`` for QA runs); ``--raw`` sends
 the text as written, which is what every other source gets. Without ``--max-new-tokens``, up
 to 64 new tokens, fewer (said on stderr) when the model's positions leave less room.
+
+Several adapters answer side by side: ``RUN_DIR --member all`` (or ``--member 0,3``) for a
+population's members, ``--adapter DIR --adapter DIR2 ...`` for adapter folders (and runs or
+checkpoints) on one base. They decode as one mixed batch (`jlora.core.mixed`: every prompt once
+per adapter, each row with its own adapter); adapters that train base leaves (a run's ln_f)
+cannot share one base, so they decode one after another. Each prompt is printed, then each
+adapter's answer on one line (line breaks escaped, `one_line`).
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ from typing import Any, NamedTuple
 
 import yaml
 
+from jlora.cli.adapters import check_same_base, find_adapters, is_run, load_base_of, tokenizer_of
 from jlora.core.generate import generate
+from jlora.core.mixed import stack_adapters
 from jlora.errors import CheckpointError, TokenizerError, UsageError
 from jlora.exchange.hf_checkpoint import load_gpt2
 from jlora.exchange.peft import ADAPTER_CONFIG, load_peft, read_adapter_config
@@ -27,6 +36,8 @@ from jlora.training.records.checkpoint import load_run
 from jlora.tree import overlay
 
 DEFAULT_NEW_TOKENS = 64
+# What str.splitlines() breaks at, written as its escape: a side-by-side answer stays on its line.
+LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
 
 
 class Source(NamedTuple):
@@ -99,6 +110,10 @@ def generate_command(args: Any) -> int:
         prompts += [line for line in file.read_text().splitlines() if line.strip()]
     if not prompts:
         raise UsageError("give --prompt TEXT or --prompts FILE (one prompt per line)")
+    if args.adapter or args.member == "all" or isinstance(args.member, tuple):
+        return side_by_side_command(args, prompts)
+    if args.source is None:
+        raise UsageError("give SOURCE (a run, a PEFT folder or a checkpoint), or --adapter DIR (repeatable)")
     try:
         model, params, lora, tokenizer, prompt = load_source(
             args.source, base=args.base, tokenizer=args.tokenizer, raw=args.raw, member=args.member
@@ -137,6 +152,15 @@ def generate_command(args: Any) -> int:
     return 0
 
 
+def one_line(text: str) -> str:
+    """`text` with its line breaks escaped (``\\n`` for a new line), for one line of a side-by-side table.
+
+    >>> one_line("6\\nQuestion:")
+    '6\\\\nQuestion:'
+    """
+    return text.translate(LINE_BREAKS)
+
+
 def new_tokens(asked: int | None, longest: int, n_positions: int) -> int:
     """`asked`, or (None) up to DEFAULT_NEW_TOKENS, as many as the model's positions leave room for."""
     if asked is not None:
@@ -153,3 +177,70 @@ def new_tokens(asked: int | None, longest: int, n_positions: int) -> int:
             file=sys.stderr,
         )
     return min(room, DEFAULT_NEW_TOKENS)
+
+
+def side_by_side_command(args: Any, prompts: list[str]) -> int:
+    """Every adapter's answer to each prompt: a run's members (``--member all``) or ``--adapter`` folders."""
+    if args.source is not None and args.adapter:
+        raise UsageError("give SOURCE with --member, or --adapter DIR ... with --base; not both")
+    if args.source is not None:
+        found = find_adapters(args.source, args.member, args.base)
+    else:
+        found = [f for folder in args.adapter for f in find_adapters(folder, base=args.base)]
+    check_same_base(found)
+    try:
+        tokenizer = tokenizer_of(found[0], args.tokenizer)
+        if tokenizer is None:
+            raise UsageError(f"no tokenizer for {found[0].label} or its base; pass --tokenizer")
+        run = Path(args.source) if args.source is not None and is_run(Path(args.source)) else None
+        if run is not None and not args.raw:
+            fmt = data_format(run_data(run / "config.yaml"))
+            texts, encoded = zip(*(run_prompt(text, fmt, tokenizer) for text in prompts), strict=True)
+        else:
+            texts, encoded = list(prompts), [tokenizer.encode(text) for text in prompts]
+    except TokenizerError as e:
+        raise UsageError(f"{e} (pass --tokenizer)") from e
+    model, params = load_base_of(found[0])
+    if any(not ids for ids in encoded) or max(max(ids) for ids in encoded) >= model.config.vocab_size:
+        raise UsageError(f"a prompt encodes to no tokens or to ids outside the model's {model.config.vocab_size}")
+    options = dict(
+        max_new_tokens=new_tokens(args.max_new_tokens, max(map(len, encoded)), model.config.n_positions),
+        eos_token_id=tokenizer.eos_token_id,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    try:
+        if any(f.leaves for f in found):  # each its own base leaves: one adapter at a time
+            outs = [
+                generate(model.clone(lora=f.cfg), overlay(params, f.leaves), encoded, lora=f.lora, **options)
+                for f in found
+            ]
+            answers = [out.sequences() for out in outs]
+            how = f"{len(found)} adapters one after another (they train base leaves, which one batch cannot share)"
+        else:
+            stack = stack_adapters([(f.cfg, f.lora) for f in found])
+            rows = [ids for _ in found for ids in encoded]
+            index = [k for k in range(len(found)) for _ in encoded]
+            outs = [generate(model, params, rows, adapters=stack, adapter_index=index, **options)]
+            sequences = outs[0].sequences()
+            answers = [sequences[k * len(encoded) : (k + 1) * len(encoded)] for k in range(len(found))]
+            how = f"{len(found)} adapters x {len(encoded)} prompts as one mixed batch"
+    except ValueError as e:  # lengths and sampling options
+        raise UsageError(str(e)) from e
+    common = {f.source for f in found}
+    labels = [f.label.removeprefix(f"{f.source} ") if len(common) == 1 else f.label for f in found]
+    width = max(map(len, labels))
+    for p, text in enumerate(texts):
+        print(text)
+        for label, rows in zip(labels, answers, strict=True):
+            print(f"  {label:<{width}} | {one_line(tokenizer.decode(rows[p]))}")
+    tokens = sum(int(out.lengths.sum()) for out in outs)
+    seconds = sum(out.seconds for out in outs)
+    print(
+        f"{tokens} tokens in {seconds:.2f} s: {tokens / max(seconds, 1e-9):.1f} tokens/s ({how}; "
+        f"compiling took {sum(out.compile_seconds for out in outs):.1f} s)",
+        file=sys.stderr,
+    )
+    return 0

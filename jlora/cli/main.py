@@ -27,6 +27,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from jlora.cli.members import parse_member
     from jlora.training.run.config import packaged_configs
 
     parser = argparse.ArgumentParser(
@@ -58,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(handler=_lazy("jlora.cli.export", "export_command"))
 
     gen = commands.add_parser("generate", help="continue prompts (a run, a PEFT folder or a HF checkpoint)")
-    gen.add_argument("source", metavar="SOURCE", help="run dir, PEFT adapter folder, or HF checkpoint dir / Hub id")
+    gen.add_argument(
+        "source", nargs="?", metavar="SOURCE", help="run dir, PEFT adapter folder, or HF checkpoint dir / Hub id"
+    )
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     gen.add_argument("--prompts", metavar="FILE", help="a file of prompts, one per line")
     gen.add_argument("--max-new-tokens", type=int, help="default: 64, or as many as fit the model's positions")
@@ -76,8 +79,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--base", help="base model of a PEFT folder (default: its base/ folder, else base_model_name_or_path)"
     )
     gen.add_argument("--tokenizer", help="tokenizer dir, Hub id or 'bytes' (default: the source's)")
-    gen.add_argument("--member", type=int, metavar="K", help="member K of a population run")
+    gen.add_argument(
+        "--member",
+        type=parse_member,
+        metavar="K",
+        help="member K of a population run; K,L,... or all: those members' answers side by side",
+    )
+    gen.add_argument(
+        "--adapter",
+        action="append",
+        metavar="DIR",
+        help="an adapter folder (or run, checkpoint), repeatable: the adapters' answers side by side, on --base",
+    )
     gen.set_defaults(handler=_lazy("jlora.cli.generate", "generate_command"))
+
+    comb = commands.add_parser("combine", help="one adapter from several, as PEFT combines them, as a PEFT folder")
+    comb.add_argument("sources", nargs="+", metavar="SOURCE", help="run dirs, checkpoints or PEFT adapter folders")
+    comb.add_argument("--weights", nargs="+", type=float, required=True, metavar="W", help="one per adapter")
+    comb.add_argument("--method", default="svd", help="PEFT's combination_type (default: svd); see jlora.core.combine")
+    comb.add_argument("--density", type=float, help="share of entries kept, in (0, 1]: ties*, dare_*, magnitude_prune*")
+    comb.add_argument("--r", type=int, help="rank of an *svd method's result (PEFT's svd_rank; default: the largest)")
+    comb.add_argument("--majority-sign", default="total", help="ties*: total (default) or frequency")
+    comb.add_argument("--clamp", type=float, help="*svd: clip the factors to this quantile (PEFT's svd_clamp)")
+    comb.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops (default 0)")
+    comb.add_argument("--member", type=parse_member, metavar="K", help="members of population runs: K, K,L,... or all")
+    comb.add_argument("--base", help="base model of PEFT folders (default: their base/ folder, else the one recorded)")
+    comb.add_argument("--out", required=True, metavar="DIR", help="the PEFT folder to write")
+    comb.set_defaults(handler=_lazy("jlora.cli.combine", "combine_command"))
 
     diag = commands.add_parser(
         "diagnose", help="spectrum and intruder dimensions of each adapter; --against: subspace similarity"

@@ -14,6 +14,9 @@
     step.py          the train and evaluation steps, jit or pmap
     parallel.py      replicate / shard over devices, multi-host start
     population.py    many adapters on one base, stacked, trained by one vmapped step
+    task_vectors.py  merging task tensors: task arithmetic, TIES, DARE, magnitude pruning (PEFT's merge_utils)
+    combine.py       one adapter from several, every PEFT combination type (combine_adapters)
+    mixed.py         K adapters stacked over one base, each row of a batch answered by its own
     telemetry.py     the spectrum of each dW and its drift, from the factors, while training
     divergence.py    KL divergence; forgetting on held-out text (loss, base loss, KL)
 

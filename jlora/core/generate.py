@@ -7,10 +7,13 @@
               token = pick(logits)                  greedy, or temperature -> top-k -> top-p sampling
               logits, cache = model(token, cache)   one more slot of the (B, P + max_new_tokens) cache
 
-The adapter is merged into the weights first (`jlora.core.merge`), so decoding pays nothing for
-LoRA. Prefill and loop are one compiled function of fixed shapes: it compiles once per batch
-size, padded prompt length, ``max_new_tokens`` and sampling mode, never per token (prompt
-lengths are padded up to a multiple of 16 so that nearby lengths share it). A row stops at
+One adapter (``lora=``) is merged into the weights first (`jlora.core.merge`), so decoding pays
+nothing for LoRA. Several (``adapters=`` an `jlora.core.mixed.AdapterStack`, ``adapter_index=``
+one per prompt) decode as one mixed batch: the base once per row, each row's own adapter on top.
+Prefill and loop are one compiled function of fixed shapes whose arguments are the weights (and
+the stack and index): it compiles once per batch size, padded prompt length, ``max_new_tokens``,
+sampling mode and weight shapes, never per token nor per adapter (prompt lengths are padded up to
+a multiple of 16 so that nearby lengths share it). A row stops at
 ``eos_token_id`` and is padded with it afterwards, as transformers' ``generate`` does.
 Temperature, top-k, top-p, the seed and end-of-text are arguments of the compiled function,
 not constants in it, so changing them does not recompile either::
@@ -18,6 +21,8 @@ not constants in it, so changing them does not recompile either::
     model, params = jlora.load_gpt2("gpt2")
     out = generate(model, params, [[15496, 11], [40]], max_new_tokens=20, eos_token_id=50256)
     out.tokens, out.lengths, out.tokens_per_s
+    stack = stack_adapters([(cfg_a, lora_a), (cfg_b, lora_b)])         # jlora.core.mixed
+    out = generate(model, params, [[15496, 11], [40]], adapters=stack, adapter_index=[1, 0])
 """
 
 from __future__ import annotations
@@ -33,9 +38,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.core.gpt2 import GPT2, check_token_ids, init_cache
+from jlora.core.lora_config import LoraConfig
 from jlora.core.merge import merge
+from jlora.core.mixed import AdapterStack, check_index, mixed_variables
 
 PAD_MULTIPLE = 16
+STACK_CONFIG = (
+    LoraConfig()
+)  # the model's config under a stack: only its dropout (0) is read, the stack has the scalings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,10 +104,11 @@ def filter_logits(logits: jax.Array, top_k: int | jax.Array | None = None, top_p
     return logits
 
 
-def _decode(model, params, ids, mask, key, sampling, eos, *, max_new_tokens, greedy):
-    """Prefill and the decoding loop. `sampling`: (temperature, top_k, top_p); `eos`: -1 when rows never stop."""
+def _decode(model, params, rows, ids, mask, key, sampling, eos, *, max_new_tokens, greedy):
+    """Prefill and the decoding loop. `rows`: None, or (stack lora, stack scaling, adapter index) of a mixed
+    batch; `sampling`: (temperature, top_k, top_p); `eos`: -1 when rows never stop."""
     batch, prompt_length = ids.shape
-    variables = {"params": params}
+    variables = {"params": params} if rows is None else mixed_variables(params, AdapterStack(*rows[:2]), rows[2])
     last_logits = lambda hidden: model.apply(variables, hidden[:, -1], method=GPT2.logits).astype(jnp.float32)  # noqa: E731
     cache = init_cache(model.config, batch, prompt_length + max_new_tokens)
     hidden, cache = model.apply(variables, ids, cache, mask, method=GPT2.decode)
@@ -129,13 +140,13 @@ def _decode(model, params, ids, mask, key, sampling, eos, *, max_new_tokens, gre
 
 @functools.lru_cache(maxsize=8)
 def _decoder(model: GPT2, structure, leaves: tuple, max_new_tokens: int, greedy: bool):
-    """`_decode` compiled for one model, parameter and prompt shape, length and mode (the 8 latest are kept)."""
-    params, ids = jax.tree.unflatten(structure, leaves)
+    """`_decode` compiled for one model, weight and prompt shape, length and mode (the 8 latest are kept)."""
+    params, rows, ids = jax.tree.unflatten(structure, leaves)
     decode = functools.partial(_decode, model, max_new_tokens=max_new_tokens, greedy=greedy)
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)  # noqa: E731
     sampling = (scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.float32))
     key = jax.eval_shape(lambda: jax.random.key(0))
-    return jax.jit(decode).lower(params, ids, ids, key, sampling, scalar(jnp.int32)).compile()
+    return jax.jit(decode).lower(params, rows, ids, ids, key, sampling, scalar(jnp.int32)).compile()
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], max_new_tokens: int, n_positions: int) -> tuple[np.ndarray, np.ndarray]:
@@ -160,6 +171,8 @@ def generate(
     prompts: Sequence[Sequence[int]],
     *,
     lora: Mapping | None = None,
+    adapters: AdapterStack | None = None,
+    adapter_index: Sequence[int] | None = None,
     max_new_tokens: int = 32,
     eos_token_id: int | None = None,
     temperature: float = 0.0,
@@ -174,6 +187,9 @@ def generate(
       params: the base parameter tree.
       prompts: token ids per row (lengths may differ: rows are left-padded).
       lora: an adapter tree, merged into `params` before decoding (None: `params` as they are).
+      adapters: instead, K adapters stacked (`jlora.core.mixed.stack_adapters`), not merged: row n
+        decodes with adapter ``adapter_index[n]`` (-1: the base alone), all rows in one batch.
+      adapter_index: one adapter index per prompt, with `adapters`.
       max_new_tokens: the most tokens made per row.
       eos_token_id: a row stops after making it (None: never).
       temperature: 0 for greedy decoding (argmax), else the softmax temperature for sampling.
@@ -189,17 +205,22 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
         raise ValueError(f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
-    if lora is not None:
+    if (adapters is None) != (adapter_index is None) or (adapters is not None and lora is not None):
+        raise ValueError("give lora= (one adapter, merged), or adapters= with adapter_index= (a mixed batch)")
+    rows = None
+    if adapters is not None:
+        rows = (adapters.lora, adapters.scaling, check_index(adapter_index, adapters.size, len(prompts)))
+    elif lora is not None:
         params = merge(params, lora, model.lora)
-    model = model.clone(lora=None)
+    model = model.clone(lora=None if rows is None else STACK_CONFIG)
     ids, mask = _left_pad(prompts, max_new_tokens, model.config.n_positions)
     check_token_ids(ids, model.config.vocab_size)  # the decoding loop is jitted: it could not tell
     greedy = temperature == 0
     vocab = model.config.vocab_size
     sampling = (jnp.float32(temperature or 1.0), jnp.int32(min(top_k or vocab, vocab)), jnp.float32(top_p or 1.0))
     eos = jnp.int32(-1 if eos_token_id is None else eos_token_id)
-    args = (params, ids, mask, jax.random.key(seed), sampling, eos)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), args[:2])
+    args = (params, rows, ids, mask, jax.random.key(seed), sampling, eos)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), args[:3])
     hits = _decoder.cache_info().hits
     start = time.perf_counter()
     decode = _decoder(model, jax.tree.structure(abstract), tuple(jax.tree.leaves(abstract)), max_new_tokens, greedy)

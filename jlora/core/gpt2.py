@@ -18,7 +18,9 @@ collection the model is exactly the base model::
 The scaling of each adapter is its config's (``LoraConfig.scaling_for``), unless an optional
 ``"lora_scaling"`` collection gives it as an array, ``{... "c_attn": {"scaling": ()}}`` at each
 adapter's path: a population of adapters (`jlora.core.population`) trains members whose ranks
-and alphas differ under one `vmap`, where no single Python float could be each one's.
+and alphas differ under one `vmap`, where no single Python float could be each one's. A mixed
+batch (`jlora.core.mixed`) hands a `Linear` K adapters stacked, ``A: (K, R, d_in)``, and per-row
+weights ``"scaling": (B, K)``: row n adds ``sum_k weights[n, k] B_k A_k x_n``.
 
 Pre-LN blocks, gelu_new (tanh approximation), learned positions, LM head tied to `wte`.
 Attention goes through `jax.nn.dot_product_attention`: the fused cuDNN kernel on a GPU in half
@@ -57,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.core.dora import dora_output
-from jlora.core.lora import lora_delta
+from jlora.core.lora import lora_delta, stacked_lora_delta
 from jlora.core.lora_config import QKV, LoraConfig
 from jlora.errors import ConfigError, DataError
 from jlora.tree import dotted
@@ -201,6 +203,12 @@ class Linear(nn.Module):
         return scalings["scaling"] if "scaling" in scalings else self.lora.scaling_for(path, r=adapter["A"].shape[0])
 
     def _delta(self, x, adapter, path, scalings):
+        if adapter["A"].ndim == 3:  # K adapters stacked, each row its own mix of them (jlora.core.mixed)
+            if "scaling" not in scalings:
+                raise ValueError(
+                    f"stacked adapters at {path} need per-row weights: use jlora.core.mixed.mixed_variables"
+                )
+            return stacked_lora_delta(x, adapter["A"], adapter["B"], scalings["scaling"])
         return lora_delta(x, adapter["A"], adapter["B"], self._scaling(adapter, path, scalings))
 
 

@@ -182,3 +182,19 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scaling: float) -> jax.
     """
     z = jnp.einsum("...i,ri->...r", x, a.astype(x.dtype)) * jnp.asarray(scaling, x.dtype)
     return jnp.einsum("...r,or->...o", z, b.astype(x.dtype))
+
+
+def stacked_lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, weights: jax.Array) -> jax.Array:
+    """Each row's mix of K adapters' updates, ``sum_k weights[n, k] * B_k A_k x_n`` (`jlora.core.mixed`).
+
+    Args:
+      x: (N, ..., d_in) input, rows first.
+      a: (K, r, d_in). b: (K, d_out, r): K adapters stacked (zero-padded to one rank r).
+      weights: (N, K), e.g. each row's adapter one-hot times that adapter's scaling.
+    Returns:
+      (N, ..., d_out). The K adapters act as one adapter of rank K * r whose (..., K, r) intermediate
+      is weighted per row: two matmuls, no copy of any A or B per row.
+    """
+    z = jnp.einsum("n...i,kri->n...kr", x, a.astype(x.dtype))
+    w = weights.astype(x.dtype).reshape(weights.shape[0], *[1] * (x.ndim - 2), weights.shape[1], 1)
+    return jnp.einsum("n...kr,kor->n...o", z * w, b.astype(x.dtype))

@@ -49,7 +49,8 @@ from jlora.core.parallel import AXIS, local_devices
 
 PyTree = Any
 BATCH_KEYS = ("input_ids", "targets", "loss_mask")  # what the step reads; the attention mask is left out
-OPTIONAL_KEYS = ("loss_index", "segment_ids", "position_ids")  # shaped batches' (`jlora.core.loss`)
+# shaped batches' (`jlora.core.loss`), and a mixed-adapter batch's row -> adapter (`jlora.core.mixed`)
+OPTIONAL_KEYS = ("loss_index", "segment_ids", "position_ids", "adapter_index")
 
 
 def step_inputs(batch: Mapping) -> dict:

@@ -13,6 +13,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 import jlora
 from jlora.core.generate import _decoder, filter_logits, generate
 from jlora.core.gpt2 import GPT2, init_cache
+from jlora.core.mixed import stack_adapters
 
 from ..conftest import TINY, make_hf_checkpoint
 
@@ -114,6 +115,73 @@ def test_one_compilation_serves_every_token_and_nearby_prompts(lively_hf, caplog
     assert again.compile_seconds == again_eos.compile_seconds == 0.0
     assert _decoder.cache_info().currsize == compiled
     assert not [r for r in caplog.records if "Compiling" in r.getMessage()]
+
+
+def lively_adapters(model, params, configs, seed=0):
+    """(cfg, lora) per config, A and B random and large enough to change what greedy decoding writes."""
+    out = []
+    for k, cfg in enumerate(configs):
+        lora = jlora.init_lora(jax.random.key(seed + k), cfg, params)
+        leaves, treedef = jax.tree.flatten(lora)
+        keys = jax.random.split(jax.random.key(100 + seed + k), len(leaves))
+        out.append((cfg, treedef.unflatten([0.3 * jax.random.normal(key, x.shape) for key, x in zip(keys, leaves)])))
+    return out
+
+
+def test_mixed_greedy_generation_equals_each_rows_adapter_alone(lively_hf):
+    """Rows answered by different adapters in one batch write, row by row, what each adapter writes alone."""
+    model, params = jlora.load_gpt2(lively_hf[0])
+    configs = [
+        jlora.LoraConfig(r=4, alpha=8, target_modules=("attn.c_proj", "c_fc")),
+        jlora.LoraConfig(r=2, alpha=6, rslora=True, target_modules=("c_attn.k", "mlp.c_proj")),
+        jlora.LoraConfig(r=4, alpha=2, target_modules=("c_attn.q", "c_attn.v", "c_fc")),
+    ]
+    adapters = lively_adapters(model, params, configs)
+    prompts, index = PROMPTS * 2, [0, 1, 2, -1, 2, 0]
+    free = generate(model, params, prompts, adapters=stack_adapters(adapters), adapter_index=index, max_new_tokens=12)
+    eos = int(free.tokens[0, 5])  # a token row 0 makes mid-way: rows stop at different steps
+    mixed = generate(model, params, prompts, adapters=stack_adapters(adapters), adapter_index=index,
+                     max_new_tokens=12, eos_token_id=eos)  # fmt: skip
+    assert len({tuple(row) for row in mixed.tokens}) == len(prompts)  # the adapters change what is written
+    for n, (prompt, k) in enumerate(zip(prompts, index)):
+        if k < 0:
+            alone = generate(model, params, [prompt], max_new_tokens=12, eos_token_id=eos)
+        else:
+            cfg, lora = adapters[k]
+            alone = generate(model.clone(lora=cfg), params, [prompt], lora=lora, max_new_tokens=12, eos_token_id=eos)
+        np.testing.assert_array_equal(mixed.tokens[n], alone.tokens[0])
+        assert mixed.lengths[n] == alone.lengths[0]
+
+
+def test_adapters_are_arguments_k_adapters_compile_once(lively_hf, caplog):
+    """Adapters of equal shapes, one after another or stacked as a mixed batch: one compilation each way."""
+    model, params = jlora.load_gpt2(lively_hf[0])
+    cfg = jlora.LoraConfig(r=4, alpha=8, target_modules=("c_attn", "c_fc"))
+    adapters = lively_adapters(model, params, [cfg] * 4, seed=10)
+    misses = _decoder.cache_info().misses
+    model = model.clone(lora=cfg)
+    first = generate(model, params, PROMPTS, lora=adapters[0][1], max_new_tokens=8)
+    mixed = generate(model, params, PROMPTS, adapters=stack_adapters(adapters[:2]), adapter_index=[0, 1, 1],
+                     max_new_tokens=8)  # fmt: skip
+    assert first.compile_seconds > 0 and mixed.compile_seconds > 0
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        swapped = [generate(model, params, PROMPTS, lora=lora, max_new_tokens=8) for _, lora in adapters[1:]]
+        other = generate(model, params, PROMPTS, adapters=stack_adapters(adapters[2:]), adapter_index=[1, 0, 1],
+                         max_new_tokens=8)  # fmt: skip
+    assert not [r for r in caplog.records if "Compiling" in r.getMessage()]
+    assert _decoder.cache_info().misses == misses + 2  # one program for every single adapter, one per stack shape
+    assert all(out.compile_seconds == 0.0 for out in [*swapped, other])
+    assert len({first.tokens.tobytes(), *(out.tokens.tobytes() for out in swapped)}) == 4  # four different adapters
+    assert not np.array_equal(other.tokens, mixed.tokens)
+
+
+def test_mixed_generation_refuses_a_bad_index(lively_hf):
+    model, params = jlora.load_gpt2(lively_hf[0])
+    stack = stack_adapters(lively_adapters(model, params, [jlora.LoraConfig(r=2)] * 2))
+    with pytest.raises(ValueError, match="adapter index 2 is outside the stack of 2 adapters"):
+        generate(model, params, PROMPTS, adapters=stack, adapter_index=[0, 1, 2])
+    with pytest.raises(ValueError, match="give lora= .* or adapters= with adapter_index="):
+        generate(model, params, PROMPTS, adapters=stack)
 
 
 def test_filter_logits_matches_transformers_warpers():

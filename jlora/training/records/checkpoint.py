@@ -218,6 +218,14 @@ def load_adapter(checkpoint_dir: str | Path, member: int | None = None) -> tuple
     return load_member(*_read(checkpoint_dir), member)
 
 
+def read_meta(checkpoint_dir: str | Path) -> dict:
+    """The meta of one checkpoint folder (step, LoRA and model config, base identity, a population's members)."""
+    try:
+        return json.loads(_meta_file(Path(checkpoint_dir)).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read the meta of the checkpoint in {checkpoint_dir} ({describe(e)})") from e
+
+
 def _meta_file(checkpoint_dir: Path) -> Path:
     meta = checkpoint_dir / "meta"
     return meta / "metadata" if meta.is_dir() else meta

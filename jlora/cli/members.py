@@ -1,0 +1,59 @@
+"""``--member``: which adapters of a run the commands read, resolved in one place.
+
+    --member K        member K of a population run
+    --member 0,3      several members, in that order
+    --member all      every member
+
+A run or checkpoint without a population holds one adapter, which it gives whatever `--member`
+says (so one `--member` can pick the members of the population runs among several sources).
+
+`parse_member` is the argparse type (light: it imports nothing heavy, so ``jlora --help`` stays
+fast); `member_indices` turns a parsed value and a checkpoint's meta into the indices to load. A
+new way of naming members (e.g. the best of a search) is one more case of these two functions.
+
+>>> parse_member("3"), parse_member("0,3"), parse_member("all")
+(3, (0, 3), 'all')
+>>> member_indices("all", {"population": [{"name": "r=1"}, {"name": "r=2"}]}), member_indices(3, {})
+([0, 1], [None])
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+
+from jlora.errors import UsageError
+
+MemberSpec = int | tuple[int, ...] | str | None
+NAMES = ("all",)
+
+
+def parse_member(text: str) -> int | tuple[int, ...] | str:
+    """K, "K,L,...", or "all" (argparse's ``type=``)."""
+    if text in NAMES:
+        return text
+    try:
+        indices = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a member: give an index K, indices K,L,... or {' / '.join(NAMES)}"
+        ) from None
+    return indices[0] if len(indices) == 1 else indices
+
+
+def member_indices(spec: MemberSpec, meta: Mapping) -> list[int | None]:
+    """The member indices `spec` names in a checkpoint with this meta; [None]: its one adapter.
+
+    Indices are checked where the members are loaded (`jlora.training.records.checkpoint.load_member`
+    names the valid ones).
+    """
+    population = meta.get("population")
+    if not population:
+        return [None]
+    if spec == "all":
+        return list(range(len(population)))
+    if isinstance(spec, tuple):
+        return list(spec)
+    if spec is None or isinstance(spec, int):
+        return [spec]
+    raise UsageError(f"--member {spec!r}: give an index K, indices K,L,... or {' / '.join(NAMES)}")
