@@ -29,7 +29,8 @@ Token ids must lie in 0 .. vocab_size - 1: `check_token_ids` refuses others in a
 (a `DataError`); under jit they cannot be checked and give NaN logits (see there).
 Attention-probability dropout is not applied (the fused kernels have none); embedding,
 residual and LoRA dropout are, in training mode (``deterministic=False`` with a
-``"dropout"`` RNG).
+``"dropout"`` RNG), with masks from a counter hash of the key (`jlora.core.dropout`: a tenth of
+threefry's cost per mask on a CPU).
 
 Decoding is its own method, `GPT2.decode`, threading an explicit KV cache, a plain pytree of
 fixed size (`init_cache`)::
@@ -59,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.core.dora import dora_output
+from jlora.core.dropout import Dropout
 from jlora.core.lora import lora_delta, stacked_lora_delta
 from jlora.core.lora_config import QKV, LoraConfig
 from jlora.errors import ConfigError, DataError
@@ -178,7 +180,7 @@ class Linear(nn.Module):
         if self.lora is None:
             raise ValueError("a 'lora' collection was given to a model without LoraConfig; use model.clone(lora=cfg)")
         dropout_off = deterministic or self.lora.dropout == 0
-        x_dropped = nn.Dropout(self.lora.dropout)(x, deterministic=dropout_off)
+        x_dropped = Dropout(self.lora.dropout)(x, deterministic=dropout_off)
         path = ".".join(self.scope.path)
         scalings = self.variables.get(SCALING, {})
         if "m" in adapters:
@@ -289,7 +291,7 @@ class Attention(_Layer):
                 q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=scale, implementation="xla"
             )
         out = self.linear(d, "c_proj", self.proj_std)(out.reshape(batch, length, d), deterministic)
-        return nn.Dropout(c.resid_pdrop)(out, deterministic=deterministic), kv
+        return Dropout(c.resid_pdrop)(out, deterministic=deterministic), kv
 
 
 class MLP(_Layer):
@@ -298,7 +300,7 @@ class MLP(_Layer):
         c = self.config
         h = ACTIVATIONS[c.activation_function](self.linear(c.d_inner, "c_fc")(x, deterministic))
         h = self.linear(c.n_embd, "c_proj", self.proj_std)(h, deterministic)
-        return nn.Dropout(c.resid_pdrop)(h, deterministic=deterministic)
+        return Dropout(c.resid_pdrop)(h, deterministic=deterministic)
 
 
 class Block(_Layer):
@@ -349,7 +351,7 @@ class GPT2(_Layer):
         self.wpe = nn.Embed(c.n_positions, c.n_embd, dtype=dtype, param_dtype=param_dtype, embedding_init=_normal(0.01))
         self.h = Blocks(c, self.lora)
         self.ln_f = self.layer_norm("ln_f")
-        self.embd_dropout = nn.Dropout(c.embd_pdrop)
+        self.embd_dropout = Dropout(c.embd_pdrop)
 
     def hidden(
         self,

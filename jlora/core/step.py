@@ -210,7 +210,7 @@ def train_step(
     metrics = {
         "loss": loss_sum / jnp.maximum(tokens, 1.0),
         "tokens": tokens,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
     }
     if schedule is not None:
         metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)

@@ -1,0 +1,48 @@
+"""scripts/device_check.sh --dry-run: every section of the GPU check runs on a CPU, and its JSON has every field."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+SPEED_FIELDS = {
+    "jlora_step_s",
+    "peft_bf16_step_s",
+    "jlora_vs_peft_bf16",
+    "jlora_useful_gflops",
+    "jlora_mfu",
+    "peft_mfu",
+    "jlora_device_peak_bytes",
+    "peft_device_peak_bytes",
+    "jlora_compile_s",
+    "load",
+}
+
+
+def test_the_gpu_check_dry_run_fills_every_field(tmp_path):
+    done = subprocess.run(
+        [str(SCRIPTS / "device_check.sh"), "--dry-run"],
+        env={**os.environ, "OUT": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "device_check.json").read_text())
+    errors = {k: v["error"] for k, v in report.items() if isinstance(v, dict) and "error" in v}
+    assert not errors, errors
+    assert report["env"]["dry_run"] is True and report["env"]["backend"] == "cpu" and report["env"]["jax"]
+    correctness = report["correctness"]
+    bf16 = correctness["bf16_vs_f32"]
+    assert len(bf16["losses"]["float32"]) == len(bf16["losses"]["bfloat16"]) == 3 and bf16["ok"]
+    assert correctness["cudnn_vs_xla_attention"]["skipped"].startswith("no GPU")
+    assert correctness["gpu_tests"]["skipped"] == 3 and correctness["gpu_tests"]["failed"] == 0
+    assert set(report["speed"]) == {"qa", "uniform", "seq1024"}
+    for name, figures in report["speed"].items():
+        assert SPEED_FIELDS <= set(figures), name
+        assert figures["jlora_step_s"] > 0 and figures["jlora_vs_peft_bf16"] > 0 and figures["jlora_mfu"] is None
+    assert report["population"]["members"] == 2 and report["population"]["per_step_ratio"] > 0
+    assert set(report["aims"]) == {"mfu_seq1024_at_least_45pct", "qa_at_least_3x_peft", "population_at_least_4x_solo"}
+    assert report["aims"]["mfu_seq1024_at_least_45pct"] is None  # no bf16 peak for a CPU
