@@ -130,6 +130,16 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, until: 
         bar = tqdm(total=stop, initial=start, disable=not (progress and primary), dynamic_ncols=True, unit="step")
         evaluated: dict[int, list[dict]] = {}  # the newest evaluation's rows, by step: what a rung decides on
 
+        def on_host(state: TrainState) -> TrainState:
+            """One copy of the state: device 0's under pmap; a mesh's trainable and optimizer state fetched
+            (host arrays: checks and slices of them start no program across devices, which XLA:CPU could
+            deadlock on when many are in flight)."""
+            if live.step.pmapped:
+                return unreplicate(state)
+            if live.step.place is None:
+                return state
+            return state.replace(trainable=jax.device_get(state.trainable), opt_state=jax.device_get(state.opt_state))
+
         def evaluation_rows(step: int, state: TrainState) -> list[dict]:
             result = live.evaluate(state)
             return member_rows(step, result, live.trainer.ids) if result else []  # {}: no validation or forgetting
@@ -154,14 +164,14 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, until: 
 
         def restage(state: TrainState, step: int) -> tuple:  # after a rung: the survivors, on their own
             nonlocal live, archive
-            host = unreplicate(state) if live.step.pmapped else state
+            host = on_host(state)
             archive = put_members(archive, (host.trainable, host.opt_state), live.trainer.ids)  # the pruned's last
             live, state = stage(*survivors(live.trainer, host, search.alive), step)
             log.members = live.trainer.ids
             return live.step, state, live.trainer.rng
 
         def checkpoint(info: StepInfo) -> None:
-            host = unreplicate(info.state) if live.step.pmapped else info.state
+            host = on_host(info.state)
             check_finite_state(live.eval_step, info, host, newest=manager.latest_step())
             meta = {**checkpoint_meta(run, info.step, identity), **population_meta(members)}
             trainable, opt_state = host.trainable, host.opt_state
