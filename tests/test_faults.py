@@ -129,6 +129,7 @@ def write(name: str, content: str | bytes) -> Callable[[Path, dict], None]:
 
 
 T = "train TINY --set steps=2 --out {tmp}/out"
+P = " --set 'population={grid: {r: [1, 2]}}'"
 CASES = {
     # run configs: the file, every kind of bad value, --set syntax
     "config_path_is_a_directory": Case("train {tmp} --out {tmp}/out", 2, "is a directory, not a config file"),
@@ -185,6 +186,27 @@ CASES = {
         T + " --set trainable.modules_to_save=[bogus]", 2, "modules_to_save: no base module named 'bogus'"
     ),
     "trainable_bias_unknown": Case(T + " --set trainable.bias=some", 2, "trainable.bias must be none, all or"),
+    # a search: successive halving over a population
+    "search_without_population": Case(
+        T + " --set 'search={eta: 2}'", 2, "search: successive halving prunes a population"
+    ),
+    "search_eta_below_2": Case(T + P + " --set 'search={eta: 1, rung_every: 1}'", 2, "search.eta must be >= 2"),
+    "search_rung_every_zero": Case(T + P + " --set 'search={rung_every: 0}'", 2, "search.rung_every must be in 1..1"),
+    "search_rung_every_at_steps": Case(
+        T + P + " --set 'search={rung_every: 2}'", 2, "search.rung_every must be in 1..1"
+    ),
+    "search_metric_unknown": Case(
+        T + P + " --set 'search={rung_every: 1, metric: accuracy}'", 2, "search.metric must be one of val_loss"
+    ),
+    "search_without_validation": Case(
+        T + P + " --set 'search={rung_every: 1}'", 2, "search.metric=val_loss needs a validation set"
+    ),
+    "search_exact_match_off": Case(
+        T + P + " --set data.validation=bundled --set 'search={rung_every: 1, metric: exact_match}'",
+        2,
+        "search.metric=exact_match needs exact_match > 0",
+    ),
+    "train_until_past_steps": Case(T + " --until 3", 2, "until=3 must be in 1..2"),
     # data files
     "data_file_missing": Case(T + " --set data.train={tmp}/none.jsonl", 2, "no such file"),
     "data_file_empty": Case(T + " --set data.train={tmp}/d.jsonl", 2, "d.jsonl: no examples", write("d.jsonl", "")),
@@ -323,6 +345,9 @@ CASES = {
     "generate_prompts_file_missing": Case("generate {run} --prompts {tmp}/none.txt", 2, "--prompts: no such file"),
     "generate_without_a_prompt": Case("generate {run}", 2, "give --prompt TEXT or --prompts FILE"),
     "diagnose_not_a_run": Case("diagnose {tmp}", 2, "no adapter checkpoint in"),
+    "export_best_of_a_run_without_search": Case(
+        "export {run} --peft {tmp}/o --member best", 2, "--member best: the run is not a search"
+    ),
 }
 
 
@@ -372,7 +397,7 @@ def config_fields(cls: type = None, prefix: str = "") -> dict[str, object]:
 
 def wrong_value(key: str, default: object) -> str:
     """A YAML value of the wrong type for a field with this default: a mapping for a list or an optional, and so on."""
-    if key == "population":  # an optional section: a mapping would be read as one
+    if key in ("population", "search"):  # an optional section: a mapping would be read as one
         return "[1, 2]"
     if default is None or isinstance(default, tuple | list):
         return "{x: 1}"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from jlora.errors import UsageError
 from jlora.research.diagnose import compare, diagnose, format_table, write_plots
+from jlora.training.records.checkpoint import resolve_member
 
 
 def diagnose_command(args: argparse.Namespace) -> int:
@@ -25,11 +26,11 @@ def diagnose_command(args: argparse.Namespace) -> int:
             f"--intruder-k must be >= 1 and --intruder-epsilon in (0, 1], "
             f"got {args.intruder_k} and {args.intruder_epsilon}"
         )
-    report = diagnose(run_dir, step=args.step, member=args.member, k=args.intruder_k, epsilon=args.intruder_epsilon)
+    member = resolve_member(run_dir, args.member)  # "best": a search's winner
+    report = diagnose(run_dir, step=args.step, member=member, k=args.intruder_k, epsilon=args.intruder_epsilon)
     if args.against:
-        report["against"] = compare(
-            run_dir, args.against, step=args.step, member=args.member, against_member=args.against_member
-        )
+        against_member = resolve_member(args.against, args.against_member)
+        report["against"] = compare(run_dir, args.against, step=args.step, member=member, against_member=against_member)
     out = Path(args.out) if args.out else run_dir / "diagnose"
     out.mkdir(parents=True, exist_ok=True)
     (out / "diagnose.json").write_text(json.dumps(report, indent=1) + "\n")

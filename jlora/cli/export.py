@@ -12,7 +12,8 @@ and names ``OUT_DIR/base`` (absolute) as ``base_model_name_or_path``. A PiSSA / 
 goes to PEFT as the rank-2r LoRA that equals it on the unmodified base (as PEFT itself converts
 such adapters for sharing); the merged model is the residual base plus the adapter.
 
-A population run holds several adapters; ``--member K`` exports member K, at its own rank.
+A population run holds several adapters; ``--member K`` exports member K, at its own rank
+(``--member best``: a finished search's winner).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from jlora.training.records.checkpoint import (
     load_checkpoint,
     load_init,
     lora_config_of,
+    resolve_member,
 )
 
 BYTES_NOTE = (
@@ -44,6 +46,7 @@ def export_command(args: Any) -> int:
     run_dir = Path(args.run_dir)
     check_new_folder(args.peft or args.merged)  # before anything is loaded
     checkpoint = find_checkpoint(run_dir, args.step)
+    args.member = resolve_member(run_dir, args.member)  # "best": a search's winner
     lora, base_leaves, meta = load_adapter(checkpoint, args.member)
     name = meta["base_model"]["name"]
     source = meta.get("tokenizer") or name  # the run's tokenizer: "bytes", the base's (its name) or another

@@ -59,7 +59,7 @@ def load_source(
     base: str | None = None,
     tokenizer: str | None = None,
     raw: bool = False,
-    member: int | None = None,
+    member: int | str | None = None,
 ) -> Source:
     """A run directory, a PEFT folder or a Hugging Face checkpoint, ready to generate from.
 
@@ -67,7 +67,7 @@ def load_source(
     writes for a random base), else the ``base_model_name_or_path`` it records; its tokenizer is
     the folder's own if it has one, else the base's. `tokenizer` overrides the source's (a
     checkpoint directory, a Hub id or "bytes"). A run's prompts take its training form unless `raw`;
-    `member` picks one adapter of a population run.
+    `member` picks one adapter of a population run ("best": a finished search's winner).
     """
     path = Path(source).expanduser()
     if (path / "config.yaml").exists() and (path / "checkpoints").is_dir():

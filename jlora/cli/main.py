@@ -17,17 +17,23 @@ from jlora.errors import Interrupted, JloraError, RunError
 
 def _train(args: argparse.Namespace) -> int:
     from jlora.core.parallel import initialize_distributed
+    from jlora.training.records.rundir import is_primary
     from jlora.training.run.config import DEFAULT_CONFIG, load_run_config
     from jlora.training.run.train import train
 
     initialize_distributed()  # a no-op unless launched as a multi-host job (see jlora.core.parallel)
     cfg = load_run_config(args.config or DEFAULT_CONFIG, args.set)
-    train(cfg, args.out)
+    summary = train(cfg, args.out, until=args.until)
+    if cfg.search is not None and summary["search"]["best"] is not None and is_primary():
+        from jlora.research.search_report import write_report  # a finished search: its report
+
+        written = write_report(args.out)
+        print(f"search: best member {summary['search']['best']}; report in {', '.join(map(str, written))}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jlora.cli.members import parse_member
+    from jlora.cli.members import parse_member, parse_one_member
     from jlora.training.run.config import packaged_configs
 
     parser = argparse.ArgumentParser(
@@ -38,7 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="fine-tune with LoRA (resumes if RUN_DIR has a checkpoint)")
+    train = commands.add_parser(
+        "train",
+        aliases=["sweep"],
+        help="fine-tune with LoRA (resumes if RUN_DIR has a checkpoint); sweep: the same, for a search: section",
+    )
     train.add_argument(
         "config",
         nargs="?",
@@ -47,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=1e-3")
     train.add_argument("--out", default="runs/default", metavar="RUN_DIR", help="run directory (default: runs/default)")
+    train.add_argument(
+        "--until",
+        type=int,
+        metavar="STEP",
+        help="stop after update STEP (checkpointed; the schedule stays the config's steps); the same command goes on",
+    )
     train.set_defaults(handler=_train)
 
     export = commands.add_parser("export", help="a run as a PEFT adapter folder or a merged HF checkpoint")
@@ -55,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--peft", metavar="OUT_DIR", help="write adapter_config.json + adapter_model.safetensors")
     where.add_argument("--merged", metavar="OUT_DIR", help="write a GPT-2 checkpoint with the adapter merged in")
     export.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
-    export.add_argument("--member", type=int, metavar="K", help="member K of a population run")
+    export.add_argument(
+        "--member", type=parse_one_member, metavar="K", help="member K of a population run, or best (a search's winner)"
+    )
     export.set_defaults(handler=_lazy("jlora.cli.export", "export_command"))
 
     gen = commands.add_parser("generate", help="continue prompts (a run, a PEFT folder or a HF checkpoint)")
@@ -83,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--member",
         type=parse_member,
         metavar="K",
-        help="member K of a population run; K,L,... or all: those members' answers side by side",
+        help="member K of a population run, or best (a search's winner); K,L,... or all: their answers side by side",
     )
     gen.add_argument(
         "--adapter",
@@ -102,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     comb.add_argument("--majority-sign", default="total", help="ties*: total (default) or frequency")
     comb.add_argument("--clamp", type=float, help="*svd: clip the factors to this quantile (PEFT's svd_clamp)")
     comb.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops (default 0)")
-    comb.add_argument("--member", type=parse_member, metavar="K", help="members of population runs: K, K,L,... or all")
+    comb.add_argument(
+        "--member", type=parse_member, metavar="K", help="members of population runs: K, K,L,..., all or best"
+    )
     comb.add_argument("--base", help="base model of PEFT folders (default: their base/ folder, else the one recorded)")
     comb.add_argument("--out", required=True, metavar="DIR", help="the PEFT folder to write")
     comb.set_defaults(handler=_lazy("jlora.cli.combine", "combine_command"))
@@ -114,8 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--against", metavar="RUN_DIR2", help="another run: phi(i, j) between the two runs' adapters")
     diag.add_argument("--step", type=int, help="checkpoint step of RUN_DIR (default: the newest)")
     diag.add_argument("--out", metavar="DIR", help="where diagnose.json and the plots go (default: RUN_DIR/diagnose)")
-    diag.add_argument("--member", type=int, metavar="K", help="member K of a population run")
-    diag.add_argument("--against-member", type=int, metavar="K", help="member K of the --against population run")
+    diag.add_argument(
+        "--member", type=parse_one_member, metavar="K", help="member K of a population run, or best (a search's winner)"
+    )
+    diag.add_argument(
+        "--against-member", type=parse_one_member, metavar="K", help="member K of the --against population run, or best"
+    )
     diag.add_argument("--intruder-k", type=int, default=10, metavar="K", help="top singular vectors tested (10)")
     diag.add_argument("--intruder-epsilon", type=float, default=0.5, metavar="EPS", help="intruder threshold (0.5)")
     diag.set_defaults(handler=_lazy("jlora.cli.diagnose", "diagnose_command"))

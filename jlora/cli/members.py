@@ -3,16 +3,18 @@
     --member K        member K of a population run
     --member 0,3      several members, in that order
     --member all      every member
+    --member best     a finished search's winner (`jlora.training.records.checkpoint.best_member`)
 
 A run or checkpoint without a population holds one adapter, which it gives whatever `--member`
 says (so one `--member` can pick the members of the population runs among several sources).
 
 `parse_member` is the argparse type (light: it imports nothing heavy, so ``jlora --help`` stays
 fast); `member_indices` turns a parsed value and a checkpoint's meta into the indices to load. A
-new way of naming members (e.g. the best of a search) is one more case of these two functions.
+new way of naming members is one more case of these two functions. The commands that read one
+adapter (export, diagnose) take `parse_one_member`: K or best.
 
->>> parse_member("3"), parse_member("0,3"), parse_member("all")
-(3, (0, 3), 'all')
+>>> parse_member("3"), parse_member("0,3"), parse_member("all"), parse_member("best")
+(3, (0, 3), 'all', 'best')
 >>> member_indices("all", {"population": [{"name": "r=1"}, {"name": "r=2"}]}), member_indices(3, {})
 ([0, 1], [None])
 """
@@ -25,7 +27,7 @@ from collections.abc import Mapping
 from jlora.errors import UsageError
 
 MemberSpec = int | tuple[int, ...] | str | None
-NAMES = ("all",)
+NAMES = ("all", "best")
 
 
 def parse_member(text: str) -> int | tuple[int, ...] | str:
@@ -41,6 +43,14 @@ def parse_member(text: str) -> int | tuple[int, ...] | str:
     return indices[0] if len(indices) == 1 else indices
 
 
+def parse_one_member(text: str) -> int | str:
+    """K or "best" (argparse's ``type=`` where one adapter is read)."""
+    spec = parse_member(text)
+    if isinstance(spec, tuple) or spec == "all":
+        raise argparse.ArgumentTypeError(f"{text!r}: this command reads one member: give an index K or best")
+    return spec
+
+
 def member_indices(spec: MemberSpec, meta: Mapping) -> list[int | None]:
     """The member indices `spec` names in a checkpoint with this meta; [None]: its one adapter.
 
@@ -52,6 +62,10 @@ def member_indices(spec: MemberSpec, meta: Mapping) -> list[int | None]:
         return [None]
     if spec == "all":
         return list(range(len(population)))
+    if spec == "best":
+        from jlora.training.records.checkpoint import best_member
+
+        return [best_member(meta)]
     if isinstance(spec, tuple):
         return list(spec)
     if spec is None or isinstance(spec, int):

@@ -10,10 +10,18 @@
 Several hosts: launch one process per host and call `initialize_distributed` first thing; pmap
 then spans every host's devices, each process feeding its own local rows (its slice of the
 global batch) and its replicated state.
+
+A population of adapters (`jlora.core.population`) spreads its members over the devices instead,
+on a `member_mesh`: K members on n devices, m = gcd(K, n) devices along the member axis and the
+other n / m splitting the batch (8 members on 4 devices: 2 each, the whole batch on every device;
+2 members: one each, the batch split in two; 1 member: the batch split in four)::
+
+    mesh ("member": m, "data": n / m)     members' leaves  P("member")    batch rows  P("data")
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -22,6 +30,7 @@ import numpy as np
 
 PyTree = Any
 AXIS = "batch"  # the pmap axis name the train step's collectives reduce over
+MEMBERS, DATA = "member", "data"  # a population mesh's axes
 
 
 def local_devices(n_devices: int | None = None) -> list:
@@ -32,6 +41,17 @@ def local_devices(n_devices: int | None = None) -> list:
     if not 1 <= n_devices <= len(devices):
         raise ValueError(f"n_devices={n_devices}, but this process has {len(devices)} local device(s)")
     return devices[:n_devices]
+
+
+def member_mesh(n_members: int, devices: list) -> jax.sharding.Mesh:
+    """A ("member", "data") mesh over `devices` for a population of `n_members`: gcd(n_members, n)
+    devices along the member axis (each holds that share of the members), the rest along the batch.
+
+    >>> dict(member_mesh(8, jax.local_devices()[:1]).shape)
+    {'member': 1, 'data': 1}
+    """
+    m = math.gcd(n_members, len(devices))
+    return jax.sharding.Mesh(np.array(devices).reshape(m, len(devices) // m), (MEMBERS, DATA))
 
 
 def replicate(tree: PyTree, n_devices: int | None = None) -> PyTree:

@@ -51,8 +51,17 @@ from jlora.core.lora import flatten_adapters, unflatten_adapters
 from jlora.core.lora_config import LoraConfig
 from jlora.core.loss import loss_sums
 from jlora.core.optim import OptimConfig, combine, learning_rate, make_optimizer, partition
-from jlora.core.parallel import local_devices
-from jlora.core.step import EvalStep, TrainState, TrainStep, compile_eval, compile_update, parallel_axis, train_step
+from jlora.core.parallel import DATA, MEMBERS, local_devices
+from jlora.core.step import (
+    EvalStep,
+    TrainState,
+    TrainStep,
+    compile_eval,
+    compile_update,
+    parallel_axis,
+    step_inputs,
+    train_step,
+)
 from jlora.errors import ConfigError
 from jlora.tree import leaves_by_path
 
@@ -113,7 +122,21 @@ def population(members: Sequence[Member], params: Mapping) -> Population:
             raise ConfigError(
                 f"population member {k} has LoRA dropout {m.lora.dropout}, member 0 {members[0].lora.dropout}"
             )
-    ranks = {p: max(m.lora.rank_for(p) for m in members) for p in paths}
+    ratios = [m.loraplus_ratio for m in members]
+    return Population(
+        members=members,
+        ranks=_ranks(members, paths),
+        lr=jnp.asarray([m.lr for m in members], jnp.float32),
+        loraplus_ratio=None if all(x is None for x in ratios) else jnp.asarray([x or 1.0 for x in ratios], jnp.float32),
+        rank_mask=_rank_mask(members, _ranks(members, paths)),
+    )
+
+
+def _ranks(members: Sequence[Member], paths) -> dict[str, int]:
+    return {p: max(m.lora.rank_for(p) for m in members) for p in paths}
+
+
+def _rank_mask(members: Sequence[Member], ranks: Mapping[str, int]) -> dict:
     masks = {
         p: {
             "A": np.stack([np.arange(r)[:, None] < m.lora.rank_for(p) for m in members]),  # (K, R, 1)
@@ -121,14 +144,56 @@ def population(members: Sequence[Member], params: Mapping) -> Population:
         }
         for p, r in ranks.items()
     }
-    ratios = [m.loraplus_ratio for m in members]
+    return unflatten_adapters({p: jax.tree.map(jnp.asarray, m) for p, m in masks.items()})
+
+
+def subset(pop: Population, positions: Sequence[int]) -> Population:
+    """The members at `positions` as a population of their own (a search's survivors).
+
+    Each keeps its settings; the padded ranks shrink to the largest kept member's. LoRA+ ratios stay
+    an array when the population had any, so the optimizer state keeps its structure (`take_members`).
+    """
+    members = tuple(pop.members[i] for i in positions)
+    if not members:
+        raise ConfigError("a population needs at least one member")
+    index = np.asarray(positions)
+    ranks = _ranks(members, pop.ranks)
     return Population(
         members=members,
         ranks=ranks,
-        lr=jnp.asarray([m.lr for m in members], jnp.float32),
-        loraplus_ratio=None if all(x is None for x in ratios) else jnp.asarray([x or 1.0 for x in ratios], jnp.float32),
-        rank_mask=unflatten_adapters({p: jax.tree.map(jnp.asarray, m) for p, m in masks.items()}),
+        lr=pop.lr[index],
+        loraplus_ratio=None if pop.loraplus_ratio is None else pop.loraplus_ratio[index],
+        rank_mask=_rank_mask(members, ranks),
     )
+
+
+def take_members(tree: PyTree, positions: Sequence[int], like: PyTree) -> PyTree:
+    """Members `positions` of a stacked tree (a trainable partition, an optimizer state), each leaf cut
+    to the shape of `like`'s: the same tree for the `subset` population, whose padded ranks may be smaller.
+
+    Cutting is exact: past a member's own rank its A rows, B columns and their optimizer moments are 0.
+    """
+    index = np.asarray(positions)
+
+    def pick(x, shape_of):
+        x = x[index]
+        return x if x.shape == shape_of.shape else x[tuple(slice(0, n) for n in shape_of.shape)]
+
+    return jax.tree.map(pick, tree, like)
+
+
+def put_members(full: PyTree, tree: PyTree, positions: Sequence[int]) -> PyTree:
+    """`full` (a stacked host tree of every member, numpy) with members `positions` replaced by `tree`'s,
+    zero-padded to `full`'s ranks: the inverse of `take_members`, into a copy."""
+    index = np.asarray(positions)
+
+    def put(whole, part):
+        whole, part = np.array(whole), np.asarray(part)
+        whole[index] = 0
+        whole[(index, *(slice(0, n) for n in part.shape[1:]))] = part
+        return whole
+
+    return jax.tree.map(put, full, tree)
 
 
 def pad_lora(lora: Mapping, ranks: Mapping[str, int]) -> dict:
@@ -301,23 +366,32 @@ def make_population_step(
     grad_accum: int | None = None,
     n_devices: int | None = None,
     dropout: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> TrainStep:
-    """The population's compiled step: `train_step` vmapped over the members, jit or pmap as the solo step.
+    """The population's compiled step: `train_step` vmapped over the members, jit or pmap as the solo step,
+    or jit over a `mesh` that spreads the members over devices.
 
     Called as ``step(state, batch, keys) -> (state, metrics)`` with `state` from `init_population`,
     the one batch every member reads, and (K,) dropout keys (`member_keys`); each metric comes back
     (K,), one per member (under pmap (n_devices, K)). Member k's losses and adapters are those of a
     solo `make_train_step` run with its settings and dropout key ``keys[k]``.
 
+    With `mesh` (`jlora.core.parallel.member_mesh`) the step is one program over the mesh's devices
+    (GSPMD): each member's leaves live on its devices of the "member" axis, the batch rows are split
+    along "data", and no gradient is summed across members. It computes what the one-device step
+    computes (dropout masks included), so the losses equal one device's to float rounding; ``step.place``
+    puts a host state on the mesh.
+
     Args:
       model: the `GPT2` (its LoraConfig's targets and dropout; the scalings are the population's).
       cfg: the optimizer settings every member shares (its lr and LoRA+ ratio are the members').
       pop: from `population`.
-      grad_accum, n_devices, dropout: as `make_train_step`.
+      grad_accum, n_devices, dropout: as `make_train_step` (`n_devices` is not read with a mesh).
+      mesh: a ("member", "data") mesh (None: jit on one device, or pmap over `n_devices`).
     """
     grad_accum = grad_accum or cfg.grad_accum
-    devices = local_devices(n_devices)
-    axis_name = parallel_axis(devices)
+    devices = local_devices(n_devices) if mesh is None else list(mesh.devices.flat)
+    axis_name = None if mesh is not None else parallel_axis(devices)
 
     settings = dict(grad_accum=grad_accum, axis_name=axis_name, dropout=dropout)
 
@@ -333,14 +407,75 @@ def make_population_step(
         trainable, opt_state, metrics = members(trainable, opt_state, frozen, rng, (step, batch))
         return (step + 1, trainable, opt_state), metrics
 
-    return compile_update(update, devices)
+    return compile_update(update, devices) if mesh is None else compile_on_mesh(update, mesh)
 
 
-def make_population_eval_step(model, mask: Mapping, *, n_devices: int | None = None) -> EvalStep:
+def mesh_shardings(mesh: jax.sharding.Mesh) -> tuple:
+    """(members, batch, whole): NamedShardings of a member-stacked leaf (axis 0 along "member"), of a
+    batch leaf (rows along "data") and of a leaf every device holds whole."""
+    named = lambda *spec: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))  # noqa: E731
+    return named(MEMBERS), named(DATA), named()
+
+
+def state_shardings(mesh: jax.sharding.Mesh, frozen: Mapping) -> TrainState:
+    """A tree prefix of a population's `TrainState` with each part's sharding on `mesh`: trainable leaves
+    and optimizer state by member, the frozen base whole, the scalings by member."""
+    members, _, whole = mesh_shardings(mesh)
+    return TrainState(whole, members, {c: members if c in STACKED else whole for c in frozen}, members)
+
+
+def compile_on_mesh(update: Callable, mesh: jax.sharding.Mesh) -> TrainStep:
+    """A `TrainStep` of ``update(step, trainable, opt_state, frozen, batch, rng)`` jit-compiled over `mesh`
+    with the shardings of `state_shardings` (built at the first call, from the frozen partition's keys)."""
+    members, batch_sharding, whole = mesh_shardings(mesh)
+    compiled = {}
+
+    def jitted(frozen: Mapping):
+        keys = tuple(frozen)
+        if keys not in compiled:
+            s = state_shardings(mesh, frozen)
+            compiled[keys] = jax.jit(
+                update,
+                in_shardings=(s.step, s.trainable, s.opt_state, s.frozen, batch_sharding, members),
+                out_shardings=((whole, members, members), members),
+                donate_argnums=(0, 1, 2),
+            )
+        return compiled[keys]
+
+    def step(state: TrainState, batch: Mapping, rng: jax.Array) -> tuple[TrainState, dict]:
+        (n, trainable, opt_state), metrics = jitted(state.frozen)(
+            state.step, state.trainable, state.opt_state, state.frozen, step_inputs(batch), rng
+        )
+        return TrainState(n, trainable, state.frozen, opt_state), metrics
+
+    def place(state: TrainState) -> TrainState:
+        return jax.device_put(state, state_shardings(mesh, state.frozen))
+
+    class Compiled:  # `TrainStep.compiled`: .lower() like a jitted function's
+        @staticmethod
+        def lower(step, trainable, opt_state, frozen, batch, rng):
+            return jitted(frozen).lower(step, trainable, opt_state, frozen, batch, rng)
+
+    return TrainStep(step, Compiled(), mesh.size, False, place)
+
+
+def make_population_eval_step(
+    model, mask: Mapping, *, n_devices: int | None = None, mesh: jax.sharding.Mesh | None = None
+) -> EvalStep:
     """``eval_step(state, batch) -> (loss sums (K,), token counts (K,))``: `make_eval_step` per member.
 
-    `mask` is the trainable mask the state was made with (`member_axes`).
+    `mask` is the trainable mask the state was made with (`member_axes`); with `mesh`, the step is
+    jit-compiled over it as `make_population_step`'s (members by member, the batch split along "data").
     """
     axes = member_axes(mask)
     sums = jax.vmap(lambda variables, batch: loss_sums(model, variables, batch), in_axes=(axes, None))
-    return compile_eval(sums, local_devices(n_devices))
+    if mesh is None:
+        return compile_eval(sums, local_devices(n_devices))
+    members, batch_sharding, whole = mesh_shardings(mesh)
+    shardings = jax.tree.map(lambda a: whole if a is None else members, axes, is_leaf=lambda a: a is None)
+    compiled = jax.jit(sums, in_shardings=(shardings, batch_sharding), out_shardings=members)
+
+    def eval_step(variables_or_state, batch: Mapping):
+        return compiled(getattr(variables_or_state, "variables", variables_or_state), step_inputs(batch))
+
+    return EvalStep(eval_step, mesh.size, False)

@@ -86,12 +86,15 @@ class TrainStep(NamedTuple):
     Call it as ``step(state, batch, rng) -> (state, metrics)``. `compiled` is the jitted (or
     pmapped) function of ``(step, trainable, opt_state, frozen, batch, rng)``, for ``.lower()``
     and cost analysis; when `pmapped`, state, batch and metrics carry a leading device axis.
+    `place`, when set, puts a host state where the step reads it (a population's members spread
+    over a device mesh, `jlora.core.population`); the batch it places itself.
     """
 
     update: Callable[[TrainState, Mapping, jax.Array], tuple[TrainState, dict]]
     compiled: Callable
     n_devices: int
     pmapped: bool
+    place: Callable[[TrainState], TrainState] | None = None
 
     def __call__(self, state: TrainState, batch: Mapping, rng: jax.Array) -> tuple[TrainState, dict]:
         return self.update(state, batch, rng)

@@ -5,6 +5,7 @@
     forgetting.py    learning against forgetting on held-out text; a base pretrained on it
     planted.py       a known rank-k update planted in a model, recovered by distillation
     plots.py         matplotlib figures (Agg, no pyplot state)
+    search_report.py what a search found: leaderboard, curves, the winner's update, the source's heuristics
 
 May import training, exchange and the core; the scripts in scripts/ compose these.
 """

@@ -185,3 +185,48 @@ def heatmaps(
     if image is not None:
         fig.colorbar(image, ax=list(axes[: len(grids)]), shrink=0.8, label="phi(i, j)")
     return _save(fig, path, title)
+
+
+def search_plot(
+    path: str | Path,
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    pruned: Mapping[str, tuple[float, float]],
+    best: str,
+    rungs: Sequence[int],
+    ylabel: str,
+    ranks: Mapping[str, tuple[float, int]] | None = None,
+    title: str | None = None,
+) -> Path:
+    """A search's picture: each member's curve {label: (steps, values)}, thin, with an x where it was
+    pruned (`pruned` {label: (step, value)}), the `best` one bold, dotted lines at the `rungs`; beside
+    it, with `ranks` {module: (effective rank, r)}, the winner's effective rank per module against r."""
+    fig = Figure(figsize=(13.0 if ranks else 8.0, 4.8), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, 2 if ranks else 1, width_ratios=[2, 1] if ranks else None))
+    ax = axes[0]
+    for i, (label, (x, y)) in enumerate(curves.items()):
+        if label == best:
+            continue
+        ax.plot(x, y, color=f"C{i % 10}", linewidth=0.9, alpha=0.55)
+        if label in pruned:
+            ax.plot(*pruned[label], marker="x", color=f"C{i % 10}", markersize=6)
+    if best in curves:
+        ax.plot(*curves[best], color="black", linewidth=2.4, marker="o", markersize=4, label=f"best: {best}")
+    for step in rungs:
+        ax.axvline(step, color="gray", linestyle=":", linewidth=1)
+    ax.plot([], [], "x", color="gray", label="pruned at a rung")
+    _axis(ax, "step", ylabel, "every member's validation curve (dotted: rungs)", False, False)
+    ax.legend(fontsize=8)
+    if ranks:
+        names = list(ranks)
+        y = np.arange(len(names))
+        bars = axes[1]
+        bars.barh(y, [ranks[n][0] for n in names], color="C0", label="effective rank of dW")
+        bars.scatter([ranks[n][1] for n in names], y, color="black", marker="|", s=120, label="r", zorder=3)
+        bars.set_yticks(y, names, fontsize=7)
+        bars.invert_yaxis()
+        bars.set_xlabel("effective rank")
+        bars.set_title("the winner's update, per module", fontsize=10)
+        bars.grid(True, axis="x", alpha=0.3)
+        bars.legend(fontsize=8, loc="lower right")
+    return _save(fig, path, title)

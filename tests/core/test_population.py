@@ -204,3 +204,43 @@ def test_on_four_devices():
     check_against_solos({k: [v[1]] for k, v in population.items() if k in ("losses", "members")}, [solo])
     assert all(a == [0.0] * 4 and b == [0.0] * 4 for a, b in population["padding"].values())
     assert population["frozen_same"]
+
+
+def test_survivors_go_on_as_a_smaller_population_exactly():
+    """Members 0 and 2 (r 1, 4) taken out of the 4 (padded to r 8) after 3 steps go on at padded rank 4 with
+    the losses and adapters of the population of those two alone; put back, the whole tree is unchanged."""
+    from jlora.core.population import put_members, subset, take_members
+
+    base, ms, keep = params(), members(), [0, 2]
+    model = jlora.GPT2(CONFIG, ms[0].lora)
+
+    def start(chosen):
+        pop = population([ms[k] for k in chosen], base)
+        variables = stack_variables(base, [initial_lora(ms[k], seeds()[k], base) for k in chosen], pop)
+        mask = jlora.trainable_mask(variables, modules_to_save=("ln_f",))
+        return pop, init_population(variables, mask, OPTIM, pop)
+
+    def steps(pop, state, chosen, at):
+        step, losses = make_population_step(model, OPTIM, pop, n_devices=1), []
+        for i in at:
+            state, metrics = step(state, batch(i), member_keys([seeds()[k] for k in chosen]))
+            losses.append(np.asarray(metrics["loss"]))
+        return state, np.asarray(losses)
+
+    full_pop, state = start(range(4))
+    state, _ = steps(full_pop, state, range(4), range(3))
+    small_pop = subset(full_pop, keep)
+    assert small_pop.ranks == {"h.0.attn.c_attn": 4, "h.0.mlp.c_proj": 4} and small_pop.loraplus_ratio is not None
+    variables = stack_variables(base, [initial_lora(ms[k], seeds()[k], base) for k in keep], small_pop)
+    like = init_population(variables, jlora.trainable_mask(variables, modules_to_save=("ln_f",)), OPTIM, small_pop)
+    host = jax.device_get((state.trainable, state.opt_state))
+    taken = tuple(take_members(tree, keep, shape) for tree, shape in zip(host, (like.trainable, like.opt_state)))
+    back = put_members(host, taken, keep)
+    for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(host)):
+        np.testing.assert_array_equal(x, y)  # exact, the padding past r 4 included
+    shrunk = like.replace(step=state.step, trainable=taken[0], opt_state=taken[1])
+    _, went_on = steps(small_pop, shrunk, keep, range(3, 6))
+
+    alone_pop, alone = start(keep)
+    _, reference = steps(alone_pop, alone, keep, range(6))
+    np.testing.assert_allclose(went_on, reference[3:], rtol=0, atol=1e-5)

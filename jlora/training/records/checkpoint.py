@@ -27,7 +27,9 @@ moves nothing. `load_adapter` names the folder it cannot read.
 
 A population run's checkpoint holds its members' adapters and optimizer states stacked (a
 leading member axis) and each member's settings in ``meta["population"]``;
-``load_adapter(dir, member=k)`` gives member k as an ordinary adapter.
+``load_adapter(dir, member=k)`` gives member k as an ordinary adapter. A search's checkpoints
+hold every member too, the pruned ones as they were when pruned, and the search's state in
+``meta["search"]``; ``member="best"`` is its winner, once the search has ranked its last members.
 """
 
 from __future__ import annotations
@@ -210,10 +212,11 @@ def _read(checkpoint_dir: str | Path) -> tuple[dict, dict]:
     return tree, meta
 
 
-def load_adapter(checkpoint_dir: str | Path, member: int | None = None) -> tuple[dict, dict, dict]:
+def load_adapter(checkpoint_dir: str | Path, member: int | str | None = None) -> tuple[dict, dict, dict]:
     """(lora, trained base leaves, meta) from one checkpoint folder; no run directory needed.
 
-    A population run's checkpoint holds several adapters: `member` picks one (`load_member`).
+    A population run's checkpoint holds several adapters: `member` picks one (`load_member`; "best":
+    a finished search's winner).
     """
     return load_member(*_read(checkpoint_dir), member)
 
@@ -236,7 +239,7 @@ def load_checkpoint(
     base: str | None = None,
     *,
     allow_different_weights: bool = False,
-    member: int | None = None,
+    member: int | str | None = None,
     original_base: bool = False,
 ):
     """An adapter checkpoint on its base model, ready to apply: ``(model, params, lora, lora_cfg, meta)``.
@@ -307,14 +310,44 @@ def load_run(
     step: int | None = None,
     *,
     allow_different_weights: bool = False,
-    member: int | None = None,
+    member: int | str | None = None,
     original_base: bool = False,
 ):
-    """`load_checkpoint` of a run's newest checkpoint (or of `step`; of population member `member`)."""
+    """`load_checkpoint` of a run's newest checkpoint (or of `step`; of population member `member`:
+    "best" is a search's winner, as its newest checkpoint names it, at `step` too)."""
     checkpoint = find_checkpoint(run_dir, step)
     return load_checkpoint(
-        checkpoint, allow_different_weights=allow_different_weights, member=member, original_base=original_base
+        checkpoint,
+        allow_different_weights=allow_different_weights,
+        member=resolve_member(run_dir, member),
+        original_base=original_base,
     )
+
+
+def resolve_member(run_dir: str | Path, member: int | str | None) -> int | None:
+    """`member` as an index: "best" is the winner the run's newest checkpoint names (`best_member`)."""
+    if member != "best":
+        return member
+    checkpoint = find_checkpoint(run_dir)
+    try:
+        meta = json.loads(_meta_file(checkpoint).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read the checkpoint meta in {checkpoint} ({describe(e)})") from None
+    return best_member(meta)
+
+
+def best_member(meta: Mapping) -> int:
+    """The winner of the search whose checkpoint `meta` is; CheckpointError before its last step, or for a
+    run that is not a search."""
+    search = meta.get("search")
+    if not search:
+        raise CheckpointError("--member best: the run is not a search (no search: section); choose one with --member K")
+    if search.get("best") is None:
+        raise CheckpointError(
+            f"--member best: the search has not ranked its last members yet (checkpoint of step {meta['step']}; "
+            f"members alive: {search['alive']}); choose one with --member K"
+        )
+    return int(search["best"])
 
 
 def lora_config_of(meta: Mapping) -> LoraConfig:
@@ -325,13 +358,16 @@ def model_config_of(meta: Mapping) -> GPT2Config:
     return GPT2Config(**meta["model_config"])
 
 
-def load_member(tree: Mapping, meta: Mapping, member: int | None) -> tuple[dict, dict, dict]:
+def load_member(tree: Mapping, meta: Mapping, member: int | str | None) -> tuple[dict, dict, dict]:
     """(lora, trained base leaves, meta) of one adapter from a checkpoint's ``{"lora", "base"}`` and meta.
 
-    A population checkpoint holds every member stacked: `member` picks one, returned at its own rank
-    with its own LoRA config in the meta (and ``meta["member"]``: its index and settings). A single
-    adapter's checkpoint is returned as it is (and `member` must be None).
+    A population checkpoint holds every member stacked: `member` picks one ("best": a finished
+    search's winner), returned at its own rank with its own LoRA config in the meta (and
+    ``meta["member"]``: its index and settings). A single adapter's checkpoint is returned as it is
+    (and `member` must be None).
     """
+    if member == "best":
+        member = best_member(meta)
     members = meta.get("population")
     if members is None:
         if member is not None:

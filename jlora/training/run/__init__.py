@@ -3,7 +3,8 @@
     config.py       RunConfig from YAML (a file or a packaged config's name) and --set overrides, validated
     members.py      a population's members from the config's ``population:`` section
     build.py        build_run: tokenizer, base model, data, first adapters; the Trainer of one adapter
-    population.py   the Trainer of a population (K adapters stacked, one vmapped step)
+    population.py   the Trainer of a population (K adapters stacked, one vmapped step), a search's survivors
+    search.py       successive halving: SearchConfig (``search:``), the rung rule, the loop from rung to rung
     loop.py         train_steps (a generator of updates) and run_hooks
     hooks.py        the metrics log (jsonl, TensorBoard, progress bar), telemetry
     evaluate.py     validation loss, perplexity, exact match (with a progress callback), forgetting
@@ -11,7 +12,7 @@
     train.py        train(cfg, run_dir): the pieces above, resumable
 
     load_run_config ─> build_run ─> solo_trainer | population_trainer ─> train_steps ─> run_hooks
-                                                                         (log, evaluate, checkpoint)
+                                                          (a search: search_steps)   (log, evaluate, rung, checkpoint)
 
 Reads batches from `jlora.training.data` and writes through `jlora.training.records`.
 """

@@ -72,8 +72,9 @@ class Trainer(NamedTuple):
     """What a run trains and how, alone or as a population: `jlora.training.run.train`'s one loop drives either.
 
     A population (`members` set) stacks K adapters: its state carries a member axis, `rng` holds K
-    dropout keys, its step's metrics and its evaluations have K values each, and `axes` are the
-    `jax.vmap` axes of its variables (`jlora.core.population.member_axes`).
+    dropout keys, its step's metrics and its evaluations have K values each, `axes` are the
+    `jax.vmap` axes of its variables (`jlora.core.population.member_axes`) and `ids` the members'
+    indices in the run's population (0..K-1; a search's survivors keep theirs).
     """
 
     run: Run  # re-based on cfg.init_from's adapter, if any
@@ -84,6 +85,7 @@ class Trainer(NamedTuple):
     make_eval_step: Callable[[int], EvalStep]
     members: tuple[MemberSpec, ...] | None = None
     axes: PyTree | None = None
+    ids: tuple[int, ...] | None = None
 
 
 def tokenizer_source(cfg: RunConfig) -> str:

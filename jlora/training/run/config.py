@@ -30,6 +30,7 @@ from jlora.errors import ConfigError
 from jlora.training.data.batching import check_buckets
 from jlora.training.data.config import DataConfig
 from jlora.training.run.members import MemberSpec, PopulationConfig
+from jlora.training.run.search import SearchConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
 CONFIGS = Path(__file__).parents[2] / "configs"  # run configs shipped in the package; configs/ links here
@@ -103,6 +104,7 @@ class RunConfig:
     adapter_seed: int | None = None  # A's initialisation and the dropout keys (None: `seed`, which also
     # seeds a random base and the data order)
     population: PopulationConfig | None = None  # several adapters trained at once (jlora.training.run.members)
+    search: SearchConfig | None = None  # successive halving over the population (jlora.training.run.search)
     telemetry: int | None = None  # every this many steps, the spectrum of each adapter's dW (None: off)
     eval: EvalConfig = EvalConfig()
 
@@ -247,6 +249,8 @@ def _check_values(cfg: RunConfig) -> None:
             variant = "lora.use_dora" if cfg.lora.use_dora else f"lora.init={cfg.lora.init}"
             raise ConfigError(f"{variant} is not available in a population (its members share one unchanged base)")
         population_members(cfg)  # its errors now, before anything is loaded
+    if cfg.search is not None:
+        cfg.search.check(cfg)
     n_positions = cfg.model.random.get("n_positions", 1024) if cfg.model.name == "random" else None
     if n_positions is not None and cfg.seq_len > n_positions:
         raise ConfigError(f"seq_len={cfg.seq_len} is longer than the model's n_positions={n_positions}")

@@ -6,7 +6,8 @@
     checkpoint   the adapter and optimizer state, with the run's meta  (a closure built in `train`)
 
 A population's step gives every metric with a member axis (K,); `member_rows` turns such values
-into one row per member, each with its ``member`` index, and the hooks write those.
+into one row per member, each with its ``member`` index (its place in the run's population, which a
+search's survivors keep as the population shrinks), and the hooks write those.
 
 Each is called by `jlora.training.run.loop.run_hooks` with a `StepInfo`; they run in the order the
 run lists them, so the log (which stops a run whose loss is not finite) runs before a
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,9 +39,11 @@ class MetricsLog:
     """Keeps each update's metrics on the device and writes them every `every` updates.
 
     Fetching once per window keeps the host from waiting on each step. The window is also
-    written at every `boundary(step)` (an evaluation or a checkpoint), so rows stay in step order
-    and a non-finite loss is caught before a checkpoint. `last` holds the newest figures of each
-    member (key None for a single adapter), evaluations' included (`remember`).
+    written at every `boundary(step)` (an evaluation, a checkpoint, a search's rung), so rows stay in
+    step order and a non-finite loss is caught before a checkpoint. `members` are the indices of the
+    members the step's metrics come from (None: a single adapter); a search sets them anew when it
+    shrinks. `last` holds the newest figures of each member (key None for a single adapter),
+    evaluations' included (`remember`).
     """
 
     def __init__(
@@ -52,7 +55,7 @@ class MetricsLog:
         pmapped: bool,
         newest_checkpoint: Callable[[], int | None],
         bar=None,
-        members: int | None = None,
+        members: Sequence[int] | None = None,
     ):
         self.writer, self.every, self.boundary, self.pmapped = writer, every, boundary, pmapped
         self.newest_checkpoint, self.bar, self.members = newest_checkpoint, bar, members
@@ -64,7 +67,7 @@ class MetricsLog:
         self.pending.append((info.step, info.metrics))
         batch = info.batch  # tokens/s counts real tokens, not the padding a batch is computed with
         tokens = int(np.sum(batch["attention_mask"]) if "attention_mask" in batch else batch["input_ids"].size)
-        self.tokens += tokens * (self.members or 1)  # each member reads the batch
+        self.tokens += tokens * (len(self.members) if self.members else 1)  # each member reads the batch
         if info.step % self.every == 0 or self.boundary(info.step) or info.last:
             self.flush()
 
@@ -97,14 +100,19 @@ class MetricsLog:
         self.last[member] = {**self.last.get(member, {}), **{k: v for k, v in row.items() if k != "member"}}
 
 
-def member_rows(step: int, values: dict, members: int | None) -> list[dict]:
-    """Rows {"step", ["member"], name: float} from host values: floats, or (K,) arrays for K members."""
+def member_rows(step: int, values: dict, members: Sequence[int] | None) -> list[dict]:
+    """Rows {"step", ["member"], name: float} from host values: floats, or (K,) arrays for the K members
+    whose indices `members` lists (value i is member ``members[i]``'s).
+
+    >>> member_rows(5, {"loss": np.array([2.0, 3.0])}, members=[1, 4])
+    [{'step': 5, 'member': 1, 'loss': 2.0}, {'step': 5, 'member': 4, 'loss': 3.0}]
+    """
     if members is None:
         return [{"step": step, **{k: float(v) for k, v in values.items()}}]
-    return [{"step": step, "member": k, **{n: float(v[k]) for n, v in values.items()}} for k in range(members)]
+    return [{"step": step, "member": k, **{n: float(v[i]) for n, v in values.items()}} for i, k in enumerate(members)]
 
 
-def fetch_rows(pending: list[tuple[int, dict]], pmapped: bool, members: int | None = None) -> list[dict]:
+def fetch_rows(pending: list[tuple[int, dict]], pmapped: bool, members: Sequence[int] | None = None) -> list[dict]:
     """Device metrics -> host rows {"step", ["member"], "loss", ...} (one transfer for the whole window)."""
     values = jax.device_get([m for _, m in pending])
     rows = []
@@ -125,7 +133,7 @@ class Telemetry:
     def __init__(self, trainer: Trainer, *, every: int, pmapped: bool, start: int):
         self.every, self.pmapped = every, pmapped
         state, run = trainer.state, trainer.run
-        self.members = None if trainer.members is None else len(trainer.members)
+        self.members = trainer.ids if trainer.members is not None else None
         adapters = flatten_adapters(state.trainable["lora"])
         self.norms = weight_norms(run.params, adapters)
         if trainer.members is None:
@@ -147,6 +155,6 @@ class Telemetry:
         for k, ranks in enumerate(self.ranks):
             member = figures if self.members is None else take(figures, k)
             row = telemetry_row(member, ranks, with_phi=with_phi)
-            rows.append({"step": info.step, **({} if self.members is None else {"member": k}), **row})
+            rows.append({"step": info.step, **({} if self.members is None else {"member": self.members[k]}), **row})
         self.previous = (info.step, jax.tree.map(jnp.copy, lora))  # the next update donates `lora`
         return rows

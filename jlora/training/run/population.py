@@ -2,6 +2,7 @@
 
     trainer = population_trainer(run)     # the members' adapters stacked, one compiled (vmapped) step
     population_meta(trainer.members)      # what a checkpoint records: each member's settings
+    survivors(trainer, state, kept)       # a search's survivors: their trainer and their slice of the state
 
 The loop, its hooks and the checkpoints are a single run's (`jlora.training.run.train`); what changes
 is the trainer: its state holds the members' adapters, optimizer states and trained base leaves
@@ -9,12 +10,22 @@ stacked along a member axis (`jlora.core.population`), its step returns each met
 and the hooks write a row per member. Member k's adapter seed (``seed`` in its settings) seeds A's
 initialisation and its dropout keys exactly as ``adapter_seed`` does a solo run's, so member k
 reproduces the solo run with its settings.
+
+On several local devices the members are spread over them (`jlora.core.parallel.member_mesh`:
+K / n members a device when n divides K, the batch split where there are fewer members than
+devices); the step computes what one device computes. A run of several processes keeps the pmap
+of the solo step (the batch split over every process's devices).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import jax
+
 from jlora.core.lora import init_lora
 from jlora.core.optim import trainable_mask
+from jlora.core.parallel import local_devices, member_mesh
 from jlora.core.population import (
     init_population,
     make_population_eval_step,
@@ -23,31 +34,63 @@ from jlora.core.population import (
     member_keys,
     population,
     stack_variables,
+    subset,
+    take_members,
 )
+from jlora.core.step import TrainState
 from jlora.training.run.build import Run, Trainer, init_key
 from jlora.training.run.config import population_members
 from jlora.training.run.members import MemberSpec
 
 
-def population_trainer(run: Run) -> Trainer:
-    """The members of ``run.cfg.population`` at step 0, each initialised as its solo run would be."""
+def population_trainer(run: Run, alive: Sequence[int] | None = None) -> Trainer:
+    """The members of ``run.cfg.population`` at step 0, each initialised as its solo run would be.
+
+    `alive` (indices into the population) keeps only those members, as a search's survivors: the
+    padded ranks are theirs, and ``trainer.ids`` keeps their indices.
+    """
     cfg = run.cfg
     specs = tuple(population_members(cfg))
+    ids = tuple(range(len(specs))) if alive is None else tuple(alive)
     pop = population([s.member() for s in specs], run.params)
-    loras = [init_lora(init_key(s.seed), s.lora, run.params) for s in specs]
+    if alive is not None:
+        pop = subset(pop, ids)  # from the whole population: its LoRA+ structure, whoever is left
+    chosen = tuple(specs[k] for k in ids)
+    loras = [init_lora(init_key(s.seed), s.lora, run.params) for s in chosen]
     variables = stack_variables(run.params, loras, pop)
     mask = trainable_mask(variables, bias=cfg.trainable.bias, modules_to_save=cfg.trainable.modules_to_save)
     model = run.model  # its LoraConfig's targets and dropout are every member's; the scalings come with the state
+    on = lambda n_devices: dict(n_devices=n_devices, mesh=mesh_of(pop.size, n_devices))  # noqa: E731
     return Trainer(
         run,
         init_population(variables, mask, cfg.optim, pop),
         mask,
-        member_keys([s.seed for s in specs]),
-        lambda n_devices: make_population_step(model, cfg.optim, pop, n_devices=n_devices),
-        lambda n_devices: make_population_eval_step(model, mask, n_devices=n_devices),
-        members=specs,
+        member_keys([s.seed for s in chosen]),
+        lambda n_devices: make_population_step(model, cfg.optim, pop, **on(n_devices)),
+        lambda n_devices: make_population_eval_step(model, mask, **on(n_devices)),
+        members=chosen,
         axes=member_axes(mask),
+        ids=ids,
     )
+
+
+def mesh_of(n_members: int, n_devices: int | None):
+    """The members' mesh on `n_devices` local devices; None on one device, and in a run of several
+    processes (which pmaps, as a single adapter's run does)."""
+    devices = local_devices(n_devices)
+    return member_mesh(n_members, devices) if len(devices) > 1 and jax.process_count() == 1 else None
+
+
+def survivors(trainer: Trainer, state: TrainState, kept: Sequence[int]) -> tuple[Trainer, TrainState]:
+    """The trainer of members `kept` (indices into the run's population, a subset of ``trainer.ids``)
+    and their slice of `state` (a host state of `trainer`'s members): adapters, trained base leaves and
+    optimizer states, cut to the survivors' padded ranks. Exact: each survivor's values are unchanged."""
+    new = population_trainer(trainer.run, kept)
+    positions = [trainer.ids.index(k) for k in kept]
+    like = new.state
+    trainable = take_members(state.trainable, positions, like.trainable)
+    opt_state = take_members(state.opt_state, positions, like.opt_state)
+    return new, TrainState(state.step, trainable, like.frozen, opt_state)
 
 
 def population_meta(members: tuple[MemberSpec, ...] | None) -> dict:

@@ -10,7 +10,8 @@ RUN_DIR resumes from the newest checkpoint and reproduces an uninterrupted run's
 
 A config with a ``population:`` section trains its members at once through the same loop: the
 trainer (`jlora.training.run.population.population_trainer`) stacks their adapters, and every hook
-writes a row per member.
+writes a row per member. With a ``search:`` section too (`jlora.training.run.search`) the loop runs
+from rung to rung: a rung hook decides who goes on, and the population shrinks to its survivors.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -27,12 +30,13 @@ import numpy as np
 from jlora.core.lora_config import effective_lr, scaling
 from jlora.core.optim import count_params, partition
 from jlora.core.parallel import replicate, shard_batch, unreplicate
-from jlora.core.step import EvalStep, TrainState
+from jlora.core.population import put_members
+from jlora.core.step import EvalStep, TrainState, TrainStep
 from jlora.errors import ConfigError, Interrupted, NonFiniteError
 from jlora.training.data.batching import Layout, describe, run_shapes, shape_batch, shape_bound
 from jlora.training.data.rows import batch_at
 from jlora.training.records import checkpoint as ckpt
-from jlora.training.records.metrics import MetricsWriter
+from jlora.training.records.metrics import MetricsWriter, read_metrics
 from jlora.training.records.rundir import check_run_dir, hold_run_dir, is_primary
 from jlora.training.run.build import (
     Run,
@@ -57,21 +61,29 @@ from jlora.training.run.evaluate import (
 from jlora.training.run.hooks import MetricsLog, Telemetry, member_rows
 from jlora.training.run.interrupt import stop_requests
 from jlora.training.run.loop import Hook, StepInfo, run_hooks, train_steps
-from jlora.training.run.population import population_meta, population_trainer
+from jlora.training.run.population import population_meta, population_trainer, survivors
+from jlora.training.run.search import Search, search_steps
 from jlora.tree import all_finite, overlay
 
+EVALUATION_KEYS = ("val_loss", "exact_match", "forget_loss")  # an evaluation row has one of these
 
-def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict:
+
+def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, until: int | None = None) -> dict:
     """Run (or resume) training as `cfg` says, in `run_dir`; returns the summary (the last metrics).
 
     Input errors are raised before anything is written; a run stopped by SIGINT or SIGTERM saves
-    a checkpoint at the update it reached and raises `Interrupted`.
+    a checkpoint at the update it reached and raises `Interrupted`. `until` stops after that update
+    (checkpointed there; the learning-rate schedule stays the one of ``cfg.steps``), as a scheduler
+    pausing a trial does: the same call with a later `until`, or none, goes on from there.
     """
     from tqdm.auto import tqdm
 
     run_dir = Path(run_dir)
     check_run_dir(run_dir)  # a bad --out costs a line, not a model load
     check_config_matches(run_dir, cfg)
+    stop = cfg.steps if until is None else until
+    if not 1 <= stop <= cfg.steps:
+        raise ConfigError(f"until={until} must be in 1..{cfg.steps} (the run's steps)")
     run = build_run(cfg)
     n_devices, n_hosts = jax.local_device_count(), jax.process_count()
     if cfg.batch_size % (n_devices * n_hosts):
@@ -80,7 +92,6 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
     init = ckpt.find_init(run_dir) if cfg.lora.changes_base else None  # PiSSA / OLoRA: the residual it trained on
     trainer = population_trainer(run) if cfg.population else solo_trainer(run, init)
     run, members = trainer.run, trainer.members
-    size = None if members is None else len(members)
 
     with hold_run_dir(run_dir), stop_requests(every=cfg.log_every) as stop_requested:
         check_config_matches(run_dir, cfg)  # again: now no other run can write the folder
@@ -88,79 +99,144 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> dict
         if primary:
             save_run_config(cfg, run_dir / "config.yaml")
         manager = ckpt.open_manager(run_dir, max_to_keep=cfg.checkpoint.max_to_keep)
-        state, start = resume(manager, trainer.state, run, identity)
-
-        step = trainer.make_step(n_devices)
-        eval_step = trainer.make_eval_step(n_devices)
-        place = partial(feed_devices, n_devices=n_devices, n_hosts=n_hosts) if step.pmapped else (lambda batch: batch)
+        state, start, meta = resume(manager, trainer.state, run, identity)
+        logged = [row for row in read_metrics(run_dir) if row["step"] <= start] if start else []  # kept on resume
+        search = archive = None
+        if cfg.search:  # the members alive at `start`; every member's state stays in the checkpoints (`archive`)
+            search = Search.resumed(cfg.search, cfg.steps, len(members), meta, start, logged)
+            archive = jax.tree.map(np.asarray, (state.trainable, state.opt_state))
+            trainer, state = survivors(trainer, state, search.alive)
         layout = layout_of(cfg, n_devices * n_hosts)
-        feed = shaped_feed(place, layout)
         n_trainable = count_params(state.trainable)
-        telemetry = None
-        if cfg.telemetry:  # from the host state: it keeps a copy of the adapters to measure their drift
-            telemetry = Telemetry(trainer._replace(state=state), every=cfg.telemetry, pmapped=step.pmapped, start=start)
-        if step.pmapped:
-            state = replicate(state, n_devices)
+
+        def stage(trainer: Trainer, state: TrainState, start: int) -> tuple[Stage, TrainState]:
+            """What trains the live members (a search's survivors: built again at each rung), and `state` placed."""
+            step, eval_step = trainer.make_step(n_devices), trainer.make_eval_step(n_devices)
+            place = partial(feed_devices, n_devices=n_devices, n_hosts=n_hosts) if step.pmapped else (lambda b: b)
+            telemetry = None
+            if cfg.telemetry:  # from the host state: it keeps a copy of the adapters to measure their drift
+                at = dict(every=cfg.telemetry, pmapped=step.pmapped, start=start)
+                telemetry = Telemetry(trainer._replace(state=state), **at)
+            evaluate = make_evaluator(trainer, eval_step, place, layout=layout, progress=progress and primary)
+            state = replicate(state, n_devices) if step.pmapped else step.place(state) if step.place else state
+            return Stage(trainer, step, eval_step, shaped_feed(place, layout), evaluate, telemetry), state
+
+        live, state = stage(trainer, state, start)
         if primary:
-            print(header(run, n_trainable, n_devices * n_hosts, start, layout, members))
+            print(header(run, n_trainable, n_devices * n_hosts, start, layout, members, search))
 
         names = None if members is None else [m.name for m in members]
         writer = MetricsWriter(run_dir, truncate_after=start, primary=primary, members=names)
-        evaluate = make_evaluator(trainer, eval_step, place, layout=layout, progress=progress and primary)
-        bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and primary), dynamic_ncols=True, unit="step")
+        bar = tqdm(total=stop, initial=start, disable=not (progress and primary), dynamic_ncols=True, unit="step")
+        evaluated: dict[int, list[dict]] = {}  # the newest evaluation's rows, by step: what a rung decides on
+
+        def on_host(state: TrainState) -> TrainState:
+            """One copy of the state: device 0's under pmap; a mesh's trainable and optimizer state fetched
+            (host arrays: checks and slices of them start no program across devices, which XLA:CPU could
+            deadlock on when many are in flight)."""
+            if live.step.pmapped:
+                return unreplicate(state)
+            if live.step.place is None:
+                return state
+            return state.replace(trainable=jax.device_get(state.trainable), opt_state=jax.device_get(state.opt_state))
 
         def evaluation_rows(step: int, state: TrainState) -> list[dict]:
-            result = evaluate(state)
-            return member_rows(step, result, size) if result else []  # {}: no validation or forgetting data
+            result = live.evaluate(state)
+            return member_rows(step, result, live.trainer.ids) if result else []  # {}: no validation or forgetting
 
-        def evaluation(info: StepInfo) -> None:
-            for row in evaluation_rows(info.step, info.state):
+        def evaluation(info: StepInfo) -> list[dict]:
+            rows = evaluation_rows(info.step, info.state)
+            for row in rows:
                 writer.write(row)
                 log.remember(row)
-                who = "" if size is None else f" [{members[row['member']].name}]"
+                who = "" if members is None else f" [{members[row['member']].name}]"
                 figures = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "member"))
                 bar.write(f"step {info.step}{who}: {figures}")
+            evaluated.clear()
+            evaluated[info.step] = rows
+            return rows
+
+        def rung(info: StepInfo) -> None:  # a search's rung (or, at the last step, its final ranking)
+            decide = search.rung if info.step in rungs else search.finish if info.step == cfg.steps else None
+            if decide is not None:
+                record = decide(info.step, evaluated.get(info.step) or evaluation(info))
+                bar.write(search.describe(record, names))
+
+        def restage(state: TrainState, step: int) -> tuple:  # after a rung: the survivors, on their own
+            nonlocal live, archive
+            host = on_host(state)
+            archive = put_members(archive, (host.trainable, host.opt_state), live.trainer.ids)  # the pruned's last
+            live, state = stage(*survivors(live.trainer, host, search.alive), step)
+            log.members = live.trainer.ids
+            return live.step, state, live.trainer.rng
 
         def checkpoint(info: StepInfo) -> None:
-            host = unreplicate(info.state) if step.pmapped else info.state
-            check_finite_state(eval_step, info, host, newest=manager.latest_step())
+            host = on_host(info.state)
+            check_finite_state(live.eval_step, info, host, newest=manager.latest_step())
             meta = {**checkpoint_meta(run, info.step, identity), **population_meta(members)}
-            ckpt.save(manager, info.step, adapter_of(host.trainable, run.start_leaves, run.init), host.opt_state, meta)
+            trainable, opt_state = host.trainable, host.opt_state
+            if search is not None:  # every member, the pruned at their last state: any can be loaded
+                trainable, opt_state = put_members(archive, (trainable, opt_state), live.trainer.ids)
+                meta.update(search.meta())
+            ckpt.save(manager, info.step, adapter_of(trainable, run.start_leaves, run.init), opt_state, meta)
 
+        rungs = set(search.rung_steps) if search else set()
         log = MetricsLog(
             writer,
             every=cfg.log_every,
-            boundary=lambda s: s % cfg.eval_every == 0 or s % cfg.checkpoint.every == 0,
-            pmapped=step.pmapped,
+            boundary=lambda s: s % cfg.eval_every == 0 or s % cfg.checkpoint.every == 0 or s in rungs,
+            pmapped=live.step.pmapped,
             newest_checkpoint=manager.latest_step,
             bar=bar,
-            members=size,
+            members=live.trainer.ids,
         )
+        for row in logged:  # a resumed run's summary holds the figures of members pruned before it resumed
+            if "loss" in row or any(key in row for key in EVALUATION_KEYS):
+                log.remember(row)
         hooks = [
             Hook(log, every=1),
             Hook(evaluation, every=cfg.eval_every, at_interrupt=False),
             Hook(checkpoint, every=cfg.checkpoint.every),
             Hook(lambda info: bar.update(1), every=1),
         ]
-        if telemetry is not None:  # before the checkpoint: a checkpoint at step s finds every row up to s written
-            hooks.insert(2, Hook(lambda info: [writer.write(row) for row in telemetry(info)], every=cfg.telemetry))
+        if cfg.telemetry:  # before the checkpoint: a checkpoint at step s finds every row up to s written
+            hooks.insert(2, Hook(lambda info: [writer.write(row) for row in live.telemetry(info)], every=cfg.telemetry))
+        if search is not None:  # after the evaluation (whose rows it ranks), before the checkpoint (which records it)
+            hooks.insert(2, Hook(rung, every=cfg.search.rung_every, at_interrupt=False))
         try:
             for row in evaluation_rows(0, state) if start == 0 else ():
                 writer.write(row)
-            batch_for = lambda i: feed(batch_at(run.train, i, cfg.batch_size, cfg.seed))  # noqa: E731
-            steps = train_steps(
-                step, state, batch_for, trainer.rng, start=start, stop=cfg.steps, stop_requested=stop_requested
-            )
+            batch_for = lambda i: live.feed(batch_at(run.train, i, cfg.batch_size, cfg.seed))  # noqa: E731
+            loop = dict(start=start, stop=stop, stop_requested=stop_requested)
+            if search is None:
+                steps = train_steps(live.step, state, batch_for, live.trainer.rng, **loop)
+            else:
+                steps = search_steps(
+                    live.step, state, batch_for, live.trainer.rng, rungs=search.rung_steps, restage=restage, **loop
+                )
             last = run_hooks(steps, hooks)
         finally:
             bar.close()
             writer.close()
         if last is not None and last.interrupted:
             raise Interrupted(f"interrupted at step {last.step}; saved a checkpoint there, the same command resumes it")
-        summary = summarise(cfg.steps, log.last, members)
+        summary = summarise(stop, log.last, members)
+        if search is not None:
+            summary["search"] = {**search.summary(stop), "train_examples": len(run.train)}
         if primary:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+class Stage(NamedTuple):
+    """What trains the members alive now: all of a run's, or a search's survivors between two rungs."""
+
+    trainer: Trainer
+    step: TrainStep
+    eval_step: EvalStep
+    feed: Callable[[dict], dict]  # a host batch -> the batch the step reads (shaped, placed)
+    evaluate: Callable[[TrainState], dict]
+    telemetry: Telemetry | None
 
 
 def summarise(steps: int, last: dict, members) -> dict:
@@ -170,8 +246,9 @@ def summarise(steps: int, last: dict, members) -> dict:
     return {"step": steps, "members": [{"member": k, "name": m.name, **last.get(k, {})} for k, m in enumerate(members)]}
 
 
-def resume(manager, state: TrainState, run: Run, identity: dict) -> tuple[TrainState, int]:
-    """(state, start step): `state` as the newest readable checkpoint saved it, or as it is at step 0.
+def resume(manager, state: TrainState, run: Run, identity: dict) -> tuple[TrainState, int, dict | None]:
+    """(state, start step, its checkpoint's meta): `state` as the newest readable checkpoint saved it,
+    or as it is at step 0 (meta None).
 
     The checkpoint's base leaves (trained, or brought by an init_from adapter) go back into
     whichever partition holds them; a damaged newer checkpoint is set aside (`ckpt.restore_newest`).
@@ -181,7 +258,7 @@ def resume(manager, state: TrainState, run: Run, identity: dict) -> tuple[TrainS
     like = adapter_of(state.trainable, run.start_leaves, run.init)
     restored = ckpt.restore_newest(manager, like, state.opt_state)
     if restored is None:
-        return state, 0
+        return state, 0, None
     for bad, why, where in restored.set_aside:
         print(f"jlora: checkpoint {bad} cannot be read ({why}); moved to {where}", file=sys.stderr)
     ckpt.check_identity(restored.meta["base_model"], identity)
@@ -193,7 +270,7 @@ def resume(manager, state: TrainState, run: Run, identity: dict) -> tuple[TrainS
     is_trained = jax.tree.map(lambda x: x is not None, state.trainable, is_leaf=lambda x: x is None)
     trainable, frozen = partition(variables, is_trained)
     step = np.asarray(restored.step, np.int32)
-    return TrainState(step, trainable, frozen, restored.opt_state), restored.step
+    return TrainState(step, trainable, frozen, restored.opt_state), restored.step, restored.meta
 
 
 def check_finite_state(eval_step: EvalStep, info: StepInfo, host: TrainState, *, newest: int | None) -> None:
@@ -214,12 +291,14 @@ def check_finite_state(eval_step: EvalStep, info: StepInfo, host: TrainState, *,
         )
 
 
-def header(run: Run, n_trainable: int, n_devices: int, start: int, layout: Layout, members=None) -> str:
+def header(
+    run: Run, n_trainable: int, n_devices: int, start: int, layout: Layout, members=None, search: Search | None = None
+) -> str:
     """The run's first line: base, scaling and effective learning rate, trainable size, data, batch
     shapes (padding and compiled step shapes of the steps to come), devices.
 
     A population's line gives the member count and total trainable size; a line per member follows
-    with its scaling and effective learning rate.
+    with its scaling and effective learning rate, and a search's line its rungs and who is alive.
     """
     cfg, lora = run.cfg, run.model.lora
     shapes = run_shapes(run.train, cfg.batch_size, cfg.seed, range(start, cfg.steps), layout)
@@ -241,6 +320,12 @@ def header(run: Run, n_trainable: int, n_devices: int, start: int, layout: Layou
             f"\n  member {k} [{m.name}]: r={m.lora.r} alpha={m.lora.alpha:g} scaling={scaling(m.lora):g} "
             f"lr={m.lr:g} effective lr={effective_lr(m.lr, m.lora):g} seed={m.seed}"
         )
+    if search is not None:
+        c = search.cfg
+        line += (
+            f"\n  search: successive halving by {c.metric}, keeping ceil(n / {c.eta}) at the rungs "
+            f"{', '.join(map(str, search.rung_steps))}; {len(search.alive)} of {search.n_members} members alive"
+        )
     return line
 
 
@@ -261,7 +346,7 @@ def make_evaluator(trainer: Trainer, eval_step: EvalStep, place, *, layout: Layo
     forgetting = None
     if run.forgetting is not None:
         rows = shaped_feed(place, dataclasses.replace(layout, pack=False))
-        forgetting = make_forgetting(trainer, rows, pmapped=pmapped, n_devices=eval_step.n_devices)
+        forgetting = make_forgetting(trainer, rows, pmapped=pmapped, n_devices=eval_step.n_devices if pmapped else 1)
 
     def evaluate(state: TrainState) -> dict:
         total = 0
