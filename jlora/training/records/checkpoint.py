@@ -310,6 +310,7 @@ def load_run(
 
 
 def lora_config_of(meta: Mapping) -> LoraConfig:
+    """The `LoraConfig` a checkpoint's meta records (``meta["lora_config"]``)."""
     return LoraConfig.from_dict(meta["lora_config"])
 
 
