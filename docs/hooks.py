@@ -13,15 +13,8 @@ A key's description is its class docstring's ``Attributes:`` entry, else the com
 field's line (and the comment lines right after it); a key with neither fails `config_reference`,
 so a new key cannot reach the site undocumented.
 
->>> print(fence_doctests("Text::\\n\\n>>> 1 + 1\\n2\\n\\nMore."))
-Text:
-<BLANKLINE>
-```pycon
->>> 1 + 1
-2
-```
-<BLANKLINE>
-More.
+>>> fence_doctests("Text::\\n\\n>>> 1 + 1\\n2\\n\\nMore.").splitlines()
+['Text:', '', '```pycon', '>>> 1 + 1', '2', '```', '', 'More.']
 """
 
 from __future__ import annotations
@@ -160,7 +153,9 @@ def _value(value: typing.Any) -> str:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
+    """`text` in a table cell: a "|" escaped, except in a code span (where the table does not split)."""
+    parts = re.split(r"(`[^`]*`)", text)
+    return "".join(p if p.startswith("`") else p.replace("|", "\\|") for p in parts)
 
 
 _HEADER = "| key | type | default | embedded default | what it does |\n| --- | --- | --- | --- | --- |"
@@ -235,7 +230,8 @@ def public_names(init: Path = ROOT / "jlora" / "__init__.py") -> str:
     for line in listing.splitlines()[1:]:
         line = line.strip()
         if line.startswith("#"):
-            parts += ["", f"## {line.lstrip('# ').capitalize()}", "", "| name | |", "| --- | --- |"]
+            group = line.lstrip("# ")
+            parts += ["", f"## {group[0].upper()}{group[1:]}", "", "| name | |", "| --- | --- |"]
         elif line.startswith('"'):
             name = line.strip('",')
             target = package[name].final_target
