@@ -74,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable; --prompt or --prompts is required)")
     gen.add_argument("--prompts", metavar="FILE", help="a file of prompts, one per line (default: none)")
     gen.add_argument(
-        "--max-new-tokens", type=int, metavar="N", help="(default: 64, or as many as fit the model's positions)"
+        "--max-new-tokens",
+        type=int,
+        metavar="N",
+        help="new tokens per prompt (default: 64, or as many as fit the model's positions)",
     )
     gen.add_argument(
         "--raw",
