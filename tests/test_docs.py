@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from jlora.cli import build_parser, main
+from jlora.cli import build_parser
 
-from .conftest import TINY_DEFAULT, sets, unused_port
-from .test_readme import README, bash_commands, blocks
+from .conftest import unused_port
+from .test_readme import README, blocks, run_offline, shell_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -201,22 +201,9 @@ def test_the_model_guide_opens_with_an_example_that_defines_what_it_uses():
     assert undefined_names("x = jnp.ones(3)\nmodel.apply(x)") == {"jnp", "model"}  # the check can fail
 
 
-def shell_commands(script: str, workdir: Path) -> list[list[str]]:
-    """The `jlora` and `python` commands of a shell block, as bash expands them (nothing is run)."""
-    record = workdir / "commands"
-    record.unlink(missing_ok=True)
-    stubs = "".join(
-        f'{name}() {{ printf "%s\\0" {name} "$@" "" >> "{record}"; }}\n'  # one write: `&` runs them at once
-        for name in ("jlora", "python", "pip", "mkdocs")
-    )
-    stubs += 'nice() { while [[ "$1" == -* ]]; do shift 2; done; "$@"; }\n'  # nice -n 10 python ...
-    subprocess.run(["bash", "-euc", stubs + script], cwd=workdir, check=True, env={**os.environ})
-    return [c.split("\0") for c in record.read_text().split("\0\0")[:-1]] if record.exists() else []
-
-
 def check_shell_block(script: str, workdir: Path, capsys) -> int:
     """Every `jlora` command of `script` parses with jlora's own parser; every script it runs exists."""
-    commands = shell_commands(script, workdir)
+    commands = shell_commands(script, workdir, names=("jlora", "python", "pip", "mkdocs"))
     for name, *argv in commands:
         if name == "jlora":
             try:
@@ -240,10 +227,7 @@ def test_the_guides_code_runs(page, default_run, tmp_path, monkeypatch, capsys):
     for i, code in enumerate(blocks("python", page)):
         exec(compile(code, f"{page.name} python block {i}", "exec"), namespace)
     for block in blocks("bash offline", page):
-        for argv in bash_commands(block, tmp_path):
-            extra = sets(*TINY_DEFAULT) if argv[0] == "train" else []
-            capsys.readouterr()
-            assert main([*argv, *extra]) == 0, f"jlora {' '.join(argv)}: {capsys.readouterr().err[-2000:]}"
+        run_offline(block, tmp_path, capsys)
 
 
 def test_every_code_block_is_run_or_checked(tmp_path, capsys):

@@ -99,7 +99,7 @@ class EvalConfig:
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """One run, as its YAML config gives it: a section per part (model, data, lora, ...) and the run's
-    own settings; docs/config.md's table of every key is made from these fields and their comments."""
+    own settings. The site's page of config keys is made from these fields and their comments."""
 
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -113,7 +113,7 @@ class RunConfig:
     eval_every: int = 50  # evaluate every this many steps, and after the last one
     eval_batches: int | None = None  # validation batches per evaluation (None: the whole validation set)
     exact_match: int = 64  # validation QA pairs answered greedily at each evaluation (0: off)
-    log_every: int = 10  # write metrics.jsonl, TensorBoard and the progress bar every this many steps
+    log_every: int = 10  # fetch the steps' metrics and write them (a row a step) every this many steps
     seed: int = 0  # the data order, a random base and (unless adapter_seed) the adapters
     init_from: str | None = None  # a PEFT adapter folder to start from (its LoRA config replaces `lora`)
     adapter_seed: int | None = None  # A's initialisation and the dropout keys (None: `seed`, which also
