@@ -222,21 +222,21 @@ def config_reference(root: type | None = None, defaults: dict | None = None, emb
 
 def public_names(init: Path = ROOT / "jlora" / "__init__.py") -> str:
     """`jlora.__all__` as Markdown: its groups (the comments in the list), each name linked to the
-    place it is documented, with its summary line."""
-    package = griffe.load("jlora", search_paths=[str(init.parents[1])], resolve_aliases=True)
+    place it is documented (where it is defined), with its summary line."""
+    import jlora
+
     source = init.read_text()
-    listing = source[source.index("__all__ = [") :]
     parts = []
-    for line in listing.splitlines()[1:]:
+    for line in source[source.index("__all__ = [") :].splitlines()[1:]:
         line = line.strip()
         if line.startswith("#"):
             group = line.lstrip("# ")
             parts += ["", f"## {group[0].upper()}{group[1:]}", "", "| name | |", "| --- | --- |"]
         elif line.startswith('"'):
             name = line.strip('",')
-            target = package[name].final_target
-            summary = (target.docstring.value.split("\n\n")[0] if target.docstring else "").replace("\n", " ")
-            parts.append(f"| [`{name}`][{target.path}] | {_cell(_escape_brackets(summary))} |")
+            obj = getattr(jlora, name)
+            summary = " ".join((inspect.getdoc(obj) or "").split("\n\n")[0].split())
+            parts.append(f"| [`{name}`][{obj.__module__}.{obj.__qualname__}] | {_cell(_escape_brackets(summary))} |")
         elif line.startswith("]"):
             break
     return "\n".join(parts) + "\n"
