@@ -32,7 +32,12 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+ONE_MEMBER = "member K of a population run, or best (a search's winner); required there (default: none, one adapter)"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The `jlora` parser; every option's help says its default (docs/hooks.py makes the site's
+    command-line page from it)."""
     from jlora.cli.members import parse_member, parse_one_member
     from jlora.training.run.config import packaged_configs
 
@@ -55,44 +60,60 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"a YAML run config file, or the name of one shipped with jlora: {', '.join(packaged_configs())} "
         "(default: default, the embedded offline run)",
     )
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=1e-3")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. optim.lr=1e-3 (repeatable; default: none)",
+    )
     train.add_argument("--out", default="runs/default", metavar="RUN_DIR", help="run directory (default: runs/default)")
     train.add_argument(
         "--until",
         type=int,
         metavar="STEP",
-        help="stop after update STEP (checkpointed; the schedule stays the config's steps); the same command goes on",
+        help="stop after update STEP (checkpointed; the schedule stays the config's steps); the same command goes on "
+        "(default: the config's steps)",
     )
     train.set_defaults(handler=_train)
 
     export = commands.add_parser("export", help="a run as a PEFT adapter folder or a merged HF checkpoint")
     export.add_argument("run_dir", metavar="RUN_DIR")
     where = export.add_mutually_exclusive_group(required=True)
-    where.add_argument("--peft", metavar="OUT_DIR", help="write adapter_config.json + adapter_model.safetensors")
-    where.add_argument("--merged", metavar="OUT_DIR", help="write a GPT-2 checkpoint with the adapter merged in")
+    one = "(one of --peft, --merged is required)"
+    where.add_argument("--peft", metavar="OUT_DIR", help=f"write adapter_config.json + adapter_model.safetensors {one}")
+    where.add_argument("--merged", metavar="OUT_DIR", help=f"write a GPT-2 checkpoint with the adapter merged in {one}")
     export.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
-    export.add_argument(
-        "--member", type=parse_one_member, metavar="K", help="member K of a population run, or best (a search's winner)"
-    )
+    export.add_argument("--member", type=parse_one_member, metavar="K", help=ONE_MEMBER)
     export.set_defaults(handler=_lazy("jlora.cli.export", "export_command"))
 
     gen = commands.add_parser("generate", help="continue prompts (a run, a PEFT folder or a HF checkpoint)")
     gen.add_argument(
-        "source", nargs="?", metavar="SOURCE", help="run dir, PEFT adapter folder, or HF checkpoint dir / Hub id"
+        "source",
+        nargs="?",
+        metavar="SOURCE",
+        help="run dir, PEFT adapter folder, or HF checkpoint dir / Hub id (default: none, with --adapter)",
     )
-    gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    gen.add_argument("--prompts", metavar="FILE", help="a file of prompts, one per line")
-    gen.add_argument("--max-new-tokens", type=int, help="default: 64, or as many as fit the model's positions")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeatable; --prompt or --prompts is required)")
+    gen.add_argument("--prompts", metavar="FILE", help="a file of prompts, one per line (default: none)")
+    gen.add_argument(
+        "--max-new-tokens",
+        type=int,
+        metavar="N",
+        help="new tokens per prompt (default: 64, or as many as fit the model's positions)",
+    )
     gen.add_argument(
         "--raw",
         action="store_true",
         help="feed the prompt as written (a run dir otherwise opens it as its training rows: end-of-text and, "
-        "for QA runs, 'Question: PROMPT\\nAnswer:')",
+        "for QA runs, 'Question: PROMPT\\nAnswer:', unless the prompt is already in that form; default: off)",
     )
-    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0: greedy (default: %(default)s)")
+    gen.add_argument("--top-k", type=int, metavar="K", help="sample from the K likeliest tokens (default: off)")
+    gen.add_argument(
+        "--top-p", type=float, metavar="P", help="sample from the likeliest tokens whose mass passes P (default: off)"
+    )
+    gen.add_argument("--seed", type=int, default=0, help="the sampling seed (default: %(default)s)")
     gen.add_argument(
         "--base", help="base model of a PEFT folder (default: its base/ folder, else base_model_name_or_path)"
     )
@@ -101,47 +122,65 @@ def build_parser() -> argparse.ArgumentParser:
         "--member",
         type=parse_member,
         metavar="K",
-        help="member K of a population run, or best (a search's winner); K,L,... or all: their answers side by side",
+        help="member K of a population run, or best (a search's winner); K,L,... or all: their answers side by "
+        "side (default: none, one adapter)",
     )
     gen.add_argument(
         "--adapter",
         action="append",
         metavar="DIR",
-        help="an adapter folder (or run, checkpoint), repeatable: the adapters' answers side by side, on --base",
+        help="an adapter folder (or run, checkpoint), repeatable: the adapters' answers side by side, on --base "
+        "(default: none)",
     )
     gen.set_defaults(handler=_lazy("jlora.cli.generate", "generate_command"))
 
     comb = commands.add_parser("combine", help="one adapter from several, as PEFT combines them, as a PEFT folder")
     comb.add_argument("sources", nargs="+", metavar="SOURCE", help="run dirs, checkpoints or PEFT adapter folders")
-    comb.add_argument("--weights", nargs="+", type=float, required=True, metavar="W", help="one per adapter")
+    comb.add_argument("--weights", nargs="+", type=float, required=True, metavar="W", help="one per adapter (required)")
     comb.add_argument("--method", default="svd", help="PEFT's combination_type (default: svd); see jlora.core.combine")
-    comb.add_argument("--density", type=float, help="share of entries kept, in (0, 1]: ties*, dare_*, magnitude_prune*")
-    comb.add_argument("--r", type=int, help="rank of an *svd method's result (PEFT's svd_rank; default: the largest)")
-    comb.add_argument("--majority-sign", default="total", help="ties*: total (default) or frequency")
-    comb.add_argument("--clamp", type=float, help="*svd: clip the factors to this quantile (PEFT's svd_clamp)")
-    comb.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops (default 0)")
     comb.add_argument(
-        "--member", type=parse_member, metavar="K", help="members of population runs: K, K,L,..., all or best"
+        "--density",
+        type=float,
+        help="share of entries kept, in (0, 1]: ties*, dare_*, magnitude_prune* (default: none)",
+    )
+    comb.add_argument("--r", type=int, help="rank of an *svd method's result (PEFT's svd_rank; default: the largest)")
+    comb.add_argument("--majority-sign", default="total", help="ties*: total or frequency (default: %(default)s)")
+    comb.add_argument(
+        "--clamp", type=float, help="*svd: clip the factors to this quantile (PEFT's svd_clamp; default: none)"
+    )
+    comb.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops (default: %(default)s)")
+    comb.add_argument(
+        "--member",
+        type=parse_member,
+        metavar="K",
+        help="members of population runs: K, K,L,..., all or best (default: none, runs of one adapter)",
     )
     comb.add_argument("--base", help="base model of PEFT folders (default: their base/ folder, else the one recorded)")
-    comb.add_argument("--out", required=True, metavar="DIR", help="the PEFT folder to write")
+    comb.add_argument("--out", required=True, metavar="DIR", help="the PEFT folder to write (required)")
     comb.set_defaults(handler=_lazy("jlora.cli.combine", "combine_command"))
 
     diag = commands.add_parser(
         "diagnose", help="spectrum and intruder dimensions of each adapter; --against: subspace similarity"
     )
     diag.add_argument("run_dir", metavar="RUN_DIR")
-    diag.add_argument("--against", metavar="RUN_DIR2", help="another run: phi(i, j) between the two runs' adapters")
+    diag.add_argument(
+        "--against", metavar="RUN_DIR2", help="another run: phi(i, j) between the two runs' adapters (default: none)"
+    )
     diag.add_argument("--step", type=int, help="checkpoint step of RUN_DIR (default: the newest)")
     diag.add_argument("--out", metavar="DIR", help="where diagnose.json and the plots go (default: RUN_DIR/diagnose)")
+    diag.add_argument("--member", type=parse_one_member, metavar="K", help=ONE_MEMBER)
     diag.add_argument(
-        "--member", type=parse_one_member, metavar="K", help="member K of a population run, or best (a search's winner)"
+        "--against-member",
+        type=parse_one_member,
+        metavar="K",
+        help="member K of the --against run (as --member; default: none)",
     )
     diag.add_argument(
-        "--against-member", type=parse_one_member, metavar="K", help="member K of the --against population run, or best"
+        "--intruder-k", type=int, default=10, metavar="K", help="top singular vectors tested (default: %(default)s)"
     )
-    diag.add_argument("--intruder-k", type=int, default=10, metavar="K", help="top singular vectors tested (10)")
-    diag.add_argument("--intruder-epsilon", type=float, default=0.5, metavar="EPS", help="intruder threshold (0.5)")
+    diag.add_argument(
+        "--intruder-epsilon", type=float, default=0.5, metavar="EPS", help="intruder threshold (default: %(default)s)"
+    )
     diag.set_defaults(handler=_lazy("jlora.cli.diagnose", "diagnose_command"))
     return parser
 

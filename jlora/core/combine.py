@@ -22,7 +22,7 @@ With c_i = w_i * scaling_i for adapter i of the n::
 
     the result: scaling 1 on every module (alpha = r, as PEFT sets it), an ordinary LoraConfig
 
-Plain svd never forms dW': sum_i c_i B_i A_i = [c_1 B_1 ... c_n B_n] [A_1; ...; A_n] is an
+Plain svd never forms dW': ``sum_i c_i B_i A_i = [c_1 B_1 ... c_n B_n] [A_1; ...; A_n]`` is an
 update in factored form of rank sum r_i, whose SVD comes from QR of the two factors and an SVD
 of the small core (`jlora.core.svd.factored_svd`); the pruned variants merge dW entry by entry,
 so they form it and take its SVD. DARE's drop is random: its keep masks come from an explicit

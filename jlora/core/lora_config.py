@@ -94,7 +94,7 @@ class LoraConfig:
       r: rank of every adapter (unless `rank_pattern` overrides it).
       alpha: scale numerator; the update is multiplied by alpha / r.
       dropout: dropout rate on the input of the LoRA path only (training mode).
-      target_modules: suffixes or regular expressions of module paths (see module doc).
+      target_modules: suffixes or regular expressions of module paths (see `jlora.core.lora_config`).
       layers: adapt only these block indices (None: every block).
       rslora: scale by alpha / sqrt(r) instead of alpha / r.
       init: how A and B start. B = 0 with A "kaiming" (PEFT's default), "gaussian"

@@ -11,11 +11,14 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """`train` / `validation`: a .jsonl file, "bundled" (the package's QA set) or a `datasets` name."""
+    """Where the records come from and how batches are shaped.
 
-    train: str = "bundled"
-    validation: str | None = "bundled"
-    format: str = "auto"
-    tokenizer: str | None = None  # None: the model's own; "bytes": the offline byte tokenizer
+    `train` / `validation`: a .jsonl file, "bundled" (the package's QA set) or a `datasets` name.
+    """
+
+    train: str = "bundled"  # the training records
+    validation: str | None = "bundled"  # the validation records (None: no evaluation of the task)
+    format: str = "auto"  # "qa", "prompt_completion" or "text"; "auto": from the first record's keys
+    tokenizer: str | None = None  # a tokenizer folder or Hub id; "bytes": the offline byte one; None: the model's
     buckets: int | str = 64  # batch lengths round up to multiples of this, or "pow2", or "none" (seq_len)
     pack: bool = False  # several rows per sequence (attention kept within each row)

@@ -351,6 +351,7 @@ def best_member(meta: Mapping) -> int:
 
 
 def lora_config_of(meta: Mapping) -> LoraConfig:
+    """The `LoraConfig` a checkpoint's meta records (``meta["lora_config"]``)."""
     return LoraConfig.from_dict(meta["lora_config"])
 
 

@@ -39,10 +39,17 @@ DEFAULT_CONFIG = CONFIGS / "default.yaml"
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Where the base model comes from.
+    """Where the base model comes from, and how it computes.
 
-    `name`: a Hugging Face checkpoint directory or Hub id, or "random" for a randomly
-    initialised GPT-2 of the shape in `random` (its vocabulary is the tokenizer's).
+    Attributes:
+      name: a Hugging Face checkpoint directory or Hub id, or "random" for a randomly
+        initialised GPT-2 of the shape in `random` (its vocabulary is the tokenizer's).
+      random: the shape of a random base, as `GPT2Config` keys (n_layer, n_embd, n_head, n_positions, ...).
+      dtype: the compute dtype: "auto" (float32 on a CPU, bfloat16 on GPU and TPU), "float32",
+        "bfloat16" or "float16"; the adapters, optimizer state and loss sums stay float32.
+      param_dtype: the storage dtype of the frozen base weights.
+      remat: recompute each block's activations in the backward pass (less memory, more compute).
+      allow_pickle: read a checkpoint that has only a ``pytorch_model.bin`` (a pickle can run code).
     """
 
     name: str = "random"
@@ -65,46 +72,55 @@ class ModelConfig:
 class TrainableConfig:
     """Base leaves trained beside the adapters (PEFT's `bias` and `modules_to_save`)."""
 
-    bias: str = "none"
-    modules_to_save: tuple[str, ...] = ()
+    bias: str = "none"  # "none", "all" (every base bias) or "lora_only" (the biases of adapted modules)
+    modules_to_save: tuple[str, ...] = ()  # base modules trained in full, by dotted path suffix, e.g. [ln_f]
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 100
-    max_to_keep: int | None = 3
+    """When a run saves a checkpoint (RUN_DIR/checkpoints/<step>), and how many it keeps."""
+
+    every: int = 100  # save every this many steps, and after the last one
+    max_to_keep: int | None = 3  # the newest checkpoints kept (None: all)
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """`forgetting`: held-out text from outside the task (a JSONL file of {"text": ...} records, or
-    "bundled" for jlora's generic text set) on which each evaluation also reports the adapted model's
-    loss, the base model's, and the mean per-token KL(base || adapted); None: off."""
+    """What each evaluation measures besides the task.
+
+    Attributes:
+      forgetting: held-out text from outside the task (a JSONL file of {"text": ...} records, or
+        "bundled" for jlora's generic text set) on which each evaluation also reports the adapted
+        model's loss, the base model's, and the mean per-token KL(base || adapted); None: off.
+    """
 
     forgetting: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
+    """One run, as its YAML config gives it: a section per part (model, data, lora, ...) and the run's
+    own settings. The site's page of config keys is made from these fields and their comments."""
+
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     lora: LoraConfig = LoraConfig()
     trainable: TrainableConfig = TrainableConfig()
     optim: OptimConfig = OptimConfig()  # its total_steps is the run's `steps`
     checkpoint: CheckpointConfig = CheckpointConfig()
-    seq_len: int = 128
-    batch_size: int = 8
-    steps: int = 100
-    eval_every: int = 50
-    eval_batches: int | None = None  # None: the whole validation set
+    seq_len: int = 128  # tokens a row holds; a longer example keeps its prompt and loses its answer's end
+    batch_size: int = 8  # rows per update (split into optim.grad_accum micro-batches)
+    steps: int = 100  # updates in the run; the learning-rate schedule ends here
+    eval_every: int = 50  # evaluate every this many steps, and after the last one
+    eval_batches: int | None = None  # validation batches per evaluation (None: the whole validation set)
     exact_match: int = 64  # validation QA pairs answered greedily at each evaluation (0: off)
-    log_every: int = 10
-    seed: int = 0
+    log_every: int = 10  # fetch the steps' metrics and write them (a row a step) every this many steps
+    seed: int = 0  # the data order, a random base and (unless adapter_seed) the adapters
     init_from: str | None = None  # a PEFT adapter folder to start from (its LoRA config replaces `lora`)
     adapter_seed: int | None = None  # A's initialisation and the dropout keys (None: `seed`, which also
     # seeds a random base and the data order)
-    population: PopulationConfig | None = None  # several adapters trained at once (jlora.training.run.members)
-    search: SearchConfig | None = None  # successive halving over the population (jlora.training.run.search)
+    population: PopulationConfig | None = None  # several adapters trained at once (None: one adapter)
+    search: SearchConfig | None = None  # successive halving over the population (None: train every member)
     telemetry: int | None = None  # every this many steps, the spectrum of each adapter's dW (None: off)
     eval: EvalConfig = EvalConfig()
 

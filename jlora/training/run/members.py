@@ -67,8 +67,8 @@ class MemberSpec:
 class PopulationConfig:
     """The ``population:`` section: `members` (a list of mappings) or a `grid` (a mapping of lists)."""
 
-    members: tuple[dict, ...] = ()
-    grid: dict = dataclasses.field(default_factory=dict)
+    members: tuple[dict, ...] = ()  # the members: mappings of r, alpha, rslora, seed, lr, loraplus_ratio
+    grid: dict = dataclasses.field(default_factory=dict)  # or lists of values per key: a member per combination
 
     def settings(self) -> list[dict]:
         """Each member's given keys, in order: the listed members, or the grid's product."""

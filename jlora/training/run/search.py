@@ -43,9 +43,9 @@ METRICS = {"val_loss": False, "val_ppl": False, "exact_match": True}  # name: hi
 class SearchConfig:
     """The ``search:`` section: successive halving over the run's population (module doc)."""
 
-    eta: int = 2
-    rung_every: int = 100
-    metric: str = "val_loss"
+    eta: int = 2  # at each rung the best ceil(n / eta) live members go on (>= 2)
+    rung_every: int = 100  # steps between rungs; the first rung is at step rung_every (1 .. steps - 1)
+    metric: str = "val_loss"  # what ranks the members: val_loss, val_ppl (lower is better), exact_match (higher)
 
     @property
     def higher_is_better(self) -> bool:
