@@ -60,7 +60,10 @@ from jlora.core.loss import loss_sums
 from jlora.core.optim import OptimConfig, make_optimizer, trainable_mask
 from jlora.core.step import TrainState, step_inputs
 from jlora.errors import ConfigError
+from jlora.research import experiments as ex
 from jlora.research.fastfood import Fastfood, project
+from jlora.research.planted import random_tokens
+from jlora.training.run.config import RunConfig, adapter_seed
 from jlora.tree import get_path, leaves_by_path, replace_paths
 
 PyTree = Any
@@ -137,20 +140,25 @@ class Dims(NamedTuple):
       width: W, the longest z (z has d_k - m entries with SAID).
       mask: (K, W) float32, 1 on member k's own entries of z.
       n_scales: m with SAID (one scale per weight of the space), else 0.
+      lr: (K,) float32 peak learning rates, one per member; None: the optimizer config's for all.
     """
 
     dims: tuple[int, ...]
     width: int
     mask: jax.Array
     n_scales: int
+    lr: jax.Array | None = None
 
     @property
     def size(self) -> int:
         return len(self.dims)
 
 
-def dims_population(dims: Sequence[int], space: Subspace, *, said: bool = False) -> Dims:
-    """The `Dims` of members training d in `dims` numbers each on `space`.
+def dims_population(
+    dims: Sequence[int], space: Subspace, *, said: bool = False, lr: Sequence[float] | None = None
+) -> Dims:
+    """The `Dims` of members training d in `dims` numbers each on `space`, member k at learning rate
+    ``lr[k]`` (None: the optimizer config's).
 
     Raises ConfigError for a d that is not an integer in [1, D] (with SAID: above m, the scales' count).
     """
@@ -162,10 +170,13 @@ def dims_population(dims: Sequence[int], space: Subspace, *, said: bool = False)
         if not (isinstance(d, int | np.integer) and m < d <= space.size):
             low = f"{m + 1} (SAID's {m} scales + 1)" if said else "1"
             raise ConfigError(f"subspace dimension d={d!r} is out of range; valid: {low} .. D = {space.size}")
+    if lr is not None and len(lr) != len(dims):
+        raise ConfigError(f"{len(lr)} learning rates for {len(dims)} subspace dimensions")
     sizes = [int(d) - m for d in dims]
     width = max(sizes)
     mask = np.arange(width)[None, :] < np.asarray(sizes)[:, None]
-    return Dims(tuple(int(d) for d in dims), width, jnp.asarray(mask, jnp.float32), m)
+    rates = None if lr is None else jnp.asarray(lr, jnp.float32)
+    return Dims(tuple(int(d) for d in dims), width, jnp.asarray(mask, jnp.float32), m, rates)
 
 
 def subspace_params(
@@ -192,15 +203,20 @@ def _trainable(pop: Dims) -> dict:
     return z | ({"scales": jnp.ones((pop.size, pop.n_scales), jnp.float32)} if pop.n_scales else {})
 
 
-def subspace_optimizer(cfg: OptimConfig, pop: Dims) -> optax.GradientTransformation:
-    """One member's AdamW (`make_optimizer`: clipping, warmup and decay; no weight decay on z, a vector)."""
-    return make_optimizer(cfg, jax.tree.map(lambda x: x[0], _trainable(pop)))
+def subspace_optimizer(cfg: OptimConfig, pop: Dims, lr: jax.Array | None = None) -> optax.GradientTransformation:
+    """One member's AdamW at peak `lr` (`make_optimizer`: clipping, warmup and decay; no weight decay on z,
+    a vector); `lr` may be traced (inside the population's vmap)."""
+    return make_optimizer(cfg, jax.tree.map(lambda x: x[0], _trainable(pop)), lr=lr)
+
+
+def _rates(cfg: OptimConfig, pop: Dims) -> jax.Array:
+    return jnp.full((pop.size,), cfg.lr, jnp.float32) if pop.lr is None else pop.lr
 
 
 def init_subspace(params: Mapping, proj: Projection, pop: Dims, cfg: OptimConfig) -> TrainState:
     """Step 0: z = 0 (SAID scales 1) for every member, so each is the base model; the optimizer states."""
     trainable = _trainable(pop)
-    opt_state = jax.vmap(subspace_optimizer(cfg, pop).init)(trainable)
+    opt_state = jax.vmap(lambda t, lr: subspace_optimizer(cfg, pop, lr).init(t))(trainable, _rates(cfg, pop))
     return TrainState(jnp.zeros((), jnp.int32), trainable, {"params": params, "proj": proj}, opt_state)
 
 
@@ -219,11 +235,12 @@ def make_subspace_step(
     `loss(params, batch, key)` is one model's loss on the batch (`task_loss`, `distill_loss`);
     every member reads the same batch and the dropout key ``fold_in(rng, step)``; each
     differentiates its own loss with respect to its own z (and scales) and applies its own AdamW
-    state. The state's trainable leaves and optimizer state are donated.
+    (at its own learning rate, ``pop.lr``). The state's trainable leaves and optimizer state are donated.
     """
-    optimizer = subspace_optimizer(cfg, pop)
 
-    def member(trainable, opt_state, mask, frozen, batch, key):
+    def member(trainable, opt_state, mask, lr, frozen, batch, key):
+        optimizer = subspace_optimizer(cfg, pop, lr)
+
         def objective(t):
             params = subspace_params(frozen["params"], space, frozen["proj"], t["z"] * mask, t.get("scales"))
             return loss(params, batch, key)
@@ -233,16 +250,18 @@ def make_subspace_step(
         updates = {**updates, "z": updates["z"] * mask}  # the padding of a shorter z stays exactly 0
         return optax.apply_updates(trainable, updates), opt_state, value
 
-    members = jax.vmap(member, in_axes=(0, 0, 0, None, None, None))
+    members = jax.vmap(member, in_axes=(0, 0, 0, 0, None, None, None))
+    rates = _rates(cfg, pop)
 
     @partial(jax.jit, donate_argnums=(0, 1, 2))
-    def update(step, trainable, opt_state, mask, frozen, batch, rng):
-        trainable, opt_state, values = members(trainable, opt_state, mask, frozen, batch, jax.random.fold_in(rng, step))
+    def update(step, trainable, opt_state, mask, lr, frozen, batch, rng):
+        key = jax.random.fold_in(rng, step)
+        trainable, opt_state, values = members(trainable, opt_state, mask, lr, frozen, batch, key)
         return step + 1, trainable, opt_state, values
 
     def step(state: TrainState, batch: Any, rng: jax.Array) -> tuple[TrainState, dict]:
         n, trainable, opt_state, values = update(
-            state.step, state.trainable, state.opt_state, pop.mask, state.frozen, batch, rng
+            state.step, state.trainable, state.opt_state, pop.mask, rates, state.frozen, batch, rng
         )
         return TrainState(n, trainable, state.frozen, opt_state), {"loss": values}
 
@@ -273,6 +292,68 @@ def distill_loss(model: GPT2) -> Loss:
         return jnp.mean(kl_divergence(target, model.apply({"params": params}, ids)))
 
     return loss
+
+
+def fit_subspace(
+    task: ex.Task,
+    space: Subspace,
+    proj: Projection,
+    pop: Dims,
+    cfg: RunConfig | None = None,
+    *,
+    progress: bool = False,
+    desc: str | None = None,
+) -> tuple[TrainState, np.ndarray]:
+    """Train every member of `pop` on `task` as `jlora.research.experiments.fit` trains an adapter: the
+    run's batches, steps, AdamW schedule (at each member's ``pop.lr``, default the run's) and dropout keys.
+
+    Returns:
+      (the final state, training losses (steps, K)).
+    """
+    cfg = cfg or task.cfg
+    optim = cfg.optim
+    state = init_subspace(task.run.params, proj, pop, optim)
+    step = make_subspace_step(task_loss(task.base_model), space, optim, pop)
+    runner = ex.Runner(state, step, jax.random.key(adapter_seed(cfg)))
+    return ex.run_steps(task, runner, cfg, progress=progress, desc=desc)
+
+
+def distill_subspace(
+    model: GPT2,
+    params: PyTree,
+    teacher_params: PyTree,
+    space: Subspace,
+    proj: Projection,
+    pop: Dims,
+    key: jax.Array,
+    optim: OptimConfig,
+    *,
+    batch_size: int,
+    seq_len: int,
+    progress: bool = False,
+    step: Callable | None = None,
+) -> tuple[TrainState, np.ndarray]:
+    """Train every member towards the teacher, as `jlora.research.planted.distill_students` trains
+    LoRA students: ``optim.total_steps`` steps on random tokens from ``fold_in(key, 1)`` (the same
+    tokens the LoRA students of that key see), loss KL(teacher || member).
+
+    `step` is ``make_subspace_step(distill_loss(model), space, optim, pop)`` made once and passed to
+    every call, so that distilling several teachers compiles it once (default: made here).
+
+    Returns:
+      (the final state, training losses (K, steps)).
+    """
+    from tqdm.auto import trange
+
+    state = init_subspace(params, proj, pop, optim)
+    step = step or make_subspace_step(distill_loss(model), space, optim, pop)
+    tokens, vocab = jax.random.fold_in(key, 1), model.config.vocab_size
+    losses = []
+    for i in trange(optim.total_steps, disable=not progress, desc=f"{pop.size} subspaces", leave=False):
+        ids = random_tokens(jax.random.fold_in(tokens, i), batch_size, seq_len, vocab)
+        state, metrics = step(state, (teacher_params, ids), key)
+        losses.append(metrics["loss"])
+    return state, np.asarray(jax.device_get(losses), np.float64).T
 
 
 def recovered(losses: Sequence[float], base: float, full: float) -> np.ndarray:
