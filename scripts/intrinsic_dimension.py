@@ -87,6 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     start = time.perf_counter()
+    for option, kind in (("dims", int), ("lr", float), ("full_lr", float), ("lora_ranks", int), ("planted", int)):
+        if getattr(args, option) is not None:  # a bad list fails here, before any work (one line, exit status 2)
+            ex.numbers(getattr(args, option), "--" + option.replace("_", "-"), kind)
     cfg = ex.script_config(args)
     summary = measure_planted(args, cfg) if args.planted else measure_task(args, cfg)
     summary["seconds"] = time.perf_counter() - start

@@ -18,10 +18,15 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
-def run_quick(name: str, out: Path, *extra: str) -> dict:
+def script(name: str):
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def run_quick(name: str, out: Path, *extra: str) -> dict:
+    module = script(name)
     returned = module.main(["--quick", "--out", str(out), *extra])
     summary = json.loads((out / "summary.json").read_text())
     assert summary.keys() == returned.keys()
@@ -213,3 +218,24 @@ def test_data_size_sweep(quick):
     small, large = ({row["r"]: row for row in b["series"]["alpha = 2r"]} for b in s["by_size"])
     # 64 rows seen ~75 times each are learnt by heart, the more so at r = 8; 512 rows are not
     assert small[8]["gap"] > small[1]["gap"] and small[8]["gap"] > large[8]["gap"] + 0.1, (small, large)
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "message"),
+    [
+        ("intrinsic_dimension", ["--dims", "16,x"], "--dims: '16,x' is not a comma-separated list of positive ints"),
+        ("intrinsic_dimension", ["--planted", "0,4"], "--planted: '0,4' is not"),
+        ("intrinsic_dimension", ["--lr=-1e-3"], "--lr: '-1e-3' is not a comma-separated list of positive floats"),
+        ("data_size_sweep", ["--sizes", "100,"], "--sizes: '100,' is not"),
+        ("data_size_sweep", ["--ranks", "two"], "--ranks: 'two' is not"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(name, args, message, tmp_path, capsys):
+    from jlora.cli import exit_status
+
+    out = tmp_path / "out"
+    module = script(name)
+    assert exit_status(f"{name}.py", lambda: module.main(["--quick", "--out", str(out), *args])) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"{name}.py: error: {message}") and "\n" not in err, err
+    assert not out.exists()  # nothing written
