@@ -7,7 +7,7 @@ measured it for language-model fine-tuning, with a Fastfood P (`jlora.research.f
 SAID: one learned scale per weight, theta_w = theta_0,w + lambda_w (P z)_w, the scales counted in d::
 
     space = subspace(params, space_mask(params, lora_cfg))   # the leaves that move (D numbers): LoRA's weights
-    pop = dims_population([16, 64, 256], space)               # K members, z padded to the widest
+    pop = dims_population([16, 64, 256], space, lr=[0.1, 0.05, 0.02])   # K members, z padded to the widest
     proj = fastfood(key, space.size, pop.width)               # one P for all; member k reads its first d_k columns
     state = init_subspace(params, proj, pop, optim)           # z = 0: every member is the base model, exactly
     step = make_subspace_step(task_loss(model), space, optim, pop)   # one compiled step, vmapped over members
@@ -15,9 +15,13 @@ SAID: one learned scale per weight, theta_w = theta_0,w + lambda_w (P z)_w, the 
     member_params(state, k, pop, space)                       # member k's weights: any model evaluates them
     d90(pop.dims, losses, base_loss, full_loss)               # the smallest d with 90 % of full training's gain
 
+    fit_subspace(task, space, proj, pop)                      # the loop on a task, as experiments.fit's for LoRA
+    distill_subspace(model, params, teacher, space, proj, pop, key, optim, batch_size=16, seq_len=32)  # planted
+
 Member k's z carries zeros beyond its own d_k. The forward pass multiplies z by a 0/1 mask, so
 those entries' gradients are exactly 0 and Adam's update of them is 0 (masked again besides):
-a member of the padded population is the member trained alone. `Identity` in place of the
+a member of the padded population is the member trained alone (at its own learning rate, a traced
+value inside the vmap, as `jlora.core.population` gives adapters theirs). `Identity` in place of the
 Fastfood projection trains the D numbers themselves (z = theta - theta_0): the full fine-tune
 of the same weights, through the same step and optimizer.
 
