@@ -2,8 +2,10 @@
 
     diagnose.py      spectrum of every adapter's dW, phi(i, j) between two runs, telemetry over steps
     experiments.py   in-memory tasks and fits for sweeps (a population at once); a full fine-tune's dW
+    fastfood.py      the Fastfood transform: a D x d random projection applied in O(D log d)
     forgetting.py    learning against forgetting on held-out text; a base pretrained on it
-    planted.py       a known rank-k update planted in a model, recovered by distillation
+    intrinsic.py     training in random d-dimensional subspaces (theta_0 + P z), many d at once; d90
+    planted.py       a known rank-k update planted in a model, recovered by distillation; rows sampled from it
     plots.py         matplotlib figures (Agg, no pyplot state)
     search_report.py what a search found: leaderboard, curves, the winner's update, the source's heuristics
 

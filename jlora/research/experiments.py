@@ -50,7 +50,7 @@ from jlora.core.population import (
 )
 from jlora.core.step import TrainState, TrainStep, compile_eval, init_state, make_eval_step, make_train_step
 from jlora.core.svd import lora_from_delta
-from jlora.errors import ConfigError
+from jlora.errors import ConfigError, DataError, UsageError
 from jlora.training.data.rows import TokenizedData, batch_at
 from jlora.training.run.build import Run, build_run, init_key
 from jlora.training.run.config import DEFAULT_CONFIG, RunConfig, adapter_seed, load_run_config
@@ -78,6 +78,22 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny model and short runs (a CPU check, seconds)")
     parser.add_argument("--config", help="YAML run config (default: the embedded default run, as `jlora train`)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, as `jlora train`")
+
+
+def numbers(text: str, option: str, kind: type = int) -> list:
+    """A comma-separated command-line list of positive numbers, e.g. ``--dims 16,64``; UsageError (one
+    line) for anything else.
+
+    >>> numbers("16,64", "--dims"), numbers("0.5,2", "--lr", float)
+    ([16, 64], [0.5, 2.0])
+    """
+    try:
+        values = [kind(x) for x in text.split(",")]
+    except ValueError:
+        values = None
+    if not values or not all(v > 0 for v in values):
+        raise UsageError(f"{option}: {text!r} is not a comma-separated list of positive {kind.__name__}s")
+    return values
 
 
 def script_config(args: argparse.Namespace) -> RunConfig:
@@ -276,10 +292,26 @@ def merged_params(variables: Mapping, lora_cfg: LoraConfig | None = None) -> dic
     return merge(variables["params"], lora, lora_cfg)
 
 
-def val_loss(task: Task, variables: Mapping, lora_cfg: LoraConfig | None = None) -> float:
-    """Mean validation loss over answer tokens (the first ``cfg.eval_batches`` batches), adapters merged first."""
+def val_loss(task: Task, variables: Mapping, lora_cfg: LoraConfig | None = None, *, data: TokenizedData | None = None):
+    """Mean validation loss over answer tokens (the first ``cfg.eval_batches`` batches), adapters merged first.
+
+    `data` scores other rows instead of the validation set (e.g. the training rows, for the train-validation gap).
+    """
     params = {"params": merged_params(variables, lora_cfg)}
-    return mean_loss(task.eval_step, params, task.val, task.cfg.batch_size, max_batches=task.cfg.eval_batches)
+    rows = task.val if data is None else data
+    return mean_loss(task.eval_step, params, rows, task.cfg.batch_size, max_batches=task.cfg.eval_batches)
+
+
+def take_rows(data: TokenizedData, n: int, seed: int) -> TokenizedData:
+    """`n` rows of `data` drawn without replacement, in their order; with one seed, a smaller set lies inside
+    every larger one.
+
+    Raises DataError when `n` is not between 1 and the number of rows.
+    """
+    if not 1 <= n <= len(data):
+        raise DataError(f"cannot take {n} rows of a set of {len(data)}; valid: 1 .. {len(data)}")
+    index = np.sort(np.random.default_rng(seed).permutation(len(data))[:n])
+    return dataclasses.replace(data, **data.rows(index), example_index=data.example_index[index])
 
 
 def curve_distance(a: Sequence[float], b: Sequence[float], *, window: int = 10) -> float:

@@ -5,11 +5,18 @@
                                      key, optim, batch_size=16, seq_len=32)   # one population: KL(teacher || student)
     distill_gap(base, teacher_params, merge(params, lora, cfg), key)      # held-out KL; 0: the teacher
     compare_to_planted(lora, cfg, planted, planted_cfg)                  # phi(k, k) on both sides of dW
+    teacher_rows(key, base, teacher_params, n=10_000, seq_len=32)       # a training set of any size, sampled
 
 The student sees no text: its inputs are uniformly random tokens and its target the teacher's
 whole next-token distribution at every position, a far denser signal than sampled text, so
 what limits recovery is the student's rank, not the data. The students of every rank train at
 once, as one population on the one base (`jlora.core.population`), each as it would alone.
+
+`teacher_rows` makes the opposite kind of data, for experiments where the amount of it is the
+question: each row's targets are single tokens drawn from the teacher's distributions, so a row
+carries little information and a student can overfit a few. A random GPT-2's next-token
+distributions are nearly uniform (logits of about 0.1), which hides any planted change in such
+samples; `sharpen` multiplies ln_f's scale, and so every logit, as a trained model's are larger.
 """
 
 from __future__ import annotations
@@ -40,18 +47,28 @@ from jlora.core.population import (
 )
 from jlora.core.step import TrainState
 from jlora.core.svd import delta_svd, factored_svd, subspace_similarity_grid
-from jlora.tree import get_path
+from jlora.errors import ConfigError
+from jlora.training.data.rows import TokenizedData
+from jlora.tree import get_path, replace_paths
 
 PyTree = Any
 
 
-def plant_low_rank(key: jax.Array, params: Mapping, cfg: LoraConfig, scale: float) -> tuple[dict, dict]:
+SPECTRA = {
+    "linear": lambda k: np.linspace(1.0, 0.5, k),  # k directions of about equal weight
+    "harmonic": lambda k: 1.0 / np.arange(1, k + 1),  # s_i = s_1 / i: each direction matters less than the last
+}
+
+
+def plant_low_rank(
+    key: jax.Array, params: Mapping, cfg: LoraConfig, scale: float, *, spectrum: str = "linear"
+) -> tuple[dict, dict]:
     """A teacher: `params` plus a known rank-k update on every module `cfg` targets (k = ``cfg.r``).
 
     Each planted update is ``dW = U diag(s) V^T`` with U (d_out, k) and V (d_in, k) random
-    orthonormal and s spaced evenly from ``scale * ||W||_2`` down to half of that, so it is
-    large next to the weight it changes (W's own top singular value times `scale`) and its
-    singular directions are ordered.
+    orthonormal and s from ``scale * ||W||_2`` down: spaced evenly to half of that ("linear"), or
+    as 1, 1/2, ..., 1/k of it ("harmonic"). So it is large next to the weight it changes (W's own
+    top singular value times `scale`) and its singular directions are ordered.
 
     A weight fed by a LayerNorm (c_attn by ln_1, c_fc by ln_2) never sees one input direction:
     the normalised input has zero mean, so ``x . (1 / gamma) = beta . (1 / gamma)`` for every
@@ -62,6 +79,8 @@ def plant_low_rank(key: jax.Array, params: Mapping, cfg: LoraConfig, scale: floa
       (teacher params = ``merge(params, planted, cfg)``, planted LoRA tree with
       ``cfg.scaling_for(path) * B A = dW`` per module).
     """
+    if spectrum not in SPECTRA:
+        raise ConfigError(f"unknown planted spectrum {spectrum!r}; valid: {', '.join(SPECTRA)}")
     flat = {}
     for i, path in enumerate(cfg.module_paths(len(params["h"]))):
         module = split_slice(path)[0]
@@ -73,20 +92,23 @@ def plant_low_rank(key: jax.Array, params: Mapping, cfg: LoraConfig, scale: floa
             gamma = get_path(params, ".".join(module.split(".")[:2]) + "." + norm)["scale"].astype(jnp.float32)
             blind = jnp.where(gamma != 0, 1.0 / jnp.where(gamma != 0, gamma, 1.0), 0.0)
         k = cfg.rank_for(path)
-        flat[path] = _planted(jax.random.fold_in(key, i), w, blind, k, scale, cfg.scaling_for(path, k))
+        s = scale * SPECTRA[spectrum](k)
+        flat[path] = _planted(
+            jax.random.fold_in(key, i), w, blind, k, jnp.asarray(s, jnp.float32), cfg.scaling_for(path, k)
+        )
     planted = unflatten_adapters(flat)
     return merge(params, planted, cfg), planted
 
 
 @partial(jax.jit, static_argnums=3)
-def _planted(key: jax.Array, w: jax.Array, blind: jax.Array, k: int, scale: float, scaling: float) -> dict:
+def _planted(key: jax.Array, w: jax.Array, blind: jax.Array, k: int, profile: jax.Array, scaling: float) -> dict:
     key_u, key_v = jax.random.split(key)
     (d_out, d_in), w = w.shape, w.astype(jnp.float32)
     b = blind / jnp.maximum(jnp.linalg.norm(blind), 1e-30)  # unit, or 0: nothing to avoid
     g = jax.random.normal(key_v, (d_in, k))
     u = jnp.linalg.qr(jax.random.normal(key_u, (d_out, k)))[0]
     v = jnp.linalg.qr(g - jnp.outer(b, b @ g))[0]
-    s = scale * jnp.linalg.norm(w, 2) * jnp.linspace(1.0, 0.5, k)
+    s = jnp.linalg.norm(w, 2) * profile
     root = jnp.sqrt(s / scaling)
     return {"A": root[:, None] * v.T, "B": u * root[None, :]}
 
@@ -94,6 +116,37 @@ def _planted(key: jax.Array, w: jax.Array, blind: jax.Array, k: int, scale: floa
 def random_tokens(key: jax.Array, batch_size: int, seq_len: int, vocab_size: int) -> jax.Array:
     """(batch_size, seq_len) int32 tokens drawn uniformly: inputs that probe every direction."""
     return jax.random.randint(key, (batch_size, seq_len), 0, vocab_size, jnp.int32)
+
+
+def sharpen(params: Mapping, factor: float) -> dict:
+    """`params` with ln_f's scale times `factor`: every next-token logit `factor` times larger."""
+    return replace_paths(params, {"ln_f.scale": params["ln_f"]["scale"] * factor})
+
+
+@partial(jax.jit, static_argnums=(0, 3, 4))
+def _sampled_rows(model: GPT2, teacher_params: PyTree, key: jax.Array, rows: int, seq_len: int):
+    ids = random_tokens(jax.random.fold_in(key, 0), rows, seq_len, model.config.vocab_size)
+    logits = model.apply({"params": teacher_params}, ids)
+    return ids, jax.random.categorical(jax.random.fold_in(key, 1), logits).astype(jnp.int32)
+
+
+def teacher_rows(
+    key: jax.Array, model: GPT2, teacher_params: PyTree, n: int, seq_len: int, *, chunk: int = 512
+) -> TokenizedData:
+    """`n` training rows: uniformly random tokens as input, and at every position a target token drawn
+    from the teacher's next-token distribution there (every position carries loss).
+
+    Rows are made `chunk` at a time, chunk i from ``fold_in(key, i)``, so the first n rows of a
+    larger set (made with the same key and chunk) are the set of n rows.
+    """
+    ids, targets = [], []
+    for i in range(-(-n // chunk)):
+        a, b = _sampled_rows(model, teacher_params, jax.random.fold_in(key, i), chunk, seq_len)
+        ids.append(a)
+        targets.append(b)
+    ids, targets = (np.concatenate(jax.device_get(x))[:n] for x in (ids, targets))
+    ones = np.ones(ids.shape, np.float32)
+    return TokenizedData(ids, targets, ones, ones.astype(np.int32), np.arange(n, dtype=np.int32))
 
 
 def make_distill_step(

@@ -69,7 +69,7 @@ def _lines(ax, spec: Mapping) -> None:
         ax.axhline(y, color=f"C{len(series) + i}", linestyle="--", linewidth=1, label=label)
     if spec.get("vline") is not None:
         ax.axvline(spec["vline"], color="gray", linestyle=":", linewidth=1)
-    xs = [x for x, _ in series.values() for x in x]
+    xs = spec.get("xticks", [x for x, _ in series.values() for x in x])  # a log axis labels these (default: every x)
     _axis(ax, spec["xlabel"], spec["ylabel"], spec.get("title"), spec.get("logx", False), spec.get("logy", False), xs)
     if spec.get("legend", True):
         ax.legend(fontsize=8)
@@ -96,7 +96,8 @@ def line_plot(
 def panels(path: str | Path, plots: Sequence[Mapping], *, title: str | None = None, max_cols: int = 4) -> Path:
     """Axes side by side (up to 4 a row); each entry of `plots` holds one axis's `line_plot` arguments
     (``series``, ``xlabel``, ``ylabel``; optionally ``title``, ``logx``, ``logy``, ``hlines``, ``vline``,
-    ``legend`` (default True), ``point_labels`` {series label: a text per point})."""
+    ``legend`` (default True), ``point_labels`` {series label: a text per point}, ``xticks`` (the x values a
+    log axis labels; default every point's))."""
     rows, cols = _grid(len(plots), max_cols)
     fig = Figure(figsize=(5.0 * cols, 3.8 * rows), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()

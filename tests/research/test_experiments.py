@@ -1,4 +1,5 @@
-"""The scripts' shared pieces: a full fine-tune's dW, its rank-r truncations, loss-curve distance, run config."""
+"""The scripts' shared pieces: a full fine-tune's dW, its rank-r truncations, loss-curve distance, run config,
+nested training sets, list arguments."""
 
 import argparse
 
@@ -6,14 +7,20 @@ import jax
 import numpy as np
 import pytest
 
+from jlora.errors import DataError, UsageError
 from jlora.research.experiments import (
     QUICK,
     add_run_arguments,
     curve_distance,
     kernel_deltas,
+    numbers,
     script_config,
+    take_rows,
     truncate_deltas,
 )
+from jlora.training.data.rows import tokenize
+from jlora.training.data.sources import Example
+from jlora.training.data.tokenizer import ByteTokenizer
 
 
 def trees():
@@ -77,3 +84,23 @@ def test_script_config_layers_quick_under_set():
     assert cfg.steps == 7 and cfg.optim.total_steps == 7  # --set wins over QUICK's steps=300
     assert cfg.model.random["n_layer"] == 1 and cfg.optim.lr == 1e-2 and "steps=300" in QUICK
     assert script_config(parser.parse_args(["--out", "x"])).model.random["n_layer"] == 4  # the embedded default
+
+
+def test_take_rows_nests_smaller_sets_in_larger():
+    rows = tokenize([Example(f"q{i}", f"a{i}") for i in range(50)], ByteTokenizer(), seq_len=12)
+    small, large = take_rows(rows, 10, seed=3), take_rows(rows, 30, seed=3)
+    assert len(small) == 10 and len(large) == 30
+    assert set(small.example_index) <= set(large.example_index)
+    assert list(small.example_index) == sorted(small.example_index)
+    i = list(rows.example_index).index(small.example_index[4])
+    np.testing.assert_array_equal(small.input_ids[4], rows.input_ids[i])
+    np.testing.assert_array_equal(small.loss_mask[4], rows.loss_mask[i])
+    with pytest.raises(DataError, match="cannot take 51 rows of a set of 50; valid: 1 .. 50"):
+        take_rows(rows, 51, seed=0)
+
+
+def test_numbers_are_one_line_usage_errors():
+    assert numbers("1,2,64", "--ranks") == [1, 2, 64] and numbers("3e-3", "--lr", float) == [0.003]
+    for bad in ("1,x", "0,4", "", "-2"):
+        with pytest.raises(UsageError, match="--ranks: .* is not a comma-separated list of positive ints"):
+            numbers(bad, "--ranks")

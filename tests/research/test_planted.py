@@ -1,13 +1,21 @@
-"""Planting a known low-rank update; subspace similarity on both sides of dW."""
+"""Planting a known low-rank update; subspace similarity on both sides of dW; rows sampled from a teacher."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jlora.core.gpt2 import GPT2, GPT2Config, init_params
 from jlora.core.lora import flatten_adapters, unflatten_adapters
 from jlora.core.lora_config import LoraConfig
-from jlora.research.planted import compare_to_planted, delta_subspaces, plant_low_rank
+from jlora.errors import ConfigError
+from jlora.research.planted import (
+    compare_to_planted,
+    delta_subspaces,
+    plant_low_rank,
+    sharpen,
+    teacher_rows,
+)
 
 
 def params_tree(key, d=16):
@@ -71,3 +79,32 @@ def test_compare_to_planted_reads_each_module():
     for name in ("phi_row", "phi_column", "energy_top_k"):
         assert out[name] == pytest.approx(1.0, abs=1e-4)
         assert out[name] == pytest.approx(np.mean([m[name] for m in out["modules"].values()]))
+
+
+def test_harmonic_spectrum():
+    params = params_tree(jax.random.key(0))
+    cfg = LoraConfig(r=4, alpha=4.0, target_modules=("mlp.c_proj",))
+    teacher, planted = plant_low_rank(jax.random.key(1), params, cfg, scale=1.5, spectrum="harmonic")
+    adapter = flatten_adapters(planted)["h.0.mlp.c_proj"]
+    s = np.linalg.svd(np.asarray(adapter["B"] @ adapter["A"], np.float64), compute_uv=False)
+    top = 1.5 * np.linalg.norm(np.asarray(params["h"]["0"]["mlp"]["c_proj"]["kernel"], np.float64), 2)
+    np.testing.assert_allclose(s[:4], top / np.arange(1, 5), rtol=1e-4)
+    with pytest.raises(ConfigError, match="unknown planted spectrum 'flat'; valid: linear, harmonic"):
+        plant_low_rank(jax.random.key(1), params, cfg, scale=1.0, spectrum="flat")
+
+
+def test_teacher_rows_are_samples_of_the_teacher():
+    config = GPT2Config(vocab_size=11, n_positions=8, n_embd=16, n_layer=1, n_head=2)
+    model, params = GPT2(config), sharpen(init_params(jax.random.key(0), config), 30.0)
+    assert np.allclose(params["ln_f"]["scale"], 30.0 * init_params(jax.random.key(0), config)["ln_f"]["scale"])
+    rows = teacher_rows(jax.random.key(1), model, params, 1000, 8, chunk=64)
+    assert rows.input_ids.shape == rows.targets.shape == (1000, 8) and rows.loss_mask.min() == 1.0
+    fewer = teacher_rows(jax.random.key(1), model, params, 100, 8, chunk=64)
+    assert np.array_equal(fewer.input_ids, rows.input_ids[:100]) and np.array_equal(fewer.targets, rows.targets[:100])
+    # each target is a draw from the teacher's distribution at its position: its mean log-probability is
+    # minus the mean entropy (argmax targets would score higher, uniform ones lower)
+    log_p = np.asarray(jax.nn.log_softmax(model.apply({"params": params}, rows.input_ids)), np.float64)
+    entropy = -np.sum(np.exp(log_p) * log_p, axis=-1).mean()
+    drawn = np.take_along_axis(log_p, rows.targets[..., None], axis=-1).mean()
+    assert np.log(11) - entropy > 0.3  # sharpened: far from uniform
+    assert abs(drawn + entropy) < 0.05, (drawn, entropy)

@@ -1,7 +1,9 @@
 """The research scripts' --quick runs: each summary.json's structure, shapes and ranges, and the
-planted-rank criterion (the rank-k student's update spans the planted one).
+criteria that could fail: the rank-k student's update spans the planted one, the rank a planted
+task needs is its k, nested random subspaces learn more as they grow, and a small training set
+seen many times is overfitted more than a large one.
 
-Each script runs once per session, in this process (their `main(argv)`), so the four share
+Each script (and mode) runs once per session, in this process (their `main(argv)`), so they share
 JAX's warm caches; the checks then read only what the script wrote under --out.
 """
 
@@ -16,11 +18,16 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
-def run_quick(name: str, out: Path) -> dict:
+def script(name: str):
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    returned = module.main(["--quick", "--out", str(out)])
+    return module
+
+
+def run_quick(name: str, out: Path, *extra: str) -> dict:
+    module = script(name)
+    returned = module.main(["--quick", "--out", str(out), *extra])
     summary = json.loads((out / "summary.json").read_text())
     assert summary.keys() == returned.keys()
     png = (out / f"{name}.png").read_bytes()
@@ -32,10 +39,10 @@ def run_quick(name: str, out: Path) -> dict:
 def quick(tmp_path_factory):
     cache = {}
 
-    def get(name: str) -> dict:
-        if name not in cache:
-            cache[name] = run_quick(name, tmp_path_factory.mktemp(name))
-        return cache[name]
+    def get(name: str, *extra: str) -> dict:
+        if (name, extra) not in cache:
+            cache[name, extra] = run_quick(name, tmp_path_factory.mktemp(name), *extra)
+        return cache[name, extra]
 
     return get
 
@@ -163,3 +170,90 @@ def test_benchmark_search_quick(tmp_path):
     assert all(x["wall_s"] > 0 and x["compile_s"] >= 0 for x in (search, grid, asha))
     assert s["grid_over_search"] == pytest.approx(grid["wall_s"] / search["wall_s"])
     assert s["verdict"].startswith(("a result", "NOT a result"))
+
+
+def test_intrinsic_dimension(quick):
+    s = quick("intrinsic_dimension", "--set", "steps=150")  # the quick run, shorter
+    assert s["mode"] == "task" and s["lrs"] == [1e-2] and not s["said"] and not s["whole_model"]  # the config's
+    # the subspace spans what the LoRA run trains: the four kernels LoRA adapts and ln_f
+    assert s["space"]["leaves"] == [
+        f"h.0.{m}.kernel" for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    ] + [
+        "ln_f.bias",
+        "ln_f.scale",
+    ]
+    assert s["space"]["size"] == 32 * 96 + 32 * 32 + 32 * 128 + 128 * 32 + LN_F == s["full"]["trainable_params"]
+    base, full = s["base_val_loss"], s["full"]["val_loss"]
+    assert full < base
+    rows = s["subspaces"]
+    assert [row["d"] for row in rows] == [8, 64, 512] and all(row["lr"] == 1e-2 for row in rows)
+    losses = [row["val_loss"] for row in rows]
+    # member d reads P's first d columns: nested subspaces, each learning more than the last
+    assert base > losses[0] > losses[1] > losses[2], (base, losses, full)
+    for row in (*rows, *s["lora"]):
+        assert row["recovered"] == pytest.approx((base - row["val_loss"]) / (base - full))
+    assert s["d90"] == next((row["d"] for row in rows if row["recovered"] >= 0.9), None)
+    assert [(row["r"], row["alpha"]) for row in s["lora"]] == [(1, 2), (8, 16)]
+    assert [row["trainable_params"] for row in s["lora"]] == [LORA_PER_RANK + LN_F, 8 * LORA_PER_RANK + LN_F]
+    assert s["lora_r90"] == next((row["r"] for row in s["lora"] if row["recovered"] >= 0.9), None)
+
+
+def test_intrinsic_dimension_planted(quick):
+    s = quick("intrinsic_dimension", "--planted", "4", "--steps", "200")
+    assert s["mode"] == "planted" and s["targets"] == ["c_attn"] and s["space"]["size"] == 32 * 96
+    assert s["dims"] == [64, 128, 256] and s["ranks"] == [1, 4]
+    assert [t["k"] for t in s["tasks"]] == [4]
+    for t in s["tasks"]:
+        k = t["k"]
+        assert t["rank_k_dimension"] == k * (32 + 96 - k)  # rank-k 96 x 32 matrices: a manifold of this dimension
+        assert 0 < t["full"]["gap"] < 0.5 * t["base_gap"]
+        gaps = [row["relative_gap"] for row in t["subspaces"]]
+        assert gaps == sorted(gaps, reverse=True) and gaps[0] < 1, gaps  # larger subspaces get closer
+        assert [row["params"] for row in t["lora"]] == [r * (32 + 96) for r in s["ranks"]]
+        # the criterion: the planted rank is the rank needed
+        assert t["r90"] == k, [row["relative_gap"] for row in t["lora"]]
+        assert t["lora_params_at_r90"] == k * (32 + 96)
+        closed = [row["d"] for row in t["subspaces"] if row["relative_gap"] <= 0.1]
+        assert t["d90"] == min(closed, default=None)
+        for row in t["subspaces"]:
+            assert row["recovered"] == pytest.approx((t["base_gap"] - row["gap"]) / (t["base_gap"] - t["full"]["gap"]))
+
+
+def test_data_size_sweep(quick):
+    s = quick("data_size_sweep", "--set", "steps=150")
+    assert s["sizes"] == [64, 512] and s["ranks"] == [1, 8] and s["fixed_alpha"] == 16 and s["data"] == "config"
+    assert [b["rows"] for b in s["by_size"]] == [64, 512]
+    for b in s["by_size"]:
+        assert b["epochs"] == pytest.approx(s["steps"] * s["batch_size"] / b["rows"])
+        assert list(b["series"]) == ["alpha = 2r", "alpha = 16"]
+        for name, rows in b["series"].items():
+            assert [row["r"] for row in rows] == [1, 8]
+            assert [row["alpha"] for row in rows] == ([2, 16] if name == "alpha = 2r" else [16, 16])
+            for row in rows:
+                assert row["gap"] == pytest.approx(row["val_loss"] - row["train_loss"])
+                assert row["trainable_params"] == row["r"] * LORA_PER_RANK + LN_F
+            assert b["best_r"][name] == min(rows, key=lambda row: row["val_loss"])["r"]
+    small, large = ({row["r"]: row for row in b["series"]["alpha = 2r"]} for b in s["by_size"])
+    # 64 rows seen ~75 times each are learnt by heart, the more so at r = 8; 512 rows are not
+    assert small[8]["gap"] > small[1]["gap"] and small[8]["gap"] > large[8]["gap"] + 0.1, (small, large)
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "message"),
+    [
+        ("intrinsic_dimension", ["--dims", "16,x"], "--dims: '16,x' is not a comma-separated list of positive ints"),
+        ("intrinsic_dimension", ["--planted", "0,4"], "--planted: '0,4' is not"),
+        ("intrinsic_dimension", ["--lr=-1e-3"], "--lr: '-1e-3' is not a comma-separated list of positive floats"),
+        ("data_size_sweep", ["--sizes", "100,"], "--sizes: '100,' is not"),
+        ("data_size_sweep", ["--ranks", "two"], "--ranks: 'two' is not"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(name, args, message, tmp_path, capsys):
+    from jlora.cli import exit_status
+
+    out = tmp_path / "out"
+    module = script(name)
+    assert exit_status(f"{name}.py", lambda: module.main(["--quick", "--out", str(out), *args])) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"{name}.py: error: {message}") and "\n" not in err, err
+    assert not out.exists()  # nothing written
