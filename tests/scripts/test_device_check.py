@@ -43,6 +43,16 @@ def test_the_gpu_check_dry_run_fills_every_field(tmp_path):
     for name, figures in report["speed"].items():
         assert SPEED_FIELDS <= set(figures), name
         assert figures["jlora_step_s"] > 0 and figures["jlora_vs_peft_bf16"] > 0 and figures["jlora_mfu"] is None
-    assert report["population"]["members"] == 2 and report["population"]["per_step_ratio"] > 0
+        assert "a result" in figures["load"]  # the benchmark's verdict on the load ("a result" / "NOT a result")
+    (qa,) = json.loads((tmp_path / "benchmark_qa.json").read_text())  # scripts/benchmark.py's own JSON
+    assert set(qa) >= {"jlora", "peft-bf16", "ratios", "rounds", "load", "peft_padding"}
+    assert len(qa["rounds"]) == 1 and set(qa["rounds"][0]["seconds"]) == {"jlora", "peft-bf16"}
+    assert (
+        qa["jlora"]["shapes"] >= 1
+        and 0 < qa["jlora"]["padding"] < 1
+        and qa["peft-bf16"]["dtype"] == "bfloat16 autocast"
+    )
+    population = report["population"]  # scripts/benchmark_population.py --quick
+    assert population["members"] == 2 and population["per_step_ratio"] > 0 and population["compile_solo_s"] > 0
     assert set(report["aims"]) == {"mfu_seq1024_at_least_45pct", "qa_at_least_3x_peft", "population_at_least_4x_solo"}
     assert report["aims"]["mfu_seq1024_at_least_45pct"] is None  # no bf16 peak for a CPU
