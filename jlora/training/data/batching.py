@@ -18,12 +18,15 @@ Both layouts list the positions that carry loss, ``loss_index`` (R, K): each seq
 positions in order, filled up with a position that carries none (there is one whenever fewer than
 K <= L positions carry loss). The loss (`jlora.core.loss`) computes the LM head there only.
 
-The bucket rule lives here, in `round_up`: with ``data.buckets`` N, lengths round up to a
-multiple of N; with "pow2" to a power of two; with "none" to T (every batch T wide, the old
-layout). The loss capacity K rounds up to a power of two (at least 8), at most L. A compiled step
-is specialised to the shape (R, L, K), so a run compiles one step per distinct shape its batches
-have: at most `shape_bound` (fixed by the config), and exactly ``len(run_shapes(...).shapes)``,
-which `jlora train` prints on its first line with the share of computed tokens that are padding.
+The bucket rule lives here, in `round_up`: with "octaves" (the default) lengths round up to a
+multiple of 8 up to 64, then to four lengths per doubling (80, 96, 112, 128, 160, ...), so padding
+stays under a quarter of a batch while the lengths a run can take grow only with the logarithm of
+``seq_len``; with ``data.buckets`` N to a multiple of N; with "pow2" to a power of two; with "none"
+to T (every batch T wide, the old layout). The loss capacity K rounds up to a power of two (at
+least 8), at most L. A compiled step is specialised to the shape (R, L, K), so a run compiles one
+step per distinct shape its batches have: at most `shape_bound` (fixed by the config), and exactly
+``len(run_shapes(...).shapes)``, which `jlora train` prints on its first line with the share of
+computed tokens that are padding.
 
 Everything is a pure function of the rows it is given, so ``shape_batch(batch_at(data, step, ...))``
 is still a function of the step and a resumed run sees the very same arrays.
@@ -31,6 +34,8 @@ is still a function of the step and a resumed run sees the very same arrays.
 >>> import numpy as np
 >>> round_up(50, 64, 512), round_up(65, 64, 512), round_up(50, "pow2", 512), round_up(50, "none", 512)
 (64, 128, 64, 512)
+>>> [round_up(n, "octaves", 512) for n in (5, 50, 57, 65, 100, 300, 500)]
+[8, 56, 64, 80, 112, 320, 512]
 >>> batch = {"input_ids": np.array([[9, 1, 2, 9, 9, 9], [9, 3, 9, 9, 9, 9]]),
 ...          "targets": np.array([[1, 2, 9, 9, 9, 9], [3, 9, 9, 9, 9, 9]]),
 ...          "loss_mask": np.array([[0, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]], np.float32),
@@ -55,19 +60,23 @@ from jlora.errors import ConfigError
 from jlora.training.data.rows import TokenizedData, batch_indices
 
 MIN_CAPACITY = 8  # smaller loss capacities would only add compiled shapes
+OCTAVE_STEPS = 4  # "octaves": bucket lengths per doubling of length
+OCTAVE_MIN_STEP = 8  # "octaves": no finer than multiples of 8 (shorter rows cost little either way)
+BUCKET_RULES = ("octaves", "pow2", "none")
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """How batches are shaped (see the module docstring).
 
-    buckets: N (lengths round up to multiples of N), "pow2" or "none" (always seq_len).
+    buckets: "octaves" (multiples of 8 up to 64, then four lengths per doubling), N (multiples
+      of N), "pow2" or "none" (always seq_len).
     pack: several rows per sequence (attention confined to each, positions restarting).
     row_multiple: the number of sequences is a multiple of this (devices x micro-batches),
       so a packed batch still splits evenly; rows are never split.
     """
 
-    buckets: int | str = 64
+    buckets: int | str = "octaves"
     pack: bool = False
     row_multiple: int = 1
 
@@ -76,17 +85,20 @@ class Layout:
 
 
 def check_buckets(rule: int | str) -> None:
-    """Raise ConfigError unless `rule` is a positive int, "pow2" or "none"."""
-    if isinstance(rule, bool) or not (rule in ("pow2", "none") or (isinstance(rule, int) and rule > 0)):
-        raise ConfigError(f"data.buckets must be a positive length step, 'pow2' or 'none', got {rule!r}")
+    """Raise ConfigError unless `rule` is a positive int, "octaves", "pow2" or "none"."""
+    if isinstance(rule, bool) or not (rule in BUCKET_RULES or (isinstance(rule, int) and rule > 0)):
+        raise ConfigError(f"data.buckets must be a positive length step, 'octaves', 'pow2' or 'none', got {rule!r}")
 
 
 def round_up(n: int, rule: int | str, limit: int) -> int:
     """The bucket of a length `n` (1 <= n <= limit) under `rule`, never above `limit`."""
     if rule == "none":
         return limit
+    power = 1 << max(int(n) - 1, 0).bit_length()  # the smallest power of two >= n
     if rule == "pow2":
-        return min(1 << max(int(n) - 1, 0).bit_length(), limit)
+        return min(power, limit)
+    if rule == "octaves":  # (power / 2, power] in OCTAVE_STEPS steps
+        rule = max(OCTAVE_MIN_STEP, power // (2 * OCTAVE_STEPS))
     return min(-(-int(n) // rule) * rule, limit)
 
 
@@ -105,6 +117,8 @@ def _probe_points(rule: int | str, limit: int) -> list[int]:
         return [limit]
     if rule == "pow2":
         return [1 << k for k in range(limit.bit_length() + 1) if 1 << k <= limit] + [limit]
+    if rule == "octaves":
+        return list(range(1, limit + 1))
     return list(range(rule, limit + rule, rule))
 
 

@@ -1,7 +1,7 @@
 """The ``data:`` section of a run config: where a run's records come from and how its batches are shaped.
 
 >>> DataConfig().buckets, DataConfig(pack=True).pack
-(64, True)
+('octaves', True)
 """
 
 from __future__ import annotations
@@ -20,5 +20,6 @@ class DataConfig:
     validation: str | None = "bundled"  # the validation records (None: no evaluation of the task)
     format: str = "auto"  # "qa", "prompt_completion" or "text"; "auto": from the first record's keys
     tokenizer: str | None = None  # a tokenizer folder or Hub id; "bytes": the offline byte one; None: the model's
-    buckets: int | str = 64  # batch lengths round up to multiples of this, or "pow2", or "none" (seq_len)
+    buckets: int | str = "octaves"  # batch lengths round up: "octaves" (multiples of 8 up to 64, then 4
+    # lengths per doubling: padding under 25 %, few compiled shapes), N (multiples of N), "pow2", "none" (seq_len)
     pack: bool = False  # several rows per sequence (attention kept within each row)

@@ -46,8 +46,18 @@ def test_bucket_rule_by_hand():
     # L in 64..512; K in {8, 16, ..., < L} and L: 4 + 5 + 6 + 6 + 7 + 7 + 7 + 7 shapes
     assert shape_bound(512, 8, Layout(64)) == 49
     assert shape_bound(512, 8, Layout(64, pack=True, row_multiple=2)) == 4 * 49  # R in 2, 4, 6, 8
+    # "octaves": multiples of 8 up to 64, then four lengths per doubling
+    assert [round_up(n, "octaves", 512) for n in (1, 8, 9, 57, 64, 65, 129, 257, 500)] == [
+        8, 8, 16, 64, 64, 80, 160, 320, 512
+    ]  # fmt: skip
+    assert ladder("octaves", 512) == [*range(8, 65, 8), 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512]
+    assert all(round_up(n, "octaves", 4096) - n < n / 4 for n in range(33, 4097))  # padding under a quarter
+    # K per L: 1, 2, 3, 3, then 4 up to 64, 5 up to 128, 6 up to 256, 7 up to 512
+    assert shape_bound(512, 8, Layout("octaves")) == 1 + 2 + 3 + 3 + 4 * 4 + 5 * 4 + 6 * 4 + 7 * 4
+    assert Layout().buckets == from_dict({}).data.buckets == "octaves"
+    refused = "data.buckets must be a positive length step, 'octaves', 'pow2' or 'none'"
     for bad in (0, -64, "fine", True):
-        with pytest.raises(ConfigError, match="data.buckets must be a positive length step, 'pow2' or 'none'"):
+        with pytest.raises(ConfigError, match=refused):
             Layout(bad)
     with pytest.raises(ConfigError, match="data.buckets"):
         from_dict({"data": {"buckets": "fine"}})

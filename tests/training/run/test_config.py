@@ -47,7 +47,7 @@ def test_overrides_are_typed():
         ({"optim": {"grad_accum": 3}, "batch_size": 8}, "batch_size=8 is not divisible by optim.grad_accum=3"),
         ({"model": 3}, "model must be a mapping, got 3"),
         ({"model": {"dtype": "fp8"}}, "model.dtype must be one of auto, float32, bfloat16, float16, got 'fp8'"),
-        ({"data": {"buckets": 0}}, "data.buckets must be a positive length step, 'pow2' or 'none', got 0"),
+        ({"data": {"buckets": 0}}, "data.buckets must be a positive length step, 'octaves', 'pow2' or 'none', got 0"),
     ],
 )
 def test_errors_name_the_key(values, message):
