@@ -21,12 +21,15 @@ def test_quick_run_compares_the_same_answers(tmp_path):
     result = bench.main(["--quick", "--in-process", "--out", str(tmp_path)])
     assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(result))
     assert result["setup"]["adapters"] == 2 and result["setup"]["prompts"] == 8 and len(result["rounds"]) == 2
-    for name in ("mixed", "separate"):
+    for name in ("mixed", "separate", "base"):
         figures = result["systems"][name]
         assert figures["tokens_per_s"] > 0 and figures["compile_s"] > 0
         assert np.isclose(figures["tokens_per_s"], 8 * 4 / figures["round_s"])
     ratios = [r["seconds"]["separate"] / r["seconds"]["mixed"] for r in result["rounds"]]
     assert np.isclose(result["speedup"], np.median(ratios))
+    ceilings = [r["seconds"]["separate"] / r["seconds"]["base"] for r in result["rounds"]]
+    assert np.isclose(result["ceiling"], np.median(ceilings))
     assert set(result["load"]) >= {"quiet", "max_load", "cpu"}
     assert result["same_answers"]  # prompt n answered by adapter n mod K, in one mixed call or in K calls
     assert len({result["systems"][name]["answers_sha256"] for name in ("mixed", "separate")}) == 1
+    assert result["systems"]["base"]["answers_sha256"] != result["systems"]["mixed"]["answers_sha256"]  # no adapter
