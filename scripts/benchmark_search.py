@@ -43,6 +43,7 @@ SCRIPT = str(Path(__file__).resolve())
 POPULATION = "{grid: {r: [1, 2, 4, 8, 16, 32], alpha: [r, 2r, 4r]}}"
 QUICK = [
     "model.random={n_layer: 1, n_embd: 32, n_head: 2, n_positions: 64, embd_pdrop: 0.0, resid_pdrop: 0.0}",
+    "data.buckets=64",  # every batch one shape
     "steps=2",
     "eval_batches=1",
     "exact_match=0",

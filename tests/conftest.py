@@ -128,8 +128,12 @@ def random_b():
 # train in a subprocess use the same settings, so their programs come from the persistent compilation
 # cache. TINY_DEFAULT: the embedded default's kind of run (random base, byte tokens, 64 positions),
 # 1 layer and 3 steps, a large learning rate without warmup so that the adapters and ln_f move visibly.
+# The tiny runs cost their compilations: BUCKETS keeps every batch of 64 positions one shape (the default
+# octave buckets would compile 56 and 64; tests/training/data/test_batching.py tests the bucket rules).
+BUCKETS = "data.buckets=64"
 TINY_DEFAULT = [
     "model.random={n_layer: 1, n_embd: 32, n_head: 2, n_positions: 64}",
+    BUCKETS,
     "steps=3",
     "optim.warmup_steps=0",
     "optim.lr=0.05",
@@ -140,7 +144,7 @@ TINY_DEFAULT = [
 ]
 
 # gpt2_qa on a local tiny checkpoint (tiny_hf_with_tokenizer: 257 tokens, 512 positions), shrunk.
-TINY_QA = ["seq_len=64", "batch_size=4", "steps=2", "eval_batches=1", "exact_match=0", "checkpoint.every=2"]
+TINY_QA = [BUCKETS, "seq_len=64", "batch_size=4", "steps=2", "eval_batches=1", "exact_match=0", "checkpoint.every=2"]
 TINY_QA += ["optim.warmup_steps=0", "optim.lr=0.05"]
 
 

@@ -65,6 +65,7 @@ PyTree = Any
 QUICK = (
     "model.random={n_layer: 1, n_embd: 32, n_head: 2, n_positions: 64, embd_pdrop: 0.0, resid_pdrop: 0.0}",
     "seq_len=64",
+    "data.buckets=64",  # every batch one shape: compiling is much of a quick run
     "batch_size=16",
     "steps=300",
     "optim.lr=1e-2",

@@ -11,11 +11,13 @@ from jlora.training.records.checkpoint import latest_checkpoint, load_adapter, l
 from jlora.training.run.config import load_run_config
 from jlora.training.run.train import train
 
+from ..conftest import BUCKETS
 from ..core.test_svd import numpy_intruders
 
 TINY = [
     "model.random={n_layer: 2, n_embd: 32, n_head: 2, n_positions: 64, embd_pdrop: 0.0, resid_pdrop: 0.0}",
     "seq_len=64",
+    BUCKETS,
     "batch_size=8",
     "steps=6",
     "optim.lr=1e-2",

@@ -19,11 +19,12 @@ import jlora
 from jlora.cli import main
 from jlora.training.records.metrics import read_metrics
 
-from ...conftest import xla_devices
+from ...conftest import BUCKETS, xla_devices
 
 ARGS = [
     "model.random={n_layer: 1, n_embd: 32, n_head: 2, n_positions: 64, embd_pdrop: 0.0, resid_pdrop: 0.0}",
     "seq_len=64",
+    BUCKETS,
     "batch_size=8",
     "steps=4",
     "log_every=1",

@@ -26,8 +26,11 @@ from jlora.training.run.config import DEFAULT_CONFIG, load_run_config
 from jlora.training.run.train import train
 from jlora.tree import get_path
 
+from ...conftest import BUCKETS
+
 TINY = [
     "model.random={n_layer: 1, n_embd: 32, n_head: 2, n_positions: 64}",  # with embedding and residual dropout
+    BUCKETS,
     "seq_len=64",
     "batch_size=8",
     "steps=12",

@@ -28,10 +28,11 @@ from jlora.training.run.loop import StepInfo
 from jlora.training.run.search import decide, ranking, rung_steps, search_steps
 from jlora.training.run.train import train
 
-from ...conftest import sets, xla_devices
+from ...conftest import BUCKETS, sets, xla_devices
 
 TINY = [
     "model.random={n_layer: 1, n_embd: 32, n_head: 2, n_positions: 64}",  # embedding and residual dropout on
+    BUCKETS,
     "seq_len=64",
     "batch_size=8",
     "steps=6",

@@ -16,13 +16,14 @@ from jlora.training.records.metrics import read_metrics
 from jlora.training.run.config import DEFAULT_CONFIG, load_run_config
 from jlora.training.run.train import train
 
-from ...conftest import xla_devices
+from ...conftest import BUCKETS, xla_devices
 
 # A 1-layer, 32-wide random GPT-2 on the bundled QA set: seconds per run on 2 cores. Rows of 38 to 58
 # tokens packed 2 or 3 to a sequence of up to 128, so resuming and changing devices go through packing.
 TINY = [
     "model.random={n_layer: 1, n_embd: 32, n_head: 2, n_positions: 128, embd_pdrop: 0.0, resid_pdrop: 0.0}",
     "seq_len=128",
+    BUCKETS,
     "data.pack=true",
     "batch_size=8",
     "log_every=1",
