@@ -154,24 +154,6 @@ def test_full_vs_lora(quick):
         assert row["forget_kl"] > 0 and np.isfinite(row["val_loss"])
 
 
-def test_benchmark_search_quick(tmp_path):
-    """scripts/benchmark_search.py --quick: the three strategies from scratch, their figures and the same schedule."""
-    spec = importlib.util.spec_from_file_location("benchmark_search", SCRIPTS / "benchmark_search.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    s = module.main(["--quick", "--out", str(tmp_path)])
-    assert json.loads((tmp_path / "summary.json").read_text()).keys() == s.keys()
-    (round_,) = s["rounds"]
-    search, grid, asha = round_["search"], round_["grid"], round_["asha"]
-    assert (search["processes"], grid["processes"], asha["processes"]) == (1, 2, 3)  # asha: 2 trials to rung 1, 1 on
-    assert grid["member_steps"] == 2 * 2 and search["member_steps"] == asha["member_steps"] == 2 + 1
-    assert search["rungs"] == asha["rungs"] and round_["asha_same_winner"]  # the same rule on the same losses
-    assert grid["best"] == min(range(2), key=lambda k: grid["val_loss"][k])
-    assert all(x["wall_s"] > 0 and x["compile_s"] >= 0 for x in (search, grid, asha))
-    assert s["grid_over_search"] == pytest.approx(grid["wall_s"] / search["wall_s"])
-    assert s["verdict"].startswith(("a result", "NOT a result"))
-
-
 def test_intrinsic_dimension(quick):
     s = quick("intrinsic_dimension", "--set", "steps=150")  # the quick run, shorter
     assert s["mode"] == "task" and s["lrs"] == [1e-2] and not s["said"] and not s["whole_model"]  # the config's
