@@ -1,6 +1,6 @@
 """Train-step speed and memory: jlora against Hugging Face PEFT + PyTorch, on the work users run.
 
-    python scripts/benchmark.py                         # both workloads, GPT-2 small shapes (~15 min on 2 cores)
+    python scripts/benchmark.py                         # both workloads, GPT-2 small shapes (5 min on 2 idle cores)
     python scripts/benchmark.py --workload qa --rounds 12
     python scripts/benchmark.py --quick                 # a 1-layer, 32-wide model, one round (the tests run it)
 
