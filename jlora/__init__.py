@@ -45,7 +45,16 @@ from jlora.core.population import (
     stack_variables,
 )
 from jlora.core.residual import as_plain_lora, init_adapters
-from jlora.core.step import EvalStep, TrainState, TrainStep, init_state, make_eval_step, make_train_step, train_step
+from jlora.core.step import (
+    EvalStep,
+    TrainState,
+    TrainStep,
+    init_state,
+    init_training,
+    make_eval_step,
+    make_train_step,
+    train_step,
+)
 from jlora.core.svd import (
     amplification,
     delta_svd,
@@ -123,6 +132,7 @@ __all__ = [
     "TrainStep",
     "EvalStep",
     "init_state",
+    "init_training",
     "train_step",
     "make_train_step",
     "make_eval_step",

@@ -52,7 +52,17 @@ import sys
 import time
 from pathlib import Path
 
-from harness import Worker, alternate, cpu_name, load_average, median_seconds, ratio, serve, summary
+from harness import (
+    Worker,
+    add_model_arguments,
+    alternate,
+    cpu_name,
+    load_average,
+    median_seconds,
+    ratio,
+    serve,
+    summary,
+)
 
 QA_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "gpt2_qa.yaml"
 
@@ -160,10 +170,7 @@ class JloraSystem:
         model = jlora.GPT2(config, cfg.lora)
         params = jlora.random_params(0, config)
         variables = {"params": params, "lora": jlora.init_lora(jax.random.key(1), model, params)}
-        mask = jlora.trainable_mask(variables)
-        optimizer = jlora.make_optimizer(cfg.optim, jlora.partition(variables, mask)[0])
-        self.state = jlora.init_state(variables, mask, optimizer)
-        step = jlora.make_train_step(model, optimizer, cfg.optim, n_devices=1)
+        self.state, step = jlora.init_training(model, variables, cfg.optim, n_devices=1)
         layout = Layout(cfg.data.buckets, cfg.data.pack)
         self.batches = [jax.device_put(step_inputs(shape_batch(b, layout))) for b in batches]
         self.rng, self.jax, self.dtype = jax.random.key(2), jax, config.dtype
@@ -375,11 +382,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-len", type=int, default=512, help="the QA workload's seq_len")
     parser.add_argument("--uniform-seq", type=int, default=128)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="jlora's compute")
-    parser.add_argument("--n-layer", type=int, default=12)
-    parser.add_argument("--n-embd", type=int, default=768)
-    parser.add_argument("--n-head", type=int, default=12)
-    parser.add_argument("--vocab", type=int, default=50257)
-    parser.add_argument("--r", type=int, default=8)
+    add_model_arguments(parser)
     parser.add_argument(
         "--peft",
         default="float32,bfloat16",

@@ -19,7 +19,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from harness import Worker, alternate, cpu_name, load_average, median_seconds, ratio, serve, timed, verdict
+from harness import (
+    Worker,
+    add_model_arguments,
+    alternate,
+    cpu_name,
+    load_average,
+    median_seconds,
+    ratio,
+    serve,
+    timed,
+    verdict,
+)
 
 WORKERS = (("jlora", "lora"), ("jlora", "dora"), ("peft", "lora"), ("peft", "dora"))
 QUICK = dict(n_layer=1, n_embd=32, n_head=2, vocab=300, batch=2, seq=16, rounds=1)
@@ -50,11 +61,9 @@ def jlora_step(args, dora: bool):
     model = jlora.GPT2(config, cfg)
     params = jlora.init_params(jax.random.key(0), config)
     variables = {"params": params, "lora": jlora.init_lora(jax.random.key(1), cfg, params)}
-    mask = jlora.trainable_mask(variables)
     ocfg = jlora.OptimConfig(lr=2e-4, clip_norm=None, total_steps=1000)
-    optimizer = jlora.make_optimizer(ocfg, jlora.partition(variables, mask)[0])
-    state = [jlora.init_state(variables, mask, optimizer)]
-    step = jlora.make_train_step(model, optimizer, ocfg, n_devices=1)
+    start, step = jlora.init_training(model, variables, ocfg, n_devices=1)
+    state = [start]
     ids = batch_ids(args)
     batch = jax.device_put({"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones(ids[:, 1:].shape)})
     s = state[0]
@@ -119,11 +128,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--n-layer", type=int, default=12)
-    parser.add_argument("--n-embd", type=int, default=768)
-    parser.add_argument("--n-head", type=int, default=12)
-    parser.add_argument("--vocab", type=int, default=50257)
-    parser.add_argument("--r", type=int, default=8)
+    add_model_arguments(parser)
     parser.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA path (both systems)")
     parser.add_argument("--targets", default="c_attn", help="adapted modules, comma-separated (default c_attn)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds; each steps every worker once, in turn")

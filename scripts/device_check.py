@@ -98,10 +98,7 @@ def bf16_against_f32(dry_run: bool) -> dict:
     for dtype in ("float32", "bfloat16"):
         config = jlora.GPT2Config(**{**vars(base), "dtype": dtype})
         variables = {"params": params, "lora": lora}
-        mask = jlora.trainable_mask(variables)
-        optimizer = jlora.make_optimizer(ocfg, jlora.partition(variables, mask)[0])
-        state = jlora.init_state(variables, mask, optimizer)
-        step = jlora.make_train_step(jlora.GPT2(config, cfg), optimizer, ocfg)
+        state, step = jlora.init_training(jlora.GPT2(config, cfg), variables, ocfg)
         losses[dtype] = []
         for _ in range(3):
             state, metrics = step(state, batch, jax.random.key(2))

@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 
-from harness import alternate, cpu_name, load_average, median_seconds, summary
+from harness import add_model_arguments, alternate, cpu_name, load_average, median_seconds, summary
 
 QUICK = dict(n_layer=1, n_embd=64, n_head=2, vocab=300, batch=4, seq=32, rounds=2)
 
@@ -117,10 +117,7 @@ class Step:
         model = jlora.GPT2(config, cfg.lora)
         params = jlora.random_params(0, config)
         variables = {"params": params, "lora": jlora.init_lora(jax.random.key(1), model, params)}
-        mask = jlora.trainable_mask(variables)
-        optimizer = jlora.make_optimizer(cfg.optim, jlora.partition(variables, mask)[0])
-        self.state = jlora.init_state(variables, mask, optimizer)
-        self.step_fn = jlora.make_train_step(model, optimizer, cfg.optim, n_devices=1)
+        self.state, self.step_fn = jlora.init_training(model, variables, cfg.optim, n_devices=1)
         ids = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq + 1)).astype(np.int32)
         ones = np.ones((args.batch, args.seq), np.float32)
         self.batch = jax.device_put({"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": ones})
@@ -155,11 +152,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--n-layer", type=int, default=12)
-    parser.add_argument("--n-embd", type=int, default=768)
-    parser.add_argument("--n-head", type=int, default=12)
-    parser.add_argument("--vocab", type=int, default=50257)
-    parser.add_argument("--r", type=int, default=8)
+    add_model_arguments(parser)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--variant", action="append", default=[], help="NAME:KEY=VALUE,... another step to time")
     parser.add_argument("--quick", action="store_true", help="a 1-layer, 64-wide model (a check)")

@@ -26,6 +26,7 @@ steps it is the very arrays it was at the start).
 >>> optimizer = jlora.make_optimizer(cfg, jlora.partition(variables, mask)[0])
 >>> state = jlora.init_state(variables, mask, optimizer)
 >>> step = jlora.make_train_step(model, optimizer, cfg, n_devices=1)
+>>> state, step = jlora.init_training(model, variables, cfg, n_devices=1)  # the four lines above in one
 >>> ids = np.arange(8, dtype=np.int32)[None] % 11
 >>> batch = {"input_ids": ids, "targets": (ids + 1) % 11, "loss_mask": np.ones((1, 8), np.float32)}
 >>> state, metrics = step(state, batch, jax.random.key(2))
@@ -44,7 +45,7 @@ import optax
 from flax import struct
 
 from jlora.core.loss import loss_sums
-from jlora.core.optim import OptimConfig, combine, learning_rate, partition
+from jlora.core.optim import OptimConfig, combine, learning_rate, make_optimizer, partition, trainable_mask
 from jlora.core.parallel import AXIS, local_devices
 
 PyTree = Any
@@ -120,6 +121,19 @@ def init_state(variables: PyTree, mask: PyTree, optimizer: optax.GradientTransfo
     trainable, frozen = partition(variables, mask)
     trainable = jax.tree.map(jnp.copy, trainable)
     return TrainState(jnp.zeros((), jnp.int32), trainable, frozen, optimizer.init(trainable))
+
+
+def init_training(
+    model, variables: PyTree, cfg: OptimConfig, mask: PyTree | None = None, *, n_devices: int | None = None
+) -> tuple[TrainState, TrainStep]:
+    """Step 0 and the compiled step of training the leaves of `variables` that `mask` selects.
+
+    `mask` defaults to ``trainable_mask(variables)`` (the adapters); the optimizer is
+    ``make_optimizer(cfg, trainable partition)``, so `init_state` and `make_train_step` share it.
+    """
+    mask = trainable_mask(variables) if mask is None else mask
+    optimizer = make_optimizer(cfg, partition(variables, mask)[0])
+    return init_state(variables, mask, optimizer), make_train_step(model, optimizer, cfg, n_devices=n_devices)
 
 
 def gradients(

@@ -36,7 +36,7 @@ from jlora.core.gpt2 import GPT2
 from jlora.core.lora import init_lora, output_columns, split_slice, unflatten_adapters
 from jlora.core.lora_config import LoraConfig
 from jlora.core.merge import merge
-from jlora.core.optim import make_optimizer, partition, trainable_mask
+from jlora.core.optim import trainable_mask
 from jlora.core.parallel import local_devices
 from jlora.core.population import (
     Population,
@@ -48,7 +48,7 @@ from jlora.core.population import (
     split_member,
     stack_variables,
 )
-from jlora.core.step import TrainState, TrainStep, compile_eval, init_state, make_eval_step, make_train_step
+from jlora.core.step import TrainState, TrainStep, compile_eval, init_training, make_eval_step
 from jlora.core.svd import lora_from_delta
 from jlora.errors import ConfigError, DataError, UsageError
 from jlora.training.data.rows import TokenizedData, batch_at
@@ -183,9 +183,8 @@ class Runner(NamedTuple):
 def solo_runner(task: Task, variables: dict, mask: PyTree, cfg: RunConfig, lora_cfg: LoraConfig | None) -> Runner:
     """One model's `Runner`: the leaves `mask` selects train with ``cfg.optim``; dropout from the adapter seed."""
     model = task.run.model.clone(lora=lora_cfg or cfg.lora)
-    optimizer = make_optimizer(cfg.optim, partition(variables, mask)[0])  # total_steps is cfg.steps
-    step = make_train_step(model, optimizer, cfg.optim, n_devices=1)
-    return Runner(init_state(variables, mask, optimizer), step, jax.random.key(adapter_seed(cfg)))
+    state, step = init_training(model, variables, cfg.optim, mask, n_devices=1)  # total_steps is cfg.steps
+    return Runner(state, step, jax.random.key(adapter_seed(cfg)))
 
 
 def population_runner(task: Task, members: Sequence[MemberSpec], cfg: RunConfig) -> tuple[Runner, Population]:
