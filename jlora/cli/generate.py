@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -121,25 +121,9 @@ def generate_command(args: Any) -> int:
         texts, encoded = zip(*map(prompt, prompts), strict=True)
     except TokenizerError as e:
         raise UsageError(f"{e} (pass --tokenizer)") from e
-    if any(not ids for ids in encoded):
-        raise UsageError("a prompt encodes to no tokens")
-    if max(max(ids) for ids in encoded) >= model.config.vocab_size:
-        raise UsageError(
-            f"the tokenizer's ids exceed the model's vocabulary ({model.config.vocab_size}); pass --tokenizer"
-        )
+    options = decoding_options(args, encoded, model, tokenizer)
     try:
-        out = generate(
-            model,
-            params,
-            encoded,
-            lora=lora,
-            max_new_tokens=new_tokens(args.max_new_tokens, max(map(len, encoded)), model.config.n_positions),
-            eos_token_id=tokenizer.eos_token_id,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed,
-        )
+        out = generate(model, params, encoded, lora=lora, **options)
     except ValueError as e:  # lengths and sampling options
         raise UsageError(str(e)) from e
     for text, row in zip(texts, out.sequences(), strict=True):
@@ -159,6 +143,24 @@ def one_line(text: str) -> str:
     '6\\\\nQuestion:'
     """
     return text.translate(LINE_BREAKS)
+
+
+def decoding_options(args: Any, encoded: Sequence[Sequence[int]], model, tokenizer) -> dict:
+    """`generate`'s keyword arguments from the command line, once the encoded prompts are known to fit the model."""
+    if any(not ids for ids in encoded):
+        raise UsageError("a prompt encodes to no tokens")
+    if max(max(ids) for ids in encoded) >= model.config.vocab_size:
+        raise UsageError(
+            f"the tokenizer's ids exceed the model's vocabulary ({model.config.vocab_size}); pass --tokenizer"
+        )
+    return dict(
+        max_new_tokens=new_tokens(args.max_new_tokens, max(map(len, encoded)), model.config.n_positions),
+        eos_token_id=tokenizer.eos_token_id,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
 
 
 def new_tokens(asked: int | None, longest: int, n_positions: int) -> int:
@@ -201,16 +203,7 @@ def side_by_side_command(args: Any, prompts: list[str]) -> int:
     except TokenizerError as e:
         raise UsageError(f"{e} (pass --tokenizer)") from e
     model, params = load_base_of(found[0])
-    if any(not ids for ids in encoded) or max(max(ids) for ids in encoded) >= model.config.vocab_size:
-        raise UsageError(f"a prompt encodes to no tokens or to ids outside the model's {model.config.vocab_size}")
-    options = dict(
-        max_new_tokens=new_tokens(args.max_new_tokens, max(map(len, encoded)), model.config.n_positions),
-        eos_token_id=tokenizer.eos_token_id,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-    )
+    options = decoding_options(args, encoded, model, tokenizer)
     try:
         if any(f.leaves for f in found):  # each its own base leaves: one adapter at a time
             outs = [
