@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Worker, alternate, median_seconds, ratio, serve, summary, timed, verdict  # noqa: E402
+from harness import Worker, add_model_arguments, alternate, median_seconds, ratio, serve, summary, timed, verdict  # noqa: E402
 
 SYSTEMS = ("mixed", "separate", "base")
 
@@ -48,12 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=64, help="P, the prompts of a round (default 64)")
     parser.add_argument("--prompt-length", type=int, default=16, help="tokens of each prompt (default 16)")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens each answer makes (default 32)")
-    parser.add_argument("--n-layer", type=int, default=4)
-    parser.add_argument("--n-embd", type=int, default=128)
-    parser.add_argument("--n-head", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=257)
+    add_model_arguments(parser, n_layer=4, n_embd=128, n_head=4, vocab=257)
     parser.add_argument("--positions", type=int, default=64)
-    parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--targets", default="c_attn,c_proj,c_fc", help="adapted modules, comma-separated")
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds, each stepping both systems in turn")
     parser.add_argument("--quick", action="store_true", help="1 layer, 32 wide, K = 2, 8 prompts, 4 tokens, 2 rounds")

@@ -52,6 +52,15 @@ class Round:
     load: float
 
 
+def add_model_arguments(parser, *, n_layer: int = 12, n_embd: int = 768, n_head: int = 12, vocab: int = 50257) -> None:
+    """--n-layer, --n-embd, --n-head, --vocab (a random GPT-2's shape; GPT-2 small's by default) and --r."""
+    parser.add_argument("--n-layer", type=int, default=n_layer)
+    parser.add_argument("--n-embd", type=int, default=n_embd)
+    parser.add_argument("--n-head", type=int, default=n_head)
+    parser.add_argument("--vocab", type=int, default=vocab)
+    parser.add_argument("--r", type=int, default=8, help="LoRA's rank (alpha = 2r)")
+
+
 def load_average() -> float:
     """The 1-minute load average."""
     return os.getloadavg()[0]
