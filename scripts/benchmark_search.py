@@ -204,6 +204,8 @@ class Asha(Strategy):
         s, compile_s, processes, member_steps = self.setup, 0.0, 0, 0
         alive, previous, rungs = list(range(len(s.members))), 0, []
         for rung in [*s.rungs, s.steps]:
+            if len(alive) == 1 and rung < s.steps:  # a lone trial runs to the end, as the search's survivor
+                continue
             for k in alive:  # each trial's segment: its own process, resuming its own checkpoint
                 trial = where / str(k)
                 compile_s += jlora(["train", *s.solo(k), "--until", str(rung), "--out", str(trial)], trial)["compile_s"]

@@ -132,9 +132,14 @@ class Search:
         if saved:
             search.alive, search.rungs = list(saved["alive"]), [dict(r) for r in saved["rungs"]]
             search.final = saved.get("final") if start == steps else None
-        if start in search.rung_steps and all(r["step"] != start for r in search.rungs):
+        if search.prunes_at(start) and all(r["step"] != start for r in search.rungs):
             search.rung(start, rows)
         return search
+
+    def prunes_at(self, step: int) -> bool:
+        """Whether `step` is a rung that can still prune: one of `rung_steps`, with more than one member alive
+        (a lone survivor goes on without evaluations at the rungs left, nor a new stage of the population)."""
+        return step in self.rung_steps and len(self.alive) > 1
 
     @property
     def best(self) -> int | None:
@@ -209,8 +214,9 @@ def search_steps(
     """`train_steps` from `start` to `stop` in segments that end at the `rungs` between them.
 
     After the hooks have seen a rung's update (and decided the rung), ``restage(state, rung)`` gives
-    the step, state and dropout keys of the survivors, which the next segment steps. Only the update
-    at `stop` (or one stopped on request, also checked at a rung) is `last`.
+    the step, state and dropout keys of the survivors, which the next segment steps (the same ones
+    where the rung pruned nobody). Only the update at `stop` (or one stopped on request, also
+    checked at a rung) is `last`.
     """
     edges = [start, *(s for s in rungs if start < s < stop), stop]
     for i, (a, b) in enumerate(zip(edges, edges[1:])):

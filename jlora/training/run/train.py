@@ -157,13 +157,15 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, until: 
             return rows
 
         def rung(info: StepInfo) -> None:  # a search's rung (or, at the last step, its final ranking)
-            decide = search.rung if info.step in rungs else search.finish if info.step == cfg.steps else None
+            decide = search.rung if search.prunes_at(info.step) else search.finish if info.step == cfg.steps else None
             if decide is not None:
                 record = decide(info.step, evaluated.get(info.step) or evaluation(info))
                 bar.write(search.describe(record, names))
 
         def restage(state: TrainState, step: int) -> tuple:  # after a rung: the survivors, on their own
             nonlocal live, archive
+            if list(search.alive) == list(live.trainer.ids):  # nobody pruned (one member left): as it was
+                return live.step, state, live.trainer.rng
             host = on_host(state)
             archive = put_members(archive, (host.trainable, host.opt_state), live.trainer.ids)  # the pruned's last
             live, state = stage(*survivors(live.trainer, host, search.alive), step)

@@ -25,7 +25,7 @@ from jlora.training.records.checkpoint import best_member, find_checkpoint, load
 from jlora.training.records.metrics import read_metrics
 from jlora.training.run.config import DEFAULT_CONFIG, load_run_config
 from jlora.training.run.loop import StepInfo
-from jlora.training.run.search import decide, ranking, rung_steps, search_steps
+from jlora.training.run.search import Search, SearchConfig, decide, ranking, rung_steps, search_steps
 from jlora.training.run.train import train
 
 from ...conftest import BUCKETS, sets, xla_devices
@@ -118,6 +118,26 @@ def test_search_steps_restages_after_each_rung_and_stops_on_request_there():
     )  # fmt: skip
     assert [(i.step, i.last, i.interrupted) for i in stopped] == [(1, False, False), (2, False, False), (3, True, True)]
     assert isinstance(stopped[0], StepInfo)
+
+
+def test_a_lone_survivor_skips_the_rungs_left(tmp_path):
+    """2 members, eta 2, rungs at 2 and 4 of 6: the rung at 2 leaves one member, whose rung at 4 is skipped."""
+    population = "population={grid: {r: [1, 4], alpha: [r], lr: [5.0e-3]}}"
+    assert main(["train", *sets(*TINY, population, "search={eta: 2, rung_every: 2}"), "--out", str(tmp_path)]) == 0
+    search = json.loads((tmp_path / "summary.json").read_text())["search"]
+    (lone,) = search["alive"]
+    assert [r["step"] for r in search["rungs"]] == [2] and search["final"]["ranking"] == [lone]
+    evaluated = by_member(tmp_path, "val_loss")
+    assert sorted(evaluated) == [(0, 0), (0, 1), (2, 0), (2, 1), (6, lone)]  # none at step 4
+    assert sorted(m for (s, m) in by_member(tmp_path) if s > 2) == [lone] * 4  # it trained on, alone
+    assert search["member_steps"] == 2 * 2 + 4
+
+
+def test_prunes_at_names_the_rungs_with_more_than_one_member_alive():
+    search = Search(SearchConfig(eta=2, rung_every=2), steps=6, n_members=2)
+    assert [s for s in range(7) if search.prunes_at(s)] == [2, 4]
+    search.alive = [1]
+    assert not any(search.prunes_at(s) for s in range(7))
 
 
 def test_best_member_names_a_finished_search_only():
