@@ -1,6 +1,7 @@
 """The package's shape: layers import only downwards, no import cycle anywhere, and the public names stay public."""
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ def layer(module: str) -> int | None:
     return LAYERS[parts[1]]
 
 
+@functools.cache
 def imports(file: Path) -> list[tuple[int, str]]:
     """(line, module) of every jlora import in `file`, at any depth (function-level imports too)."""
     found = []
@@ -42,6 +44,12 @@ def module_name(file: Path) -> str:
 def modules() -> dict[str, Path]:
     return {module_name(file): file for file in sorted(PACKAGE.rglob("*.py"))}
 
+
+# Every module parsed once, at collection: CPython 3.11's ast.parse can fail with "AST constructor recursion
+# depth mismatch" when other threads run beside it (python/cpython#106905), and by test time a worker has
+# the threads of the tests before (checkpoint writers, progress bars).
+for _file in modules().values():
+    imports(_file)
 
 # The rooms of the training layer: data (where a batch is made) and records (where anything is written)
 # import neither each other nor run; run (where an update happens) composes both.

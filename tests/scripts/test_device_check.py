@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
@@ -24,7 +25,7 @@ SPEED_FIELDS = {
 def test_the_gpu_check_dry_run_fills_every_field(tmp_path):
     done = subprocess.run(
         [str(SCRIPTS / "device_check.sh"), "--dry-run"],
-        env={**os.environ, "OUT": str(tmp_path)},
+        env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable},  # this interpreter, not PATH's
         capture_output=True,
         text=True,
         timeout=600,
