@@ -32,6 +32,24 @@ def xla_devices(n: int) -> str:
     return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
 
 
+# The slowest modules (each a minute or more of training runs and subprocesses) go first: under
+# `-n 2 --dist loadscope` a worker takes a module whole, and a long one left to the end keeps one
+# worker busy while the other has nothing to do.
+SLOW_FIRST = (
+    "tests/research/test_research_scripts.py",
+    "tests/training/run/test_search.py",
+    "tests/training/run/test_train.py",
+    "tests/training/run/test_population_run.py",
+    "tests/scripts/test_device_check.py",
+    "tests/scripts/test_benchmarks.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {path: i for i, path in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(SLOW_FIRST)))  # stable: the rest as collected
+
+
 def pytest_sessionfinish(session):
     if "_OWN_CACHE" in globals() and not hasattr(session.config, "workerinput"):  # the controller, not a worker
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
