@@ -18,44 +18,21 @@ adapters, the LoRA maths, training, populations, adapters as values (combining t
 one batch), checkpoints and exchange, generation, errors.
 """
 
-from jlora.core.combine import combine_adapters
-from jlora.core.counting import (
+from jlora.core.algebra.combine import combine_adapters
+from jlora.core.algebra.mixed import AdapterStack, make_mixed_eval_step, mixed_variables, stack_adapters
+from jlora.core.decoding.generate import Generation, generate, generate_text
+from jlora.core.lora.adapter import adapters_by_module, flatten_adapters, init_lora, lora_delta, unflatten_adapters
+from jlora.core.lora.config import LoraConfig, alpha_for_rank, effective_lr, scaling
+from jlora.core.lora.counting import (
     adapter_compression,
     adapter_param_count,
     compression_ratio,
     lora_param_count,
     module_counts,
 )
-from jlora.core.generate import Generation, generate, generate_text
-from jlora.core.gpt2 import GPT2, GPT2Config, init_cache, init_params, param_shapes, random_params
-from jlora.core.lora import adapters_by_module, flatten_adapters, init_lora, lora_delta, unflatten_adapters
-from jlora.core.lora_config import LoraConfig, alpha_for_rank, effective_lr, scaling
-from jlora.core.merge import delta_w, merge, unmerge
-from jlora.core.mixed import AdapterStack, make_mixed_eval_step, mixed_variables, stack_adapters
-from jlora.core.optim import OptimConfig, combine, learning_rate, make_optimizer, partition, trainable_mask
-from jlora.core.parallel import initialize_distributed, replicate, shard_batch, unreplicate
-from jlora.core.population import (
-    Member,
-    Population,
-    init_population,
-    make_population_step,
-    member_keys,
-    population,
-    split_member,
-    stack_variables,
-)
-from jlora.core.residual import as_plain_lora, init_adapters
-from jlora.core.step import (
-    EvalStep,
-    TrainState,
-    TrainStep,
-    init_state,
-    init_training,
-    make_eval_step,
-    make_train_step,
-    train_step,
-)
-from jlora.core.svd import (
+from jlora.core.lora.merge import delta_w, merge, unmerge
+from jlora.core.lora.residual import as_plain_lora, init_adapters
+from jlora.core.lora.svd import (
     amplification,
     delta_svd,
     factored_svd,
@@ -65,6 +42,29 @@ from jlora.core.svd import (
     spectrum,
     subspace_similarity,
     subspace_similarity_grid,
+)
+from jlora.core.models.gpt2 import GPT2, GPT2Config, init_cache, init_params, param_shapes, random_params
+from jlora.core.update.optim import OptimConfig, combine, learning_rate, make_optimizer, partition, trainable_mask
+from jlora.core.update.parallel import initialize_distributed, replicate, shard_batch, unreplicate
+from jlora.core.update.population import (
+    Member,
+    Population,
+    init_population,
+    make_population_step,
+    member_keys,
+    population,
+    split_member,
+    stack_variables,
+)
+from jlora.core.update.step import (
+    EvalStep,
+    TrainState,
+    TrainStep,
+    init_state,
+    init_training,
+    make_eval_step,
+    make_train_step,
+    train_step,
 )
 from jlora.errors import (
     BaseMismatchError,

@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 from jlora.cli import exit_status
-from jlora.core.lora_config import effective_lr
+from jlora.core.lora.config import effective_lr
 from jlora.research import experiments as ex
 from jlora.research import plots
 

@@ -154,7 +154,7 @@ class JloraSystem:
         import jax
 
         import jlora
-        from jlora.core.step import step_inputs
+        from jlora.core.update.step import step_inputs
         from jlora.training.data.batching import Layout, shape_batch
         from jlora.training.run.config import load_run_config
 

@@ -73,7 +73,7 @@ class Answering:
         import jax
 
         import jlora
-        from jlora.core.mixed import stack_adapters
+        from jlora.core.algebra.mixed import stack_adapters
 
         self.args, self.how = args, how
         config = jlora.GPT2Config(
@@ -102,7 +102,7 @@ class Answering:
         return rng.integers(0, self.args.vocab, (self.args.prompts, self.args.prompt_length))
 
     def answer(self, prompts: np.ndarray) -> list:
-        from jlora.core.generate import generate
+        from jlora.core.decoding.generate import generate
 
         k, options = self.args.adapters, dict(max_new_tokens=self.args.new_tokens)
         rows = prompts.tolist()

@@ -29,7 +29,7 @@ import time
 import jax
 from harness import alternate, cpu_name, load_average, median_seconds, ratio, summary, verdict
 
-from jlora.core.step import step_inputs
+from jlora.core.update.step import step_inputs
 from jlora.research import experiments as ex
 from jlora.training.data.rows import batch_at
 from jlora.training.run.config import DEFAULT_CONFIG, load_run_config

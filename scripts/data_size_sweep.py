@@ -37,7 +37,7 @@ import time
 import jax
 
 from jlora.cli import exit_status
-from jlora.core.lora_config import LoraConfig
+from jlora.core.lora.config import LoraConfig
 from jlora.errors import UsageError
 from jlora.research import experiments as ex
 from jlora.research import plots

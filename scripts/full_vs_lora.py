@@ -14,7 +14,7 @@ Runs on the config's task, the same data order and steps:
 For each adapted weight, dW = W_full - W. Reported: the share of ||dW||_F^2 in its top r
 singular values for r in --ranks (the source says 90 %+ at small r), and the validation loss
 of the model whose every dW is cut to its best rank-r approximation (Eckart-Young, through
-`jlora.core.svd.lora_from_delta`, all other trained leaves kept), beside the full and the LoRA runs'.
+`jlora.core.lora.svd.lora_from_delta`, all other trained leaves kept), beside the full and the LoRA runs'.
 
 Learning against forgetting (Biderman et al., 2024, "LoRA learns less and forgets less"): for the
 full fine-tune and every LoRA rank, the validation loss on the task (learning) and, on held-out
@@ -23,7 +23,7 @@ generic sentences), the loss increase over the base and the mean per-token KL(ba
 (forgetting; `jlora.research.forgetting`). A random base knows no text to forget: --pretrain N
 first trains it in full for N steps on the held-out text.
 
-And each run's intruder dimensions per weight (`jlora.core.svd.module_intruders`: of the tuned
+And each run's intruder dimensions per weight (`jlora.core.lora.svd.module_intruders`: of the tuned
 weight's top 10 singular vectors, those with |cos| < 0.5 against all of W's; Shuttleworth et al. 2024).
 """
 
@@ -37,8 +37,8 @@ import time
 import numpy as np
 
 from jlora.cli import exit_status
-from jlora.core.lora_config import alpha_for_rank
-from jlora.core.svd import module_intruders, spectrum
+from jlora.core.lora.config import alpha_for_rank
+from jlora.core.lora.svd import module_intruders, spectrum
 from jlora.research import experiments as ex
 from jlora.research import plots
 from jlora.research.forgetting import forgetting, pretrain

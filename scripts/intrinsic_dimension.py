@@ -41,11 +41,11 @@ import time
 import jax
 
 from jlora.cli import exit_status
-from jlora.core.counting import adapter_param_count
-from jlora.core.lora import adapted_shape
-from jlora.core.lora_config import LoraConfig, alpha_for_rank
-from jlora.core.merge import merge
-from jlora.core.optim import OptimConfig
+from jlora.core.lora.adapter import adapted_shape
+from jlora.core.lora.config import LoraConfig, alpha_for_rank
+from jlora.core.lora.counting import adapter_param_count
+from jlora.core.lora.merge import merge
+from jlora.core.update.optim import OptimConfig
 from jlora.research import experiments as ex
 from jlora.research import intrinsic as it
 from jlora.research import plots

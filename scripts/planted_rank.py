@@ -30,9 +30,9 @@ import time
 import jax
 
 from jlora.cli import exit_status
-from jlora.core.lora_config import LoraConfig
-from jlora.core.merge import merge
-from jlora.core.optim import OptimConfig
+from jlora.core.lora.config import LoraConfig
+from jlora.core.lora.merge import merge
+from jlora.core.update.optim import OptimConfig
 from jlora.research import experiments as ex
 from jlora.research import plots
 from jlora.research.planted import compare_to_planted, distill_gap, distill_students, plant_low_rank

@@ -27,9 +27,9 @@ import time
 import numpy as np
 
 from jlora.cli import exit_status
-from jlora.core.counting import lora_param_count
-from jlora.core.lora_config import effective_lr, scaling
-from jlora.core.svd import delta_svd
+from jlora.core.lora.config import effective_lr, scaling
+from jlora.core.lora.counting import lora_param_count
+from jlora.core.lora.svd import delta_svd
 from jlora.research import experiments as ex
 from jlora.research import plots
 

@@ -141,6 +141,37 @@ def test_the_rooms_of_training_import_only_what_they_may():
     assert {room(n) for n in modules()} == {None, *ROOMS}  # every room exists and holds modules
 
 
+# The rooms of the core, each importing only itself and the rooms it builds on: the LoRA maths knows no
+# model, the models no training update, the update no adapter algebra, decoding or analysis.
+CORE_ROOMS = {
+    "lora": {"lora"},
+    "models": {"lora", "models"},
+    "update": {"lora", "models", "update"},
+    "algebra": {"lora", "models", "update", "algebra"},
+    "decoding": {"lora", "models", "update", "algebra", "decoding"},
+    "analysis": {"lora", "models", "update", "analysis"},
+}
+
+
+def core_room(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[:2] == ["jlora", "core"] and parts[2] in CORE_ROOMS else None
+
+
+def test_the_rooms_of_the_core_import_only_what_they_may():
+    crossing = []
+    for name, file in modules().items():
+        own = core_room(name)
+        for line, imported in imports(file) if own else ():
+            theirs = core_room(imported)
+            if theirs is not None and theirs not in CORE_ROOMS[own]:
+                crossing.append(f"{file.relative_to(PACKAGE.parent)}:{line} ({own}) imports {imported} ({theirs})")
+    assert not crossing, "\n".join(crossing)
+    in_core = [n for n in modules() if n.startswith("jlora.core.") and n.count(".") >= 2]
+    assert all(core_room(n) for n in in_core), [n for n in in_core if not core_room(n)]  # no module outside a room
+    assert {core_room(n) for n in in_core} == set(CORE_ROOMS)
+
+
 def test_the_walk_sees_imports_inside_functions(tmp_path):
     file = tmp_path / "m.py"
     file.write_text("import os\n\ndef f():\n    from jlora.cli.main import main\n    from jlora import plots\n")

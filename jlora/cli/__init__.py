@@ -4,9 +4,9 @@
     train         `jlora train`    -> jlora.training.run.train (a config file or a packaged config's name)
     export.py     `jlora export`   -> jlora.exchange (PEFT folder, with a random base beside it, or merged
                                       checkpoint of a run; either with the run's tokenizer)
-    generate.py   `jlora generate` -> jlora.core.generate (a run, in its training prompt form; a PEFT
-                                      folder or a checkpoint; several adapters side by side, jlora.core.mixed)
-    combine.py    `jlora combine`  -> jlora.core.combine (PEFT's combination types), a PEFT folder
+    generate.py   `jlora generate` -> jlora.core.decoding.generate (a run, in its training prompt form; a PEFT
+                                      folder or a checkpoint; several adapters side by side, jlora.core.algebra.mixed)
+    combine.py    `jlora combine`  -> jlora.core.algebra.combine (PEFT's combination types), a PEFT folder
     adapters.py   the adapters a source holds (runs, checkpoints, PEFT folders) and their base
     members.py    --member K | K,L,... | all, resolved in one place
     diagnose.py   `jlora diagnose` -> jlora.research.diagnose

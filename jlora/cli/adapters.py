@@ -9,7 +9,7 @@ A source is one of::
 
 and gives one `Found` adapter per member: a label, its LoraConfig and LoRA tree, its trained base
 leaves (``modules_to_save``) and where its base is. A PiSSA / OLoRA adapter comes as the plain
-LoRA that equals it on the unmodified base (`jlora.core.residual.as_plain_lora`), so every adapter
+LoRA that equals it on the unmodified base (`jlora.core.lora.residual.as_plain_lora`), so every adapter
 found sits on its base as it is. `check_same_base` refuses adapters of different bases (by the
 weights' hash that run checkpoints record; a PEFT folder's base is hashed when it must be compared).
 """
@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from jlora.cli.members import MemberSpec, member_indices
-from jlora.core.lora_config import LoraConfig
-from jlora.core.residual import as_plain_lora
+from jlora.core.lora.config import LoraConfig
+from jlora.core.lora.residual import as_plain_lora
 from jlora.errors import BaseMismatchError, CheckpointError, TokenizerError, UsageError
 from jlora.exchange.hf_checkpoint import load_gpt2
 from jlora.exchange.peft import ADAPTER_CONFIG, load_peft, read_adapter_config

@@ -2,7 +2,7 @@
 
 The sources are run directories (a population's members by ``--member K | K,L,... | all``),
 checkpoints and PEFT folders (`jlora.cli.adapters`), on one base; the combination is
-`jlora.core.combine.combine_adapters` with PEFT's meaning of every method and option (``--density``,
+`jlora.core.algebra.combine.combine_adapters` with PEFT's meaning of every method and option (``--density``,
 ``--r`` for PEFT's svd_rank, ``--majority-sign``, ``--clamp``; ``--seed`` draws DARE's masks). Trained
 base leaves (a run's ``ln_f``) are merged as task vectors from the base (`combine_leaves`) and go
 out as ``modules_to_save``. The folder is what `jlora export --peft` writes: PEFT loads it, a run on
@@ -21,8 +21,8 @@ from typing import Any
 import jax
 
 from jlora.cli.adapters import Found, check_same_base, find_adapters, load_base_of, tokenizer_of
-from jlora.core.combine import check_options, combine_adapters, combine_leaves
-from jlora.core.lora import flatten_adapters
+from jlora.core.algebra.combine import check_options, combine_adapters, combine_leaves
+from jlora.core.lora.adapter import flatten_adapters
 from jlora.exchange.hf_checkpoint import check_new_folder, new_folder
 from jlora.exchange.merged import save_merged
 from jlora.exchange.peft import save_peft

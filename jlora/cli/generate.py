@@ -7,7 +7,7 @@ to 64 new tokens, fewer (said on stderr) when the model's positions leave less r
 
 Several adapters answer side by side: ``RUN_DIR --member all`` (or ``--member 0,3``) for a
 population's members, ``--adapter DIR --adapter DIR2 ...`` for adapter folders (and runs or
-checkpoints) on one base. They decode as one mixed batch (`jlora.core.mixed`: every prompt once
+checkpoints) on one base. They decode as one mixed batch (`jlora.core.algebra.mixed`: every prompt once
 per adapter, each row with its own adapter); adapters that train base leaves (a run's ln_f)
 cannot share one base, so they decode one after another. Each prompt is printed, then each
 adapter's answer on one line (line breaks escaped, `one_line`).
@@ -24,8 +24,8 @@ from typing import Any, NamedTuple
 import yaml
 
 from jlora.cli.adapters import check_same_base, find_adapters, is_run, load_base_of, tokenizer_of
-from jlora.core.generate import generate
-from jlora.core.mixed import stack_adapters
+from jlora.core.algebra.mixed import stack_adapters
+from jlora.core.decoding.generate import generate
 from jlora.errors import CheckpointError, TokenizerError, UsageError
 from jlora.exchange.hf_checkpoint import load_gpt2
 from jlora.exchange.peft import ADAPTER_CONFIG, load_peft, read_adapter_config

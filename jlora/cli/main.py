@@ -16,12 +16,12 @@ from jlora.errors import Interrupted, JloraError, RunError
 
 
 def _train(args: argparse.Namespace) -> int:
-    from jlora.core.parallel import initialize_distributed
+    from jlora.core.update.parallel import initialize_distributed
     from jlora.training.records.rundir import is_primary
     from jlora.training.run.config import DEFAULT_CONFIG, load_run_config
     from jlora.training.run.train import train
 
-    initialize_distributed()  # a no-op unless launched as a multi-host job (see jlora.core.parallel)
+    initialize_distributed()  # a no-op unless launched as a multi-host job (see jlora.core.update.parallel)
     cfg = load_run_config(args.config or DEFAULT_CONFIG, args.set)
     summary = train(cfg, args.out, until=args.until)
     if cfg.search is not None and summary["search"]["best"] is not None and is_primary():
@@ -137,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     comb = commands.add_parser("combine", help="one adapter from several, as PEFT combines them, as a PEFT folder")
     comb.add_argument("sources", nargs="+", metavar="SOURCE", help="run dirs, checkpoints or PEFT adapter folders")
     comb.add_argument("--weights", nargs="+", type=float, required=True, metavar="W", help="one per adapter (required)")
-    comb.add_argument("--method", default="svd", help="PEFT's combination_type (default: svd); see jlora.core.combine")
+    comb.add_argument(
+        "--method", default="svd", help="PEFT's combination_type (default: svd); see jlora.core.algebra.combine"
+    )
     comb.add_argument(
         "--density",
         type=float,

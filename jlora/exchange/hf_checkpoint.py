@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.core.gpt2 import GPT2, GPT2Config, param_shapes
-from jlora.core.lora_config import LoraConfig
+from jlora.core.lora.config import LoraConfig
+from jlora.core.models.gpt2 import GPT2, GPT2Config, param_shapes
 from jlora.errors import CheckpointError, ConfigError, JloraError, describe
 
 WEIGHTS = "model.safetensors"

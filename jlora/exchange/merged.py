@@ -23,9 +23,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from jlora.core.gpt2 import GPT2Config
-from jlora.core.lora_config import LoraConfig
-from jlora.core.merge import merge
+from jlora.core.lora.config import LoraConfig
+from jlora.core.lora.merge import merge
+from jlora.core.models.gpt2 import GPT2Config
 from jlora.errors import CheckpointError
 from jlora.exchange.hf_checkpoint import TOKENIZER_FILES, new_folder, save_gpt2, save_tokenizer
 from jlora.tree import overlay

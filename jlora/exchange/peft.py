@@ -25,7 +25,7 @@ whatever the layout). Three things need translating:
   PEFT's ``modules_to_save``: whole modules under their checkpoint names.
 - a PiSSA / OLoRA adapter trained on a residual base goes out as PEFT shares one
   (``path_initial_model_for_weight_conversion``): an ordinary rank-2r LoRA on the unmodified
-  base (`jlora.core.residual.as_plain_lora`), so `save_peft` needs the initial factors.
+  base (`jlora.core.lora.residual.as_plain_lora`), so `save_peft` needs the initial factors.
   PEFT folders still holding such an init (unconverted) are refused: their base is not the
   one PEFT users load.
 
@@ -47,9 +47,9 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from jlora.core.lora import adapters_by_module, split_slice, unflatten_adapters
-from jlora.core.lora_config import MODULES, QKV, LoraConfig, is_regex, pattern_value
-from jlora.core.residual import as_plain_lora
+from jlora.core.lora.adapter import adapters_by_module, split_slice, unflatten_adapters
+from jlora.core.lora.config import MODULES, QKV, LoraConfig, is_regex, pattern_value
+from jlora.core.lora.residual import as_plain_lora
 from jlora.errors import CheckpointError, describe
 from jlora.exchange.hf_checkpoint import hf_key_to_path, new_folder, read_json, save_tokenizer, state_from_params
 from jlora.tree import path_names
@@ -197,7 +197,7 @@ def peft_config(
     if cfg.changes_base:
         raise CheckpointError(
             f"a LoRA init {cfg.init!r} adapter works on a residual base: convert it first "
-            "(jlora.core.residual.as_plain_lora, or save_peft(..., init=initial factors))"
+            "(jlora.core.lora.residual.as_plain_lora, or save_peft(..., init=initial factors))"
         )
     ranks = {m: t["A"].shape[0] for m, (t, _) in modules.items()}
     alphas = {m: alpha for m, (_, alpha) in modules.items()}

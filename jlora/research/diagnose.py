@@ -4,7 +4,7 @@
     jlora diagnose runs/r8 --against runs/r64 --out diag/   # also phi(i, j) between the two: similarity.png
 
 For every adapted module of the run's newest checkpoint (or ``--step``), from the factors of
-dW = scaling * B A (`jlora.core.svd.delta_svd`, no dense dW is formed):
+dW = scaling * B A (`jlora.core.lora.svd.delta_svd`, no dense dW is formed):
 
     singular values     s_1 >= ... >= s_r
     energy top k        sum_{i<=k} s_i^2 / sum s_i^2, for k = 1, 2, 4, 8 (up to r)
@@ -23,7 +23,7 @@ With ``--against``, for every module both runs adapt, the LoRA paper's normalise
 similarity (eq. 4) phi(i, j) = ||U1_i^T U2_j||_F^2 / min(i, j) between the right singular
 vectors of the two A matrices, drawn as the paper's heat maps (its figure compares r=8 with r=64).
 
-A run trained with ``telemetry: N`` logged those figures every N steps (`jlora.core.telemetry`);
+A run trained with ``telemetry: N`` logged those figures every N steps (`jlora.core.analysis.telemetry`);
 their evolution is drawn in ``telemetry.png``: effective rank, top-1 energy, ||dW|| / ||W|| and the
 drift phi(1, 1) against N steps before, one line per module, against the step. A population run
 holds several adapters: ``--member K`` picks one (``--against-member`` the other run's).
@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jlora.core.lora import flatten_adapters
-from jlora.core.merge import merge
-from jlora.core.svd import delta_svd, module_intruders, subspace_similarity_grid
+from jlora.core.lora.adapter import flatten_adapters
+from jlora.core.lora.merge import merge
+from jlora.core.lora.svd import delta_svd, module_intruders, subspace_similarity_grid
 from jlora.errors import CheckpointError
 from jlora.training.records.checkpoint import find_checkpoint, load_adapter, load_run
 from jlora.training.records.metrics import read_metrics

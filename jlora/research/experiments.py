@@ -11,8 +11,8 @@ what the comparisons need, built from the same library functions::
     val_loss(task, fit.variables, lora_cfg)        # adapters merged into the base; loss on answer tokens
 
 A sweep trains its adapters as one population (`fit_population`: one compiled step vmapped over
-the members, `jlora.core.population`); each member's fit is the one `fit` would give alone.
-Every model is evaluated merged (``jlora.core.merge``) by one compiled forward of the plain base
+the members, `jlora.core.update.population`); each member's fit is the one `fit` would give alone.
+Every model is evaluated merged (``jlora.core.lora.merge``) by one compiled forward of the plain base
 model, so a sweep compiles one train step and one evaluation in all. A full
 fine-tune's update is read back through `kernel_deltas` (dW per weight) and `truncate_deltas`
 (the model with each dW cut to rank r). The planted-rank experiment lives in `jlora.research.planted`.
@@ -31,14 +31,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.core.divergence import forgetting_sums
-from jlora.core.gpt2 import GPT2
-from jlora.core.lora import init_lora, output_columns, split_slice, unflatten_adapters
-from jlora.core.lora_config import LoraConfig
-from jlora.core.merge import merge
-from jlora.core.optim import trainable_mask
-from jlora.core.parallel import local_devices
-from jlora.core.population import (
+from jlora.core.analysis.divergence import forgetting_sums
+from jlora.core.lora.adapter import init_lora, output_columns, split_slice, unflatten_adapters
+from jlora.core.lora.config import LoraConfig
+from jlora.core.lora.merge import merge
+from jlora.core.lora.svd import lora_from_delta
+from jlora.core.models.gpt2 import GPT2
+from jlora.core.update.optim import trainable_mask
+from jlora.core.update.parallel import local_devices
+from jlora.core.update.population import (
     Population,
     init_population,
     make_population_step,
@@ -48,8 +49,7 @@ from jlora.core.population import (
     split_member,
     stack_variables,
 )
-from jlora.core.step import TrainState, TrainStep, compile_eval, init_training, make_eval_step
-from jlora.core.svd import lora_from_delta
+from jlora.core.update.step import TrainState, TrainStep, compile_eval, init_training, make_eval_step
 from jlora.errors import ConfigError, DataError, UsageError
 from jlora.training.data.rows import TokenizedData, batch_at
 from jlora.training.run.build import Run, build_run, init_key

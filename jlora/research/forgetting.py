@@ -6,7 +6,7 @@
 The held-out text is the run config's ``eval.forgetting`` (jlora's bundled generic sentences by
 default in the scripts). For a model, on its tokens: the loss of the model, the loss of the base
 it was fine-tuned from, their difference ("forgetting": how much worse it got), and the mean
-per-token KL(base || model) (`jlora.core.divergence`), how far its predictions moved whatever the
+per-token KL(base || model) (`jlora.core.analysis.divergence`), how far its predictions moved whatever the
 losses. Adapters are merged first, so one compiled evaluation of the plain base model serves
 every LoRA rank and the full fine-tune (Biderman et al., 2024: "LoRA learns less and forgets less").
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from jlora.core.lora_config import LoraConfig
+from jlora.core.lora.config import LoraConfig
 from jlora.errors import ConfigError
 from jlora.research.experiments import Task, fit, lora_mask, merged_params
 from jlora.training.run.evaluate import mean_sums

@@ -21,7 +21,7 @@ SAID: one learned scale per weight, theta_w = theta_0,w + lambda_w (P z)_w, the 
 Member k's z carries zeros beyond its own d_k. The forward pass multiplies z by a 0/1 mask, so
 those entries' gradients are exactly 0 and Adam's update of them is 0 (masked again besides):
 a member of the padded population is the member trained alone (at its own learning rate, a traced
-value inside the vmap, as `jlora.core.population` gives adapters theirs). `Identity` in place of the
+value inside the vmap, as `jlora.core.update.population` gives adapters theirs). `Identity` in place of the
 Fastfood projection trains the D numbers themselves (z = theta - theta_0): the full fine-tune
 of the same weights, through the same step and optimizer.
 
@@ -29,7 +29,7 @@ The frozen partition holds theta_0 and P, shared by every member; the trainable 
 (K, W) and, with SAID, the scales (K, m), m the number of weights in the space.
 
 >>> import jax, jax.numpy as jnp
->>> from jlora.core.optim import OptimConfig
+>>> from jlora.core.update.optim import OptimConfig
 >>> from jlora.research.fastfood import fastfood
 >>> params = {"w": jnp.ones((4, 8)), "b": jnp.zeros(8)}
 >>> space = subspace(params, {"w": True, "b": False})
@@ -56,13 +56,13 @@ import numpy as np
 import optax
 from flax import struct
 
-from jlora.core.divergence import kl_divergence
-from jlora.core.gpt2 import GPT2
-from jlora.core.lora import split_slice
-from jlora.core.lora_config import LoraConfig
-from jlora.core.loss import loss_sums
-from jlora.core.optim import OptimConfig, make_optimizer, trainable_mask
-from jlora.core.step import TrainState, step_inputs
+from jlora.core.analysis.divergence import kl_divergence
+from jlora.core.lora.adapter import split_slice
+from jlora.core.lora.config import LoraConfig
+from jlora.core.models.gpt2 import GPT2
+from jlora.core.update.loss import loss_sums
+from jlora.core.update.optim import OptimConfig, make_optimizer, trainable_mask
+from jlora.core.update.step import TrainState, step_inputs
 from jlora.errors import ConfigError
 from jlora.research import experiments as ex
 from jlora.research.fastfood import Fastfood, project
@@ -273,7 +273,7 @@ def make_subspace_step(
 
 
 def task_loss(model: GPT2) -> Loss:
-    """A language-model batch's mean masked next-token loss (`jlora.core.loss`), with `model`'s dropout."""
+    """A language-model batch's mean masked next-token loss (`jlora.core.update.loss`), with `model`'s dropout."""
 
     def loss(params, batch, key):
         total, tokens = loss_sums(model, {"params": params}, step_inputs(batch), key)

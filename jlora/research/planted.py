@@ -10,7 +10,7 @@
 The student sees no text: its inputs are uniformly random tokens and its target the teacher's
 whole next-token distribution at every position, a far denser signal than sampled text, so
 what limits recovery is the student's rank, not the data. The students of every rank train at
-once, as one population on the one base (`jlora.core.population`), each as it would alone.
+once, as one population on the one base (`jlora.core.update.population`), each as it would alone.
 
 `teacher_rows` makes the opposite kind of data, for experiments where the amount of it is the
 question: each row's targets are single tokens drawn from the teacher's distributions, so a row
@@ -30,13 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jlora.core.divergence import kl_divergence
-from jlora.core.gpt2 import GPT2
-from jlora.core.lora import flatten_adapters, init_lora, output_columns, split_slice, unflatten_adapters
-from jlora.core.lora_config import LoraConfig
-from jlora.core.merge import merge
-from jlora.core.optim import OptimConfig, combine, trainable_mask
-from jlora.core.population import (
+from jlora.core.analysis.divergence import kl_divergence
+from jlora.core.lora.adapter import flatten_adapters, init_lora, output_columns, split_slice, unflatten_adapters
+from jlora.core.lora.config import LoraConfig
+from jlora.core.lora.merge import merge
+from jlora.core.lora.svd import delta_svd, factored_svd, subspace_similarity_grid
+from jlora.core.models.gpt2 import GPT2
+from jlora.core.update.optim import OptimConfig, combine, trainable_mask
+from jlora.core.update.population import (
     Member,
     Population,
     init_population,
@@ -45,8 +46,7 @@ from jlora.core.population import (
     stack_variables,
     vmap_members,
 )
-from jlora.core.step import TrainState
-from jlora.core.svd import delta_svd, factored_svd, subspace_similarity_grid
+from jlora.core.update.step import TrainState
 from jlora.errors import ConfigError
 from jlora.training.data.rows import TokenizedData
 from jlora.tree import get_path, replace_paths
@@ -164,7 +164,7 @@ def make_distill_step(
     from ``fold_in(key, state.step)``, shared by every student, and the teacher's logits on it are
     computed once for all of them; each student's loss is its mean KL(teacher || student) over the
     batch's positions, differentiated with respect to its own trainable leaves only, and applied by
-    its own optimizer (`jlora.core.population.vmap_members`).
+    its own optimizer (`jlora.core.update.population.vmap_members`).
     """
     vocab_size = teacher.config.vocab_size
 

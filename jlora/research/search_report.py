@@ -11,7 +11,7 @@
                   lr, scaling, effective lr = lr * alpha / r, trainable parameters, the metric at every
                   rung it reached, the steps it trained, the rung that pruned it
     winner        per adapted module, the effective rank and top-k energy of its dW = scaling * B A, from
-                  the factors (`jlora.core.svd.delta_svd`)
+                  the factors (`jlora.core.lora.svd.delta_svd`)
     heuristics    one line per rule of the source, answered from this search: alpha = 2r against r and 4r
                   at the best r; the best r at this data size against the source's table; whether members
                   with equal lr * alpha / r ended close
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jlora.core.lora import flatten_adapters
-from jlora.core.lora_config import effective_lr, scaling
-from jlora.core.svd import delta_svd
+from jlora.core.lora.adapter import flatten_adapters
+from jlora.core.lora.config import effective_lr, scaling
+from jlora.core.lora.svd import delta_svd
 from jlora.errors import CheckpointError
 from jlora.research import plots
 from jlora.training.records.checkpoint import find_checkpoint, load_adapter

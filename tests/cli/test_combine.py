@@ -9,7 +9,7 @@ from transformers import GPT2LMHeadModel
 
 import jlora
 from jlora.cli import main
-from jlora.core.combine import combine_adapters, combine_leaves
+from jlora.core.algebra.combine import combine_adapters, combine_leaves
 from jlora.exchange.peft import load_peft, save_peft
 from jlora.training.records.checkpoint import find_checkpoint, load_adapter, load_base, lora_config_of
 from jlora.tree import overlay

@@ -4,7 +4,7 @@ import pytest
 
 from jlora.cli import main
 from jlora.cli.generate import load_source, one_line
-from jlora.core.generate import generate
+from jlora.core.decoding.generate import generate
 from jlora.training.data.tokenizer import ByteTokenizer
 from jlora.training.records.checkpoint import load_run
 

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 from transformers import GPT2LMHeadModel
 
 import jlora
-from jlora.core.lora import flatten_adapters
+from jlora.core.lora.adapter import flatten_adapters
 from jlora.exchange.hf_checkpoint import CheckpointError
 from jlora.exchange.peft import load_peft, save_peft
 from jlora.tree import overlay

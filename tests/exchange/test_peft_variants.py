@@ -12,8 +12,8 @@ from safetensors.numpy import load_file
 from transformers import GPT2LMHeadModel
 
 import jlora
-from jlora.core.lora import flatten_adapters
-from jlora.core.residual import as_plain_lora
+from jlora.core.lora.adapter import flatten_adapters
+from jlora.core.lora.residual import as_plain_lora
 from jlora.exchange.peft import load_peft, save_peft
 
 from .test_peft import IDS, assert_trees_equal, jlora_logits, peft_model, torch_logits

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora.core.gpt2 import causal_attention
+from jlora.core.models.gpt2 import causal_attention
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 
@@ -61,7 +61,7 @@ def test_a_bfloat16_step_tracks_float32():
 
 
 def test_population_members_equal_their_solo_steps_on_the_gpu():
-    from jlora.core.population import Member, init_population, make_population_step, population, stack_variables
+    from jlora.core.update.population import Member, init_population, make_population_step, population, stack_variables
 
     config = jlora.GPT2Config(vocab_size=500, n_positions=64, n_embd=64, n_layer=2, n_head=2)
     params = jlora.random_params(0, config)

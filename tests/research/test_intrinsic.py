@@ -7,9 +7,9 @@ import numpy as np
 import optax
 import pytest
 
-from jlora.core.gpt2 import GPT2, GPT2Config, init_params
-from jlora.core.lora_config import LoraConfig
-from jlora.core.optim import OptimConfig, make_optimizer
+from jlora.core.lora.config import LoraConfig
+from jlora.core.models.gpt2 import GPT2, GPT2Config, init_params
+from jlora.core.update.optim import OptimConfig, make_optimizer
 from jlora.errors import ConfigError
 from jlora.research import intrinsic as it
 from jlora.research.fastfood import fastfood

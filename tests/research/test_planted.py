@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jlora.core.gpt2 import GPT2, GPT2Config, init_params
-from jlora.core.lora import flatten_adapters, unflatten_adapters
-from jlora.core.lora_config import LoraConfig
+from jlora.core.lora.adapter import flatten_adapters, unflatten_adapters
+from jlora.core.lora.config import LoraConfig
+from jlora.core.models.gpt2 import GPT2, GPT2Config, init_params
 from jlora.errors import ConfigError
 from jlora.research.planted import (
     compare_to_planted,

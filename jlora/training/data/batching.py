@@ -16,7 +16,7 @@ A packed sequence carries ``segment_ids`` (0 on padding) and ``position_ids`` re
 each row: the model attends only within a segment, so every row sees exactly what it sees alone.
 Both layouts list the positions that carry loss, ``loss_index`` (R, K): each sequence's loss
 positions in order, filled up with a position that carries none (there is one whenever fewer than
-K <= L positions carry loss). The loss (`jlora.core.loss`) computes the LM head there only.
+K <= L positions carry loss). The loss (`jlora.core.update.loss`) computes the LM head there only.
 
 The bucket rule lives here, in `round_up`: with "octaves" (the default) lengths round up to a
 multiple of 8 up to 64, then to four lengths per doubling (80, 96, 112, 128, 160, ...), so padding

@@ -11,7 +11,7 @@ The frozen base is never saved: it is the checkpoint the run started from, named
 with a hash of its weights. A PiSSA / OLoRA run trains on a residual of that base; its
 checkpoints add the initial factors (``init``, the adapters at step 0), from which
 `load_checkpoint` (and a resumed run) rebuilds the residual exactly as training made it
-(`jlora.core.residual.residual_params`). `adapter` and `meta` alone restore the adapter::
+(`jlora.core.lora.residual.residual_params`). `adapter` and `meta` alone restore the adapter::
 
     lora, base_leaves, meta = load_adapter("RUN_DIR/checkpoints/100")        # jlora
     tree = ocp.StandardCheckpointer().restore("RUN_DIR/checkpoints/100/adapter")  # plain Orbax
@@ -44,10 +44,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jlora.core.gpt2 import GPT2, GPT2Config, random_params
-from jlora.core.lora_config import LoraConfig
-from jlora.core.population import member_lora
-from jlora.core.residual import as_plain_lora, residual_params
+from jlora.core.lora.config import LoraConfig
+from jlora.core.lora.residual import as_plain_lora, residual_params
+from jlora.core.models.gpt2 import GPT2, GPT2Config, random_params
+from jlora.core.update.population import member_lora
 from jlora.errors import BaseMismatchError, CheckpointError, describe
 from jlora.exchange.hf_checkpoint import load_gpt2
 from jlora.training.records.rundir import barrier, is_primary
@@ -254,7 +254,7 @@ def load_checkpoint(
     A PiSSA / OLoRA run's `params` are the residual base it trained on, rebuilt from the
     checkpoint's initial factors; with `original_base` they are the unmodified base instead,
     and the adapter comes converted to the rank-2r LoRA that equals it there (as exported to
-    PEFT, `jlora.core.residual.as_plain_lora`). Either way ``model.apply({"params": params,
+    PEFT, `jlora.core.lora.residual.as_plain_lora`). Either way ``model.apply({"params": params,
     "lora": lora}, ids)`` is the trained model.
     """
     tree, meta = _read(checkpoint_dir)

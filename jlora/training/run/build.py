@@ -25,10 +25,10 @@ from typing import Any, NamedTuple
 
 import jax
 
-from jlora.core.gpt2 import GPT2, GPT2Config, random_params
-from jlora.core.optim import make_optimizer, partition, trainable_mask
-from jlora.core.residual import factors_of, init_adapters
-from jlora.core.step import EvalStep, TrainState, TrainStep, init_state, make_eval_step, make_train_step
+from jlora.core.lora.residual import factors_of, init_adapters
+from jlora.core.models.gpt2 import GPT2, GPT2Config, random_params
+from jlora.core.update.optim import make_optimizer, partition, trainable_mask
+from jlora.core.update.step import EvalStep, TrainState, TrainStep, init_state, make_eval_step, make_train_step
 from jlora.errors import ConfigError, JloraError, RunDirError
 from jlora.exchange.hf_checkpoint import load_gpt2
 from jlora.training.data.batching import Layout
@@ -73,7 +73,7 @@ class Trainer(NamedTuple):
 
     A population (`members` set) stacks K adapters: its state carries a member axis, `rng` holds K
     dropout keys, its step's metrics and its evaluations have K values each, `axes` are the
-    `jax.vmap` axes of its variables (`jlora.core.population.member_axes`) and `ids` the members'
+    `jax.vmap` axes of its variables (`jlora.core.update.population.member_axes`) and `ids` the members'
     indices in the run's population (0..K-1; a search's survivors keep theirs).
     """
 

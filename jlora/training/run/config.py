@@ -23,9 +23,9 @@ from typing import Any
 
 import yaml
 
-from jlora.core.gpt2 import NUMERICS, GPT2Config
-from jlora.core.lora_config import LoraConfig
-from jlora.core.optim import OptimConfig
+from jlora.core.lora.config import LoraConfig
+from jlora.core.models.gpt2 import NUMERICS, GPT2Config
+from jlora.core.update.optim import OptimConfig
 from jlora.errors import ConfigError
 from jlora.training.data.batching import check_buckets
 from jlora.training.data.config import DataConfig

@@ -5,7 +5,7 @@
     exact_match(greedy_predictor(model), variables, val_data, n=64, batch_size=8, layout=layout)
     make_forgetting(trainer, ...)(state)                    # loss, base loss, KL(base || adapted) on held-out text
 
-A population's eval step and predictor (`jlora.core.population`) give each figure as a (K,)
+A population's eval step and predictor (`jlora.core.update.population`) give each figure as a (K,)
 array, one per member, through the same functions. `mean_loss` and `exact_match` take
 ``progress``, called after each batch (e.g. a progress bar's ``update``), and `n_batches` says
 how many calls to expect: an evaluation of a large model on a CPU can run for minutes, and
@@ -26,12 +26,12 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from jlora.core.divergence import forgetting_sums
-from jlora.core.gpt2 import GPT2
-from jlora.core.loss import loss_argmax
-from jlora.core.optim import combine, partition
-from jlora.core.parallel import local_devices, replicate
-from jlora.core.step import EvalStep, compile_eval, step_inputs
+from jlora.core.analysis.divergence import forgetting_sums
+from jlora.core.models.gpt2 import GPT2
+from jlora.core.update.loss import loss_argmax
+from jlora.core.update.optim import combine, partition
+from jlora.core.update.parallel import local_devices, replicate
+from jlora.core.update.step import EvalStep, compile_eval, step_inputs
 from jlora.training.data.batching import Layout, shape_batch
 from jlora.training.data.rows import TokenizedData, eval_batches
 
@@ -120,8 +120,8 @@ def loss_and_perplexity(loss: float | np.ndarray) -> dict:
 def greedy_predictor(model: GPT2, axes=None) -> Callable:
     """``predict(variables, batch) -> (R, K)`` greedy next token at each of a shaped batch's loss positions.
 
-    jit-compiled; the LM head runs at the K loss positions of each row only (`jlora.core.loss.loss_argmax`).
-    With `axes` (a population's, `jlora.core.population.member_axes`): (members, R, K), one per member.
+    jit-compiled; the LM head runs at the K loss positions of each row only (`jlora.core.update.loss.loss_argmax`).
+    With `axes` (a population's, `jlora.core.update.population.member_axes`): (members, R, K), one per member.
     """
     predict = lambda variables, batch: loss_argmax(model, variables, batch)  # noqa: E731
     return jax.jit(predict if axes is None else jax.vmap(predict, in_axes=(axes, None)))
@@ -166,7 +166,7 @@ def make_forgetting(trainer, feed: Callable[[dict], dict], *, pmapped: bool, n_d
     """``forgetting(state) -> {"forget_loss", "forget_base_loss", "forget_kl"}`` on the run's held-out text.
 
     The adapted model's mean loss on ``run.forgetting``'s tokens, the base model's, and the mean
-    per-token KL(base || adapted) (`jlora.core.divergence`); floats, or (K,) for a population, whose
+    per-token KL(base || adapted) (`jlora.core.analysis.divergence`); floats, or (K,) for a population, whose
     base forward pass is made once for all members. The base is the state's frozen leaves with the
     original values of the leaves the run trains (no copy of the frozen ones).
     """

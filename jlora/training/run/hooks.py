@@ -1,7 +1,7 @@
 """The hooks of `jlora train`: what a run does between updates besides updating.
 
     MetricsLog   each update's metrics, fetched in windows: metrics.jsonl, TensorBoard, progress bar
-    Telemetry    every N updates, the spectrum of each adapter's dW and its drift (jlora.core.telemetry)
+    Telemetry    every N updates, the spectrum of each adapter's dW and its drift (jlora.core.analysis.telemetry)
     evaluation   validation loss, perplexity and exact match            (a closure built in `train`)
     checkpoint   the adapter and optimizer state, with the run's meta  (a closure built in `train`)
 
@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.core.gpt2 import SCALING
-from jlora.core.lora import flatten_adapters
-from jlora.core.parallel import unreplicate
-from jlora.core.population import scalings_by_path, take
-from jlora.core.telemetry import adapter_figures, telemetry_row, weight_norms
+from jlora.core.analysis.telemetry import adapter_figures, telemetry_row, weight_norms
+from jlora.core.lora.adapter import flatten_adapters
+from jlora.core.models.gpt2 import SCALING
+from jlora.core.update.parallel import unreplicate
+from jlora.core.update.population import scalings_by_path, take
 from jlora.errors import NonFiniteError
 from jlora.training.records.metrics import MetricsWriter
 from jlora.training.run.build import Trainer
@@ -123,7 +123,7 @@ def fetch_rows(pending: list[tuple[int, dict]], pmapped: bool, members: Sequence
 
 
 class Telemetry:
-    """Every `every` updates: the figures of each adapter's update (`jlora.core.telemetry`), a row per member.
+    """Every `every` updates: the figures of each adapter's update (`jlora.core.analysis.telemetry`), a row per member.
 
     The figures are computed by one compiled call on the device from the factors; phi compares
     with the adapters `every` updates earlier (left out of the first row, and of a row whose

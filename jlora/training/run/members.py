@@ -1,7 +1,7 @@
 """A population's members from the run config's ``population:`` section.
 
 A run with a ``population:`` section trains K adapters at once on its base and batches
-(`jlora.core.population`). Each member is the run's own settings with a few replaced: its rank
+(`jlora.core.update.population`). Each member is the run's own settings with a few replaced: its rank
 ``r``, ``alpha`` (a number, or a multiple of the member's r: ``2r``), ``rslora``, ``seed`` (its
 adapter seed: A's initialisation and its dropout keys, as a solo run's ``adapter_seed``), ``lr``
 and ``loraplus_ratio``. List them, or give a grid whose product is the population::
@@ -28,8 +28,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from jlora.core.lora_config import LoraConfig
-from jlora.core.population import Member
+from jlora.core.lora.config import LoraConfig
+from jlora.core.update.population import Member
 from jlora.errors import ConfigError
 
 KEYS = ("r", "alpha", "rslora", "seed", "lr", "loraplus_ratio")

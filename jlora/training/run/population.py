@@ -6,12 +6,12 @@
 
 The loop, its hooks and the checkpoints are a single run's (`jlora.training.run.train`); what changes
 is the trainer: its state holds the members' adapters, optimizer states and trained base leaves
-stacked along a member axis (`jlora.core.population`), its step returns each metric per member,
+stacked along a member axis (`jlora.core.update.population`), its step returns each metric per member,
 and the hooks write a row per member. Member k's adapter seed (``seed`` in its settings) seeds A's
 initialisation and its dropout keys exactly as ``adapter_seed`` does a solo run's, so member k
 reproduces the solo run with its settings.
 
-On several local devices the members are spread over them (`jlora.core.parallel.member_mesh`:
+On several local devices the members are spread over them (`jlora.core.update.parallel.member_mesh`:
 K / n members a device when n divides K, the batch split where there are fewer members than
 devices); the step computes what one device computes. A run of several processes keeps the pmap
 of the solo step (the batch split over every process's devices).
@@ -23,10 +23,10 @@ from collections.abc import Sequence
 
 import jax
 
-from jlora.core.lora import init_lora
-from jlora.core.optim import trainable_mask
-from jlora.core.parallel import local_devices, member_mesh
-from jlora.core.population import (
+from jlora.core.lora.adapter import init_lora
+from jlora.core.update.optim import trainable_mask
+from jlora.core.update.parallel import local_devices, member_mesh
+from jlora.core.update.population import (
     init_population,
     make_population_eval_step,
     make_population_step,
@@ -37,7 +37,7 @@ from jlora.core.population import (
     subset,
     take_members,
 )
-from jlora.core.step import TrainState
+from jlora.core.update.step import TrainState
 from jlora.training.run.build import Run, Trainer, init_key
 from jlora.training.run.config import population_members
 from jlora.training.run.members import MemberSpec

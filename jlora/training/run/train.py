@@ -27,11 +27,11 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from jlora.core.lora_config import effective_lr, scaling
-from jlora.core.optim import count_params, partition
-from jlora.core.parallel import replicate, shard_batch, unreplicate
-from jlora.core.population import put_members
-from jlora.core.step import EvalStep, TrainState, TrainStep
+from jlora.core.lora.config import effective_lr, scaling
+from jlora.core.update.optim import count_params, partition
+from jlora.core.update.parallel import replicate, shard_batch, unreplicate
+from jlora.core.update.population import put_members
+from jlora.core.update.step import EvalStep, TrainState, TrainStep
 from jlora.errors import ConfigError, Interrupted, NonFiniteError
 from jlora.training.data.batching import Layout, describe, run_shapes, shape_batch, shape_bound
 from jlora.training.data.rows import batch_at

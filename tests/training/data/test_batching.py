@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora.core.loss import loss_sums
+from jlora.core.update.loss import loss_sums
 from jlora.errors import ConfigError
 from jlora.training.data.batching import Layout, capacity, ladder, round_up, run_shapes, shape_batch, shape_bound
 from jlora.training.data.rows import batch_at, tokenize

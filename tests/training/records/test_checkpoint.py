@@ -8,7 +8,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import jlora
-from jlora.core.gpt2 import GPT2Config
+from jlora.core.models.gpt2 import GPT2Config
 from jlora.training.records import checkpoint as ckpt
 
 TINY = GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2)
@@ -75,7 +75,7 @@ def test_adapter_checkpoint_travels_alone(tmp_path, tiny_hf_with_tokenizer):
     import sys
 
     from jlora.cli import main
-    from jlora.core.gpt2 import GPT2Config
+    from jlora.core.models.gpt2 import GPT2Config
 
     base = tiny_hf_with_tokenizer
     run = tmp_path / "run"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora.core.step import EvalStep
+from jlora.core.update.step import EvalStep
 from jlora.training.data.batching import Layout, shape_batch
 from jlora.training.data.rows import eval_batches, prompt_tokens, tokenize
 from jlora.training.data.sources import Example

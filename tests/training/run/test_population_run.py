@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jlora.cli import main
-from jlora.core.lora import flatten_adapters, output_columns, split_slice
+from jlora.core.lora.adapter import flatten_adapters, output_columns, split_slice
 from jlora.exchange.peft import load_peft
 from jlora.training.records.checkpoint import find_checkpoint, load_adapter, load_run, lora_config_of
 from jlora.training.records.metrics import read_metrics

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from jlora.cli import main
-from jlora.core.lora import flatten_adapters
+from jlora.core.lora.adapter import flatten_adapters
 from jlora.errors import CheckpointError
 from jlora.training.records.checkpoint import best_member, find_checkpoint, load_adapter, load_run
 from jlora.training.records.metrics import read_metrics

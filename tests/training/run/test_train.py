@@ -238,7 +238,7 @@ def test_init_from_an_adapter_with_saved_modules(tmp_path, capsys, random_b):
     import jax
 
     import jlora
-    from jlora.core.step import make_eval_step
+    from jlora.core.update.step import make_eval_step
     from jlora.training.run.build import build_run
     from jlora.training.run.config import DEFAULT_CONFIG, load_run_config
     from jlora.training.run.evaluate import mean_loss

@@ -1,0 +1,245 @@
+"""Batched text generation with a fixed-size KV cache, in one compiled loop.
+
+::
+
+    prompts, left-padded to P ──prefill──> cache slots 0..P-1, logits of each last prompt token
+      └── while some row is unfinished and fewer than max_new_tokens were made:
+              token = pick(logits)                  greedy, or temperature -> top-k -> top-p sampling
+              logits, cache = model(token, cache)   one more slot of the (B, P + max_new_tokens) cache
+
+One adapter (``lora=``) is merged into the weights first (`jlora.core.lora.merge`), so decoding pays
+nothing for LoRA. Several (``adapters=`` an `jlora.core.algebra.mixed.AdapterStack`, ``adapter_index=``
+one per prompt) decode as one mixed batch: the base once per row, each row's own adapter on top.
+Prefill and loop are one compiled function of fixed shapes whose arguments are the weights (and
+the stack and index): it compiles once per batch size, padded prompt length, ``max_new_tokens``,
+sampling mode and weight shapes, never per token nor per adapter (prompt lengths are padded up to
+a multiple of 16 so that nearby lengths share it). A row stops at
+``eos_token_id`` and is padded with it afterwards, as transformers' ``generate`` does.
+Temperature, top-k, top-p, the seed and end-of-text are arguments of the compiled function,
+not constants in it, so changing them does not recompile either::
+
+    model, params = jlora.load_gpt2("gpt2")
+    out = generate(model, params, [[15496, 11], [40]], max_new_tokens=20, eos_token_id=50256)
+    out.tokens, out.lengths, out.tokens_per_s
+    stack = stack_adapters([(cfg_a, lora_a), (cfg_b, lora_b)])         # jlora.core.algebra.mixed
+    out = generate(model, params, [[15496, 11], [40]], adapters=stack, adapter_index=[1, 0])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora.core.algebra.mixed import AdapterStack, check_index, mixed_variables
+from jlora.core.lora.config import LoraConfig
+from jlora.core.lora.merge import merge
+from jlora.core.models.gpt2 import GPT2, check_token_ids, init_cache
+
+PAD_MULTIPLE = 16
+STACK_CONFIG = (
+    LoraConfig()
+)  # the model's config under a stack: only its dropout (0) is read, the stack has the scalings
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """What `generate` made.
+
+    Attributes:
+      tokens: (B, max_new_tokens) new token ids; after a row's end-of-text, end-of-text again.
+      lengths: (B,) new tokens per row, up to and including end-of-text.
+      eos_token_id: the end-of-text id (None: rows ran to max_new_tokens).
+      seconds: wall time of prefill and decoding (compilation excluded).
+      compile_seconds: time spent compiling (0.0 when the function was already compiled).
+    """
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    eos_token_id: int | None
+    seconds: float
+    compile_seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        """New tokens (end-of-text included, padding not) per second of decoding."""
+        return float(self.lengths.sum()) / max(self.seconds, 1e-9)
+
+    def sequences(self) -> list[list[int]]:
+        """Each row's new tokens, without end-of-text and what follows it."""
+        out = []
+        for row, n in zip(self.tokens, self.lengths, strict=True):
+            row = [int(t) for t in row[:n]]
+            out.append(row[:-1] if row and row[-1] == self.eos_token_id else row)
+        return out
+
+
+def filter_logits(logits: jax.Array, top_k: int | jax.Array | None = None, top_p: float | jax.Array | None = None):
+    """Set to -inf every logit outside the top `top_k`, then outside the top-`top_p` probability mass.
+
+    transformers' TopK / TopP warpers, in the same order: top-p keeps the smallest set of the
+    most likely tokens whose probabilities sum to more than `top_p` (always at least one).
+    Both may be traced values (top_k >= vocabulary size or top_p = 1 filter nothing).
+
+    >>> filter_logits(jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05])), top_p=0.75).tolist()[2:]
+    [-inf, -inf]
+    """
+    if top_k is not None:
+        descending = -jnp.sort(-logits, axis=-1)
+        kth = jnp.take(descending, jnp.minimum(top_k, logits.shape[-1]) - 1, axis=-1)[..., None]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None:
+        ascending = jnp.sort(logits, axis=-1)
+        mass_below = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+        dropped = (mass_below <= 1 - top_p).at[..., -1].set(False)
+        # The cut-off is the smallest logit kept; `dropped` is a prefix of the ascending order.
+        cutoff = jnp.min(jnp.where(dropped, jnp.inf, ascending), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return logits
+
+
+def _decode(model, params, rows, ids, mask, key, sampling, eos, *, max_new_tokens, greedy):
+    """Prefill and the decoding loop. `rows`: None, or (stack lora, stack scaling, adapter index) of a mixed
+    batch; `sampling`: (temperature, top_k, top_p); `eos`: -1 when rows never stop."""
+    batch, prompt_length = ids.shape
+    variables = {"params": params} if rows is None else mixed_variables(params, AdapterStack(*rows[:2]), rows[2])
+    last_logits = lambda hidden: model.apply(variables, hidden[:, -1], method=GPT2.logits).astype(jnp.float32)  # noqa: E731
+    cache = init_cache(model.config, batch, prompt_length + max_new_tokens)
+    hidden, cache = model.apply(variables, ids, cache, mask, method=GPT2.decode)
+
+    def pick(logits, key):
+        if greedy:
+            return jnp.argmax(logits, axis=-1)
+        temperature, top_k, top_p = sampling
+        logits = filter_logits(logits / temperature, top_k, top_p)
+        return jax.random.categorical(key, logits, axis=-1)
+
+    def more(state):
+        step, _, _, _, _, done = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def one_token(state):
+        step, key, logits, cache, tokens, done = state
+        key, sample_key = jax.random.split(key)
+        token = jnp.where(done, eos, pick(logits, sample_key)).astype(jnp.int32)
+        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
+        hidden, cache = model.apply(variables, token[:, None], cache, method=GPT2.decode)
+        return step + 1, key, last_logits(hidden), cache, tokens, done | (token == eos)
+
+    tokens = jnp.full((batch, max_new_tokens), jnp.maximum(eos, 0), jnp.int32)
+    state = (0, key, last_logits(hidden), cache, tokens, jnp.zeros(batch, bool))
+    step, *_, tokens, _ = jax.lax.while_loop(more, one_token, state)
+    return tokens, step
+
+
+@functools.lru_cache(maxsize=8)
+def _decoder(model: GPT2, structure, leaves: tuple, max_new_tokens: int, greedy: bool):
+    """`_decode` compiled for one model, weight and prompt shape, length and mode (the 8 latest are kept)."""
+    params, rows, ids = jax.tree.unflatten(structure, leaves)
+    decode = functools.partial(_decode, model, max_new_tokens=max_new_tokens, greedy=greedy)
+    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)  # noqa: E731
+    sampling = (scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.float32))
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    return jax.jit(decode).lower(params, rows, ids, ids, key, sampling, scalar(jnp.int32)).compile()
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], max_new_tokens: int, n_positions: int) -> tuple[np.ndarray, np.ndarray]:
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > n_positions:
+        raise ValueError(
+            f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's {n_positions} positions"
+            f" (at most {max(n_positions - longest, 0)} new tokens fit)"
+        )
+    length = min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, n_positions - max_new_tokens)
+    ids = np.zeros((len(prompts), length), np.int32)
+    mask = np.zeros((len(prompts), length), np.int32)
+    for row, prompt in enumerate(prompts):
+        if len(prompt):
+            ids[row, -len(prompt) :], mask[row, -len(prompt) :] = prompt, 1
+    return ids, mask
+
+
+def generate(
+    model: GPT2,
+    params: Mapping,
+    prompts: Sequence[Sequence[int]],
+    *,
+    lora: Mapping | None = None,
+    adapters: AdapterStack | None = None,
+    adapter_index: Sequence[int] | None = None,
+    max_new_tokens: int = 32,
+    eos_token_id: int | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+) -> Generation:
+    """Continue each prompt by up to `max_new_tokens` tokens.
+
+    Args:
+      model: the GPT-2 module; with `lora`, its ``model.lora`` config gives the scalings.
+      params: the base parameter tree.
+      prompts: token ids per row (lengths may differ: rows are left-padded).
+      lora: an adapter tree, merged into `params` before decoding (None: `params` as they are).
+      adapters: instead, K adapters stacked (`jlora.core.algebra.mixed.stack_adapters`), not merged: row n
+        decodes with adapter ``adapter_index[n]`` (-1: the base alone), all rows in one batch.
+      adapter_index: one adapter index per prompt, with `adapters`.
+      max_new_tokens: the most tokens made per row.
+      eos_token_id: a row stops after making it (None: never).
+      temperature: 0 for greedy decoding (argmax), else the softmax temperature for sampling.
+      top_k, top_p: sampling filters (None: off); ignored when greedy.
+      seed: the sampling RNG seed.
+
+    Returns:
+      A `Generation` (tokens, lengths, timing).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+        raise ValueError(f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+    if (adapters is None) != (adapter_index is None) or (adapters is not None and lora is not None):
+        raise ValueError("give lora= (one adapter, merged), or adapters= with adapter_index= (a mixed batch)")
+    rows = None
+    if adapters is not None:
+        rows = (adapters.lora, adapters.scaling, check_index(adapter_index, adapters.size, len(prompts)))
+    elif lora is not None:
+        params = merge(params, lora, model.lora)
+    model = model.clone(lora=None if rows is None else STACK_CONFIG)
+    ids, mask = _left_pad(prompts, max_new_tokens, model.config.n_positions)
+    check_token_ids(ids, model.config.vocab_size)  # the decoding loop is jitted: it could not tell
+    greedy = temperature == 0
+    vocab = model.config.vocab_size
+    sampling = (jnp.float32(temperature or 1.0), jnp.int32(min(top_k or vocab, vocab)), jnp.float32(top_p or 1.0))
+    eos = jnp.int32(-1 if eos_token_id is None else eos_token_id)
+    args = (params, rows, ids, mask, jax.random.key(seed), sampling, eos)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), args[:3])
+    hits = _decoder.cache_info().hits
+    start = time.perf_counter()
+    decode = _decoder(model, jax.tree.structure(abstract), tuple(jax.tree.leaves(abstract)), max_new_tokens, greedy)
+    compile_seconds = 0.0 if _decoder.cache_info().hits > hits else time.perf_counter() - start
+    start = time.perf_counter()
+    tokens, steps = jax.block_until_ready(decode(*args))
+    seconds = time.perf_counter() - start
+    tokens = np.asarray(tokens)
+    lengths = np.full(len(prompts), int(steps))
+    if eos_token_id is not None:
+        hit = tokens == eos_token_id
+        lengths = np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, lengths)
+    return Generation(tokens, lengths, eos_token_id, seconds, compile_seconds)
+
+
+def generate_text(
+    model: GPT2, params: Mapping, tokenizer: Any, prompts: Sequence[str], **options
+) -> tuple[list[str], Generation]:
+    """`generate` on text: encodes `prompts`, stops at the tokenizer's end-of-text, decodes the continuations."""
+    options.setdefault("eos_token_id", tokenizer.eos_token_id)
+    out = generate(model, params, [tokenizer.encode(p) for p in prompts], **options)
+    return [tokenizer.decode(row) for row in out.sequences()], out

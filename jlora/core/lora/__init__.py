@@ -1,0 +1,10 @@
+"""The LoRA maths: what an adapter is and what can be computed from it, with no model in sight.
+
+config.py      LoraConfig: targets, ranks, alpha, the scaling alpha / r (rsLoRA: alpha / sqrt(r)), effective lr
+adapter.py     the adapter tree {"A": (r, d_in), "B": (d_out, r)} per module: its layout, init and update
+dora.py        DoRA: the magnitude m and the column norm ||W + s B A||, from the factors
+residual.py    PiSSA / OLoRA: A, B from W's SVD / QR on a residual base; conversion to plain LoRA
+merge.py       W' = W + scaling * B A and back
+svd.py         the spectrum of dW from its factors, subspace similarity, truncation, intruders
+counting.py    parameter counts
+"""

@@ -1,0 +1,285 @@
+"""What to adapt and how strongly: `LoraConfig`, target matching and the scaling alpha / r.
+
+A LoRA adapter on a frozen weight W (d_out x d_in) adds a rank-r update::
+
+    h = W x + scaling * B A dropout(x),   A: (r, d_in),  B: (d_out, r)
+    scaling = alpha / r            (rsLoRA: alpha / sqrt(r))
+
+GPT-2's adaptable modules, by dotted path (the same path names the weight in the
+parameter tree and the adapter in the LoRA tree)::
+
+    h.{i}.attn.c_attn     (D -> 3D, fused q, k, v)
+    h.{i}.attn.c_proj     (D -> D)
+    h.{i}.mlp.c_fc        (D -> 4D)
+    h.{i}.mlp.c_proj      (4D -> D)
+
+and the three output slices of the fused projection, ``h.{i}.attn.c_attn.q`` / ``.k`` /
+``.v`` (D -> D each): ``target_modules=("c_attn.q", "c_attn.v")`` is the LoRA paper's
+q-and-v-only adaptation.
+
+Two variants change the update or where it starts (see `jlora.core.lora.dora`, `jlora.core.lora.residual`)::
+
+    use_dora=True     DoRA: W' = m * (W + scaling B A) / ||W + scaling B A||, per output feature
+    init="pissa"      A, B from W's top-r singular triplets, the base replaced by the residual
+    init="pissa_niter_4"   the same from a randomised SVD (4 power iterations)
+    init="olora"      A, B from a QR of W, the base replaced by the residual
+
+A target entry is a suffix of the dotted path, as in PEFT (``"c_proj"`` selects both
+``attn.c_proj`` and ``mlp.c_proj``), or a regular expression matched against the whole
+path (``r"h\\.[0-5]\\.attn\\.c_attn"``).
+
+>>> cfg = LoraConfig(r=8, alpha=16)
+>>> scaling(cfg)
+2.0
+>>> effective_lr(2e-4, cfg)
+0.0004
+>>> cfg.module_paths(n_layer=2)
+('h.0.attn.c_attn', 'h.1.attn.c_attn')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import re
+from collections.abc import Mapping
+
+from flax.core import FrozenDict
+
+from jlora.errors import ConfigError
+
+MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+QKV = ("q", "k", "v")
+INITS = ("kaiming", "gaussian", "zeros", "pissa", "pissa_niter_<K>", "olora")
+BASE_CHANGING = ("pissa", "olora")  # inits that move part of W into the adapter (the base becomes a residual)
+_REGEX_CHARS = set("\\[](){}*+?|^$")
+
+
+def is_regex(entry: str) -> bool:
+    """Whether a target entry is a regular expression (else a dotted path suffix)."""
+    return bool(_REGEX_CHARS & set(entry))
+
+
+def adaptable_paths(n_layer: int) -> tuple[str, ...]:
+    """Every module path LoRA can target in an `n_layer` GPT-2, slices included."""
+    paths = []
+    for i in range(n_layer):
+        for m in MODULES:
+            paths.append(f"h.{i}.{m}")
+            if m == "attn.c_attn":
+                paths.extend(f"h.{i}.{m}.{s}" for s in QKV)
+    return tuple(paths)
+
+
+def _matches(entry: str, path: str) -> bool:
+    if is_regex(entry):
+        return re.fullmatch(entry, path) is not None
+    return path == entry or path.endswith("." + entry)
+
+
+def pattern_value(pattern: Mapping[str, float], path: str, default):
+    """PEFT's rule: a key applies to a module whose name ends in it (the first key wins)."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?{key}$", path):
+            return value
+    return default
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Which modules get a rank-`r` adapter and how the update is scaled.
+
+    Attributes:
+      r: rank of every adapter (unless `rank_pattern` overrides it).
+      alpha: scale numerator; the update is multiplied by alpha / r.
+      dropout: dropout rate on the input of the LoRA path only (training mode).
+      target_modules: suffixes or regular expressions of module paths (see `jlora.core.lora.config`).
+      layers: adapt only these block indices (None: every block).
+      rslora: scale by alpha / sqrt(r) instead of alpha / r.
+      init: how A and B start. B = 0 with A "kaiming" (PEFT's default), "gaussian"
+        (N(0, 1/r^2), the LoRA paper's) or "zeros" (A = B = 0, for debugging only); or from
+        the weight itself, with the base replaced by the residual W - scaling B A so the model
+        is unchanged at step 0: "pissa" (top-r SVD), "pissa_niter_K" (randomised SVD, K power
+        iterations), "olora" (QR). Such adapters are made by `jlora.init_adapters`.
+      rank_pattern, alpha_pattern: per-module overrides, keyed like PEFT's.
+      use_dora: DoRA, a trained magnitude per output feature of each adapted module.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("c_attn",)
+    layers: tuple[int, ...] | None = None
+    rslora: bool = False
+    init: str = "kaiming"
+    rank_pattern: Mapping[str, int] = FrozenDict()
+    alpha_pattern: Mapping[str, float] = FrozenDict()
+    use_dora: bool = False
+
+    def __post_init__(self):
+        _check_types(self)
+        targets = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        set_("target_modules", tuple(targets))
+        set_("layers", None if self.layers is None else tuple(int(i) for i in self.layers))
+        set_("rank_pattern", FrozenDict(self.rank_pattern))
+        set_("alpha_pattern", FrozenDict(self.alpha_pattern))
+        _check(isinstance(self.r, int) and self.r > 0, f"LoRA rank r must be a positive integer, got r={self.r!r}")
+        _check(0 < self.alpha < math.inf, f"LoRA alpha must be a finite number > 0, got alpha={self.alpha!r}")
+        _check(0 <= self.dropout < 1, f"LoRA dropout must be in [0, 1), got dropout={self.dropout!r}")
+        _check(
+            isinstance(self.init, str) and (self.init in INITS or re.fullmatch(r"pissa_niter_\d+", self.init)),
+            f"unknown LoRA init {self.init!r}; valid: {', '.join(INITS)}",
+        )
+        _check(len(self.target_modules) > 0, "target_modules is empty; valid: " + _valid_targets())
+        every = adaptable_paths(1)
+        for t in self.target_modules:
+            ok = any(_matches(t, p) for p in every) or (
+                is_regex(t) and any(_matches(t, p) for p in adaptable_paths(48))
+            )
+            _check(ok, f"unknown LoRA target {t!r}; valid: {_valid_targets()}")
+        slice_paths = [p for p in adaptable_paths(48) if p.rsplit(".", 1)[1] in QKV]
+        slices = [t for t in self.target_modules if any(_matches(t, p) for p in slice_paths)]
+        _check(
+            not (self.use_dora and slices),
+            f"use_dora with q/k/v slice targets {slices}: DoRA normalises a module's whole output features; "
+            "target c_attn instead",
+        )
+        for k, v in self.rank_pattern.items():
+            _check(isinstance(v, int) and v > 0, f"rank_pattern[{k!r}] must be a positive integer, got {v!r}")
+        for k, v in self.alpha_pattern.items():
+            _check(0 < v < math.inf, f"alpha_pattern[{k!r}] must be a finite number > 0, got {v!r}")
+
+    @property
+    def changes_base(self) -> bool:
+        """Whether the init moves part of W into the adapter, so the base becomes a residual (PiSSA, OLoRA)."""
+        return self.init.startswith(BASE_CHANGING)
+
+    @property
+    def power_iterations(self) -> int | None:
+        """K of "pissa_niter_K" (a randomised SVD), None for the exact one and other inits."""
+        return int(self.init.rsplit("_", 1)[1]) if self.init.startswith("pissa_niter_") else None
+
+    def module_paths(self, n_layer: int) -> tuple[str, ...]:
+        """The dotted paths of the modules this config adapts in an `n_layer` GPT-2."""
+        if self.layers is not None:
+            bad = [i for i in self.layers if not 0 <= i < n_layer]
+            _check(not bad, f"LoRA layers {bad} out of range; valid: 0..{n_layer - 1}")
+        chosen = []
+        for p in adaptable_paths(n_layer):
+            layer = int(p.split(".")[1])
+            if self.layers is not None and layer not in self.layers:
+                continue
+            if any(_matches(t, p) for t in self.target_modules):
+                chosen.append(p)
+        for p in chosen:
+            parent = p.rsplit(".", 1)[0]
+            _check(
+                not (p.endswith(tuple("." + s for s in QKV)) and parent in chosen),
+                f"LoRA targets overlap: {parent} and its slice {p}; choose the fused module or its slices",
+            )
+        return tuple(chosen)
+
+    def rank_for(self, path: str) -> int:
+        """The rank of the adapter at `path` (`rank_pattern` first, then `r`)."""
+        return int(pattern_value(self.rank_pattern, path, self.r))
+
+    def alpha_for(self, path: str) -> float:
+        """The alpha of the adapter at `path` (`alpha_pattern` first, then `alpha`)."""
+        return float(pattern_value(self.alpha_pattern, path, self.alpha))
+
+    def scaling_for(self, path: str, r: int | None = None) -> float:
+        """alpha / r (or alpha / sqrt(r)) for the adapter at `path`; `r` defaults to `rank_for`."""
+        return _scale(self.alpha_for(path), self.rank_for(path) if r is None else r, self.rslora)
+
+    def replace(self, **changes) -> LoraConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict; `LoraConfig.from_dict` inverts it."""
+        d = dataclasses.asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        d["layers"] = None if self.layers is None else list(self.layers)
+        d["rank_pattern"] = dict(self.rank_pattern)
+        d["alpha_pattern"] = dict(self.alpha_pattern)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> LoraConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        _check(not unknown, f"unknown LoraConfig key(s) {unknown}; valid: {sorted(names)}")
+        return cls(**d)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_types(cfg: LoraConfig) -> None:
+    """Each field's type, so a wrong one is a one-line ConfigError rather than a TypeError later."""
+    targets = (cfg.target_modules,) if isinstance(cfg.target_modules, str) else cfg.target_modules
+    checks = {
+        "r": (_is_int(cfg.r), "an integer"),
+        "alpha": (_is_number(cfg.alpha), "a number"),
+        "dropout": (_is_number(cfg.dropout), "a number"),
+        "target_modules": (isinstance(targets, tuple | list) and all(isinstance(t, str) for t in targets), "names"),
+        "layers": (cfg.layers is None or all(_is_int(i) for i in cfg.layers), "None or block indices"),
+        "rslora": (isinstance(cfg.rslora, bool), "true or false"),
+        "init": (isinstance(cfg.init, str), "a name"),
+        "rank_pattern": (isinstance(cfg.rank_pattern, Mapping), "a mapping {module: rank}"),
+        "alpha_pattern": (
+            isinstance(cfg.alpha_pattern, Mapping) and all(_is_number(v) for v in cfg.alpha_pattern.values()),
+            "a mapping {module: alpha}",
+        ),
+    }
+    for name, (ok, what) in checks.items():
+        _check(ok, f"LoRA {name} must be {what}, got {name}={getattr(cfg, name)!r}")
+
+
+def _valid_targets() -> str:
+    return ", ".join(MODULES + tuple(f"attn.c_attn.{s}" for s in QKV)) + " (or a suffix / regex of h.<i>.<module>)"
+
+
+def _check(ok, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _scale(alpha: float, r: int, rslora: bool) -> float:
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def scaling(cfg: LoraConfig) -> float:
+    """The update's scale: alpha / r, or alpha / sqrt(r) with rsLoRA.
+
+    >>> [scaling(LoraConfig(r=r, alpha=2 * r)) for r in (4, 8, 16, 32)]
+    [2.0, 2.0, 2.0, 2.0]
+    """
+    return _scale(cfg.alpha, cfg.r, cfg.rslora)
+
+
+def effective_lr(lr: float, cfg: LoraConfig) -> float:
+    """The source document's effective learning rate, lr * scaling (lr * alpha / r).
+
+    >>> [round(effective_lr(2e-4, LoraConfig(r=8, alpha=a)), 10) for a in (8, 16, 32)]
+    [0.0002, 0.0004, 0.0008]
+    """
+    return lr * scaling(cfg)
+
+
+def alpha_for_rank(cfg: LoraConfig, r: int) -> float:
+    """The alpha that keeps `cfg`'s scaling (so its effective lr) unchanged at rank `r`.
+
+    >>> alpha_for_rank(LoraConfig(r=8, alpha=16), 32)
+    64.0
+    >>> alpha_for_rank(LoraConfig(r=4, alpha=4, rslora=True), 16)
+    8.0
+    """
+    _check(isinstance(r, int) and r > 0, f"rank must be a positive integer, got r={r!r}")
+    return float(scaling(cfg) * (math.sqrt(r) if cfg.rslora else r))

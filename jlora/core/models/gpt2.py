@@ -1,0 +1,507 @@
+"""GPT-2 in Flax linen, with LoRA read from a separate ``"lora"`` collection.
+
+The parameter tree is the Hugging Face checkpoint's, key for key (see `hf_checkpoint`)::
+
+    params: wte/embedding (V, D)   wpe/embedding (P, D)   ln_f/{scale, bias}
+            h/{i}/ln_1, ln_2                 /{scale, bias}
+            h/{i}/attn/c_attn, c_proj        /{kernel (d_in, d_out), bias}
+            h/{i}/mlp/c_fc, c_proj           /{kernel (d_in, d_out), bias}
+
+GPT-2's Conv1D stores its weight (d_in, d_out) and computes ``x @ W + b``; `Linear` keeps
+that layout so no weight is transposed on load. A `Linear` whose path has an entry in the
+``"lora"`` collection adds ``scaling * B A dropout(x)`` to its output; with no ``"lora"``
+collection the model is exactly the base model::
+
+    model.apply({"params": params, "lora": lora}, ids)   # adapted
+    model.apply({"params": params}, ids)                 # base
+
+The scaling of each adapter is its config's (``LoraConfig.scaling_for``), unless an optional
+``"lora_scaling"`` collection gives it as an array, ``{... "c_attn": {"scaling": ()}}`` at each
+adapter's path: a population of adapters (`jlora.core.update.population`) trains members whose ranks
+and alphas differ under one `vmap`, where no single Python float could be each one's. A mixed
+batch (`jlora.core.algebra.mixed`) hands a `Linear` K adapters stacked, ``A: (K, R, d_in)``, and per-row
+weights ``"scaling": (B, K)``: row n adds ``sum_k weights[n, k] B_k A_k x_n``.
+
+Pre-LN blocks, gelu_new (tanh approximation), learned positions, LM head tied to `wte`.
+Attention goes through `jax.nn.dot_product_attention`: the fused cuDNN kernel on a GPU in half
+precision (`causal_attention`), plain XLA elsewhere.
+Token ids must lie in 0 .. vocab_size - 1: `check_token_ids` refuses others in an eager call
+(a `DataError`); under jit they cannot be checked and give NaN logits (see there).
+Attention-probability dropout is not applied (the fused kernels have none); embedding,
+residual and LoRA dropout are, in training mode (``deterministic=False`` with a
+``"dropout"`` RNG), with masks from a counter hash of the key (`jlora.core.models.dropout`: a tenth of
+threefry's cost per mask on a CPU).
+
+Decoding is its own method, `GPT2.decode`, threading an explicit KV cache, a plain pytree of
+fixed size (`init_cache`)::
+
+    cache = {"index": () int32,          # slots filled so far (the same for every row)
+             "mask":  (B, T_max) bool,   # which filled slots hold real tokens (left padding: False)
+             "h": {"0": {"k": (B, T_max, H, Dh), "v": (B, T_max, H, Dh)}, ...}}
+    hidden, cache = model.apply(variables, ids, cache, attention_mask, method=GPT2.decode)
+
+Each call writes its T tokens at slots index .. index+T-1 and attends over all T_max slots
+through an explicit mask, so the shapes never change and a jitted step compiles once.
+Positions come from the mask as in transformers (real tokens before this one), so
+left-padded prompts decode as they would alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import zlib
+from collections.abc import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora.core.lora.adapter import lora_delta, stacked_lora_delta
+from jlora.core.lora.config import QKV, LoraConfig
+from jlora.core.lora.dora import dora_output
+from jlora.core.models.dropout import Dropout
+from jlora.errors import ConfigError, DataError
+from jlora.tree import dotted
+
+ACTIVATIONS = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+}
+_SIZES = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+_FIELD_TYPES = {
+    **{k: (int,) for k in _SIZES},
+    **{k: (int, float) for k in ("layer_norm_epsilon", "embd_pdrop", "resid_pdrop")},
+}
+NUMERICS = ("dtype", "param_dtype", "attention", "remat")  # jlora's options, not the checkpoint's
+# optional collection: {module path...: {"scaling": ()}} per adapter (see jlora.core.update.population)
+SCALING = "lora_scaling"
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """GPT-2 hyperparameters (Hugging Face names) plus jlora's numerics options.
+
+    `dtype` is the compute dtype, `param_dtype` the storage dtype of the base weights;
+    `attention` is the implementation of `jax.nn.dot_product_attention` for training and
+    scoring (None: the fused cuDNN kernel on a GPU in half precision when the batch needs no
+    mask, else XLA; "cudnn": require the fused kernel; "xla": plain XLA); `remat` recomputes
+    each block's activations in the backward pass.
+    """
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None
+    activation_function: str = "gelu_new"
+    layer_norm_epsilon: float = 1e-5
+    embd_pdrop: float = 0.1
+    resid_pdrop: float = 0.1
+    scale_attn_by_inverse_layer_idx: bool = False
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    attention: str | None = None
+    remat: bool = False
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), _FIELD_TYPES.get(f.name)
+            if kind is not None and not (isinstance(value, kind) and not isinstance(value, bool)):
+                raise ConfigError(f"GPT2Config.{f.name} must be {' or '.join(t.__name__ for t in kind)}, got {value!r}")
+            if kind == (int,) and value <= 0:
+                raise ConfigError(f"GPT2Config.{f.name} must be > 0, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.activation_function not in ACTIVATIONS:
+            raise ConfigError(
+                f"unsupported activation_function {self.activation_function!r}; valid: {', '.join(ACTIVATIONS)}"
+            )
+        for name in ("dtype", "param_dtype"):
+            value = jnp.dtype(getattr(self, name)).name
+            if value not in ("float32", "bfloat16", "float16"):
+                raise ConfigError(f"{name} must be float32, bfloat16 or float16, got {value!r}")
+            object.__setattr__(self, name, value)
+
+    @property
+    def d_inner(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+    @classmethod
+    def from_hf(cls, hf: Mapping, **overrides) -> GPT2Config:
+        """From a Hugging Face ``config.json`` dict (unknown keys are ignored)."""
+        model_type = hf.get("model_type", "gpt2")
+        if model_type != "gpt2":
+            raise ConfigError(f"not a GPT-2 checkpoint: model_type={model_type!r}")
+        names = {f.name for f in dataclasses.fields(cls)} - set(NUMERICS)  # HF's own "dtype" is not ours
+        return cls(**{k: v for k, v in hf.items() if k in names}, **overrides)
+
+    def to_hf(self) -> dict:
+        """The Hugging Face ``config.json`` fields (without jlora's numerics options)."""
+        keep = {f.name for f in dataclasses.fields(self)} - set(NUMERICS)
+        hf = {k: v for k, v in dataclasses.asdict(self).items() if k in keep}
+        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "tie_word_embeddings": True, **hf}
+
+
+def _normal(std: float):
+    return nn.initializers.normal(stddev=std)
+
+
+class Linear(nn.Module):
+    """GPT-2's Conv1D, ``x @ kernel + bias`` with kernel (d_in, d_out), plus its LoRA path.
+
+    The adapter at this module's path in the "lora" collection, or its q/k/v slices, adds
+    ``scaling * B A dropout(x)``; a DoRA adapter (with "m") rescales each output feature
+    (`jlora.core.lora.dora.dora_output`), the bias added after, as in PEFT.
+    """
+
+    features: int
+    lora: LoraConfig | None
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        kernel = self.param("kernel", _normal(self.init_std), (x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        x = x.astype(self.dtype)
+        base = x @ kernel.astype(self.dtype)
+        y = base + bias.astype(self.dtype)
+        adapters = self.variables.get("lora")
+        if not adapters:
+            return y
+        if self.lora is None:
+            raise ValueError("a 'lora' collection was given to a model without LoraConfig; use model.clone(lora=cfg)")
+        dropout_off = deterministic or self.lora.dropout == 0
+        x_dropped = Dropout(self.lora.dropout)(x, deterministic=dropout_off)
+        path = ".".join(self.scope.path)
+        scalings = self.variables.get(SCALING, {})
+        if "m" in adapters:
+            scaling = self._scaling(adapters, path, scalings)
+            delta = lora_delta(x_dropped, adapters["A"], adapters["B"], scaling)
+            dropped = None if dropout_off else x_dropped
+            return dora_output(base, delta, kernel, adapters, scaling, dropped) + bias.astype(self.dtype)
+        if "A" in adapters:
+            return y + self._delta(x_dropped, adapters, path, scalings)
+        width = self.features // len(QKV)
+        parts = [
+            self._delta(x_dropped, adapters[s], f"{path}.{s}", scalings.get(s, {}))
+            if s in adapters
+            else jnp.zeros((*x.shape[:-1], width), y.dtype)
+            for s in QKV
+        ]
+        return y + jnp.concatenate(parts, axis=-1)
+
+    def _scaling(self, adapter, path, scalings):
+        # A population of adapters supplies each one's scaling as an array (its members' ranks and
+        # alphas differ, and A may be zero-padded past its rank); alone, the config gives it.
+        return scalings["scaling"] if "scaling" in scalings else self.lora.scaling_for(path, r=adapter["A"].shape[0])
+
+    def _delta(self, x, adapter, path, scalings):
+        if adapter["A"].ndim == 3:  # K adapters stacked, each row its own mix of them (jlora.core.algebra.mixed)
+            if "scaling" not in scalings:
+                raise ValueError(
+                    f"stacked adapters at {path} need per-row weights: use jlora.core.algebra.mixed.mixed_variables"
+                )
+            return stacked_lora_delta(x, adapter["A"], adapter["B"], scalings["scaling"])
+        return lora_delta(x, adapter["A"], adapter["B"], self._scaling(adapter, path, scalings))
+
+
+class _Layer(nn.Module):
+    """Holds what every sub-layer needs: the config, LoRA config and dtypes."""
+
+    config: GPT2Config
+    lora: LoraConfig | None = None
+
+    def linear(self, features: int, name: str, init_std: float = 0.02) -> Linear:
+        c = self.config
+        return Linear(features, self.lora, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype), init_std, name=name)
+
+    def layer_norm(self, name: str) -> nn.LayerNorm:
+        c = self.config
+        return nn.LayerNorm(
+            c.layer_norm_epsilon, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), name=name
+        )
+
+    @property
+    def proj_std(self) -> float:  # GPT-2 scales residual projections by 1/sqrt(2 n_layer) at init
+        return 0.02 / math.sqrt(2 * self.config.n_layer)
+
+
+def fused_attention_eligible(dtype, masked: bool, backend: str) -> bool:
+    """Whether ``attention=None`` asks for cuDNN's fused kernel: on a GPU, in half precision, and
+    without an explicit mask (which JAX's cuDNN path cannot take: packed rows use plain XLA)."""
+    return backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and not masked
+
+
+def causal_attention(q, k, v, mask: jax.Array | None, scale: float, implementation: str | None) -> jax.Array:
+    """Causal `jax.nn.dot_product_attention` of (B, T, H, Dh) q, k, v; `mask` (B, 1, T or 1, T) or None.
+
+    `implementation` None chooses: the fused cuDNN kernel where `fused_attention_eligible` (JAX's
+    own None always means XLA), falling back to XLA if this GPU or cuDNN refuses it at trace time.
+    """
+    if implementation is None:
+        implementation = "xla"
+        if fused_attention_eligible(q.dtype, mask is not None, jax.default_backend()):
+            try:
+                return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
+            except (ValueError, NotImplementedError, RuntimeError, TypeError):
+                pass  # an unsupported GPU, cuDNN version or shape: plain XLA below
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True, implementation=implementation)
+
+
+class Attention(_Layer):
+    layer_idx: int = 0
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, mask: jax.Array | None, deterministic: bool, kv: dict | None = None, index=None
+    ) -> tuple[jax.Array, dict | None]:
+        """x: (B, T, D) -> (out (B, T, D), new kv or None).
+
+        Training (`kv` None): `mask` is (B, 1, 1, T) bool keys to attend to, or None; attention is
+        causal. Decoding (`kv` = {"k", "v"}: (B, T_max, H, Dh)): the new keys and values are
+        written at slots index .. index+T-1, `mask` is (B, 1, T, T_max) and already causal.
+        """
+        c = self.config
+        batch, length, d = x.shape
+        head_dim = d // c.n_head
+        qkv = self.linear(3 * d, "c_attn")(x, deterministic)
+        q, k, v = (t.reshape(batch, length, c.n_head, head_dim) for t in jnp.split(qkv, 3, axis=-1))
+        scale = 1.0 / math.sqrt(head_dim)
+        if c.scale_attn_by_inverse_layer_idx:
+            scale /= self.layer_idx + 1
+        if kv is None:
+            out = causal_attention(q, k, v, mask, scale, c.attention)
+        else:
+            k, v = (
+                jax.lax.dynamic_update_slice(kv[n], t.astype(kv[n].dtype), (0, index, 0, 0))
+                for n, t in (("k", k), ("v", v))
+            )
+            kv = {"k": k, "v": v}
+            # The fused kernels take no arbitrary mask (left padding, an offset query block): plain XLA.
+            out = jax.nn.dot_product_attention(
+                q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=scale, implementation="xla"
+            )
+        out = self.linear(d, "c_proj", self.proj_std)(out.reshape(batch, length, d), deterministic)
+        return Dropout(c.resid_pdrop)(out, deterministic=deterministic), kv
+
+
+class MLP(_Layer):
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        c = self.config
+        h = ACTIVATIONS[c.activation_function](self.linear(c.d_inner, "c_fc")(x, deterministic))
+        h = self.linear(c.n_embd, "c_proj", self.proj_std)(h, deterministic)
+        return Dropout(c.resid_pdrop)(h, deterministic=deterministic)
+
+
+class Block(_Layer):
+    layer_idx: int = 0
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, mask: jax.Array | None, deterministic: bool = True, kv: dict | None = None, index=None
+    ) -> tuple[jax.Array, dict | None]:
+        """x: (B, T, D) -> (x (B, T, D), new kv or None); see `Attention`."""
+        attn, kv = Attention(self.config, self.lora, self.layer_idx, name="attn")(
+            self.layer_norm("ln_1")(x), mask, deterministic, kv, index
+        )
+        x = x + attn
+        x = x + MLP(self.config, self.lora, name="mlp")(self.layer_norm("ln_2")(x), deterministic)
+        return x, kv
+
+
+class Blocks(_Layer):
+    """The stack ``h``; blocks are named "0" .. "n_layer-1" as in the checkpoint."""
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, mask: jax.Array | None, deterministic: bool, cache: dict | None = None, index=None
+    ) -> tuple[jax.Array, dict | None]:
+        """x: (B, T, D) -> (x, the cache's new {"0": {"k", "v"}, ...} or None when decoding without one)."""
+        block = nn.remat(Block, static_argnums=(3,)) if self.config.remat and cache is None else Block
+        layers = {}
+        for i in range(self.config.n_layer):
+            kv = None if cache is None else cache[str(i)]
+            x, layers[str(i)] = block(self.config, self.lora, i, name=str(i))(x, mask, deterministic, kv, index)
+        return x, None if cache is None else layers
+
+
+class GPT2(_Layer):
+    """GPT-2 language model: token ids (B, T) -> logits (B, T, V).
+
+    `lora` (a `LoraConfig`) tells the adapted layers their scaling and dropout; which layers
+    are adapted is read from the ``"lora"`` collection passed to `apply`. Three methods:
+    `__call__` (logits), `hidden` (the final hidden states, for a loss that applies the head
+    itself) and `decode` (hidden states and the updated KV cache).
+    """
+
+    def setup(self):
+        c = self.config
+        dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        self.wte = nn.Embed(c.vocab_size, c.n_embd, dtype=dtype, param_dtype=param_dtype, embedding_init=_normal(0.02))
+        self.wpe = nn.Embed(c.n_positions, c.n_embd, dtype=dtype, param_dtype=param_dtype, embedding_init=_normal(0.01))
+        self.h = Blocks(c, self.lora)
+        self.ln_f = self.layer_norm("ln_f")
+        self.embd_dropout = Dropout(c.embd_pdrop)
+
+    def hidden(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        deterministic: bool = True,
+        *,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Final hidden states (B, T, D), after `ln_f`.
+
+        Args:
+          input_ids: (B, T) int token ids.
+          attention_mask: (B, T), 1 for tokens and 0 for padding, or None. With right
+            padding it changes no real token's output (attention is causal), so a training
+            step can leave it out and keep the fused attention kernel eligible.
+          position_ids: (B, T) or None for 0 .. T-1; packed rows restart theirs at 0.
+          deterministic: False to train with dropout (needs a "dropout" RNG).
+          segment_ids: (B, T) int or None: several rows packed in one sequence, a token
+            attending only to earlier tokens of its own segment (padding: a segment of its own).
+        """
+        check_token_ids(input_ids, self.config.vocab_size)
+        length = input_ids.shape[-1]
+        if position_ids is None:
+            position_ids = jnp.arange(length)[None, :]
+        x = self.wte(input_ids) + self.wpe(position_ids)
+        x = self.embd_dropout(x, deterministic=deterministic)
+        mask = None if attention_mask is None else attention_mask[:, None, None, :].astype(bool)
+        if segment_ids is not None:
+            same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # (B, 1, T, T)
+            mask = same if mask is None else mask & same
+        x, _ = self.h(x, mask, deterministic)
+        return self.ln_f(x)
+
+    def decode(
+        self, input_ids: jax.Array, cache: dict, attention_mask: jax.Array | None = None
+    ) -> tuple[jax.Array, dict]:
+        """(hidden (B, T, D), new cache): T more tokens through a KV cache (see the module doc).
+
+        Args:
+          input_ids: (B, T) the next tokens of each row (the left-padded prompts, then one at a time).
+          cache: from `init_cache`, or the previous call.
+          attention_mask: (B, T), 0 for left padding (None: all real). Positions come from the
+            cache's mask as in transformers: the number of real tokens before this one.
+        """
+        check_token_ids(input_ids, self.config.vocab_size)
+        batch, length = input_ids.shape
+        index = cache["index"]
+        new = jnp.ones((batch, length), bool) if attention_mask is None else attention_mask.astype(bool)
+        key_mask = jax.lax.dynamic_update_slice(cache["mask"], new, (0, index))  # (B, T_max)
+        counts = jnp.cumsum(key_mask, axis=1, dtype=jnp.int32) - 1
+        position_ids = jnp.maximum(jax.lax.dynamic_slice_in_dim(counts, index, length, axis=1), 0)
+        slots = jnp.arange(key_mask.shape[1])
+        query_slots = index + jnp.arange(length)[:, None]
+        causal = slots <= query_slots  # (T, T_max)
+        # A padding query sees at least itself, so no softmax row is empty (its output is unused).
+        mask = (key_mask[:, None, None, :] & causal) | (slots == query_slots)  # (B, 1, T, T_max)
+        x = self.wte(input_ids) + self.wpe(position_ids)
+        x, layers = self.h(x, mask, True, cache["h"], index)
+        return self.ln_f(x), {"index": index + length, "mask": key_mask, "h": layers}
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """The tied LM head: (..., D) -> (..., V) in the compute dtype."""
+        return self.wte.attend(hidden)
+
+    def __call__(self, input_ids: jax.Array, *args, **kwargs) -> jax.Array:
+        """Logits (B, T, V) of ``hidden(input_ids, attention_mask, position_ids, deterministic)``."""
+        return self.logits(self.hidden(input_ids, *args, **kwargs))
+
+
+def check_token_ids(input_ids: jax.Array, vocab_size: int) -> None:
+    """Refuse token ids outside 0 .. vocab_size - 1, when they are concrete (outside jit).
+
+    Under jit the ids are not known, and JAX's gather does not raise: an id >= vocab_size reads
+    a NaN embedding row, which makes the logits of its whole row NaN (masked attention multiplies
+    the NaN values by zero weights), and an id in -vocab_size .. -1 wraps around as in numpy.
+    A train step's non-finite loss check then stops the run. Check ids before jitted calls.
+    """
+    if isinstance(input_ids, jax.core.Tracer):
+        return
+    ids = np.asarray(input_ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = ids.max() if ids.max() >= vocab_size else ids.min()
+        raise DataError(f"token id {int(bad)} is outside the model's vocabulary 0..{vocab_size - 1}")
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def init_params(key: jax.Array, config: GPT2Config) -> dict:
+    """A randomly initialised base parameter tree (GPT-2's initialisation), drawn with `key`.
+
+    Compiled as one program (op by op, Flax's init would compile every initializer apart), once
+    per config. Its float bits depend on XLA's code generation (flags, vector units); a base that
+    must be the same on every machine is `random_params`'.
+    """
+    return GPT2(config).init(key, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def init_std(path: str, config: GPT2Config) -> float | None:
+    """The standard deviation GPT-2's initialisation draws leaf `path` with; None: a constant leaf (a bias,
+    zero, or a LayerNorm scale, one). The residual projections (``c_proj``) are scaled by 1/sqrt(2 n_layer)."""
+    if path == "wte.embedding":
+        return 0.02
+    if path == "wpe.embedding":
+        return 0.01
+    if path.endswith(".kernel"):
+        return 0.02 / math.sqrt(2 * config.n_layer) if path.endswith("c_proj.kernel") else 0.02
+    return None
+
+
+def random_params(seed: int, config: GPT2Config) -> dict:
+    """A random base drawn on the host with numpy's generator, the same bits on every machine.
+
+    The distribution is `init_params`' (normal leaves with `init_std`, zero biases, unit LayerNorm
+    scales); each leaf has its own stream, ``default_rng((seed, crc32(path)))``, so no leaf depends on
+    the order of the others. This is the base of a ``model: random`` run: a run started under one
+    ``XLA_FLAGS`` or CPU resumes under another, its base the same to the bit.
+
+    >>> small = GPT2Config(vocab_size=11, n_positions=8, n_embd=4, n_layer=1, n_head=1)
+    >>> p = random_params(0, small)
+    >>> p["wte"]["embedding"].shape, float(p["h"]["0"]["ln_1"]["scale"][0])
+    ((11, 4), 1.0)
+    >>> bool((random_params(0, small)["wte"]["embedding"] == p["wte"]["embedding"]).all())
+    True
+    """
+
+    def draw(key_path, leaf):
+        path = dotted(key_path)
+        std = init_std(path, config)
+        if std is None:
+            value = np.ones(leaf.shape, np.float32) if path.endswith(".scale") else np.zeros(leaf.shape, np.float32)
+        else:
+            rng = np.random.default_rng((seed, zlib.crc32(path.encode())))
+            value = std * rng.standard_normal(leaf.shape, dtype=np.float32)
+        return jnp.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, param_shapes(config))
+
+
+def init_cache(config: GPT2Config, batch: int, max_length: int) -> dict:
+    """An empty KV cache for `batch` rows of up to `max_length` tokens (see the module doc)."""
+    if max_length > config.n_positions:
+        raise ValueError(f"a cache of {max_length} tokens exceeds the model's n_positions={config.n_positions}")
+    zeros = lambda: jnp.zeros((batch, max_length, config.n_head, config.n_embd // config.n_head), config.dtype)  # noqa: E731
+    return {  # a buffer per leaf, so a caller may donate the cache to a jitted step
+        "index": jnp.zeros((), jnp.int32),
+        "mask": jnp.zeros((batch, max_length), bool),
+        "h": {str(i): {"k": zeros(), "v": zeros()} for i in range(config.n_layer)},
+    }
+
+
+def param_shapes(config: GPT2Config) -> dict:
+    """The base parameter tree's shapes and dtypes, without allocating it."""
+    return jax.eval_shape(lambda: init_params(jax.random.key(0), config))

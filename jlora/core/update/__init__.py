@@ -1,0 +1,8 @@
+"""The training update: loss, optimizer, one compiled step, and many adapters in one step.
+
+loss.py        masked next-token cross-entropy, the head only where the loss is
+optim.py       the trainable mask, partition / combine, AdamW (+ LoRA+)
+step.py        the train and evaluation steps
+parallel.py    placement over devices, multi-host start
+population.py  many adapters on one base, stacked, trained by one vmapped step
+"""
