@@ -201,7 +201,7 @@ def gguf_name(name):
     return f"blk.{i}.{layer[rest]}.{suffix}"
 
 
-def write_tiny(path, arch="llama", *, tied=False, metadata=None, storage=None, seed=0):
+def write_tiny(path, arch="llama", *, tied=False, metadata=None, storage=None, extra=None, seed=0):
     """Write a tiny GGUF file as llama.cpp's converter would; returns the tensors a reader must recover:
     the HF weights, quantized and dequantized, in HF order."""
     storage = {**STORAGE, **(storage or {})}
@@ -243,6 +243,8 @@ def write_tiny(path, arch="llama", *, tied=False, metadata=None, storage=None, s
             block, size = gguf.GGML_QUANT_SIZES[qtype]
             raw = np.zeros((w.shape[0], w.shape[1] // block * size), np.uint8)
             writer.add_tensor(gguf_name(name), raw, raw_dtype=qtype)
+    for name, w in (extra or {}).items():  # tensors no Hugging Face model has, as they are
+        writer.add_tensor(name, w)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -265,6 +267,7 @@ def test_tiny_file_reads_as_transformers_reads_it(tmp_path, arch, tied):
     assert checkpoint.config["model_type"] == arch and checkpoint.config["tie_word_embeddings"] == tied
     assert checkpoint.quantization["model.layers.1.self_attn.k_proj.weight"] == "Q4_1"
     assert checkpoint.quantization["model.layers.1.self_attn.o_proj.weight"] == "F32"
+    assert all(v.flags.writeable for v in checkpoint.tensors.values())  # none a view of the file's memory map
     assert ("model.layers.0.self_attn.q_proj.bias" in checkpoint.tensors) == (arch == "qwen2")
     assert ("head_dim" in checkpoint.config) == (arch == "llama")  # Qwen2's config has no head_dim
 
@@ -341,6 +344,11 @@ def test_rope_scalings_jlora_does_not_read_are_refused(tmp_path):
     path = tmp_path / "yarn.gguf"
     write_tiny(path, metadata={"llama.rope.scaling.type": ("yarn", gguf.GGUFValueType.STRING)})
     assert "rope scaling 'yarn' is not supported" in one_line_error(CheckpointError, lambda: gguf_config(path))
+    path = tmp_path / "llama31.gguf"
+    write_tiny(path, extra={"rope_freqs.weight": np.ones(HD // 2, np.float32)})
+    assert "tensor rope_freqs.weight (Llama 3.1-style rope scaling) is not supported" in one_line_error(
+        CheckpointError, lambda: read_gguf(path)
+    )
 
 
 def test_a_mis_shaped_or_missing_tensor(tmp_path):
