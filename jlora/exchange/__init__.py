@@ -4,6 +4,8 @@
                        the Hub asked once (offline: the cache, or one line saying how to pass a folder)
     peft.py            save_peft / load_peft: adapter_config.json + adapter_model.safetensors
     merged.py          save_merged: a plain GPT-2 checkpoint with the adapters folded in
+    gguf.py            read_gguf / gguf_tokenizer: llama.cpp's GGUF files (llama, qwen2) -> a Hugging Face
+                       config and float32 tensors under Hugging Face names; smollm2_gguf: the SmolLM2 file
 
 Imports the core (and `jlora.tree`, `jlora.errors`); nothing of training, research or the
 command line.
