@@ -13,7 +13,8 @@ import dataclasses
 class DataConfig:
     """Where the records come from and how batches are shaped.
 
-    `train` / `validation`: a .jsonl file, "bundled" (the package's QA set) or a `datasets` name.
+    `train` / `validation`: a .jsonl file, "bundled" (the package's QA set), "bundled:facts" (its real
+    facts; "bundled:facts:memorise" for validation on training facts) or a `datasets` name.
     """
 
     train: str = "bundled"  # the training records

@@ -25,21 +25,20 @@ from pathlib import Path
 
 from jlora.training.data.config import DataConfig
 from jlora.training.data.rows import prompt_tokens
-from jlora.training.data.sources import QA_TEMPLATE, Example, bundled_file, detect_format, qa_example
+from jlora.training.data.sources import QA_TEMPLATE, Example, bundled_source, detect_format, qa_example
 from jlora.training.data.tokenizer import Tokenizer
 
 
 def data_format(data: DataConfig) -> str | None:
     """The record format of a run's training data ("qa", "prompt_completion", "text"), None if unknown.
 
-    >>> data_format(DataConfig(train="bundled"))
-    'qa'
+    >>> data_format(DataConfig(train="bundled")), data_format(DataConfig(train="bundled:facts"))
+    ('qa', 'qa')
     """
     if data.format != "auto":
         return data.format
-    if data.train == "bundled":
-        file = bundled_file("train")
-    else:
+    file = bundled_source(data.train, "train")
+    if file is None:
         file = Path(data.train).expanduser()
         if not file.is_file():  # a `datasets` name, or a file no longer where the run read it
             return None

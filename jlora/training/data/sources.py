@@ -1,7 +1,16 @@
 """Fine-tuning data, first stage: records -> `Example`s (prompt, completion).
 
-    examples = read_examples("qa.jsonl")             # or "bundled", or a `datasets` name
+    examples = read_examples("qa.jsonl")             # or "bundled", "bundled:facts", or a `datasets` name
     (then jlora.training.data.rows: tokenize -> batch_at; jlora.training.data.batching: shape_batch)
+
+The package bundles two question-answer tasks, named as a source (the split comes from the caller,
+``data.train`` reading "train" and ``data.validation`` "validation", unless the name pins one)::
+
+    "bundled"                 the rule-following QA task (scripts/make_qa_data.py); its "generic"
+                              split is the held-out text for forgetting
+    "bundled:facts"           real facts from Debian's bsdgames quiz files (scripts/make_facts_data.py);
+                              "validation" holds facts never trained on (generalisation)
+    "bundled:facts:memorise"  a pinned split: training facts asked again (memorisation)
 
 Three record formats, detected from the first record's keys (or named with ``fmt``)::
 
@@ -9,7 +18,8 @@ Three record formats, detected from the first record's keys (or named with ``fmt
     {"prompt": p, "completion": c}    prompt p, completion c
     {"text": t}                       prompt "", completion t
 
-A bad record is a one-line `DataError` naming the file and line (or the dataset and row).
+Other keys are read past (a facts row's "source" and "answers"). A bad record is a one-line
+`DataError` naming the file and line (or the dataset and row).
 """
 
 from __future__ import annotations
@@ -25,12 +35,19 @@ from jlora.errors import DataError, describe
 
 QA_TEMPLATE = ("Question: {question}\nAnswer:", " {answer}")  # (prompt, completion): the one place it lives
 FORMATS = {"qa": ("question", "answer"), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
-BUNDLED = {
+BUNDLED = {  # the QA task, "bundled": split -> file in jlora/data
     "train": "qa_train.jsonl",
     "validation": "qa_val.jsonl",
     "val": "qa_val.jsonl",
     "generic": "generic_text.jsonl",
 }
+FACTS = {  # the facts task, "bundled:facts"
+    "train": "facts_train.jsonl",
+    "validation": "facts_val.jsonl",
+    "val": "facts_val.jsonl",
+    "memorise": "facts_memorise_val.jsonl",
+}
+TASKS = {"qa": BUNDLED, "facts": FACTS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,14 +142,41 @@ def read_jsonl(path: str | Path, fmt: str = "auto") -> list[Example]:
     return _examples(_jsonl_records(raw, str(path)), fmt, str(path))
 
 
-def bundled_file(split: str = "train") -> Traversable:
-    """The package's data: the QA task's split "train" (1,000 pairs) or "validation" (200; alias "val"),
-    or "generic": general text from outside the task, the held-out set that measures forgetting."""
-    if split not in BUNDLED:
+def bundled_file(split: str = "train", task: str = "qa") -> Traversable:
+    """The package's data.
+
+    The QA task ("qa"): split "train" (1,000 pairs) or "validation" (200; alias "val"), or "generic":
+    general text from outside the task, the held-out set that measures forgetting. The facts task
+    ("facts"): "train" (806 pairs), "validation" (182 on facts not in "train"; alias "val") or
+    "memorise" (182 of the "train" pairs).
+    """
+    if task not in TASKS:
+        raise DataError(f"the bundled tasks are {', '.join(map(repr, TASKS))}, not {task!r}")
+    if split not in TASKS[task]:
+        if task == "facts":
+            raise DataError(f"the bundled facts task has splits 'train', 'validation' and 'memorise', not {split!r}")
         raise DataError(
             f"the bundled data has splits 'train' and 'validation' (the QA task) and 'generic', not {split!r}"
         )
-    return importlib.resources.files("jlora") / "data" / BUNDLED[split]
+    return importlib.resources.files("jlora") / "data" / TASKS[task][split]
+
+
+def bundled_source(source: str, split: str) -> Traversable | None:
+    """The bundled file a source name means, or None if `source` is not ``bundled[:TASK[:SPLIT]]``.
+
+    A split in the name is used in place of `split`.
+
+    >>> [bundled_source(s, "validation").name for s in ("bundled", "bundled:facts", "bundled:facts:memorise")]
+    ['qa_val.jsonl', 'facts_val.jsonl', 'facts_memorise_val.jsonl']
+    >>> bundled_source("qa.jsonl", "train") is None
+    True
+    """
+    name, *parts = source.split(":")
+    if name != "bundled":
+        return None
+    if len(parts) > 2:
+        raise DataError(f"a bundled source is 'bundled', 'bundled:TASK' or 'bundled:TASK:SPLIT', not {source!r}")
+    return bundled_file(parts[1] if len(parts) == 2 else split, parts[0] if parts else "qa")
 
 
 def read_examples(source: str, *, split: str = "train", fmt: str = "auto", **load_kwargs) -> list[Example]:
@@ -140,17 +184,18 @@ def read_examples(source: str, *, split: str = "train", fmt: str = "auto", **loa
 
     Args:
       source: a file path (its content is the split: `split` is not used), ``"bundled"`` (jlora's
-        QA task), or a name for ``datasets.load_dataset`` (a Hub id, or a builder such as ``"json"``
-        with ``data_files=...`` in `load_kwargs`).
+        QA task), ``"bundled:facts"`` (its facts task; ``"bundled:facts:memorise"`` pins a split),
+        or a name for ``datasets.load_dataset`` (a Hub id, or a builder such as ``"json"`` with
+        ``data_files=...`` in `load_kwargs`).
       split: which split of the bundled data or of the dataset.
       fmt: "auto" (from the first record's keys), "qa", "prompt_completion" or "text".
       load_kwargs: passed to ``datasets.load_dataset`` (``data_files``, ``revision``, ``cache_dir``...).
 
     Raises DataError with a one-line message naming the file and line (or dataset and row).
     """
-    if source == "bundled":
-        file = bundled_file(split)
-        return _examples(_jsonl_records(file.read_bytes(), f"bundled {BUNDLED[split]}"), fmt, str(file))
+    file = bundled_source(source, split)
+    if file is not None:
+        return _examples(_jsonl_records(file.read_bytes(), f"bundled {file.name}"), fmt, str(file))
     path = Path(source).expanduser()
     if path.is_file():
         return read_jsonl(path, fmt)
