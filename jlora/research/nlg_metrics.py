@@ -1,7 +1,7 @@
 """The E2E NLG Challenge's five scores (BLEU, NIST, METEOR, ROUGE-L, CIDEr), as the LoRA paper reports them.
 
-    references = [[...], ...]                 # (N, R_i): the references of each of N MRs, any number each
-    hypotheses = [...]                        # (N,): one output per MR, in the same order
+    contexts, references = read_references("e2e/test.txt")   # jlora.training.data.sources: N MRs, (N, R_i)
+    hypotheses = [...]                                        # (N,): one output per MR, in the same order
     score(hypotheses, references)
     # {"bleu": 70.4, "nist": 8.85, "meteor": 46.8, "rouge_l": 71.8, "cider": 2.53}  (Table 3, GPT-2 M + LoRA)
 

@@ -9,6 +9,8 @@ from nltk.translate.bleu_score import corpus_bleu
 from nltk.translate.nist_score import corpus_nist
 
 from jlora.research.nlg_metrics import METRICS, NIST_BETA, coco_scores, mteval_tokens, nist, score
+from jlora.training.data.data2text import clean_text
+from jlora.training.data.sources import read_references
 
 # E2E-shaped: three MRs with 3, 1 and 2 references (the test set has a variable number per MR)
 REFERENCES = [
@@ -187,6 +189,20 @@ def test_a_perfect_output_scores_the_top_of_the_scale():
     assert perfect["bleu"] == pytest.approx(100) and perfect["rouge_l"] == pytest.approx(100)
     assert perfect["meteor"] == pytest.approx(100)
     # NIST and CIDEr have no fixed top: they weigh each n-gram by how rare it is in the references
+
+
+def test_a_test_file_grouped_decoded_and_scored(tmp_path):
+    """The path of an evaluation: references grouped by MR, one decoded output per MR cleaned as gpt2_decode.py does."""
+    lines = [f"MR {i}||{ref}" for i, refs in enumerate(REFERENCES) for ref in refs]
+    path = tmp_path / "test.txt"
+    path.write_text("\n".join([lines[0], lines[-1], *lines[1:-1]]) + "\n", encoding="utf-8")  # MR 2 before the rest
+    contexts, references = read_references(path)
+    assert contexts == ["MR 0", "MR 2", "MR 1"]
+    decoded = {context: f" {refs[-1]}\n\nMR 9 ||<|endoftext|>" for context, refs in zip(contexts, references)}
+    hypotheses = [clean_text(decoded[context]) for context in contexts]
+    scores = score(hypotheses, references, ["bleu", "nist"])
+    assert scores["bleu"] == pytest.approx(100)
+    assert scores == score([rs[-1] for rs in references], references, ["bleu", "nist"])
 
 
 def test_inputs_are_checked():
