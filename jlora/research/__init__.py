@@ -5,6 +5,7 @@
     fastfood.py      the Fastfood transform: a D x d random projection applied in O(D log d)
     forgetting.py    learning against forgetting on held-out text; a base pretrained on it
     intrinsic.py     training in random d-dimensional subspaces (theta_0 + P z), many d at once; d90
+    nlg_metrics.py   the E2E NLG Challenge's BLEU, NIST, METEOR, ROUGE-L and CIDEr of outputs against references
     planted.py       a known rank-k update planted in a model, recovered by distillation; rows sampled from it
     plots.py         matplotlib figures (Agg, no pyplot state)
     search_report.py what a search found: leaderboard, curves, the winner's update, the source's heuristics

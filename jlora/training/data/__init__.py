@@ -1,6 +1,7 @@
 """Where a batch is made: from a record on disk to the arrays a compiled step reads.
 
     sources.py     .jsonl / bundled / `datasets` records -> Examples (prompt, completion; the QA template)
+    data2text.py   E2E / WebNLG / DART files -> {"context", "completion"} records; a test file's references per MR
     tokenizer.py   byte tokens (offline; exported as an equal GPT2TokenizerFast) or a GPT-2 BPE tokenizer
     rows.py        Examples -> TokenizedData (N, T) rows; batch_at(data, step): the batch of a step
     batching.py    a batch trimmed to length buckets (or packed), its loss positions listed (Layout)

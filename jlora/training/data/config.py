@@ -19,7 +19,8 @@ class DataConfig:
 
     train: str = "bundled"  # the training records
     validation: str | None = "bundled"  # the validation records (None: no evaluation of the task)
-    format: str = "auto"  # "qa", "prompt_completion" or "text"; "auto": from the first record's keys
+    format: str = "auto"  # "qa", "prompt_completion", "text", "data2text"; "auto": from the first record's keys
+    # (a .txt file: "e2e"); whole data-to-text files: "e2e" (MR||text lines), "webnlg", "dart" (their JSON)
     tokenizer: str | None = None  # a tokenizer folder or Hub id; "bytes": the offline byte one; None: the model's
     buckets: int | str = "octaves"  # batch lengths round up: "octaves" (multiples of 8 up to 64, then 4
     # lengths per doubling: padding under 25 %, few compiled shapes), N (multiples of N), "pow2", "none" (seq_len)

@@ -6,10 +6,16 @@ is asked of such a run as its training rows ask it::
 
     "What is 23 plus 19?"  ──run_prompt(..., "qa")──>  e "Question: What is 23 plus 19?\\nAnswer:"  -> " 42"
 
+A data-to-text run's context is followed by the end-of-text its rows put between the data and the
+text (`jlora.training.data.data2text`)::
+
+    "name : Aromi | eatType : coffee shop"  ──run_prompt(..., "data2text")──>  e "name : ... shop<|endoftext|>"
+
 Prompt-completion and plain-text runs read the text as written, after the same end-of-text.
 The format is the run's ``data.format``, or (when "auto") that of its training file's first
 record; a `datasets` source cannot be told without loading it, and its prompts go as written.
-A QA prompt already written in the template (`Question: ...\\nAnswer:`, as an export is asked) goes as written.
+A QA prompt already written in the template (`Question: ...\\nAnswer:`, as an export is asked) goes as
+written, and so does a data-to-text prompt already ending in end-of-text.
 
 >>> from jlora.training.data.tokenizer import ByteTokenizer
 >>> text, ids = run_prompt("What is 2 plus 3?", "qa", ByteTokenizer())
@@ -23,14 +29,25 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
+from jlora.training.data import data2text
 from jlora.training.data.config import DataConfig
 from jlora.training.data.rows import prompt_tokens
-from jlora.training.data.sources import QA_TEMPLATE, Example, bundled_source, detect_format, qa_example
+from jlora.training.data.sources import (
+    QA_TEMPLATE,
+    Example,
+    bundled_source,
+    data2text_example,
+    detect_format,
+    qa_example,
+)
 from jlora.training.data.tokenizer import Tokenizer
+
+DATA2TEXT = ("data2text", *data2text.FILE_FORMATS)  # the formats whose prompt is a context and end-of-text
 
 
 def data_format(data: DataConfig) -> str | None:
-    """The record format of a run's training data ("qa", "prompt_completion", "text"), None if unknown.
+    """The record format of a run's training data ("qa", "prompt_completion", "text", "data2text", "e2e"...),
+    None if unknown.
 
     >>> data_format(DataConfig(train="bundled")), data_format(DataConfig(train="bundled:facts"))
     ('qa', 'qa')
@@ -42,6 +59,8 @@ def data_format(data: DataConfig) -> str | None:
         file = Path(data.train).expanduser()
         if not file.is_file():  # a `datasets` name, or a file no longer where the run read it
             return None
+        if file.suffix == ".txt":  # what sources.read_examples reads as E2E's MR||text lines
+            return "e2e"
     with file.open("rb") as f:
         first = f.readline()
     try:
@@ -67,6 +86,10 @@ def run_prompt(text: str, fmt: str | None, tokenizer: Tokenizer) -> tuple[str, l
     A QA run's question goes through the template; a prompt already in the template's form goes as
     written (wrapping it again would ask ``Question: Question: ...``).
     """
-    wrap = fmt == "qa" and not in_template(text)
-    example = qa_example(text, "") if wrap else Example(text, "")
+    if fmt == "qa" and not in_template(text):
+        example = qa_example(text, "")
+    elif fmt in DATA2TEXT and not text.endswith(data2text.END_OF_TEXT):
+        example = data2text_example(text, "")
+    else:
+        example = Example(text, "")
     return example.prompt, prompt_tokens(example, tokenizer)

@@ -12,11 +12,16 @@ The package bundles two question-answer tasks, named as a source (the split come
                               "validation" holds facts never trained on (generalisation)
     "bundled:facts:memorise"  a pinned split: training facts asked again (memorisation)
 
-Three record formats, detected from the first record's keys (or named with ``fmt``)::
+Four record formats, detected from the first record's keys (or named with ``fmt``)::
 
     {"question": q, "answer": a}      prompt "Question: {q}\\nAnswer:", completion " {a}"  (QA_TEMPLATE)
     {"prompt": p, "completion": c}    prompt p, completion c
     {"text": t}                       prompt "", completion t
+    {"context": c, "completion": t}   prompt c + "<|endoftext|>", completion " " + t  (data2text.TEMPLATE)
+
+and whole data-to-text files read into the last (`jlora.training.data.data2text`): ``fmt="e2e"``
+(E2E's ``MR||text`` lines; any ``.txt`` file when "auto"), "webnlg" and "dart" (their JSON).
+`read_references` groups a data-to-text test file's references by MR, for scoring.
 
 Other keys are read past (a facts row's "source" and "answers"). A bad record is a one-line
 `DataError` naming the file and line (or the dataset and row).
@@ -32,9 +37,15 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from jlora.errors import DataError, describe
+from jlora.training.data import data2text
 
 QA_TEMPLATE = ("Question: {question}\nAnswer:", " {answer}")  # (prompt, completion): the one place it lives
-FORMATS = {"qa": ("question", "answer"), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
+FORMATS = {
+    "qa": ("question", "answer"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+    "data2text": ("context", "completion"),
+}
 BUNDLED = {  # the QA task, "bundled": split -> file in jlora/data
     "train": "qa_train.jsonl",
     "validation": "qa_val.jsonl",
@@ -68,6 +79,16 @@ def qa_example(question: str, answer: str) -> Example:
     return Example(prompt.format(question=question), completion.format(answer=answer))
 
 
+def data2text_example(context: str, completion: str) -> Example:
+    """A data-to-text record through data2text.TEMPLATE: the reference code's row (context, end-of-text, " " + text).
+
+    >>> data2text_example("name : Aromi | eatType : coffee shop", "Aromi is a coffee shop .")
+    Example(prompt='name : Aromi | eatType : coffee shop<|endoftext|>', completion=' Aromi is a coffee shop .')
+    """
+    prompt, text = data2text.TEMPLATE
+    return Example(prompt.format(context=context), text.format(completion=completion))
+
+
 def detect_format(record: Mapping) -> str | None:
     """The format whose keys `record` has (QA first), or None."""
     return next((fmt for fmt, keys in FORMATS.items() if all(k in record for k in keys)), None)
@@ -89,13 +110,14 @@ def to_example(record: object, fmt: str) -> Example:
         return qa_example(record["question"], record["answer"])
     if fmt == "prompt_completion":
         return Example(record["prompt"], record["completion"])
+    if fmt == "data2text":
+        return data2text_example(record["context"], record["completion"])
     return Example("", record["text"])
 
 
 def _examples(records: Iterator[tuple[str, object]], fmt: str, name: str) -> list[Example]:
     """(location, record) pairs -> Examples, the format fixed by the first record when "auto"."""
-    if fmt != "auto" and fmt not in FORMATS:
-        raise DataError(f"unknown data format {fmt!r}; expected 'auto' or one of {', '.join(FORMATS)}")
+    _check_format(fmt)
     examples = []
     for where, record in records:
         try:
@@ -110,6 +132,12 @@ def _examples(records: Iterator[tuple[str, object]], fmt: str, name: str) -> lis
     if not examples:
         raise DataError(f"{name}: no examples")
     return examples
+
+
+def _check_format(fmt: str) -> None:
+    if fmt != "auto" and fmt not in FORMATS and fmt not in data2text.FILE_FORMATS:
+        known = ", ".join([*FORMATS, *data2text.FILE_FORMATS])
+        raise DataError(f"unknown data format {fmt!r}; expected 'auto' or one of {known}")
 
 
 def _jsonl_records(raw: bytes, name: str) -> Iterator[tuple[str, object]]:
@@ -132,14 +160,50 @@ def _jsonl_records(raw: bytes, name: str) -> Iterator[tuple[str, object]]:
             ) from None
 
 
-def read_jsonl(path: str | Path, fmt: str = "auto") -> list[Example]:
-    """A local JSON Lines file -> Examples; a bad line raises DataError naming the file and line (1-based)."""
-    path = Path(path).expanduser()
+def _file_records(path: Path, fmt: str) -> tuple[Iterator[tuple[str, object]], str]:
+    """A local file's (location, record) pairs and the record format: a data-to-text file gives "data2text" records."""
+    _check_format(fmt)
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"cannot read data file {path} ({e.strerror or type(e).__name__})") from None
-    return _examples(_jsonl_records(raw, str(path)), fmt, str(path))
+    if fmt in data2text.FILE_FORMATS or (fmt == "auto" and path.suffix == ".txt"):
+        return data2text.file_records(raw, str(path), "e2e" if fmt == "auto" else fmt), "data2text"
+    return _jsonl_records(raw, str(path)), fmt
+
+
+def read_file(path: str | Path, fmt: str = "auto") -> list[Example]:
+    """A local JSON Lines file, or a data-to-text file ("e2e", "webnlg", "dart"), -> Examples.
+
+    A bad line raises DataError naming the file and line (1-based; for WebNLG and DART the entry).
+    """
+    path = Path(path).expanduser()
+    records, fmt = _file_records(path, fmt)
+    return _examples(records, fmt, str(path))
+
+
+def read_references(path: str | Path, fmt: str = "auto") -> tuple[list[str], list[list[str]]]:
+    """A data-to-text test file -> (contexts, references): each MR once, in first-seen order, with its references.
+
+    The file is any that `read_file` reads into data-to-text records; see data2text.group_references.
+    """
+    path = Path(path).expanduser()
+    records, fmt = _file_records(path, fmt)
+    checked = []
+    for where, record in records:
+        try:
+            if fmt == "auto" and isinstance(record, Mapping) and detect_format(record) == "data2text":
+                fmt = "data2text"
+            if fmt != "data2text":
+                named = "" if fmt == "auto" else f" (format {fmt!r})"
+                raise DataError(f"references need data-to-text records {{'context': ..., 'completion': ...}}{named}")
+            to_example(record, fmt)
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+        checked.append(record)
+    if not checked:
+        raise DataError(f"{path}: no examples")
+    return data2text.group_references(checked)
 
 
 def bundled_file(split: str = "train", task: str = "qa") -> Traversable:
@@ -188,7 +252,8 @@ def read_examples(source: str, *, split: str = "train", fmt: str = "auto", **loa
         or a name for ``datasets.load_dataset`` (a Hub id, or a builder such as ``"json"`` with
         ``data_files=...`` in `load_kwargs`).
       split: which split of the bundled data or of the dataset.
-      fmt: "auto" (from the first record's keys), "qa", "prompt_completion" or "text".
+      fmt: "auto" (from the first record's keys; a ``.txt`` file is "e2e"), "qa", "prompt_completion",
+        "text", "data2text", or a data-to-text file's "e2e", "webnlg" or "dart".
       load_kwargs: passed to ``datasets.load_dataset`` (``data_files``, ``revision``, ``cache_dir``...).
 
     Raises DataError with a one-line message naming the file and line (or dataset and row).
@@ -198,8 +263,8 @@ def read_examples(source: str, *, split: str = "train", fmt: str = "auto", **loa
         return _examples(_jsonl_records(file.read_bytes(), f"bundled {file.name}"), fmt, str(file))
     path = Path(source).expanduser()
     if path.is_file():
-        return read_jsonl(path, fmt)
-    if path.exists() or path.suffix in (".jsonl", ".json") or source.startswith((".", "/", "~")):
+        return read_file(path, fmt)
+    if path.exists() or path.suffix in (".jsonl", ".json", ".txt") or source.startswith((".", "/", "~")):
         raise DataError(f"no data file {source!r}")
     return read_dataset(source, split=split, fmt=fmt, **load_kwargs)
 

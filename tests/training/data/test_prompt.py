@@ -18,11 +18,13 @@ from jlora.training.data.tokenizer import ByteTokenizer
         ({"question": "What is 2 plus 3?", "answer": "5"}, "qa"),
         ({"prompt": "Translate: chat ->", "completion": " cat"}, "prompt_completion"),
         ({"text": "Once upon a time"}, "text"),
+        ({"context": "name : Aromi | Type : coffee shop", "completion": "Aromi is a coffee shop ."}, "data2text"),
+        ("name : Aromi | Type : coffee shop||Aromi is a coffee shop .", "e2e"),  # a .txt file of MR||text lines
     ],
 )
 def test_generation_prompt_is_the_training_rows_prefix(record, fmt, tmp_path):
-    data = tmp_path / "train.jsonl"
-    data.write_text(json.dumps(record) + "\n")
+    data = tmp_path / ("train.txt" if fmt == "e2e" else "train.jsonl")
+    data.write_text((record if fmt == "e2e" else json.dumps(record)) + "\n")
     assert data_format(DataConfig(train=str(data))) == fmt
     tokenizer = ByteTokenizer()
     row = tokenize(read_examples(str(data)), tokenizer, seq_len=64)
@@ -31,9 +33,12 @@ def test_generation_prompt_is_the_training_rows_prefix(record, fmt, tmp_path):
         "qa": ("What is 2 plus 3?", "Question: What is 2 plus 3?\nAnswer:"),
         "prompt_completion": ("Translate: chat ->", "Translate: chat ->"),
         "text": ("", ""),
+        "data2text": ("name : Aromi | Type : coffee shop", "name : Aromi | Type : coffee shop<|endoftext|>"),
+        "e2e": ("name : Aromi | Type : coffee shop", "name : Aromi | Type : coffee shop<|endoftext|>"),
     }[fmt]
     text, ids = run_prompt(asked, fmt, tokenizer)
     assert ids == row.input_ids[0, : first_loss + 1].tolist() and text == shown
+    assert run_prompt(shown, fmt, tokenizer) == (text, ids)  # a prompt already in the rows' form goes as written
 
 
 def test_data_format_without_reading_a_dataset(tmp_path):
