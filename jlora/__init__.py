@@ -21,7 +21,16 @@ one batch), checkpoints and exchange, generation, errors.
 from jlora.core.algebra.combine import combine_adapters
 from jlora.core.algebra.mixed import AdapterStack, make_mixed_eval_step, mixed_variables, stack_adapters
 from jlora.core.decoding.generate import Generation, generate, generate_text
-from jlora.core.lora.adapter import adapters_by_module, flatten_adapters, init_lora, lora_delta, unflatten_adapters
+from jlora.core.lora.adapter import (
+    adapters_by_module,
+    flatten_adapters,
+    init_lora,
+    lora_delta,
+    map_factors,
+    unflatten_adapters,
+    with_scaling,
+    without_scaling,
+)
 from jlora.core.lora.config import LoraConfig, alpha_for_rank, effective_lr, scaling
 from jlora.core.lora.counting import (
     adapter_compression,
@@ -93,6 +102,9 @@ __all__ = [
     "random_params",
     "param_shapes",
     "init_lora",
+    "with_scaling",
+    "without_scaling",
+    "map_factors",
     "init_adapters",
     "as_plain_lora",
     "init_cache",

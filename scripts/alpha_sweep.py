@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
                 "alpha": alpha,
                 "lr": lr,
                 "effective_lr": effective_lr(lr, m.lora),
-                "val_loss": ex.val_loss(task, fit.variables, m.lora),
+                "val_loss": ex.val_loss(task, fit.variables),
                 "losses": fit.losses,
             }
         )

@@ -89,7 +89,7 @@ class Answering:
             leaves, treedef = jax.tree.flatten(lora)
             keys = jax.random.split(jax.random.key(1000 + k), len(leaves))
             self.loras.append(treedef.unflatten([0.1 * jax.random.normal(q, x.shape) for q, x in zip(keys, leaves)]))
-        self.stack = stack_adapters([(self.cfg, lora) for lora in self.loras]) if how == "mixed" else None
+        self.stack = stack_adapters(self.loras) if how == "mixed" else None
         start = time.perf_counter()
         first = self.answer(self.prompts(0))
         self.first_round_s = time.perf_counter() - start

@@ -93,17 +93,17 @@ def main(argv=None) -> dict:
         task_n = dataclasses.replace(task, train=train)
         fits = ex.fit_population(task_n, members, progress=not args.quick, desc=f"{len(members)} adapters, {n} rows")
         runs = {}
-        for (r, alpha), m, fit in zip(settings, members, fits, strict=True):
+        for (r, alpha), fit in zip(settings, fits, strict=True):
             row = {
                 "r": r,
                 "alpha": alpha,
                 "trainable_params": fit.n_trainable,
-                "val_loss": ex.val_loss(task, fit.variables, m.lora),
-                "train_loss": ex.val_loss(task, fit.variables, m.lora, data=train),
+                "val_loss": ex.val_loss(task, fit.variables),
+                "train_loss": ex.val_loss(task, fit.variables, data=train),
             }
             row["gap"] = row["val_loss"] - row["train_loss"]
             if teacher is not None:
-                merged = ex.merged_params(fit.variables, m.lora)
+                merged = ex.merged_params(fit.variables)
                 row["kl"] = distill_gap(task.base_model, teacher, merged, jax.random.key(cfg.seed + 1))
             runs[r, alpha] = row
         series = {name: [runs[r, alpha(r)] for r in ranks] for name, alpha in names.items()}

@@ -90,13 +90,13 @@ def main(argv=None) -> dict:
             {
                 "r": m.lora.r,
                 "alpha": m.lora.alpha,
-                "val_loss": ex.val_loss(task, fit.variables, m.lora),
+                "val_loss": ex.val_loss(task, fit.variables),
                 "trainable_params": fit.n_trainable,
-                **forgetting(task, fit.variables, m.lora),
+                **forgetting(task, fit.variables),
             }
         )
     at_r = lora_ranks.index(cfg.lora.r)  # the config's own rank: its run is "the LoRA run" below
-    lora, lora_fit, lora_cfg = lora_runs[at_r], fits[at_r], members[at_r].lora
+    lora, lora_fit = lora_runs[at_r], fits[at_r]
     full_row = {"val_loss": full_val, "trainable_params": full.n_trainable, **forgetting(task, full.variables)}
     print(
         f"base val loss {base_val:.4f} | "
@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
         name: {p: fig["intruders"] for p, fig in module_intruders(params, tuned, paths).items()}
         for name, tuned in (
             ("full", full.variables["params"]),
-            ("lora", ex.merged_params(lora_fit.variables, lora_cfg)),
+            ("lora", ex.merged_params(lora_fit.variables)),
         )
     }
     print(

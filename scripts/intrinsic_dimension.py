@@ -164,7 +164,7 @@ def measure_task(args, cfg) -> dict:
 
     members = [ex.member(cfg, r=r, alpha=alpha_for_rank(cfg.lora, r)) for r in lora_ranks]
     fits = ex.fit_population(task, members, progress=progress, desc=f"LoRA at {len(members)} ranks")
-    lora_vals = [ex.val_loss(task, fit.variables, m.lora) for m, fit in zip(members, fits, strict=True)]
+    lora_vals = [ex.val_loss(task, fit.variables) for m, fit in zip(members, fits, strict=True)]
     lora = [
         {"r": m.lora.r, "alpha": m.lora.alpha, "trainable_params": fit.n_trainable, "val_loss": v, "recovered": s}
         for m, fit, v, s in zip(members, fits, lora_vals, it.recovered(lora_vals, base_val, full["loss"]), strict=True)
@@ -259,7 +259,7 @@ def measure_planted(args, cfg) -> dict:
             row["recovered"] = float(it.recovered([row["gap"]], base_gap, full["loss"])[0])
         cfgs = [LoraConfig(r=r, alpha=2.0 * r, target_modules=targets) for r in ranks]
         loras, _ = distill_students(base, params, teacher, cfgs, students, lora_optim, **settings)
-        lora_gaps = [gap(merge(params, lora, c)) for lora, c in zip(loras, cfgs, strict=True)]
+        lora_gaps = [gap(merge(params, lora)) for lora in loras]
         r90 = next((r for r, g in zip(ranks, lora_gaps, strict=True) if g <= 0.1 * base_gap), None)
         measured, gaps = [r["d"] for r in subspaces], [r["gap"] for r in subspaces]
         d90 = it.d90(measured, gaps, base_gap, 0.0)  # 90 % of the gap to the teacher closed, as r90

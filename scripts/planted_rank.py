@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
     )
     students = []
     for cfg, lora, curve in zip(cfgs, loras, losses, strict=True):
-        gap = distill_gap(base, teacher, merge(params, lora, cfg), held_out, seq_len=seq_len)
+        gap = distill_gap(base, teacher, merge(params, lora), held_out, seq_len=seq_len)
         s = {
             "r": cfg.r,
             "alpha": cfg.alpha,
@@ -95,7 +95,7 @@ def main(argv=None) -> dict:
             "relative_gap": gap / base_gap,
             "final_loss": curve[-10:].mean(),
         }
-        s |= compare_to_planted(lora, cfg, planted, planted_cfg)
+        s |= compare_to_planted(lora, planted)
         students.append(s)
         print(
             f"r={cfg.r:>3}: gap {s['gap']:.3e} ({s['relative_gap']:.2%} of the base's)  "

@@ -92,7 +92,7 @@ def one_run(task: ex.Task, lora_cfg, fit: ex.Fit) -> dict:
     """The figures of one trained member (rank lora_cfg.r, alpha lora_cfg.alpha)."""
     cfg, r, alpha = task.cfg, lora_cfg.r, lora_cfg.alpha
     lora = fit.variables["lora"]
-    report = delta_svd(lora, lora_cfg).values()
+    report = delta_svd(lora).values()
     energy = {str(k): float(np.mean([fig["energy"][min(k, r) - 1] for fig in report])) for k in TOP if k <= r}
     return {
         "r": r,
@@ -100,7 +100,7 @@ def one_run(task: ex.Task, lora_cfg, fit: ex.Fit) -> dict:
         "scaling": scaling(lora_cfg),
         "lr": cfg.optim.lr,
         "effective_lr": effective_lr(cfg.optim.lr, lora_cfg),
-        "val_loss": ex.val_loss(task, fit.variables, lora_cfg),
+        "val_loss": ex.val_loss(task, fit.variables),
         "train_loss": float(np.mean(fit.losses[-10:])),
         "lora_params": lora_param_count(lora),
         "trainable_params": fit.n_trainable,

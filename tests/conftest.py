@@ -126,14 +126,15 @@ def _random_b(tree, seed: int = 1, scale: float = 0.1, decay: float = 1.0):
     a single adapter or the model's whole variables.
     """
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    factors = [i for i, (p, _) in enumerate(leaves) if getattr(p[-1], "key", None) != "scaling"]  # not the scales
+    keys = dict(zip(factors, jax.random.split(jax.random.key(seed), len(factors))))
 
-    def fill(key, path, x):
+    def fill(i, path, x):
         if getattr(path[-1], "key", None) != "B":
             return x
-        return scale * jax.random.normal(key, x.shape) * decay ** jax.numpy.arange(x.shape[-1])
+        return scale * jax.random.normal(keys[i], x.shape) * decay ** jax.numpy.arange(x.shape[-1])
 
-    return treedef.unflatten([fill(k, p, x) for k, (p, x) in zip(keys, leaves)])
+    return treedef.unflatten([fill(i, p, x) for i, (p, x) in enumerate(leaves)])
 
 
 @pytest.fixture(scope="session")

@@ -65,11 +65,11 @@ def test_the_site_builds_strict_and_offline(tmp_path):
     page = lambda uri: (tmp_path / "site" / uri / "index.html").read_text()  # noqa: E731
     assert "Install and test" in page("")  # README
     assert not re.search(r'src="https?:', page("")) and "fonts.googleapis" not in page("")  # nothing fetched
-    api = "".join(page(f"api/{name}") for name in ("core", "exchange", "training-run", "training-records"))
+    api = "".join(page(f"api/{name}") for name in ("core-lora", "exchange", "training-run", "training-records"))
     assert 'id="jlora.core.lora.config.LoraConfig"' in api and 'id="jlora.exchange.peft.save_peft"' in api
-    assert '<span class="gp">&gt;&gt;&gt; </span>' in page("api/core")  # doctests shown as highlighted code
+    assert '<span class="gp">&gt;&gt;&gt; </span>' in page("api/core-lora")  # doctests shown as highlighted code
     assert "jlora generate" in page("cli") and "population.grid" in page("config")
-    assert 'href="core/#jlora.core.models.gpt2.GPT2"' in page("api")  # the public names link to their pages
+    assert 'href="core-models/#jlora.core.models.gpt2.GPT2"' in page("api")  # the public names link to their pages
 
 
 def test_a_dangling_link_breaks_the_build(tmp_path):

@@ -37,7 +37,7 @@ def combine_command(args: Any) -> int:
     check_same_base(found)
     key = jax.random.key(args.seed)
     cfg, lora = combine_adapters(
-        [(f.cfg, f.lora) for f in found], args.weights, args.method, r=args.r, clamp=args.clamp, key=key, **options
+        [f.lora for f in found], args.weights, args.method, r=args.r, clamp=args.clamp, key=key, **options
     )
     leaves, model, params = None, None, None
     if any(f.leaves for f in found) or found[0].base == "random":

@@ -65,7 +65,7 @@ def export_command(args: Any) -> int:
         base_dir = None if name == "random" else resolve(name)
         # the base's own tokenizer files are copied as they are; any other tokenizer is saved
         tokenizer = None if source == name and base_dir is not None else load_tokenizer(source)
-        save_merged(args.merged, model.config, params, lora, lora_cfg, base_dir=base_dir, tokenizer=tokenizer)
+        save_merged(args.merged, model.config, params, lora, base_dir=base_dir, tokenizer=tokenizer)
         print(f"merged model of {about} -> {args.merged}")
     if source == "bytes":
         print(BYTES_NOTE)

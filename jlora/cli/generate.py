@@ -213,7 +213,7 @@ def side_by_side_command(args: Any, prompts: list[str]) -> int:
             answers = [out.sequences() for out in outs]
             how = f"{len(found)} adapters one after another (they train base leaves, which one batch cannot share)"
         else:
-            stack = stack_adapters([(f.cfg, f.lora) for f in found])
+            stack = stack_adapters([f.lora for f in found])
             rows = [ids for _ in found for ids in encoded]
             index = [k for k in range(len(found)) for _ in encoded]
             outs = [generate(model, params, rows, adapters=stack, adapter_index=index, **options)]

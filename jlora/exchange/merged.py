@@ -23,7 +23,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from jlora.core.lora.config import LoraConfig
 from jlora.core.lora.merge import merge
 from jlora.core.models.gpt2 import GPT2Config
 from jlora.errors import CheckpointError
@@ -39,7 +38,6 @@ def save_merged(
     config: GPT2Config,
     params: Mapping,
     lora: Mapping | None = None,
-    lora_cfg: LoraConfig | None = None,
     *,
     base_leaves: Mapping | None = None,
     base_dir: str | os.PathLike | None = None,
@@ -51,7 +49,7 @@ def save_merged(
     Args:
       out_dir: the folder to create (an existing non-empty one needs `overwrite`).
       config: the model's `GPT2Config`.
-      params: the base parameter tree; lora, lora_cfg: the adapters and their config (None: none).
+      params: the base parameter tree; lora: the adapters, each with its scale (None: none).
       base_leaves: trained base leaves (e.g. ``{"ln_f": {...}}``), put in place before merging.
       base_dir: the base checkpoint directory; its generation_config.json, the token ids in its
         config.json and (without `tokenizer`) its tokenizer files travel with the export.
@@ -65,10 +63,8 @@ def save_merged(
     with new_folder(out_dir, overwrite=overwrite) as tmp:
         params = overlay(params, base_leaves)
         if lora:
-            if lora_cfg is None:
-                raise CheckpointError("merging adapters needs their LoraConfig (lora_cfg)")
             try:
-                params = merge(params, lora, lora_cfg)
+                params = merge(params, lora)
             except ValueError as e:  # an adapter that does not fit, or a non-finite result
                 raise CheckpointError(str(e)) from e
         save_gpt2(tmp, config, params)

@@ -47,8 +47,24 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from jlora.core.lora.adapter import adapters_by_module, split_slice, unflatten_adapters
-from jlora.core.lora.config import MODULES, QKV, LoraConfig, is_regex, pattern_value
+from jlora.core.lora.adapter import (
+    SCALE,
+    adapters_by_module,
+    scaling_of,
+    split_slice,
+    unflatten_adapters,
+    with_scaling,
+)
+from jlora.core.lora.config import (
+    MODULES,
+    QKV,
+    LoraConfig,
+    is_regex,
+    layers_and_kinds,
+    pattern_value,
+    short_names,
+    targets_for,
+)
 from jlora.core.lora.residual import as_plain_lora
 from jlora.errors import CheckpointError, describe
 from jlora.exchange.hf_checkpoint import hf_key_to_path, new_folder, read_json, save_tokenizer, state_from_params
@@ -82,10 +98,10 @@ class PeftAdapter(NamedTuple):
 # export
 
 
-def _fuse_slices(path: str, adapters: Mapping[str, Mapping], cfg: LoraConfig) -> tuple[np.ndarray, np.ndarray, float]:
+def _fuse_slices(path: str, adapters: Mapping[str, Mapping]) -> tuple[np.ndarray, np.ndarray, float]:
     """q/k/v slice adapters of one fused module -> (A (R, D), B (3D, R), scaling), R = sum of ranks."""
     parts = [(p, adapters[p]) for p in (f"{path}.{s}" for s in QKV) if p in adapters]
-    scalings = [cfg.scaling_for(p, r=a["A"].shape[0]) for p, a in parts]
+    scalings = [float(scaling_of(a, p)) for p, a in parts]
     width = parts[0][1]["B"].shape[0]
     rank = sum(a["A"].shape[0] for _, a in parts)
     a_fused = np.concatenate([np.asarray(a["A"], np.float32) for _, a in parts])
@@ -106,39 +122,30 @@ def _path_order(path: str) -> tuple[int, int]:
     return int(layer), MODULES.index(kind)
 
 
+def _alpha(scaling: float, rank: int, rslora: bool, written: float) -> float:
+    """PEFT's lora_alpha for an adapter of this scale and rank: scaling * r (rsLoRA: * sqrt(r)); `written`
+    (the config's alpha) where the two agree to the scale's float32 rounding, so the file keeps its digits."""
+    alpha = scaling * (math.sqrt(rank) if rslora else rank)
+    return written if math.isclose(alpha, written, rel_tol=1e-6) else alpha
+
+
 def _peft_modules(lora: Mapping, cfg: LoraConfig) -> dict[str, tuple[dict[str, np.ndarray], float]]:
-    """{PEFT module path: ({"A", "B"[, "m"]}, alpha)} with slices fused, in path order."""
+    """{PEFT module path: ({"A", "B"[, "m"]}, alpha)} with slices fused, in path order; each alpha from the
+    scale the adapter carries."""
     modules = {}
     for module, adapters in sorted(adapters_by_module(lora).items(), key=lambda item: _path_order(item[0])):
         if module in adapters and len(adapters) > 1:
             raise CheckpointError(f"{module} has an adapter and slice adapters; PEFT has one adapter per module")
         if module in adapters:
-            tensors = {name: np.asarray(leaf, np.float32) for name, leaf in adapters[module].items()}
-            modules[module] = (tensors, cfg.alpha_for(module))
+            adapter = adapters[module]
+            tensors = {name: np.asarray(leaf, np.float32) for name, leaf in adapter.items() if name != SCALE}
+            scaling, rank = float(scaling_of(adapter, module)), adapter["A"].shape[0]
+            modules[module] = (tensors, _alpha(scaling, rank, cfg.rslora, cfg.alpha_for(module)))
             continue
-        a, b, scaling = _fuse_slices(module, adapters, cfg)
+        a, b, scaling = _fuse_slices(module, adapters)
         rank = a.shape[0]
         modules[module] = ({"A": a, "B": b}, scaling * (math.sqrt(rank) if cfg.rslora else rank))
     return modules
-
-
-def _short_names(kinds: set[str]) -> list[str]:
-    """Module kinds ("attn.c_proj", ...) as the shortest suffixes that select exactly them."""
-    names = []
-    for kind in sorted(kinds, key=MODULES.index):
-        last = kind.split(".")[-1]
-        same_last = [k for k in MODULES if k.split(".")[-1] == last]
-        names.append(last if all(k in kinds for k in same_last) else kind)
-    return sorted(set(names), key=names.index)
-
-
-def _by_layer(paths: list[str]) -> dict[int, set[str]]:
-    """{layer: {module kinds}} of paths "h.{i}.{kind}"."""
-    by_layer: dict[int, set[str]] = collections.defaultdict(set)
-    for p in paths:
-        _, layer, kind = p.split(".", 2)
-        by_layer[int(layer)].add(kind)
-    return by_layer
 
 
 def _every_layer(targets: Any, layers: Any = None) -> bool:
@@ -150,10 +157,10 @@ def _every_layer(targets: Any, layers: Any = None) -> bool:
 
 def _target_modules(paths: list[str], cfg: LoraConfig) -> list[str]:
     """PEFT target names for these module paths: short suffixes when `cfg` adapts every block alike."""
-    by_layer = _by_layer(paths)
+    by_layer = layers_and_kinds(paths)
     kinds = set.union(*by_layer.values())
     if _every_layer(cfg.target_modules, cfg.layers) and all(s == kinds for s in by_layer.values()):
-        return _short_names(kinds)
+        return short_names(kinds)
     # PEFT matches "h.3.attn.c_attn" against "transformer.h.3.attn.c_attn" by suffix, so only that module.
     return list(paths)
 
@@ -241,9 +248,9 @@ def save_peft(
 
     Args:
       out_dir: the folder to create (an existing non-empty one needs `overwrite`).
-      lora: the LoRA tree, ``{"A": (r, d_in), "B": (d_out, r)[, "m": (d_out,)]}`` per module
-        (slices allowed, DoRA's m with whole modules).
-      cfg: its `LoraConfig` (scalings, dropout, rsLoRA, DoRA).
+      lora: the adapters, ``{"A": (r, d_in), "B": (d_out, r), "scaling": ()[, "m": (d_out,)]}`` per module
+        (slices allowed, DoRA's m with whole modules); PEFT's alphas are made from their scales.
+      cfg: their `LoraConfig` (targets, dropout, rsLoRA, init, DoRA).
       base_model_name_or_path: what PEFT records as the base (a Hub id or a directory).
       modules_to_save: trained base leaves in the base tree's layout, e.g.
         ``{"ln_f": {"scale": (D,), "bias": (D,)}}``; whole modules only.
@@ -359,16 +366,6 @@ def _adapter_key(key: str) -> tuple[str, str] | None:
     return m.group(1), {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "m"}[m.group(2)]
 
 
-def _jlora_targets(paths: list[str], every_layer: bool) -> dict:
-    """LoraConfig target fields that select exactly these module paths."""
-    by_layer = _by_layer(paths)
-    kinds = set.union(*by_layer.values())
-    if all(s == kinds for s in by_layer.values()):
-        layers = None if every_layer else tuple(sorted(by_layer))
-        return {"target_modules": tuple(_short_names(kinds)), "layers": layers}
-    return {"target_modules": tuple(re.escape(p) for p in paths), "layers": None}
-
-
 def _as_jlora_slices(flat: dict, cfg: LoraConfig) -> dict | None:
     """Undo `_fuse_slices` for every module `cfg` adapts in slices; None if the tensors say otherwise."""
     n_layer = 1 + max(int(p.split(".")[1]) for p in flat)
@@ -445,9 +442,9 @@ def load_peft(directory: str | os.PathLike) -> PeftAdapter:
 
     Returns:
       ``(config, lora, modules_to_save)``: a `LoraConfig` whose scalings are PEFT's for every
-      module (rank_pattern, alpha_pattern, use_rslora and use_dora included), the LoRA tree
-      ``{"A": (r, d_in), "B": (d_out, r)[, "m": (d_out,)]}`` in float32, and the ``modules_to_save`` leaves in
-      the base tree's layout (None if there are none).
+      module (rank_pattern, alpha_pattern, use_rslora and use_dora included), the adapters
+      ``{"A": (r, d_in), "B": (d_out, r), "scaling": ()[, "m": (d_out,)]}`` in float32 with the scales it
+      gives, and the ``modules_to_save`` leaves in the base tree's layout (None if there are none).
 
     Raises:
       CheckpointError: not a PEFT LoRA folder, or options jlora does not support (other PEFT
@@ -467,7 +464,7 @@ def load_peft(directory: str | os.PathLike) -> PeftAdapter:
         original = LoraConfig.from_dict(json.loads(metadata[JLORA_METADATA]))
         lora = _as_written(flat, config, original, modules_to_save)
         if lora is not None:
-            return PeftAdapter(original, lora, _to_jax(modules_to_save))
+            return PeftAdapter(original, with_scaling(lora, original), _to_jax(modules_to_save))
 
     file = directory / ADAPTER_CONFIG
     r, alpha = _number(config, "r", file, int), _number(config, "lora_alpha", file)
@@ -496,7 +493,7 @@ def load_peft(directory: str | os.PathLike) -> PeftAdapter:
         rank_pattern={p: k for p, k in ranks.items() if k != r},
         alpha_pattern={p: a for p, a in alphas.items() if a != alpha},
         use_dora=bool(config.get("use_dora")),
-        **_jlora_targets(paths, every_layer),
+        **targets_for(paths, every_layer),
     )
     n_layer = 1 + max(int(p.split(".")[1]) for p in paths)
     same = cfg.module_paths(n_layer) == tuple(paths) and all(
@@ -504,7 +501,7 @@ def load_peft(directory: str | os.PathLike) -> PeftAdapter:
     )
     if not same:  # a safety net: the config must select these modules and give each PEFT's scaling
         raise CheckpointError(f"cannot express the adapters of {directory} as a LoraConfig")
-    return PeftAdapter(cfg, _to_jax(unflatten_adapters(flat)), _to_jax(modules_to_save))
+    return PeftAdapter(cfg, with_scaling(_to_jax(unflatten_adapters(flat)), cfg), _to_jax(modules_to_save))
 
 
 _SCALING_KEYS = (
@@ -526,7 +523,9 @@ def _as_written(flat: dict, config: Mapping, original: LoraConfig, modules_to_sa
         if split is None:
             return None
         lora = unflatten_adapters(split)
-        again = peft_config(lora, original, base_model_name_or_path=None, modules_to_save=modules_to_save)
+        again = peft_config(
+            with_scaling(lora, original), original, base_model_name_or_path=None, modules_to_save=modules_to_save
+        )
     except ValueError:  # CheckpointError included: the recorded config no longer fits the tensors
         return None
     if any(again[k] != config.get(k) for k in _SCALING_KEYS):

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jlora.core.lora.adapter import flatten_adapters
+from jlora.core.lora.adapter import flatten_adapters, scaling_of
 from jlora.core.lora.merge import merge
 from jlora.core.lora.svd import delta_svd, module_intruders, subspace_similarity_grid
 from jlora.errors import CheckpointError
@@ -57,14 +57,15 @@ def diagnose(
       "intruder_similarity" (k,)}}}.
     """
     _, params, lora, lora_cfg, meta = load_run(run_dir, step, member=member, original_base=True)
-    intruders = module_intruders(params, merge(params, lora, lora_cfg), flatten_adapters(lora), k, epsilon)
+    intruders = module_intruders(params, merge(params, lora), flatten_adapters(lora), k, epsilon)
+    scalings = {path: float(scaling_of(a)) for path, a in flatten_adapters(lora).items()}
     modules = {}
-    for path, fig in delta_svd(lora, lora_cfg, params).items():
+    for path, fig in delta_svd(lora, params).items():
         r = int(fig["singular_values"].shape[0])
         energy = np.asarray(fig["energy"], np.float64)
         modules[path] = {
             "r": r,
-            "scaling": lora_cfg.scaling_for(path, r),
+            "scaling": scalings[path],
             "singular_values": np.asarray(fig["singular_values"], np.float64).tolist(),
             "energy": energy.tolist(),
             "energy_top": {str(k): float(energy[k - 1]) for k in TOP if k <= r},

@@ -8,7 +8,7 @@ what the comparisons need, built from the same library functions::
     variables = lora_variables(task, lora_cfg)     # {"params": base, "lora": fresh adapters}
     fit = fit(task, variables, lora_mask(variables, cfg), cfg, lora_cfg=lora_cfg)   # losses (steps,), variables
     fits = fit_population(task, [member(cfg, r=4, alpha=8), member(cfg, r=8, lr=1e-3)])  # many at once
-    val_loss(task, fit.variables, lora_cfg)        # adapters merged into the base; loss on answer tokens
+    val_loss(task, fit.variables)                  # adapters merged into the base; loss on answer tokens
 
 A sweep trains its adapters as one population (`fit_population`: one compiled step vmapped over
 the members, `jlora.core.update.population`); each member's fit is the one `fit` would give alone.
@@ -222,8 +222,8 @@ def fit(
 
     The batches, optimizer and dropout keys are those of `jlora train` with the same config
     (``batch_at(data, step, batch_size, seed)``, ``cfg.optim``), without its checkpoints and
-    logs. `cfg` defaults to the task's; `lora_cfg` gives the adapters' scaling (default
-    ``cfg.lora``). A tqdm bar shows progress when `progress` is set.
+    logs. `cfg` defaults to the task's; `lora_cfg` gives the adapters' dropout (default ``cfg.lora``; the
+    scales are the adapters' own). A tqdm bar shows progress when `progress` is set.
     """
     cfg = cfg or task.cfg
     state, losses = run_steps(
@@ -282,22 +282,19 @@ def fit_population(
     return fits
 
 
-def merged_params(variables: Mapping, lora_cfg: LoraConfig | None = None) -> dict:
-    """The base params with the adapters (if any) folded in: what the plain base model evaluates."""
+def merged_params(variables: Mapping) -> dict:
+    """The base params with the adapters (if any, each with its scale) folded in: what the plain base
+    model evaluates."""
     lora = variables.get("lora")
-    if not lora:
-        return variables["params"]
-    if lora_cfg is None:
-        raise ValueError("variables hold adapters: pass the LoraConfig they were trained with")
-    return merge(variables["params"], lora, lora_cfg)
+    return merge(variables["params"], lora) if lora else variables["params"]
 
 
-def val_loss(task: Task, variables: Mapping, lora_cfg: LoraConfig | None = None, *, data: TokenizedData | None = None):
+def val_loss(task: Task, variables: Mapping, *, data: TokenizedData | None = None):
     """Mean validation loss over answer tokens (the first ``cfg.eval_batches`` batches), adapters merged first.
 
     `data` scores other rows instead of the validation set (e.g. the training rows, for the train-validation gap).
     """
-    params = {"params": merged_params(variables, lora_cfg)}
+    params = {"params": merged_params(variables)}
     rows = task.val if data is None else data
     return mean_loss(task.eval_step, params, rows, task.cfg.batch_size, max_batches=task.cfg.eval_batches)
 
@@ -362,10 +359,9 @@ def truncate_deltas(before: Mapping, after: Mapping, paths: Sequence[str], ranks
     base = replace_paths(after, {path: get_path(before, path) for path in originals})
     out = {}
     for r in ranks:
-        cfg = LoraConfig(r=r, alpha=float(r))  # merge scales an adapter of rank n by r / n: undone in B
         flat = {}
         for path, f in factors.items():
             n = min(r, f["A"].shape[0])
-            flat[path] = {"A": f["A"][:n], "B": f["B"][:, :n] * (n / r)}
-        out[r] = merge(base, unflatten_adapters(flat), cfg)
+            flat[path] = {"A": f["A"][:n], "B": f["B"][:, :n], "scaling": 1.0}
+        out[r] = merge(base, unflatten_adapters(flat))
     return out

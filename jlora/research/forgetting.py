@@ -1,7 +1,7 @@
 """Learning against forgetting: what fine-tuning on a task costs on text from outside it.
 
     task = pretrain(task, steps=600, lr=3e-3)      # the base first learns the held-out text's kind of text
-    forgetting(task, variables, lora_cfg)          # {"forget_loss", "forget_base_loss", "forget_kl", "forgetting"}
+    forgetting(task, variables)                    # {"forget_loss", "forget_base_loss", "forget_kl", "forgetting"}
 
 The held-out text is the run config's ``eval.forgetting`` (jlora's bundled generic sentences by
 default in the scripts). For a model, on its tokens: the loss of the model, the loss of the base
@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from jlora.core.lora.config import LoraConfig
 from jlora.errors import ConfigError
 from jlora.research.experiments import Task, fit, lora_mask, merged_params
 from jlora.training.run.evaluate import mean_sums
@@ -27,7 +26,7 @@ from jlora.training.run.evaluate import mean_sums
 EVERYTHING = ("wte", "wpe", "h", "ln_f")  # modules_to_save that train every base leaf
 
 
-def forgetting(task: Task, variables: Mapping, lora_cfg: LoraConfig | None = None) -> dict:
+def forgetting(task: Task, variables: Mapping) -> dict:
     """The model's loss on the task's held-out text beside its base's, and the mean KL(base || model).
 
     Returns:
@@ -36,7 +35,7 @@ def forgetting(task: Task, variables: Mapping, lora_cfg: LoraConfig | None = Non
     data = task.run.forgetting
     if data is None:
         raise ConfigError("forgetting needs held-out text: set eval.forgetting (a JSONL text file, or bundled)")
-    inputs = {"adapted": {"params": merged_params(variables, lora_cfg)}, "base": {"params": task.run.params}}
+    inputs = {"adapted": {"params": merged_params(variables)}, "base": {"params": task.run.params}}
     batch_size, max_batches = task.cfg.batch_size, task.cfg.eval_batches
     loss, base_loss, kl = mean_sums(task.forget_step, inputs, data, batch_size, max_batches=max_batches)
     return {"forget_loss": loss, "forget_base_loss": base_loss, "forget_kl": kl, "forgetting": loss - base_loss}

@@ -3,8 +3,8 @@
     teacher_params, planted = plant_low_rank(key, params, LoraConfig(r=k, alpha=k), scale)  # W + U diag(s) V^T
     loras, losses = distill_students(base, params, teacher_params, [LoraConfig(r=r, alpha=2 * r) for r in ranks],
                                      key, optim, batch_size=16, seq_len=32)   # one population: KL(teacher || student)
-    distill_gap(base, teacher_params, merge(params, lora, cfg), key)      # held-out KL; 0: the teacher
-    compare_to_planted(lora, cfg, planted, planted_cfg)                  # phi(k, k) on both sides of dW
+    distill_gap(base, teacher_params, merge(params, lora), key)      # held-out KL; 0: the teacher
+    compare_to_planted(lora, planted)                                    # phi(k, k) on both sides of dW
     teacher_rows(key, base, teacher_params, n=10_000, seq_len=32)       # a training set of any size, sampled
 
 The student sees no text: its inputs are uniformly random tokens and its target the teacher's
@@ -31,7 +31,15 @@ import numpy as np
 import optax
 
 from jlora.core.analysis.divergence import kl_divergence
-from jlora.core.lora.adapter import flatten_adapters, init_lora, output_columns, split_slice, unflatten_adapters
+from jlora.core.lora.adapter import (
+    SCALE,
+    flatten_adapters,
+    init_lora,
+    output_columns,
+    scaling_of,
+    split_slice,
+    unflatten_adapters,
+)
 from jlora.core.lora.config import LoraConfig
 from jlora.core.lora.merge import merge
 from jlora.core.lora.svd import delta_svd, factored_svd, subspace_similarity_grid
@@ -76,8 +84,8 @@ def plant_low_rank(
     V is drawn orthogonal to it.
 
     Returns:
-      (teacher params = ``merge(params, planted, cfg)``, planted LoRA tree with
-      ``cfg.scaling_for(path) * B A = dW`` per module).
+      (teacher params = ``merge(params, planted)``, the planted adapters, ``scaling * B A = dW`` per
+      module with the scale `cfg` gives).
     """
     if spectrum not in SPECTRA:
         raise ConfigError(f"unknown planted spectrum {spectrum!r}; valid: {', '.join(SPECTRA)}")
@@ -93,11 +101,13 @@ def plant_low_rank(
             blind = jnp.where(gamma != 0, 1.0 / jnp.where(gamma != 0, gamma, 1.0), 0.0)
         k = cfg.rank_for(path)
         s = scale * SPECTRA[spectrum](k)
-        flat[path] = _planted(
-            jax.random.fold_in(key, i), w, blind, k, jnp.asarray(s, jnp.float32), cfg.scaling_for(path, k)
-        )
+        scaling = cfg.scaling_for(path, k)
+        flat[path] = {
+            **_planted(jax.random.fold_in(key, i), w, blind, k, jnp.asarray(s, jnp.float32), scaling),
+            SCALE: jnp.asarray(scaling, jnp.float32),
+        }
     planted = unflatten_adapters(flat)
-    return merge(params, planted, cfg), planted
+    return merge(params, planted), planted
 
 
 @partial(jax.jit, static_argnums=3)
@@ -274,28 +284,29 @@ def distill_students(
     for _ in trange(optim.total_steps, disable=not progress, desc=f"{pop.size} students", leave=False):
         state, values = step(state, teacher_params, jax.random.fold_in(key, 1))
         losses.append(values)
-    students = [member_lora(state.trainable["lora"], k, cfg) for k, cfg in enumerate(cfgs)]
+    lora = combine(state.trainable["lora"], state.frozen["lora"])
+    students = [member_lora(lora, k, cfg) for k, cfg in enumerate(cfgs)]
     return students, np.asarray(jax.device_get(losses), np.float64).T
 
 
-def compare_to_planted(lora: Mapping, cfg: LoraConfig, planted: Mapping, planted_cfg: LoraConfig) -> dict:
+def compare_to_planted(lora: Mapping, planted: Mapping) -> dict:
     """A student's update against the planted one, per module and averaged over modules.
 
-    With k the planted rank and r the student's, each module gets phi(k, min(k, r)) on the row
-    and column sides of dW (`delta_subspaces`), the LoRA paper's phi on the two A matrices
+    With k the planted rank and r the student's (each adapter with its scale), each module gets
+    phi(k, min(k, r)) on the row and column sides of dW (`delta_subspaces`), the LoRA paper's phi on the two A matrices
     ("phi_A"), and the share of the student's dW energy in its top k singular values.
 
     Returns:
       {"phi_row", "phi_column", "phi_A", "energy_top_k" (module means), "modules": {path: {...}}}.
     """
-    k = planted_cfg.r
-    spectra = delta_svd(lora, cfg)
+    spectra = delta_svd(lora)
     targets = flatten_adapters(planted)
     modules = {}
     for path, adapter in flatten_adapters(lora).items():
         target = targets[path]
+        k = target["A"].shape[0]
         i, j = k - 1, min(k, adapter["A"].shape[0]) - 1
-        phi = delta_subspaces(target, planted_cfg.scaling_for(path), adapter, cfg.scaling_for(path))
+        phi = delta_subspaces(target, scaling_of(target, path), adapter, scaling_of(adapter, path))
         modules[path] = {
             "phi_row": float(phi["row"][i, j]),
             "phi_column": float(phi["column"][i, j]),

@@ -185,7 +185,7 @@ def equal_effective_lr(rows: Sequence[Mapping], metric: str) -> dict:
 def winner_update(lora: Mapping, spec: MemberSpec) -> dict:
     """{module: {"r", "effective_rank", "energy_top": {k: share}}} of the winner's dW, from its factors."""
     out = {}
-    for path, fig in delta_svd(lora, spec.lora).items():
+    for path, fig in delta_svd(lora).items():
         r = spec.lora.rank_for(path)
         energy = np.asarray(fig["energy"], np.float64)
         out[path] = {

@@ -11,7 +11,7 @@ import jlora
 from jlora.cli import main
 from jlora.core.algebra.combine import combine_adapters, combine_leaves
 from jlora.exchange.peft import load_peft, save_peft
-from jlora.training.records.checkpoint import find_checkpoint, load_adapter, load_base, lora_config_of
+from jlora.training.records.checkpoint import find_checkpoint, load_adapter, load_base
 from jlora.tree import overlay
 
 IDS = np.array([[5, 17, 3, 88, 42, 9, 61, 2], [70, 1, 33, 33, 12, 99, 0, 54]])
@@ -43,7 +43,7 @@ def test_combining_peft_folders_gives_a_folder_peft_loads(tiny_hf, folders, tmp_
     assert main(["combine", *map(str, folders), *args]) == 0
     assert f"ties of 2 adapters (weights 0.6, 0.4) -> {out}: rank 4, scaling 1" in capsys.readouterr().out
     cfg, lora, _ = load_peft(out)
-    expected_cfg, expected = combine_adapters([load_peft(f)[:2] for f in folders], [0.6, 0.4], "ties", density=0.5)
+    expected_cfg, expected = combine_adapters([load_peft(f).lora for f in folders], [0.6, 0.4], "ties", density=0.5)
     assert cfg == expected_cfg
     assert jax.tree.all(jax.tree.map(lambda x, y: np.allclose(x, y, atol=1e-6), lora, expected))
     model, params = jlora.load_gpt2(directory, lora=cfg)
@@ -61,7 +61,7 @@ def test_population_members_and_a_run_with_trained_leaves(population_run, defaul
     sources = [load_adapter(find_checkpoint(population_run), k) for k in (0, 2)] + [
         load_adapter(find_checkpoint(default_run))
     ]
-    adapters = [(lora_config_of(meta), lora) for lora, _, meta in sources]
+    adapters = [lora for lora, _, _ in sources]
     key = jax.random.key(3)
     cfg, lora = combine_adapters(adapters, [0.5, 0.3, 0.2], "dare_ties_svd", density=0.7, r=2, key=key)
     _, params = load_base(sources[0][2])

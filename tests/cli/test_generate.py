@@ -5,6 +5,7 @@ import pytest
 from jlora.cli import main
 from jlora.cli.generate import load_source, one_line
 from jlora.core.decoding.generate import generate
+from jlora.core.lora.adapter import map_factors
 from jlora.training.data.tokenizer import ByteTokenizer
 from jlora.training.records.checkpoint import load_run
 
@@ -96,7 +97,7 @@ def lively_folders(tmp_path_factory):
     for k, r in enumerate((1, 2, 4)):
         cfg = jlora.LoraConfig(r=r, alpha=2 * r, target_modules=("c_attn", "c_fc"))
         lora = jlora.init_lora(jax.random.key(k), cfg, params)
-        lora = jax.tree.map(lambda x, k=k: 0.5 * jax.random.normal(jax.random.key(10 + k), x.shape), lora)
+        lora = map_factors(lambda x, k=k: 0.5 * jax.random.normal(jax.random.key(10 + k), x.shape), lora)
         save_peft(root / f"adapter{k}", lora, cfg, base_model_name_or_path=None)
     return root
 

@@ -10,6 +10,7 @@ import torch
 from transformers import GPT2LMHeadModel, GPT2TokenizerFast
 
 import jlora
+from jlora.core.lora.adapter import map_factors
 from jlora.exchange.hf_checkpoint import TOKENIZER_FILES, CheckpointError
 from jlora.exchange.merged import save_merged
 from jlora.tree import overlay
@@ -29,7 +30,7 @@ def base_with_tokenizer(tiny_hf, tmp_path):
 
 def trained(model, params, cfg):
     lora = jlora.init_lora(jax.random.key(0), model, params)
-    lora = jax.tree.map(lambda x: 0.3 * jax.random.normal(jax.random.key(x.shape[0]), x.shape), lora)
+    lora = map_factors(lambda x: 0.3 * jax.random.normal(jax.random.key(x.shape[0]), x.shape), lora)
     ln_f = {"ln_f": {"scale": params["ln_f"]["scale"] * 0.8, "bias": params["ln_f"]["bias"] - 0.1}}
     return lora, ln_f
 
@@ -38,9 +39,7 @@ def test_merged_export_loads_in_transformers_with_the_lora_models_logits(base_wi
     cfg = jlora.LoraConfig(r=4, alpha=8, target_modules=("c_attn.q", "c_attn.v", "c_fc"))
     model, params = jlora.load_gpt2(base_with_tokenizer, lora=cfg)
     lora, ln_f = trained(model, params, cfg)
-    out = save_merged(
-        tmp_path / "merged", model.config, params, lora, cfg, base_leaves=ln_f, base_dir=base_with_tokenizer
-    )
+    out = save_merged(tmp_path / "merged", model.config, params, lora, base_leaves=ln_f, base_dir=base_with_tokenizer)
 
     expected = np.asarray(model.apply({"params": overlay(params, ln_f), "lora": lora}, IDS))
     assert not np.allclose(expected, np.asarray(model.apply({"params": params}, IDS)), atol=1e-2)
@@ -62,13 +61,13 @@ def test_a_failed_merged_export_leaves_nothing(tiny_hf, tmp_path):
     cfg = jlora.LoraConfig(r=2, alpha=4)
     model, params = jlora.load_gpt2(tiny_hf[0], lora=cfg)
     lora = jlora.init_lora(jax.random.key(0), model, params)
-    bad = jax.tree.map(lambda x: x.at[0, 0].set(np.inf), lora)
+    bad = map_factors(lambda x: x.at[0, 0].set(np.inf), lora)
     with pytest.raises(CheckpointError, match="non-finite"):
-        save_merged(tmp_path / "merged", model.config, params, bad, cfg)
+        save_merged(tmp_path / "merged", model.config, params, bad)
     assert list(tmp_path.iterdir()) == []
-    save_merged(tmp_path / "merged", model.config, params, lora, cfg)
+    save_merged(tmp_path / "merged", model.config, params, lora)
     with pytest.raises(CheckpointError, match="not empty"):
-        save_merged(tmp_path / "merged", model.config, params, lora, cfg)
+        save_merged(tmp_path / "merged", model.config, params, lora)
 
 
 def test_export_command_writes_peft_and_merged_folders_of_a_run(tmp_path, capsys):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import jlora
+from jlora.core.lora.adapter import map_factors
 from jlora.core.models.gpt2 import causal_attention
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
@@ -36,7 +37,7 @@ def small_step(dtype: str, r: int = 8):
     cfg = jlora.LoraConfig(r=r, alpha=2 * r)
     model = jlora.GPT2(config, cfg)
     params = jlora.random_params(0, config)
-    lora = jax.tree.map(lambda x: x + 0.02, jlora.init_lora(jax.random.key(1), cfg, params))
+    lora = map_factors(lambda x: x + 0.02, jlora.init_lora(jax.random.key(1), cfg, params))
     variables = {"params": params, "lora": lora}
     mask = jlora.trainable_mask(variables)
     ocfg = jlora.OptimConfig(lr=1e-3, total_steps=10, warmup_steps=0)
@@ -66,9 +67,7 @@ def test_population_members_equal_their_solo_steps_on_the_gpu():
     config = jlora.GPT2Config(vocab_size=500, n_positions=64, n_embd=64, n_layer=2, n_head=2)
     params = jlora.random_params(0, config)
     cfgs = [jlora.LoraConfig(r=r, alpha=2 * r) for r in (2, 4)]
-    loras = [
-        jax.tree.map(lambda x: x + 0.01, jlora.init_lora(jax.random.key(i), c, params)) for i, c in enumerate(cfgs)
-    ]
+    loras = [map_factors(lambda x: x + 0.01, jlora.init_lora(jax.random.key(i), c, params)) for i, c in enumerate(cfgs)]
     ocfg = jlora.OptimConfig(lr=1e-2, total_steps=10, warmup_steps=0)
     pop = population([Member(c, lr=1e-2) for c in cfgs], params)
     variables = stack_variables(params, loras, pop)

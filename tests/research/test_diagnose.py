@@ -12,7 +12,7 @@ from jlora.training.run.config import load_run_config
 from jlora.training.run.train import train
 
 from ..conftest import BUCKETS
-from ..core.test_svd import numpy_intruders
+from ..core.lora.test_svd import numpy_intruders
 
 TINY = [
     "model.random={n_layer: 2, n_embd: 32, n_head: 2, n_positions: 64, embd_pdrop: 0.0, resid_pdrop: 0.0}",

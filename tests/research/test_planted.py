@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jlora.core.lora.adapter import flatten_adapters, unflatten_adapters
+from jlora.core.lora.adapter import flatten_adapters, unflatten_adapters, with_scaling
 from jlora.core.lora.config import LoraConfig
 from jlora.core.models.gpt2 import GPT2, GPT2Config, init_params
 from jlora.errors import ConfigError
@@ -74,7 +74,7 @@ def test_compare_to_planted_reads_each_module():
     for path, a in flatten_adapters(planted).items():
         pad = 1e-4 * jax.random.normal(jax.random.key(2), (2, a["A"].shape[1]))  # small extra directions
         student[path] = {"A": jnp.concatenate([a["A"], pad]), "B": jnp.pad(a["B"], ((0, 0), (0, 2))) / 2.0}
-    out = compare_to_planted(unflatten_adapters(student), cfg, planted, planted_cfg)
+    out = compare_to_planted(with_scaling(unflatten_adapters(student), cfg), planted)
     assert sorted(out["modules"]) == ["h.0.attn.c_attn", "h.0.mlp.c_proj"]
     for name in ("phi_row", "phi_column", "energy_top_k"):
         assert out[name] == pytest.approx(1.0, abs=1e-4)

@@ -5,7 +5,7 @@ The name is `combine_adapters` because `jlora.combine` already is the inverse of
 pair). PEFT's ``add_weighted_adapter(adapters, weights, combination_type=...)`` has eleven
 types in two families (``peft/tuners/lora/model.py``); every one is here with PEFT's meaning of
 the weights, `density`, `majority_sign_method` and the rank (PEFT's ``svd_rank``, here `r`).
-With c_i = w_i * scaling_i for adapter i of the n::
+With c_i = w_i * scaling_i for adapter i of the n (each adapter's scale is the one it carries)::
 
     on the factors: the result has the inputs' rank r (they must agree, module by module)
       linear, ties, dare_linear, dare_ties, magnitude_prune
@@ -20,7 +20,7 @@ With c_i = w_i * scaling_i for adapter i of the n::
           r: `r`, default the largest rank among the inputs; `clamp` (PEFT's svd_clamp): B' and A'
           clipped to +-the `clamp` quantile of their entries
 
-    the result: scaling 1 on every module (alpha = r, as PEFT sets it), an ordinary LoraConfig
+    the result: scale 1 on every module (alpha = r, as PEFT sets it), with the LoraConfig that describes it
 
 Plain svd never forms dW': ``sum_i c_i B_i A_i = [c_1 B_1 ... c_n B_n] [A_1; ...; A_n]`` is an
 update in factored form of rank sum r_i, whose SVD comes from QR of the two factors and an SVD
@@ -36,12 +36,12 @@ DoRA adapters are refused (their magnitudes are not task vectors). `combine_leav
 base leaves (``modules_to_save``, e.g. ln_f) as task vectors from the base, which PEFT refuses.
 
 >>> import jax, jax.numpy as jnp
->>> cfg = LoraConfig(r=2, alpha=4)
->>> a = {"h": {"0": {"attn": {"c_attn": {"A": jnp.ones((2, 4)), "B": jnp.ones((12, 2))}}}}}
->>> new_cfg, new = combine_adapters([(cfg, a), (cfg, a)], [0.5, 0.25], method="cat")
->>> new_cfg.r, new_cfg.alpha, new["h"]["0"]["attn"]["c_attn"]["A"].shape
-(4, 4.0, (4, 4))
->>> float((new["h"]["0"]["attn"]["c_attn"]["B"] @ new["h"]["0"]["attn"]["c_attn"]["A"])[0, 0])   # 0.75 * 2 * 2
+>>> a = {"h": {"0": {"attn": {"c_attn": {"A": jnp.ones((2, 4)), "B": jnp.ones((12, 2)), "scaling": 2.0}}}}}
+>>> new_cfg, new = combine_adapters([a, a], [0.5, 0.25], method="cat")
+>>> c_attn = new["h"]["0"]["attn"]["c_attn"]
+>>> new_cfg.r, new_cfg.alpha, c_attn["A"].shape, float(c_attn["scaling"])
+(4, 4.0, (4, 4), 1.0)
+>>> float((c_attn["B"] @ c_attn["A"])[0, 0])   # 0.75 * 2 * 2
 3.0
 """
 
@@ -50,7 +50,6 @@ from __future__ import annotations
 import collections
 import functools
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -58,8 +57,8 @@ import jax
 import jax.numpy as jnp
 
 from jlora.core.algebra import task_vectors as tv
-from jlora.core.lora.adapter import Adapter, flatten_adapters, split_slice, unflatten_adapters
-from jlora.core.lora.config import MODULES, QKV, LoraConfig
+from jlora.core.lora.adapter import SCALE, Adapter, flatten_adapters, scaling_of, split_slice, unflatten_adapters
+from jlora.core.lora.config import MODULES, QKV, LoraConfig, targets_for
 from jlora.core.lora.merge import delta_w
 from jlora.core.lora.svd import factored_svd
 from jlora.errors import CheckpointError, ConfigError
@@ -84,7 +83,7 @@ METHODS = ("svd", "linear", "cat", "ties", "ties_svd", "dare_linear", "dare_ties
 METHODS += ("dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")  # PEFT's order
 LEAF_STREAM = 2**31 - 1  # fold_in tag of the trained base leaves' DARE masks, apart from the adapters'
 
-AdapterList = Sequence[tuple[LoraConfig, Mapping]]  # (its config, its LoRA tree) per adapter
+Adapters = Sequence[Mapping]  # adapter trees, each adapter with the scale it carries
 
 
 def merge_of(method: str) -> str:
@@ -145,7 +144,7 @@ def _order(path: str) -> tuple[int, int, int]:
     return int(layer), MODULES.index(kind), 0 if part is None else 1 + QKV.index(part)
 
 
-def adapters_by_path(adapters: AdapterList) -> dict[str, list[tuple[int, Adapter, float]]]:
+def adapters_by_path(adapters: Adapters) -> dict[str, list[tuple[int, Adapter, jax.Array]]]:
     """{adapter path: [(input index, {"A", "B"}, scaling), ...] for the inputs that adapt it}, in model order.
 
     Raises CheckpointError for what neither combines nor stacks (`jlora.core.algebra.mixed`): a DoRA adapter,
@@ -153,14 +152,14 @@ def adapters_by_path(adapters: AdapterList) -> dict[str, list[tuple[int, Adapter
     and its slices in another.
     """
     by_path: dict[str, list] = collections.defaultdict(list)
-    for i, (cfg, lora) in enumerate(adapters):
+    for i, lora in enumerate(adapters):
         for path, adapter in flatten_adapters(lora).items():
             if "m" in adapter:
                 raise CheckpointError(
                     f"adapter {i} is a DoRA adapter ({path} has a magnitude m); DoRA magnitudes rescale the base's "
                     "output and neither combine nor stack: use plain LoRA adapters"
                 )
-            by_path[path].append((i, adapter, cfg.scaling_for(path, r=adapter["A"].shape[0])))
+            by_path[path].append((i, adapter, scaling_of(adapter, path)))
     for path, present in by_path.items():
         (i0, first, _), *rest = present
         for i, adapter, _ in rest:
@@ -178,7 +177,7 @@ def adapters_by_path(adapters: AdapterList) -> dict[str, list[tuple[int, Adapter
     return {p: by_path[p] for p in sorted(by_path, key=_order)}
 
 
-def dare_masks(key: jax.Array, adapters: AdapterList, method: str, density: float) -> list[dict[str, Any]]:
+def dare_masks(key: jax.Array, adapters: Adapters, method: str, density: float) -> list[dict[str, Any]]:
     """The keep masks `combine_adapters` draws from `key` for a DARE method: one dict per adapter.
 
     ``masks[i][path]`` is ``{"A": (r, d_in), "B": (d_out, r)}`` bool for dare_linear / dare_ties
@@ -189,7 +188,7 @@ def dare_masks(key: jax.Array, adapters: AdapterList, method: str, density: floa
     """
     paths = list(adapters_by_path(adapters))
     masks: list[dict[str, Any]] = []
-    for i, (_, lora) in enumerate(adapters):
+    for i, lora in enumerate(adapters):
         own = {}
         for path, adapter in flatten_adapters(lora).items():
             k = jax.random.fold_in(jax.random.fold_in(key, i), paths.index(path))
@@ -204,7 +203,7 @@ def dare_masks(key: jax.Array, adapters: AdapterList, method: str, density: floa
 
 
 def combine_adapters(
-    adapters: AdapterList,
+    adapters: Adapters,
     weights: Sequence[float],
     method: str = "svd",
     *,
@@ -218,8 +217,8 @@ def combine_adapters(
     """One adapter from `adapters`, as PEFT's ``add_weighted_adapter`` makes it (see the module doc).
 
     Args:
-      adapters: (LoraConfig, LoRA tree) per input; ranks, alphas, rsLoRA and modules may differ
-        (the factor methods need one rank per module among the inputs that adapt it).
+      adapters: the inputs' adapter trees, each adapter with its scale; ranks, scales and modules may
+        differ (the factor methods need one rank per module among the inputs that adapt it).
       weights: one number per adapter, negative allowed (subtracting a task).
       method: one of `METHODS` (PEFT's combination_type; default "svd", as PEFT's).
       density: the share of entries kept, in (0, 1], for ties*, dare_* and magnitude_prune*.
@@ -230,7 +229,8 @@ def combine_adapters(
       clamp: the *svd methods' svd_clamp quantile, in (0, 1] (None: no clipping).
 
     Returns:
-      (config, LoRA tree): an ordinary adapter of scaling 1 on every module it adapts.
+      (config, adapter tree): an ordinary adapter of scale 1 on every module it adapts, and the
+      `LoraConfig` that describes it (for export).
 
     Raises:
       ConfigError: a bad option or rank; CheckpointError: adapters the method cannot combine.
@@ -267,7 +267,8 @@ def combine_adapters(
             rank = _rank(method, path, factors, r, largest)
             keep = _keep(mask, present, path)
             flat[path] = _update_merge(method, factors, w, scalings, keep, rank=rank, clamp=clamp, **options)
-    return result_config(flat, [cfg for cfg, _ in adapters]), unflatten_adapters(flat)
+    flat = {path: {**adapter, SCALE: jnp.ones((), jnp.float32)} for path, adapter in flat.items()}
+    return result_config(flat), unflatten_adapters(flat)
 
 
 def _keep(mask, present, path) -> Any:
@@ -370,23 +371,16 @@ def _refactor(u, s, vt, r, clamp) -> Adapter:
     return {"A": a, "B": b}
 
 
-def result_config(flat: Mapping[str, Adapter], cfgs: Sequence[LoraConfig]) -> LoraConfig:
-    """The LoraConfig of a combined adapter: its modules, its ranks, alpha = r (scaling 1), no rsLoRA.
-
-    The targets are an input's own when it adapts exactly these modules, else the paths themselves.
-    """
+def result_config(flat: Mapping[str, Adapter]) -> LoraConfig:
+    """The LoraConfig of a combined adapter: its modules, its ranks, alpha = r (scaling 1), no rsLoRA."""
     ranks = {path: int(adapter["A"].shape[0]) for path, adapter in flat.items()}
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
     n_layer = 1 + max(int(p.split(".")[1]) for p in ranks)
     paths = tuple(ranks)
-    own = next((c for c in cfgs if c.module_paths(n_layer) == paths), None)
-    targets = dict(target_modules=own.target_modules, layers=own.layers) if own else {}
     cfg = LoraConfig(
         r=r,
         alpha=float(r),
-        dropout=cfgs[0].dropout,
-        target_modules=targets.get("target_modules", tuple(re.escape(p) for p in paths)),
-        layers=targets.get("layers"),
+        **targets_for(paths),
         rank_pattern={p: k for p, k in ranks.items() if k != r},
         alpha_pattern={p: float(k) for p, k in ranks.items() if k != r},
     )

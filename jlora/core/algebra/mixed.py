@@ -4,16 +4,16 @@ PEFT serves a batch whose rows name different adapters (``adapter_names=`` per r
 K adapters are one stacked value and the row's adapter an index, both arguments of the compiled
 function, so another set of K adapters of the same shapes runs without a new compilation::
 
-    stack    lora     {"A": (K, R, d_in), "B": (K, d_out, R)} per adapter path; R the largest rank
-                      there, the others zero-padded (as a population's, `jlora.core.update.population`),
-                      zeros for an adapter that lacks the module
-             scaling  {path...: {"scaling": (K,)}}, each adapter's own alpha / r (0 where it lacks one)
+    stack    lora     {"A": (K, R, d_in), "B": (K, d_out, R), "scaling": (K,)} per adapter path; R the
+                      largest rank there, the others zero-padded (as a population's,
+                      `jlora.core.update.population`), zeros for an adapter that lacks the module; each
+                      adapter's own scale (0 where it lacks one)
     index    (N,) int: row n is answered by adapter index[n]; -1 by the base alone (PEFT's "__base__")
 
     mixed_variables(params, stack, index) =
-        {"params": params, "lora": stack.lora, "lora_scaling": {path: (N, K) = onehot(index) * scaling}}
+        {"params": params, "lora": stack.lora with each "scaling": (N, K) = onehot(index) * scaling}
 
-`GPT2`'s `Linear`, given stacked A and B, adds ``sum_k weights[n, k] B_k A_k x_n`` to row n
+The models' `Linear`, given stacked A and B, adds ``sum_k weights[n, k] B_k A_k x_n`` to row n
 (`jlora.core.lora.stacked_lora_delta`): the K adapters act as one adapter of rank K * R whose
 intermediate is weighted per row, so the base runs once per row and the batch is two extra
 matmuls per module. No per-row copy of A and B is made: gathering ``A[index]`` would read
@@ -28,11 +28,11 @@ is K times the LoRA path's arithmetic, small while K R is small against d_in d_o
 >>> config = jlora.GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2)
 >>> params = jlora.init_params(jax.random.key(0), config)
 >>> cfgs = [jlora.LoraConfig(r=2, alpha=4), jlora.LoraConfig(r=4, alpha=4)]
->>> stack = stack_adapters([(c, jlora.init_lora(jax.random.key(k), c, params)) for k, c in enumerate(cfgs)])
->>> jax.tree.map(jnp.shape, stack.lora["h"]["0"]["attn"]["c_attn"]), stack.scaling["h"]["0"]["attn"]["c_attn"]
-({'A': (2, 4, 8), 'B': (2, 24, 4)}, {'scaling': Array([2., 1.], dtype=float32)})
+>>> stack = stack_adapters([jlora.init_lora(jax.random.key(k), c, params) for k, c in enumerate(cfgs)])
+>>> jax.tree.map(jnp.shape, stack.lora["h"]["0"]["attn"]["c_attn"]), stack.lora["h"]["0"]["attn"]["c_attn"]["scaling"]
+({'A': (2, 4, 8), 'B': (2, 24, 4), 'scaling': (2,)}, Array([2., 1.], dtype=float32))
 >>> variables = mixed_variables(params, stack, jnp.array([1, 0, -1]))   # rows 0, 1, 2: adapter 1, 0, the base
->>> variables["lora_scaling"]["h"]["0"]["attn"]["c_attn"]["scaling"].tolist()
+>>> variables["lora"]["h"]["0"]["attn"]["c_attn"]["scaling"].tolist()
 [[0.0, 1.0], [2.0, 0.0], [0.0, 0.0]]
 """
 
@@ -45,9 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.core.algebra.combine import AdapterList, adapters_by_path
-from jlora.core.lora.adapter import unflatten_adapters
-from jlora.core.models.gpt2 import SCALING
+from jlora.core.algebra.combine import Adapters, adapters_by_path
+from jlora.core.lora.adapter import SCALE, flatten_adapters, unflatten_adapters
 from jlora.core.update.loss import CHUNK, at_loss_positions, head_loss_sum, hidden_states
 from jlora.core.update.parallel import local_devices
 from jlora.core.update.step import EvalStep, compile_eval
@@ -55,29 +54,28 @@ from jlora.errors import ConfigError
 
 
 class AdapterStack(NamedTuple):
-    """K adapters stacked for one base: `lora` (K, ...) per adapter path and their `scaling` collection."""
+    """K adapters stacked for one base: `lora`, (K, ...) per adapter path, each scale (K,) beside its factors."""
 
     lora: dict
-    scaling: dict
 
     @property
     def size(self) -> int:
-        return int(jax.tree.leaves(self.scaling)[0].shape[0])
+        return int(next(iter(flatten_adapters(self.lora).values()))[SCALE].shape[0])
 
     def variables(self, params: Mapping) -> dict:
-        """``{"params": params, "lora": (K, ...), "lora_scaling": (K, ...)}``: what `make_mixed_eval_step` reads."""
-        return {"params": params, "lora": self.lora, SCALING: self.scaling}
+        """``{"params": params, "lora": (K, ...)}``: what `make_mixed_eval_step` reads."""
+        return {"params": params, "lora": self.lora}
 
 
-def stack_adapters(adapters: AdapterList) -> AdapterStack:
-    """The `AdapterStack` of K (LoraConfig, LoRA tree) pairs; ranks, alphas and modules may differ.
+def stack_adapters(adapters: Adapters) -> AdapterStack:
+    """The `AdapterStack` of K adapter trees (each adapter with its scale); ranks, scales and modules may differ.
 
     Raises CheckpointError for adapters that cannot share a base (DoRA, factors of other shapes,
     a fused module in one and its slices in another, as `jlora.core.algebra.combine.adapters_by_path`).
     """
     by_path = adapters_by_path(adapters)
     k = len(adapters)
-    lora, scaling = {}, {}
+    lora = {}
     for path, present in by_path.items():
         rank = max(adapter["A"].shape[0] for _, adapter, _ in present)
         (_, first, _), d_out = present[0], present[0][1]["B"].shape[0]
@@ -87,8 +85,8 @@ def stack_adapters(adapters: AdapterList) -> AdapterStack:
         for i, adapter, scale in present:
             r = adapter["A"].shape[0]
             a[i, :r], b[i, :, :r], s[i] = np.asarray(adapter["A"]), np.asarray(adapter["B"]), scale
-        lora[path], scaling[path] = {"A": jnp.asarray(a), "B": jnp.asarray(b)}, {"scaling": jnp.asarray(s)}
-    return AdapterStack(unflatten_adapters(lora), unflatten_adapters(scaling))
+        lora[path] = {"A": jnp.asarray(a), "B": jnp.asarray(b), SCALE: jnp.asarray(s)}
+    return AdapterStack(unflatten_adapters(lora))
 
 
 def check_index(index: Sequence[int] | np.ndarray, size: int, rows: int | None = None) -> np.ndarray:
@@ -117,8 +115,8 @@ def mixed_variables(params: Mapping, stack: AdapterStack, index: jax.Array) -> d
     Traceable: inside a compiled function the stack and the index stay arguments.
     """
     onehot = jax.nn.one_hot(index, stack.size, dtype=jnp.float32)  # (N, K); -1 gives a row of zeros
-    weights = jax.tree.map(lambda s: onehot * s[None, :], stack.scaling)
-    return {"params": params, "lora": stack.lora, SCALING: weights}
+    rows = {path: {**a, SCALE: onehot * a[SCALE][None, :]} for path, a in flatten_adapters(stack.lora).items()}
+    return {"params": params, "lora": unflatten_adapters(rows)}
 
 
 def mixed_loss_sums(model, variables: Mapping, batch: Mapping, *, chunk: int = CHUNK) -> tuple[jax.Array, jax.Array]:
@@ -126,10 +124,10 @@ def mixed_loss_sums(model, variables: Mapping, batch: Mapping, *, chunk: int = C
 
     Args:
       model: a `GPT2` with a LoraConfig (its dropout is not used; the stack gives the scalings).
-      variables: `AdapterStack.variables`, ``{"params", "lora": (K, ...), "lora_scaling": (K, ...)}``.
+      variables: `AdapterStack.variables`, ``{"params", "lora": (K, ...)}``.
       batch: a (shaped) batch, `jlora.core.update.loss`'s keys, plus ``adapter_index`` (R,) int.
     """
-    stack = AdapterStack(variables["lora"], variables[SCALING])
+    stack = AdapterStack(variables["lora"])
     index = batch["adapter_index"]
     hidden = hidden_states(model, mixed_variables(variables["params"], stack, index), batch)
     mask = batch["loss_mask"].astype(jnp.float32)

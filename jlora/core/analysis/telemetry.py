@@ -23,8 +23,8 @@ row keeps each member's own r. Adapters of one shape share one vmapped QR/SVD.
 
 >>> import jax, jax.numpy as jnp
 >>> a = jax.random.normal(jax.random.key(0), (2, 6)); b = jax.random.normal(jax.random.key(1), (9, 2))
->>> lora = {"h": {"0": {"attn": {"c_attn": {"A": a, "B": b}}}}}
->>> figs = adapter_figures(lora, lora, {"h.0.attn.c_attn": 2.0}, {"h.0.attn.c_attn": 10.0})
+>>> lora = {"h": {"0": {"attn": {"c_attn": {"A": a, "B": b, "scaling": 2.0}}}}}
+>>> figs = adapter_figures(lora, lora, {"h.0.attn.c_attn": 10.0})
 >>> row = telemetry_row(figs, {"h.0.attn.c_attn": 2})
 >>> round(row["phi_full/mean"], 5), bool(jnp.isclose(row["norm/mean"], jnp.linalg.norm(2.0 * b @ a)))
 (1.0, True)
@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.core.lora.adapter import flatten_adapters, output_columns, split_slice
+from jlora.core.lora.adapter import flatten_adapters, output_columns, scaling_of, split_slice
 from jlora.core.lora.svd import HIGHEST, factored_svd, spectrum
 from jlora.tree import get_path
 
@@ -77,12 +77,13 @@ def _one(a, b, a0, b0, scaling, w_norm) -> dict:
 
 
 @jax.jit
-def adapter_figures(lora: Mapping, previous: Mapping, scalings: Mapping, norms: Mapping) -> dict:
+def adapter_figures(lora: Mapping, previous: Mapping, norms: Mapping) -> dict:
     """The figures of every adapter (module doc) from its factors now and N steps ago, compiled.
 
     Args:
-      lora, previous: LoRA trees of one structure and shapes (A (r, d_in), B (d_out, r)).
-      scalings: {adapter path: scaling} (floats or 0-d arrays: a population member's, traced).
+      lora: the adapters now (A (r, d_in), B (d_out, r) and the scale each carries, which also scales
+        the factors of N steps ago).
+      previous: their factors N steps ago, of the same shapes.
       norms: {adapter path: ||W||_F}, from `weight_norms`.
 
     Returns:
@@ -96,6 +97,7 @@ def adapter_figures(lora: Mapping, previous: Mapping, scalings: Mapping, norms: 
     out = {}
     for paths in groups.values():
         factors = [jnp.stack([t[p][n].astype(jnp.float32) for p in paths]) for t in (now, before) for n in "AB"]
+        scalings = {p: scaling_of(now[p], p) for p in paths}
         values = [jnp.stack([jnp.asarray(d[p], jnp.float32) for p in paths]) for d in (scalings, norms)]
         figs = jax.vmap(_one)(*factors, *values)
         out.update({p: {name: value[n] for name, value in figs.items()} for n, p in enumerate(paths)})

@@ -21,7 +21,7 @@ not constants in it, so changing them does not recompile either::
     model, params = jlora.load_gpt2("gpt2")
     out = generate(model, params, [[15496, 11], [40]], max_new_tokens=20, eos_token_id=50256)
     out.tokens, out.lengths, out.tokens_per_s
-    stack = stack_adapters([(cfg_a, lora_a), (cfg_b, lora_b)])         # jlora.core.algebra.mixed
+    stack = stack_adapters([lora_a, lora_b])                           # jlora.core.algebra.mixed
     out = generate(model, params, [[15496, 11], [40]], adapters=stack, adapter_index=[1, 0])
 """
 
@@ -38,14 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.core.algebra.mixed import AdapterStack, check_index, mixed_variables
-from jlora.core.lora.config import LoraConfig
 from jlora.core.lora.merge import merge
 from jlora.core.models.gpt2 import GPT2, check_token_ids, init_cache
 
 PAD_MULTIPLE = 16
-STACK_CONFIG = (
-    LoraConfig()
-)  # the model's config under a stack: only its dropout (0) is read, the stack has the scalings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,10 +101,10 @@ def filter_logits(logits: jax.Array, top_k: int | jax.Array | None = None, top_p
 
 
 def _decode(model, params, rows, ids, mask, key, sampling, eos, *, max_new_tokens, greedy):
-    """Prefill and the decoding loop. `rows`: None, or (stack lora, stack scaling, adapter index) of a mixed
-    batch; `sampling`: (temperature, top_k, top_p); `eos`: -1 when rows never stop."""
+    """Prefill and the decoding loop. `rows`: None, or (stacked adapters, adapter index) of a mixed batch;
+    `sampling`: (temperature, top_k, top_p); `eos`: -1 when rows never stop."""
     batch, prompt_length = ids.shape
-    variables = {"params": params} if rows is None else mixed_variables(params, AdapterStack(*rows[:2]), rows[2])
+    variables = {"params": params} if rows is None else mixed_variables(params, AdapterStack(rows[0]), rows[1])
     last_logits = lambda hidden: model.apply(variables, hidden[:, -1], method=GPT2.logits).astype(jnp.float32)  # noqa: E731
     cache = init_cache(model.config, batch, prompt_length + max_new_tokens)
     hidden, cache = model.apply(variables, ids, cache, mask, method=GPT2.decode)
@@ -183,10 +179,11 @@ def generate(
     """Continue each prompt by up to `max_new_tokens` tokens.
 
     Args:
-      model: the GPT-2 module; with `lora`, its ``model.lora`` config gives the scalings.
+      model: the GPT-2 module.
       params: the base parameter tree.
       prompts: token ids per row (lengths may differ: rows are left-padded).
-      lora: an adapter tree, merged into `params` before decoding (None: `params` as they are).
+      lora: an adapter tree (each adapter with its scale), merged into `params` before decoding (None:
+        `params` as they are).
       adapters: instead, K adapters stacked (`jlora.core.algebra.mixed.stack_adapters`), not merged: row n
         decodes with adapter ``adapter_index[n]`` (-1: the base alone), all rows in one batch.
       adapter_index: one adapter index per prompt, with `adapters`.
@@ -209,10 +206,10 @@ def generate(
         raise ValueError("give lora= (one adapter, merged), or adapters= with adapter_index= (a mixed batch)")
     rows = None
     if adapters is not None:
-        rows = (adapters.lora, adapters.scaling, check_index(adapter_index, adapters.size, len(prompts)))
+        rows = (adapters.lora, check_index(adapter_index, adapters.size, len(prompts)))
     elif lora is not None:
-        params = merge(params, lora, model.lora)
-    model = model.clone(lora=None if rows is None else STACK_CONFIG)
+        params = merge(params, lora)
+    model = model.clone(lora=None)  # decoding has no dropout; the adapters carry their scales
     ids, mask = _left_pad(prompts, max_new_tokens, model.config.n_positions)
     check_token_ids(ids, model.config.vocab_size)  # the decoding loop is jitted: it could not tell
     greedy = temperature == 0

@@ -1,18 +1,27 @@
-"""The LoRA tree: its layout, its initialisation and the update it adds.
+"""The adapter: a value that carries its factors and its scale, its layout, its initialisation and its update.
 
 The model's variables are two separate pytrees::
 
     {"params": base,   # the checkpoint's tree, frozen
-     "lora":   lora}   # the adapters, trained
+     "lora":   lora}   # the adapters: factors trained, each its own scale
 
 `lora` mirrors `params`: the adapter of the weight ``params["h"]["0"]["attn"]["c_attn"]
-["kernel"]`` (stored (d_in, d_out), as GPT-2's Conv1D) lives at
-``lora["h"]["0"]["attn"]["c_attn"] = {"A": (r, d_in), "B": (d_out, r)}``, in the maths'
-(and PEFT's) layout. A slice adapter of the fused q, k, v projection sits one level down,
-``lora[...]["c_attn"]["q"] = {"A": (r, D), "B": (D, r)}``. So one path names a module
-everywhere, and `flatten_adapters` gives ``{"h.0.attn.c_attn": {"A": ..., "B": ...}}``.
-An adapter may hold more than A and B, and every function here carries its other leaves
-along: DoRA's magnitude ``"m": (d_out,)`` (`jlora.core.lora.dora`) sits beside them.
+["kernel"]`` (stored (d_in, d_out), as GPT-2's Conv1D) lives at ``lora["h"]["0"]["attn"]["c_attn"]``::
+
+    {"A": (r, d_in), "B": (d_out, r), "scaling": ()}       h += scaling * B A x
+
+in the maths' (and PEFT's) layout. The scale is set once, when the adapter is built (`init_lora`,
+or `with_scaling` for factors read from a file: alpha / r, rsLoRA's alpha / sqrt(r), the patterns),
+and everything after reads it from the adapter: the forward pass, merging, the spectrum,
+combining, export. It is a leaf like the factors, so a population's adapters stacked along a
+member axis carry their scales stacked too, ``"scaling": (K,)``, and a mixed batch's rows each
+their own weights, ``"scaling": (N, K)``; the trainable mask leaves it frozen.
+
+A slice adapter of a fused projection (GPT-2's q, k, v thirds of c_attn) sits one level down,
+``lora[...]["c_attn"]["q"] = {"A": (r, D), "B": (D, r), "scaling": ()}``. So one path names a
+module everywhere, and `flatten_adapters` gives ``{"h.0.attn.c_attn": {"A": ..., "B": ..., "scaling": ...}}``.
+An adapter may hold more, and every function here carries its other leaves along: DoRA's
+magnitude ``"m": (d_out,)`` (`jlora.core.lora.dora`) sits beside them.
 
 `init_lora` makes the adapters whose B starts at 0 (the base is untouched); PiSSA and
 OLoRA start from the weight itself and change the base, so `jlora.core.lora.residual.init_adapters`
@@ -21,8 +30,8 @@ makes those (with the residual base).
 >>> import jax, jax.numpy as jnp
 >>> params = {"h": {"0": {"attn": {"c_attn": {"kernel": jnp.zeros((4, 12))}}}}}
 >>> lora = init_lora(jax.random.key(0), LoraConfig(r=2, alpha=4), params)
->>> {p: (a["A"].shape, a["B"].shape) for p, a in flatten_adapters(lora).items()}
-{'h.0.attn.c_attn': ((2, 4), (12, 2))}
+>>> {p: (a["A"].shape, a["B"].shape, float(a["scaling"])) for p, a in flatten_adapters(lora).items()}
+{'h.0.attn.c_attn': ((2, 4), (12, 2), 2.0)}
 """
 
 from __future__ import annotations
@@ -37,10 +46,11 @@ import jax.numpy as jnp
 from jlora.core.lora.config import QKV, LoraConfig
 from jlora.core.lora.dora import column_norm
 from jlora.errors import ConfigError
-from jlora.tree import get_path, unflatten
+from jlora.tree import get_path, path_names, unflatten
 
 PyTree = Any
-Adapter = dict  # {"A": (r, d_in), "B": (d_out, r)[, "m": (d_out,) for DoRA]}
+Adapter = dict  # {"A": (r, d_in), "B": (d_out, r), "scaling": ()[, "m": (d_out,) for DoRA]}
+SCALE = "scaling"  # the adapter's leaf holding its scale: set when it is built, never trained
 
 
 def flatten_adapters(lora: Mapping) -> dict[str, Adapter]:
@@ -154,10 +164,11 @@ def init_lora(key: jax.Array, model_or_cfg: Any, params: Mapping, dtype=jnp.floa
             "A": _init_a(jax.random.fold_in(key, i), cfg.init, r, d_in, dtype),
             "B": jnp.zeros((d_out, r), dtype),
         }
-    return unflatten_adapters(with_magnitudes(flat, cfg, params) if cfg.use_dora else flat)
+    flat = with_scaling(flat, cfg, flat=True)
+    return unflatten_adapters(with_magnitudes(flat, params) if cfg.use_dora else flat)
 
 
-def with_magnitudes(flat: Mapping[str, Adapter], cfg: LoraConfig, params: Mapping) -> dict[str, Adapter]:
+def with_magnitudes(flat: Mapping[str, Adapter], params: Mapping) -> dict[str, Adapter]:
     """The adapters with DoRA's magnitude m = ||W_j + s (B A)_j|| added (``||W_j||`` when B = 0).
 
     As PEFT initialises it: the norm of the weight the adapter starts from, so W' = W at step 0.
@@ -165,10 +176,90 @@ def with_magnitudes(flat: Mapping[str, Adapter], cfg: LoraConfig, params: Mappin
     out = {}
     for path, adapter in flat.items():
         kernel = get_path(params, path)["kernel"]  # DoRA adapts whole modules (no q/k/v slices)
-        scaling = cfg.scaling_for(path, r=adapter["A"].shape[0])
-        m = column_norm(kernel, adapter["A"], adapter["B"], scaling)
+        m = column_norm(kernel, adapter["A"], adapter["B"], scaling_of(adapter, path))
         out[path] = {**adapter, "m": m.astype(adapter["A"].dtype)}
     return out
+
+
+def with_scaling(lora: Mapping, cfg: LoraConfig, *, flat: bool = False) -> dict:
+    """`lora` with each adapter's scale set as `cfg` gives it for its path and rank: building an adapter
+    from factors (read from a checkpoint or a PEFT folder, or just made). A scale already there is replaced.
+
+    `flat`: `lora` is ``{path: adapter}`` (`flatten_adapters`' form), and so is the result.
+
+    >>> import jax.numpy as jnp
+    >>> lora = {"h": {"0": {"attn": {"c_attn": {"A": jnp.ones((4, 3)), "B": jnp.zeros((9, 4))}}}}}
+    >>> float(with_scaling(lora, LoraConfig(r=4, alpha=16))["h"]["0"]["attn"]["c_attn"]["scaling"])
+    4.0
+    """
+    adapters = dict(lora) if flat else flatten_adapters(lora)
+    scaled = {
+        path: {**adapter, SCALE: jnp.asarray(cfg.scaling_for(path, r=adapter["A"].shape[-2]), jnp.float32)}
+        for path, adapter in adapters.items()
+    }
+    return scaled if flat else unflatten_adapters(scaled)
+
+
+def map_factors(fn, lora: Mapping) -> dict:
+    """`lora` with `fn` applied to every factor leaf (A, B, DoRA's m), each scale kept as it is.
+
+    >>> lora = {"c_fc": {"A": jnp.ones((1, 2)), "B": jnp.ones((3, 1)), "scaling": jnp.asarray(2.0)}}
+    >>> jax.tree.map(float, map_factors(lambda x: 3 * x.sum(), lora))
+    {'c_fc': {'A': 6.0, 'B': 9.0, 'scaling': 2.0}}
+    """
+    return jax.tree_util.tree_map_with_path(lambda kp, x: x if path_names(kp)[-1] == SCALE else fn(x), lora)
+
+
+def without_scaling(lora: Mapping) -> dict:
+    """The factors alone (A, B, and DoRA's m): what is trained, saved and exported as tensors."""
+    return unflatten_adapters(
+        {path: {k: v for k, v in a.items() if k != SCALE} for path, a in flatten_adapters(lora).items()}
+    )
+
+
+def scaling_of(adapter: Mapping, path: str = "") -> jax.Array:
+    """The scale an adapter carries; a ValueError naming `path` if it was made without one."""
+    if SCALE not in adapter:
+        where = f" at {path}" if path else ""
+        raise ValueError(
+            f"the adapter{where} carries no scale: build it with jlora.init_lora, or give factors their scale "
+            "with jlora.with_scaling(lora, cfg)"
+        )
+    return adapter[SCALE]
+
+
+def adapter_delta(x: jax.Array, adapter: Mapping, path: str = "") -> jax.Array:
+    """The adapter's update of inputs in rows, with the scale it carries: ``scaling * B A x``.
+
+    One adapter (A (r, d_in)) gives `lora_delta`; K adapters stacked (A (K, r, d_in), as a mixed
+    batch hands them to a layer) give each row its own mix, the scale then per row and adapter
+    (``"scaling": (N, K)``, `stacked_lora_delta`).
+    """
+    scale = scaling_of(adapter, path)
+    if adapter["A"].ndim == 3:
+        if jnp.ndim(scale) != 2:
+            raise ValueError(
+                f"stacked adapters{' at ' + path if path else ''} need per-row weights: "
+                "use jlora.core.algebra.mixed.mixed_variables"
+            )
+        return stacked_lora_delta(x, adapter["A"], adapter["B"], scale)
+    return lora_delta(x, adapter["A"], adapter["B"], scale)
+
+
+def module_delta(x: jax.Array, node: Mapping, d_out: int, path: str = "") -> jax.Array:
+    """The update of one module, (..., d_out): its adapter's, or its slice adapters' side by side.
+
+    `node` is the "lora" collection at the module: an adapter (with "A"), or ``{"q": adapter, "v": ...}``
+    for slices of a fused projection (`QKV` order; a slice without an adapter adds zeros).
+    """
+    if "A" in node:
+        return adapter_delta(x, node, path)
+    width = d_out // len(QKV)
+    parts = [
+        adapter_delta(x, node[s], f"{path}.{s}") if s in node else jnp.zeros((*x.shape[:-1], width), x.dtype)
+        for s in QKV
+    ]
+    return jnp.concatenate(parts, axis=-1)
 
 
 def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scaling: float) -> jax.Array:

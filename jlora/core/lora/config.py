@@ -213,6 +213,50 @@ class LoraConfig:
         return cls(**d)
 
 
+def layers_and_kinds(paths) -> dict[int, set[str]]:
+    """{block index: {module kinds}} of module paths ``h.{i}.{kind}``."""
+    by_layer: dict[int, set[str]] = {}
+    for p in paths:
+        _, layer, kind = p.split(".", 2)
+        by_layer.setdefault(int(layer), set()).add(kind)
+    return by_layer
+
+
+def short_names(kinds) -> list[str]:
+    """Module kinds ("attn.c_proj", ...) as the shortest suffixes that select exactly them.
+
+    >>> short_names({"attn.c_attn", "attn.c_proj", "mlp.c_proj"}), short_names({"mlp.c_proj", "attn.c_attn"})
+    (['c_attn', 'c_proj'], ['c_attn', 'mlp.c_proj'])
+    """
+    names = []
+    for kind in sorted(kinds, key=MODULES.index):
+        last = kind.split(".")[-1]
+        same_last = [k for k in MODULES if k.split(".")[-1] == last]
+        names.append(last if all(k in kinds for k in same_last) else kind)
+    return sorted(set(names), key=names.index)
+
+
+def targets_for(paths, every_layer: bool = True) -> dict:
+    """The `LoraConfig` target fields (``target_modules``, ``layers``) that select exactly these module paths.
+
+    The same module kinds in every block they name: short names, with ``layers`` None when `every_layer`
+    (the blocks named are all the model's) and they are blocks 0, 1, ..., else the blocks named; other
+    paths: the paths themselves.
+
+    >>> targets_for(["h.0.attn.c_attn", "h.1.attn.c_attn"])
+    {'target_modules': ('c_attn',), 'layers': None}
+    >>> exact = targets_for(["h.0.attn.c_attn", "h.1.mlp.c_fc"])["target_modules"]   # regular expressions
+    >>> [[re.fullmatch(t, p) is not None for p in ("h.0.attn.c_attn", "h.1.mlp.c_fc")] for t in exact]
+    [[True, False], [False, True]]
+    """
+    by_layer = layers_and_kinds(paths)
+    kinds = set.union(*by_layer.values())
+    if kinds <= set(MODULES) and all(k == kinds for k in by_layer.values()):
+        every = every_layer and sorted(by_layer) == list(range(len(by_layer)))
+        return {"target_modules": tuple(short_names(kinds)), "layers": None if every else tuple(sorted(by_layer))}
+    return {"target_modules": tuple(re.escape(p) for p in paths), "layers": None}
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 

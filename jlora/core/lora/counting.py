@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from jlora.core.lora.adapter import adapted_shape, flatten_adapters
+from jlora.core.lora.adapter import SCALE, adapted_shape, flatten_adapters
 
 
 def adapter_param_count(d_in: int, d_out: int, r: int) -> int:
@@ -51,7 +51,7 @@ def module_counts(lora: Mapping, params: Mapping | None = None) -> dict[str, dic
     """
     table: dict[str, dict[str, int | float]] = {}
     for path, adapter in flatten_adapters(lora).items():
-        row: dict[str, int | float] = {name: _size(leaf) for name, leaf in adapter.items()}  # A, B (, m)
+        row: dict[str, int | float] = {n: _size(leaf) for n, leaf in adapter.items() if n != SCALE}  # A, B (, m)
         row["lora"] = sum(row.values())
         if params is not None:
             d_out, d_in = adapted_shape(params, path)

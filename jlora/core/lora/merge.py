@@ -17,20 +17,19 @@ A q/k/v slice adapter updates only its third of the fused c_attn kernel's column
 kernel is taken to float32 once, receives every adapter that touches it, and is cast back to
 its own dtype once (so bfloat16 weights are rounded a single time).
 
-`merge` and `unmerge` are pure and jit-compatible (``jax.jit(merge, static_argnums=2)``; a
-`LoraConfig` is hashable). Called outside jit they refuse to return non-finite weights,
+`merge` and `unmerge` are pure and jit-compatible; each adapter's scale is the one it carries
+(`jlora.core.lora.adapter`). Called outside jit they refuse to return non-finite weights,
 raising `ValueError` naming the module; inside a caller's jit the values are abstract and
 that check cannot run, so merge outside jit (it compiles itself) when the check matters.
 
 >>> import jax.numpy as jnp
->>> from jlora.core.lora.config import LoraConfig
 >>> params = {"h": {"0": {"attn": {"c_attn": {"kernel": jnp.zeros((2, 6)), "bias": jnp.zeros(6)}}}}}
->>> lora = {"h": {"0": {"attn": {"c_attn": {"A": jnp.ones((1, 2)), "B": jnp.ones((6, 1))}}}}}
->>> merged = merge(params, lora, LoraConfig(r=1, alpha=2.0))
+>>> lora = {"h": {"0": {"attn": {"c_attn": {"A": jnp.ones((1, 2)), "B": jnp.ones((6, 1)), "scaling": 2.0}}}}}
+>>> merged = merge(params, lora)
 >>> merged["h"]["0"]["attn"]["c_attn"]["kernel"]
 Array([[2., 2., 2., 2., 2., 2.],
        [2., 2., 2., 2., 2., 2.]], dtype=float32)
->>> float(abs(unmerge(merged, lora, LoraConfig(r=1, alpha=2.0))["h"]["0"]["attn"]["c_attn"]["kernel"]).max())
+>>> float(abs(unmerge(merged, lora)["h"]["0"]["attn"]["c_attn"]["kernel"]).max())
 0.0
 """
 
@@ -42,8 +41,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora.core.lora.adapter import adapters_by_module, output_columns
-from jlora.core.lora.config import LoraConfig
+from jlora.core.lora.adapter import SCALE, adapters_by_module, output_columns, scaling_of
 from jlora.core.lora.dora import magnitude_scale
 from jlora.tree import get_path, has_path, replace_paths
 
@@ -76,7 +74,7 @@ def _check_shapes(path: str, kernel: jax.Array, adapter: Mapping) -> None:
 
 
 def _new_kernels(
-    kernels: dict[str, jax.Array], grouped: dict[str, dict], cfg: LoraConfig, sign: float
+    kernels: dict[str, jax.Array], grouped: dict[str, dict], sign: float
 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     """{module: kernel} -> ({module: kernel +- its adapters' updates}, {module: all finite?})."""
     new, finite = {}, {}
@@ -84,7 +82,7 @@ def _new_kernels(
         kernel = kernels[module]
         acc = kernel.astype(jnp.float32)
         for path, adapter in adapters.items():
-            scaling = cfg.scaling_for(path, r=adapter["A"].shape[0])
+            scaling = adapter[SCALE]
             cols = output_columns(path, kernel.shape[1])
             update = sign * delta_w(adapter["A"], adapter["B"], scaling).T
             if "m" in adapter:  # DoRA: m / n from the weight before the update
@@ -97,10 +95,10 @@ def _new_kernels(
 
 
 # Only the adapted kernels go through jit: every other leaf is passed back as the same array.
-_new_kernels_jit = jax.jit(_new_kernels, static_argnums=(2, 3))
+_new_kernels_jit = jax.jit(_new_kernels, static_argnums=2)
 
 
-def _apply(params: Mapping, lora: Mapping, cfg: LoraConfig, sign: float, verb: str) -> PyTree:
+def _apply(params: Mapping, lora: Mapping, sign: float, verb: str) -> PyTree:
     grouped = adapters_by_module(lora)
     missing = [module for module in grouped if not has_path(params, module + ".kernel")]
     if missing:
@@ -114,7 +112,8 @@ def _apply(params: Mapping, lora: Mapping, cfg: LoraConfig, sign: float, verb: s
     for module, adapters in grouped.items():
         for path, adapter in adapters.items():
             _check_shapes(path, kernels[module], adapter)
-    new, finite = _new_kernels_jit(kernels, grouped, cfg, sign)
+            scaling_of(adapter, path)
+    new, finite = _new_kernels_jit(kernels, grouped, sign)
     if not any(isinstance(f, jax.core.Tracer) for f in finite.values()):  # under the caller's jit: abstract
         bad = [module for module, ok in finite.items() if not bool(ok)]
         if bad:
@@ -125,25 +124,24 @@ def _apply(params: Mapping, lora: Mapping, cfg: LoraConfig, sign: float, verb: s
     return replace_paths(params, {f"{module}.kernel": kernel for module, kernel in new.items()})
 
 
-def merge(params: Mapping, lora: Mapping, cfg: LoraConfig) -> PyTree:
+def merge(params: Mapping, lora: Mapping) -> PyTree:
     """The base parameters with every adapter's update folded in: W' = W + scaling * B A (DoRA: see the module doc).
 
     Args:
       params: the base tree; kernels (d_in, d_out) in any float dtype.
-      lora: the LoRA tree, ``{"A": (r, d_in), "B": (d_out_slice, r)[, "m": (d_out,)]}`` per module.
-      cfg: gives each module's scaling (``cfg.scaling_for(path, r)``, as the model uses).
+      lora: the adapters, ``{"A": (r, d_in), "B": (d_out_slice, r), "scaling": ()[, "m": (d_out,)]}`` per module.
 
     Returns:
       A new tree of the same structure and dtypes; only adapted kernels differ, so
-      ``model.apply({"params": merge(params, lora, cfg)}, ids)`` is the adapted model.
+      ``model.apply({"params": merge(params, lora)}, ids)`` is the adapted model.
 
     Raises:
       ValueError: an adapter does not fit its weight, or (outside jit) a merged kernel
         would hold inf or nan; the message names the module.
     """
-    return _apply(params, lora, cfg, 1.0, "merge")
+    return _apply(params, lora, 1.0, "merge")
 
 
-def unmerge(params: Mapping, lora: Mapping, cfg: LoraConfig) -> PyTree:
+def unmerge(params: Mapping, lora: Mapping) -> PyTree:
     """The inverse of `merge`: W = W' - scaling * B A (exact up to the weights' rounding); not for DoRA."""
-    return _apply(params, lora, cfg, -1.0, "unmerge")
+    return _apply(params, lora, -1.0, "unmerge")

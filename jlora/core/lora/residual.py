@@ -54,6 +54,7 @@ from jlora.core.lora.adapter import (
     split_slice,
     unflatten_adapters,
     with_magnitudes,
+    with_scaling,
 )
 from jlora.core.lora.config import LoraConfig
 from jlora.core.lora.merge import unmerge
@@ -140,7 +141,7 @@ def residual_params(params: Mapping, init: Mapping, cfg: LoraConfig) -> dict:
 
     Float32 accumulation and one cast to each kernel's dtype (`jlora.core.lora.merge.unmerge`).
     """
-    return unmerge(params, init, cfg)
+    return unmerge(params, with_scaling(init, cfg))
 
 
 def init_adapters(
@@ -164,7 +165,8 @@ def init_adapters(
         return params, init_lora(key, cfg, params)
     flat = initial_factors(key, cfg, params) if init is None else flatten_adapters(init)
     residual = residual_params(params, unflatten_adapters(flat), cfg)
-    return residual, unflatten_adapters(with_magnitudes(flat, cfg, residual) if cfg.use_dora else flat)
+    flat = with_scaling(flat, cfg, flat=True)
+    return residual, unflatten_adapters(with_magnitudes(flat, residual) if cfg.use_dora else flat)
 
 
 def factors_of(lora: Mapping) -> dict:
@@ -179,7 +181,7 @@ def as_plain_lora(lora: Mapping, init: Mapping, cfg: LoraConfig) -> tuple[dict, 
       lora: the trained adapters (on the residual base). init: the initial factors A0, B0.
       cfg: their config (a base-changing init).
     Returns:
-      (lora', cfg'): A' = [A; A0] (2r, d_in), B' = [B, -B0] (d_out, 2r), DoRA's m unchanged;
+      (lora', cfg'): A' = [A; A0] (2r, d_in), B' = [B, -B0] (d_out, 2r), the scale and DoRA's m unchanged;
       cfg' with r, rank_pattern doubled, alpha, alpha_pattern times 2 (sqrt 2 with rsLoRA) and
       a plain init, so every scaling is the same and W + s' B' A' = W_res + s B A.
     """

@@ -53,8 +53,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from jlora.core.lora.adapter import flatten_adapters, output_columns, split_slice
-from jlora.core.lora.config import LoraConfig
+from jlora.core.lora.adapter import flatten_adapters, output_columns, scaling_of, split_slice
 from jlora.tree import get_path
 
 HIGHEST = jax.lax.Precision.HIGHEST  # diagnostics: no reduced-precision matmul passes on GPU/TPU
@@ -164,11 +163,11 @@ def _figures(adapters: dict, scalings: dict, weights: dict | None) -> dict:
     return out
 
 
-def delta_svd(lora: Mapping, cfg: LoraConfig, params: Mapping | None = None) -> dict[str, dict[str, jax.Array]]:
+def delta_svd(lora: Mapping, params: Mapping | None = None) -> dict[str, dict[str, jax.Array]]:
     """The spectrum of every adapter's update dW = scaling * B A, without forming any dW.
 
     Args:
-      lora: the LoRA tree. cfg: gives each module's scaling (``cfg.scaling_for``).
+      lora: the adapters (each with the scale it carries).
       params: the base tree; with it each module also gets "relative_norm" and
         "amplification" against the weight columns it adapts.
 
@@ -177,7 +176,7 @@ def delta_svd(lora: Mapping, cfg: LoraConfig, params: Mapping | None = None) -> 
       "norm" [, "relative_norm", "amplification"]}} (0-d arrays besides the two (r,) ones).
     """
     adapters = flatten_adapters(lora)
-    scalings = {path: cfg.scaling_for(path, r=adapter["A"].shape[0]) for path, adapter in adapters.items()}
+    scalings = {path: scaling_of(adapter, path) for path, adapter in adapters.items()}
     weights = None if params is None else {path: get_path(params, split_slice(path)[0])["kernel"] for path in adapters}
     figures = _figures(adapters, scalings, weights)
     return {path: figures[path] for path in adapters}  # jit returns dicts key-sorted: h.10 before h.2
@@ -291,7 +290,7 @@ def module_intruders(
     """`intruder_dimensions` of every module path between two parameter trees.
 
     Args:
-      before, after: base trees (e.g. the base, and a full fine-tune's or ``merge(params, lora, cfg)``).
+      before, after: base trees (e.g. the base, and a full fine-tune's or ``merge(params, lora)``).
       paths: module paths ("h.0.attn.c_attn", slices allowed), e.g. ``flatten_adapters(lora)``.
 
     Returns:

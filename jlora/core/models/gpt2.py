@@ -7,20 +7,17 @@ The parameter tree is the Hugging Face checkpoint's, key for key (see `hf_checkp
             h/{i}/attn/c_attn, c_proj        /{kernel (d_in, d_out), bias}
             h/{i}/mlp/c_fc, c_proj           /{kernel (d_in, d_out), bias}
 
-GPT-2's Conv1D stores its weight (d_in, d_out) and computes ``x @ W + b``; `Linear` keeps
-that layout so no weight is transposed on load. A `Linear` whose path has an entry in the
-``"lora"`` collection adds ``scaling * B A dropout(x)`` to its output; with no ``"lora"``
-collection the model is exactly the base model::
+GPT-2's Conv1D stores its weight (d_in, d_out) and computes ``x @ W + b``; the shared adapted
+layer `jlora.core.models.linear.Linear` keeps that layout, so no weight is transposed on load. A
+`Linear` whose path has an entry in the ``"lora"`` collection adds its adapter's update,
+``scaling * B A dropout(x)`` with the scale the adapter carries; with no ``"lora"`` collection the
+model is exactly the base model::
 
     model.apply({"params": params, "lora": lora}, ids)   # adapted
     model.apply({"params": params}, ids)                 # base
 
-The scaling of each adapter is its config's (``LoraConfig.scaling_for``), unless an optional
-``"lora_scaling"`` collection gives it as an array, ``{... "c_attn": {"scaling": ()}}`` at each
-adapter's path: a population of adapters (`jlora.core.update.population`) trains members whose ranks
-and alphas differ under one `vmap`, where no single Python float could be each one's. A mixed
-batch (`jlora.core.algebra.mixed`) hands a `Linear` K adapters stacked, ``A: (K, R, d_in)``, and per-row
-weights ``"scaling": (B, K)``: row n adds ``sum_k weights[n, k] B_k A_k x_n``.
+The model's `LoraConfig` gives the LoRA dropout rate only; a population's members (under `vmap`)
+and a mixed batch's stacked adapters reach the same layer, each adapter with its own scale.
 
 Pre-LN blocks, gelu_new (tanh approximation), learned positions, LM head tied to `wte`.
 Attention goes through `jax.nn.dot_product_attention`: the fused cuDNN kernel on a GPU in half
@@ -59,10 +56,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.core.lora.adapter import lora_delta, stacked_lora_delta
-from jlora.core.lora.config import QKV, LoraConfig
-from jlora.core.lora.dora import dora_output
+from jlora.core.lora.config import LoraConfig
 from jlora.core.models.dropout import Dropout
+from jlora.core.models.linear import Linear, normal
 from jlora.errors import ConfigError, DataError
 from jlora.tree import dotted
 
@@ -78,8 +74,6 @@ _FIELD_TYPES = {
     **{k: (int, float) for k in ("layer_norm_epsilon", "embd_pdrop", "resid_pdrop")},
 }
 NUMERICS = ("dtype", "param_dtype", "attention", "remat")  # jlora's options, not the checkpoint's
-# optional collection: {module path...: {"scaling": ()}} per adapter (see jlora.core.update.population)
-SCALING = "lora_scaling"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,71 +142,6 @@ class GPT2Config:
         return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "tie_word_embeddings": True, **hf}
 
 
-def _normal(std: float):
-    return nn.initializers.normal(stddev=std)
-
-
-class Linear(nn.Module):
-    """GPT-2's Conv1D, ``x @ kernel + bias`` with kernel (d_in, d_out), plus its LoRA path.
-
-    The adapter at this module's path in the "lora" collection, or its q/k/v slices, adds
-    ``scaling * B A dropout(x)``; a DoRA adapter (with "m") rescales each output feature
-    (`jlora.core.lora.dora.dora_output`), the bias added after, as in PEFT.
-    """
-
-    features: int
-    lora: LoraConfig | None
-    dtype: jnp.dtype
-    param_dtype: jnp.dtype
-    init_std: float = 0.02
-
-    @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
-        kernel = self.param("kernel", _normal(self.init_std), (x.shape[-1], self.features), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-        x = x.astype(self.dtype)
-        base = x @ kernel.astype(self.dtype)
-        y = base + bias.astype(self.dtype)
-        adapters = self.variables.get("lora")
-        if not adapters:
-            return y
-        if self.lora is None:
-            raise ValueError("a 'lora' collection was given to a model without LoraConfig; use model.clone(lora=cfg)")
-        dropout_off = deterministic or self.lora.dropout == 0
-        x_dropped = Dropout(self.lora.dropout)(x, deterministic=dropout_off)
-        path = ".".join(self.scope.path)
-        scalings = self.variables.get(SCALING, {})
-        if "m" in adapters:
-            scaling = self._scaling(adapters, path, scalings)
-            delta = lora_delta(x_dropped, adapters["A"], adapters["B"], scaling)
-            dropped = None if dropout_off else x_dropped
-            return dora_output(base, delta, kernel, adapters, scaling, dropped) + bias.astype(self.dtype)
-        if "A" in adapters:
-            return y + self._delta(x_dropped, adapters, path, scalings)
-        width = self.features // len(QKV)
-        parts = [
-            self._delta(x_dropped, adapters[s], f"{path}.{s}", scalings.get(s, {}))
-            if s in adapters
-            else jnp.zeros((*x.shape[:-1], width), y.dtype)
-            for s in QKV
-        ]
-        return y + jnp.concatenate(parts, axis=-1)
-
-    def _scaling(self, adapter, path, scalings):
-        # A population of adapters supplies each one's scaling as an array (its members' ranks and
-        # alphas differ, and A may be zero-padded past its rank); alone, the config gives it.
-        return scalings["scaling"] if "scaling" in scalings else self.lora.scaling_for(path, r=adapter["A"].shape[0])
-
-    def _delta(self, x, adapter, path, scalings):
-        if adapter["A"].ndim == 3:  # K adapters stacked, each row its own mix of them (jlora.core.algebra.mixed)
-            if "scaling" not in scalings:
-                raise ValueError(
-                    f"stacked adapters at {path} need per-row weights: use jlora.core.algebra.mixed.mixed_variables"
-                )
-            return stacked_lora_delta(x, adapter["A"], adapter["B"], scalings["scaling"])
-        return lora_delta(x, adapter["A"], adapter["B"], self._scaling(adapter, path, scalings))
-
-
 class _Layer(nn.Module):
     """Holds what every sub-layer needs: the config, LoRA config and dtypes."""
 
@@ -221,7 +150,8 @@ class _Layer(nn.Module):
 
     def linear(self, features: int, name: str, init_std: float = 0.02) -> Linear:
         c = self.config
-        return Linear(features, self.lora, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype), init_std, name=name)
+        dropout = 0.0 if self.lora is None else self.lora.dropout
+        return Linear(features, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype), init_std, lora_dropout=dropout, name=name)
 
     def layer_norm(self, name: str) -> nn.LayerNorm:
         c = self.config
@@ -337,7 +267,7 @@ class Blocks(_Layer):
 class GPT2(_Layer):
     """GPT-2 language model: token ids (B, T) -> logits (B, T, V).
 
-    `lora` (a `LoraConfig`) tells the adapted layers their scaling and dropout; which layers
+    `lora` (a `LoraConfig`) tells the adapted layers their dropout rate; which layers
     are adapted is read from the ``"lora"`` collection passed to `apply`. Three methods:
     `__call__` (logits), `hidden` (the final hidden states, for a loss that applies the head
     itself) and `decode` (hidden states and the updated KV cache).
@@ -346,8 +276,8 @@ class GPT2(_Layer):
     def setup(self):
         c = self.config
         dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-        self.wte = nn.Embed(c.vocab_size, c.n_embd, dtype=dtype, param_dtype=param_dtype, embedding_init=_normal(0.02))
-        self.wpe = nn.Embed(c.n_positions, c.n_embd, dtype=dtype, param_dtype=param_dtype, embedding_init=_normal(0.01))
+        self.wte = nn.Embed(c.vocab_size, c.n_embd, dtype=dtype, param_dtype=param_dtype, embedding_init=normal(0.02))
+        self.wpe = nn.Embed(c.n_positions, c.n_embd, dtype=dtype, param_dtype=param_dtype, embedding_init=normal(0.01))
         self.h = Blocks(c, self.lora)
         self.ln_f = self.layer_norm("ln_f")
         self.embd_dropout = Dropout(c.embd_pdrop)

@@ -1,9 +1,9 @@
 """What trains and how: the trainable mask, the partition it induces, and the AdamW optimizer.
 
 The model's variables are ``{"params": base, "lora": adapters}``. A boolean mask of the same
-structure says which leaves train: every LoRA leaf, plus the base leaves chosen with PEFT's
-``bias`` and ``modules_to_save``. `partition` splits the variables by the mask into two trees
-of the same structure, absent leaves as None::
+structure says which leaves train: every adapter's factors (not the scale it carries), plus the
+base leaves chosen with PEFT's ``bias`` and ``modules_to_save``. `partition` splits the variables
+by the mask into two trees of the same structure, absent leaves as None::
 
     variables ──partition(mask)──> trainable  (frozen leaves None)  ── jax.grad, optax
                                    frozen     (trainable leaves None) ── read only
@@ -27,11 +27,12 @@ group with ``lr = ratio * lr`` does in ``torch.optim.AdamW``. (PEFT's ``create_l
 also puts trainable 1-D base leaves in B's group; jlora keeps base leaves at the base rate.)
 
 >>> import jax.numpy as jnp
+>>> adapter = {"A": jnp.ones((2, 4)), "B": jnp.zeros((12, 2)), "scaling": jnp.asarray(2.0)}
 >>> variables = {"params": {"ln_f": {"scale": jnp.ones(4), "bias": jnp.zeros(4)}},
-...              "lora": {"h": {"0": {"attn": {"c_attn": {"A": jnp.ones((2, 4)), "B": jnp.zeros((12, 2))}}}}}}
+...              "lora": {"h": {"0": {"attn": {"c_attn": adapter}}}}}
 >>> mask = trainable_mask(variables, bias="all")
 >>> mask["params"]["ln_f"], mask["lora"]["h"]["0"]["attn"]["c_attn"]
-({'bias': True, 'scale': False}, {'A': True, 'B': True})
+({'bias': True, 'scale': False}, {'A': True, 'B': True, 'scaling': False})
 >>> trainable, frozen = partition(variables, mask)
 >>> frozen["params"]["ln_f"]["bias"] is None and trainable["params"]["ln_f"]["scale"] is None
 True
@@ -49,7 +50,7 @@ from typing import Any
 import jax
 import optax
 
-from jlora.core.lora.adapter import flatten_adapters, split_slice
+from jlora.core.lora.adapter import SCALE, flatten_adapters, split_slice
 from jlora.errors import ConfigError
 from jlora.tree import path_names
 
@@ -152,7 +153,7 @@ def trainable_mask(variables: Mapping, *, bias: str = "none", modules_to_save: I
     """Which leaves of ``{"params": base, "lora": adapters}`` train: a tree of bools.
 
     Args:
-      variables: the model's variables; every leaf under "lora" trains.
+      variables: the model's variables; every leaf under "lora" trains but the adapters' scales.
       bias: PEFT's ``bias``: "none" (no base leaf), "all" (every base bias, LayerNorm biases
         included), or "lora_only" (the biases of the modules that carry an adapter).
       modules_to_save: PEFT's ``modules_to_save``: base modules that train in full, named by a
@@ -181,7 +182,7 @@ def trainable_mask(variables: Mapping, *, bias: str = "none", modules_to_save: I
 
     return {
         collection: (
-            jax.tree.map(lambda _: True, tree)
+            jax.tree_util.tree_map_with_path(lambda kp, _: path_names(kp)[-1] != SCALE, tree)
             if collection == "lora"
             else jax.tree_util.tree_map_with_path(base_leaf, tree)
             if collection == "params"

@@ -6,14 +6,13 @@ stacked along a leading member axis and the solo `train_step` runs under `jax.vm
 axis, the base and the batch unmapped: the base is held once, and each member has its own loss,
 gradients and optimizer state::
 
-    member k     lora_k  {"A": (r_k, d_in), "B": (d_out, r_k)}        scaling_k = alpha_k / r_k
-    stacked      lora    {"A": (K, R, d_in), "B": (K, d_out, R)}       R = max_k r_k, per module
+    member k     lora_k  {"A": (r_k, d_in), "B": (d_out, r_k), "scaling": ()}    scaling_k = alpha_k / r_k
+    stacked      lora    {"A": (K, R, d_in), "B": (K, d_out, R), "scaling": (K,)}  R = max_k r_k, per module
                  rows r_k.. of A_k and columns r_k.. of B_k are zero and stay zero: their
                  gradients are exactly zero (each is multiplied by the other's zeros), and the
-                 rank mask (`keep_rank`) drops their updates besides
-    variables    {"params": base (shared), "lora": (K, ...), "lora_scaling": (K, ...)}
-                 "lora_scaling" hands `Linear` each member's scaling as an array, from its true
-                 rank r_k (under vmap it cannot be the config's Python float)
+                 rank mask (`keep_rank`) drops their updates besides; each member's scale is the
+                 one its adapter was built with (from its true rank r_k), stacked like its factors
+    variables    {"params": base (shared), "lora": (K, ...)}
     step(state, batch, keys (K,))  =  vmap over k of train_step(member k's optimizer, dropout key k)
 
 Base leaves that train (PEFT's ``modules_to_save``, say ln_f) train per member: the stacked
@@ -28,9 +27,9 @@ tree of its true rank, for export, merging, diagnosis or generation.
 >>> loras = [jlora.init_lora(jax.random.key(k), m.lora, params) for k, m in enumerate(members)]
 >>> variables = stack_variables(params, loras, pop)
 >>> jax.tree.map(jnp.shape, variables["lora"]["h"]["0"]["attn"]["c_attn"])
-{'A': (2, 4, 8), 'B': (2, 24, 4)}
+{'A': (2, 4, 8), 'B': (2, 24, 4), 'scaling': (2,)}
 >>> mask = jlora.trainable_mask(variables)
->>> member = split_member(variables, 0, pop, member_axes(mask))  # {"params", "lora", "lora_scaling"}
+>>> member = split_member(variables, 0, pop, member_axes(mask))  # {"params", "lora"}
 >>> member["lora"]["h"]["0"]["attn"]["c_attn"]["A"].shape, member["params"]["wte"] == params["wte"]
 ((1, 8), True)
 """
@@ -48,7 +47,6 @@ import optax
 
 from jlora.core.lora.adapter import flatten_adapters, unflatten_adapters
 from jlora.core.lora.config import LoraConfig
-from jlora.core.models.gpt2 import SCALING
 from jlora.core.update.loss import loss_sums
 from jlora.core.update.optim import OptimConfig, combine, learning_rate, make_optimizer, partition
 from jlora.core.update.parallel import DATA, MEMBERS, local_devices
@@ -63,10 +61,9 @@ from jlora.core.update.step import (
     train_step,
 )
 from jlora.errors import ConfigError
-from jlora.tree import leaves_by_path
 
 PyTree = Any
-STACKED = ("lora", SCALING)  # collections with a member axis; in "params" only the trained leaves have one
+STACKED = ("lora",)  # collections with a member axis; in "params" only the trained leaves have one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,47 +194,31 @@ def put_members(full: PyTree, tree: PyTree, positions: Sequence[int]) -> PyTree:
 
 
 def pad_lora(lora: Mapping, ranks: Mapping[str, int]) -> dict:
-    """`lora` with each adapter zero-padded to rank ``ranks[path]``: A (R, d_in), B (d_out, R)."""
+    """`lora` with each adapter zero-padded to rank ``ranks[path]``: A (R, d_in), B (d_out, R); its scale
+    (from its own rank) and any other leaf as they are."""
     padded = {}
     for path, adapter in flatten_adapters(lora).items():
         extra = ranks[path] - adapter["A"].shape[0]
         padded[path] = {
+            **adapter,
             "A": jnp.pad(adapter["A"], ((0, extra), (0, 0))),
             "B": jnp.pad(adapter["B"], ((0, 0), (0, extra))),
         }
     return unflatten_adapters(padded)
 
 
-def scaling_tree(pop: Population) -> dict:
-    """The "lora_scaling" collection: {adapter path...: {"scaling": (K,) float32}}, each member's own."""
-    return unflatten_adapters(
-        {
-            path: {
-                "scaling": jnp.asarray(
-                    [m.lora.scaling_for(path, m.lora.rank_for(path)) for m in pop.members], jnp.float32
-                )
-            }
-            for path in pop.ranks
-        }
-    )
-
-
-def scalings_by_path(tree: Mapping) -> dict:
-    """The "lora_scaling" collection as {adapter path: (K,) scalings}."""
-    return {path.removesuffix(".scaling"): value for path, value in leaves_by_path(tree).items()}
-
-
 def stack_variables(params: Mapping, loras: Sequence[Mapping], pop: Population) -> dict:
-    """The population's variables: ``{"params": params, "lora": (K, ...) padded, "lora_scaling": (K, ...)}``.
+    """The population's variables: ``{"params": params, "lora": (K, ...) padded}``.
 
     Args:
       params: the shared base tree.
-      loras: one LoRA tree per member, each of its own ranks (e.g. from `init_lora` with its config).
+      loras: one adapter tree per member, each of its own ranks and scales (e.g. from `init_lora` with its
+        config).
     """
     if len(loras) != pop.size:
         raise ValueError(f"{len(loras)} LoRA trees for a population of {pop.size}")
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[pad_lora(lora, pop.ranks) for lora in loras])
-    return {"params": params, "lora": stacked, SCALING: scaling_tree(pop)}
+    return {"params": params, "lora": stacked}
 
 
 def member_axes(mask: Mapping) -> dict:
@@ -253,16 +234,18 @@ def member_axes(mask: Mapping) -> dict:
 
 def member_variables(state: TrainState, k: int, pop: Population) -> dict:
     """Member k as an ordinary model's variables, ``{"params": base with its trained leaves, "lora": its own}``."""
-    trained = split_member(state.trainable, k, pop)
-    return {"params": combine(trained["params"], state.frozen["params"]), "lora": trained["lora"]}
+    lora = member_lora(combine(state.trainable["lora"], state.frozen["lora"]), k, pop.members[k].lora)
+    return {"params": combine(take(state.trainable["params"], k), state.frozen["params"]), "lora": lora}
 
 
 def member_lora(stacked: Mapping, k: int, cfg: LoraConfig) -> dict:
-    """Member k's LoRA tree at its true ranks (``cfg.rank_for``): the padding cut off."""
+    """Member k's adapters at their true ranks (``cfg.rank_for``): the padding cut off; its scale (and any
+    other leaf) its own slice."""
     flat = {}
     for path, adapter in flatten_adapters(stacked).items():
         r = cfg.rank_for(path)
-        flat[path] = {"A": adapter["A"][k, :r], "B": adapter["B"][k, :, :r]}
+        rest = {name: None if x is None else x[k] for name, x in adapter.items() if name not in ("A", "B")}
+        flat[path] = {**rest, "A": adapter["A"][k, :r], "B": adapter["B"][k, :, :r]}
     return unflatten_adapters(flat)
 
 
@@ -289,13 +272,17 @@ def keep_rank(rank_mask: PyTree) -> optax.GradientTransformation:
     """Zero the updates of the LoRA padding (outside a member's own rank), so it stays exactly 0.
 
     `rank_mask` is one member's ({"A": (R, 1), "B": (1, R)} bool per adapter); the updates are a
-    trainable partition's, ``{"lora": ..., "params": ...}``.
+    trainable partition's, ``{"lora": ..., "params": ...}`` (its adapters' other leaves pass as they are).
     """
+    masks = flatten_adapters(rank_mask)
 
     def update(updates, state, params=None):
         del params
-        lora = jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates["lora"], rank_mask)
-        return {**updates, "lora": lora}, state
+        kept = {
+            path: {**u, **{n: jnp.where(masks[path][n], u[n], jnp.zeros_like(u[n])) for n in ("A", "B")}}
+            for path, u in flatten_adapters(updates["lora"]).items()
+        }
+        return {**updates, "lora": unflatten_adapters(kept)}, state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
@@ -340,7 +327,7 @@ def vmap_members(fn: Callable, cfg: OptimConfig, pop: Population) -> Callable:
     ``fn(optimizer, schedule, trainable, opt_state, frozen, mapped, shared) -> outputs`` is one
     member's update (`member_optimizer`, its learning rate schedule). The result is called as
     ``f(trainable, opt_state, frozen, mapped, shared)`` with the stacked trainable partition and
-    optimizer state, the population's frozen partition (its base shared, its "lora_scaling"
+    optimizer state, the population's frozen partition (its base shared, its adapters' scales
     stacked), `mapped` values with a member axis (dropout keys, say) and `shared` ones without
     (a batch: the same for all); every output gets a member axis.
     """

@@ -3,12 +3,14 @@
 A run directory holds::
 
     RUN_DIR/config.yaml                  the resolved run config
-    RUN_DIR/checkpoints/<step>/adapter   {"lora": adapters, "base": trained base leaves[, "init": A0, B0]}  (Orbax)
+    RUN_DIR/checkpoints/<step>/adapter   {"lora": factors, "base": trained base leaves[, "init": A0, B0]}  (Orbax)
     RUN_DIR/checkpoints/<step>/opt_state the optimizer state                              (Orbax StandardSave)
     RUN_DIR/checkpoints/<step>/meta      step, seed, LoRA config, model config, base identity (JSON)
 
 The frozen base is never saved: it is the checkpoint the run started from, named in `meta`
-with a hash of its weights. A PiSSA / OLoRA run trains on a residual of that base; its
+with a hash of its weights. The adapters' factors are saved (A, B, DoRA's m); their scales
+follow from the LoRA config in `meta`, and every loader here gives the adapters back with them
+(`jlora.core.lora.adapter.with_scaling`). A PiSSA / OLoRA run trains on a residual of that base; its
 checkpoints add the initial factors (``init``, the adapters at step 0), from which
 `load_checkpoint` (and a resumed run) rebuilds the residual exactly as training made it
 (`jlora.core.lora.residual.residual_params`). `adapter` and `meta` alone restore the adapter::
@@ -44,6 +46,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jlora.core.lora.adapter import with_scaling
 from jlora.core.lora.config import LoraConfig
 from jlora.core.lora.residual import as_plain_lora, residual_params
 from jlora.core.models.gpt2 import GPT2, GPT2Config, random_params
@@ -360,7 +363,8 @@ def model_config_of(meta: Mapping) -> GPT2Config:
 
 
 def load_member(tree: Mapping, meta: Mapping, member: int | str | None) -> tuple[dict, dict, dict]:
-    """(lora, trained base leaves, meta) of one adapter from a checkpoint's ``{"lora", "base"}`` and meta.
+    """(adapters with their scales, trained base leaves, meta) of one adapter from a checkpoint's
+    ``{"lora", "base"}`` and meta.
 
     A population checkpoint holds every member stacked: `member` picks one ("best": a finished
     search's winner), returned at its own rank with its own LoRA config in the meta (and
@@ -373,7 +377,7 @@ def load_member(tree: Mapping, meta: Mapping, member: int | str | None) -> tuple
     if members is None:
         if member is not None:
             raise CheckpointError(f"member={member}: the checkpoint holds one adapter, not a population")
-        return tree["lora"], tree.get("base", {}), dict(meta)
+        return with_scaling(tree["lora"], lora_config_of(meta)), tree.get("base", {}), dict(meta)
     if member is None or not 0 <= member < len(members):
         names = ", ".join(f"{k}: {m['name']}" for k, m in enumerate(members))
         raise CheckpointError(
@@ -382,6 +386,6 @@ def load_member(tree: Mapping, meta: Mapping, member: int | str | None) -> tuple
         )
     spec = members[member]  # a MemberSpec's to_dict (jlora.training.run.members)
     lora_cfg = LoraConfig.from_dict(spec["lora_config"])
-    lora = member_lora(tree["lora"], member, lora_cfg)
+    lora = with_scaling(member_lora(tree["lora"], member, lora_cfg), lora_cfg)
     base = jax.tree.map(lambda x: x[member], tree.get("base", {}))
     return lora, base, {**meta, "lora_config": lora_cfg.to_dict(), "member": {"index": member, **spec}}

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import jax
 
+from jlora.core.lora.adapter import without_scaling
 from jlora.core.lora.residual import factors_of, init_adapters
 from jlora.core.models.gpt2 import GPT2, GPT2Config, random_params
 from jlora.core.update.optim import make_optimizer, partition, trainable_mask
@@ -199,14 +200,15 @@ def checkpoint_meta(run: Run, step: int, identity: dict) -> dict:
 
 
 def adapter_of(trainable: dict, start_leaves: dict | None = None, init: dict | None = None) -> dict:
-    """What a checkpoint keeps: {"lora": adapters, "base": base leaves that differ from the loaded base[, "init"]}.
+    """What a checkpoint keeps: {"lora": the adapters' factors, "base": base leaves that differ from the loaded
+    base[, "init"]} (the scales follow from the checkpoint's LoRA config).
 
     "base" holds the trained base leaves of the trainable partition and the `start_leaves` the run
     began from (a trained leaf wins where both have one), as one pruned tree; "init" a PiSSA /
     OLoRA run's initial factors, from which its residual base is rebuilt.
     """
     base = {**leaves_by_path(start_leaves or {}), **leaves_by_path(prune(trainable.get("params", {})))}
-    adapter = {"lora": trainable["lora"], "base": unflatten(base)}
+    adapter = {"lora": without_scaling(trainable["lora"]), "base": unflatten(base)}
     return adapter if init is None else {**adapter, "init": init}
 
 

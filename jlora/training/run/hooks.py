@@ -26,9 +26,9 @@ import numpy as np
 
 from jlora.core.analysis.telemetry import adapter_figures, telemetry_row, weight_norms
 from jlora.core.lora.adapter import flatten_adapters
-from jlora.core.models.gpt2 import SCALING
+from jlora.core.update.optim import combine
 from jlora.core.update.parallel import unreplicate
-from jlora.core.update.population import scalings_by_path, take
+from jlora.core.update.population import take
 from jlora.errors import NonFiniteError
 from jlora.training.records.metrics import MetricsWriter
 from jlora.training.run.build import Trainer
@@ -137,19 +137,18 @@ class Telemetry:
         adapters = flatten_adapters(state.trainable["lora"])
         self.norms = weight_norms(run.params, adapters)
         if trainer.members is None:
-            self.scalings = {p: run.model.lora.scaling_for(p, r=a["A"].shape[0]) for p, a in adapters.items()}
             self.ranks = [{p: a["A"].shape[0] for p, a in adapters.items()}]
             self.figures = adapter_figures
         else:
-            self.scalings = scalings_by_path(state.frozen[SCALING])
             self.ranks = [{p: m.lora.rank_for(p) for p in adapters} for m in trainer.members]
-            self.figures = jax.jit(jax.vmap(adapter_figures, in_axes=(0, 0, 0, None)))
+            self.figures = jax.jit(jax.vmap(adapter_figures, in_axes=(0, 0, None)))
         self.previous = (start, jax.tree.map(jnp.copy, state.trainable["lora"]))
 
     def __call__(self, info: StepInfo) -> list[dict]:
         """The rows of this update: {"step", ["member"], "effective_rank/mean", ...}, one per member."""
-        lora = (unreplicate(info.state) if self.pmapped else info.state).trainable["lora"]
-        figures = self.figures(lora, self.previous[1], self.scalings, self.norms)
+        state = unreplicate(info.state) if self.pmapped else info.state
+        lora = state.trainable["lora"]
+        figures = self.figures(combine(lora, state.frozen["lora"]), self.previous[1], self.norms)
         with_phi = self.previous[0] == info.step - self.every
         rows = []
         for k, ranks in enumerate(self.ranks):

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from jlora.core.lora.adapter import flatten_adapters, unflatten_adapters
 from jlora.core.lora.config import effective_lr, scaling
 from jlora.core.update.optim import count_params, partition
 from jlora.core.update.parallel import replicate, shard_batch, unreplicate
@@ -264,10 +265,12 @@ def resume(manager, state: TrainState, run: Run, identity: dict) -> tuple[TrainS
     for bad, why, where in restored.set_aside:
         print(f"jlora: checkpoint {bad} cannot be read ({why}); moved to {where}", file=sys.stderr)
     ckpt.check_identity(restored.meta["base_model"], identity)
+    saved = flatten_adapters(restored.adapter["lora"])  # the factors; the scales are the adapters' own
+    lora = {path: {**adapter, **saved[path]} for path, adapter in flatten_adapters(state.variables["lora"]).items()}
     variables = {
-        **state.variables,  # a population's scalings too
+        **state.variables,
         "params": overlay(state.variables["params"], restored.adapter["base"]),
-        "lora": restored.adapter["lora"],
+        "lora": unflatten_adapters(lora),
     }
     is_trained = jax.tree.map(lambda x: x is not None, state.trainable, is_leaf=lambda x: x is None)
     trainable, frozen = partition(variables, is_trained)

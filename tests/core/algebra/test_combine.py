@@ -60,6 +60,11 @@ def setup(tiny_hf, random_b, tmp_path_factory):
     return model, params, adapters, peft.eval()
 
 
+def trees(pairs):
+    """The adapter trees of (config, tree) pairs: what combine_adapters takes (the configs: the tests' reference)."""
+    return [lora for _, lora in pairs]
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def logits(model, cfg, params, lora):
     return model.clone(lora=cfg).apply({"params": params, "lora": lora}, IDS)
@@ -92,9 +97,9 @@ def test_every_method_matches_peft(setup, method, monkeypatch):
     names = INPUTS[method]
     chosen = [adapters[n] for n in names]
     density, rank, sign = options(method)
-    masks = dare_masks(jax.random.key(7), chosen, method, density) if method.startswith("dare") else None
+    masks = dare_masks(jax.random.key(7), trees(chosen), method, density) if method.startswith("dare") else None
     cfg, lora = combine_adapters(
-        chosen, WEIGHTS, method, density=density, r=rank, mask=masks, majority_sign_method=sign
+        trees(chosen), WEIGHTS, method, density=density, r=rank, mask=masks, majority_sign_method=sign
     )
     if masks is not None:
         shared_masks(monkeypatch, chosen, masks, method)
@@ -114,6 +119,7 @@ def test_every_method_matches_peft(setup, method, monkeypatch):
     assert peft_cfg.lora_alpha == peft_cfg.r
     ranks = {a["A"].shape[0] for a in flatten_adapters(lora).values()}
     assert max(ranks) == peft_cfg.r and all(cfg.scaling_for(p) == 1.0 for p in flatten_adapters(lora))
+    assert all(float(a["scaling"]) == 1.0 for a in flatten_adapters(lora).values())
 
 
 def test_svd_is_the_best_rank_r_approximation_of_the_weighted_sum(setup):
@@ -126,11 +132,11 @@ def test_svd_is_the_best_rank_r_approximation_of_the_weighted_sum(setup):
         for w, (cfg, lora) in zip(WEIGHTS, chosen)
     ).astype(np.float64)
     u, s, vt = np.linalg.svd(dense)
-    cfg, lora = combine_adapters(chosen, WEIGHTS, "svd", r=3)
+    cfg, lora = combine_adapters(trees(chosen), WEIGHTS, "svd", r=3)
     got = flatten_adapters(lora)[path]
     np.testing.assert_allclose(np.asarray(got["B"] @ got["A"]), (u[:, :3] * s[:3]) @ vt[:3], atol=1e-5)
-    np.testing.assert_allclose(jlora.delta_svd(lora, cfg)[path]["singular_values"], s[:3], rtol=1e-5)
-    cat_cfg, cat = combine_adapters(chosen, WEIGHTS, "cat")
+    np.testing.assert_allclose(jlora.delta_svd(lora)[path]["singular_values"], s[:3], rtol=1e-5)
+    cat_cfg, cat = combine_adapters(trees(chosen), WEIGHTS, "cat")
     got = flatten_adapters(cat)[path]
     assert cat_cfg.rank_for(path) == 10 and cat_cfg.scaling_for(path) == 1.0  # 4 + 4 + 2
     np.testing.assert_allclose(np.asarray(got["B"] @ got["A"]), dense, atol=1e-5)
@@ -139,12 +145,13 @@ def test_svd_is_the_best_rank_r_approximation_of_the_weighted_sum(setup):
 def test_the_result_is_an_ordinary_adapter(setup, tmp_path):
     """It merges to the same logits and goes to a PEFT folder and back unchanged; clamp clips as PEFT's."""
     model, params, adapters, _ = setup
-    cfg, lora = combine_adapters([adapters["a"], adapters["c"]], [1.0, 0.5], "ties_svd", density=0.6, clamp=0.9)
-    merged = jlora.merge(params, lora, cfg)
+    pair = trees([adapters["a"], adapters["c"]])
+    cfg, lora = combine_adapters(pair, [1.0, 0.5], "ties_svd", density=0.6, clamp=0.9)
+    merged = jlora.merge(params, lora)
     np.testing.assert_allclose(model.apply({"params": merged}, IDS), logits(model, cfg, params, lora), atol=1e-5)
     back_cfg, back, _ = load_peft(save_peft(tmp_path / "combined", lora, cfg, base_model_name_or_path=None))
     assert back_cfg == cfg and jax.tree.structure(back) == jax.tree.structure(lora)
-    _, unclamped = combine_adapters([adapters["a"], adapters["c"]], [1.0, 0.5], "ties_svd", density=0.6)
+    _, unclamped = combine_adapters(pair, [1.0, 0.5], "ties_svd", density=0.6)
     for path, adapter in flatten_adapters(lora).items():
         raw = flatten_adapters(unclamped)[path]
         high = np.quantile(np.concatenate([np.ravel(raw["B"]), np.ravel(raw["A"])]), 0.9)
@@ -154,7 +161,7 @@ def test_the_result_is_an_ordinary_adapter(setup, tmp_path):
 
 def test_dare_masks_come_from_the_key(setup):
     _, _, adapters, _ = setup
-    chosen = [adapters["a"], adapters["b"]]
+    chosen = trees([adapters["a"], adapters["b"]])
     masks = dare_masks(jax.random.key(3), chosen, "dare_linear", 0.25)
     keep = np.concatenate([np.ravel(m[n]) for own in masks for m in own.values() for n in ("A", "B")])
     assert abs(keep.mean() - 0.25) < 5 * np.sqrt(0.25 * 0.75 / keep.size)
@@ -193,7 +200,7 @@ def test_trained_base_leaves_merge_as_task_vectors():
 )
 def test_bad_input_is_one_line(setup, change, message):
     _, _, adapters, _ = setup
-    args = dict(adapters=[adapters["a"], adapters["d"]], weights=[1.0, 1.0], method="svd") | change
+    args = dict(adapters=trees([adapters["a"], adapters["d"]]), weights=[1.0, 1.0], method="svd") | change
     with pytest.raises((ConfigError, CheckpointError), match=message):
         combine_adapters(**args)
 
@@ -202,10 +209,10 @@ def test_adapters_that_cannot_combine(setup):
     _, params, adapters, _ = setup
     dora = jlora.LoraConfig(r=4, use_dora=True)
     with pytest.raises(CheckpointError, match="adapter 1 is a DoRA adapter"):
-        combine_adapters([adapters["a"], (dora, jlora.init_lora(jax.random.key(0), dora, params))], [1, 1], "cat")
+        combine_adapters([adapters["a"][1], jlora.init_lora(jax.random.key(0), dora, params)], [1, 1], "cat")
     qv = jlora.LoraConfig(r=4, target_modules=("c_attn.q", "c_attn.v"))
     with pytest.raises(CheckpointError, match="h.0.attn.c_attn is adapted whole by adapter 0 and in slices"):
-        combine_adapters([adapters["a"], (qv, jlora.init_lora(jax.random.key(0), qv, params))], [1, 1], "cat")
-    wide = {"h": {"0": {"attn": {"c_attn": {"A": jnp.ones((4, 64)), "B": jnp.ones((192, 4))}}}}}
+        combine_adapters([adapters["a"][1], jlora.init_lora(jax.random.key(0), qv, params)], [1, 1], "cat")
+    wide = {"h": {"0": {"attn": {"c_attn": {"A": jnp.ones((4, 64)), "B": jnp.ones((192, 4)), "scaling": 2.0}}}}}
     with pytest.raises(CheckpointError, match="adapters of different base models"):
-        combine_adapters([adapters["a"], (adapters["a"][0], wide)], [1, 1], "cat")
+        combine_adapters([adapters["a"][1], wide], [1, 1], "cat")

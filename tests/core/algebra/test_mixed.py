@@ -9,6 +9,7 @@ import pytest
 
 import jlora
 from jlora.core.algebra.mixed import check_index, make_mixed_eval_step, mixed_variables, stack_adapters
+from jlora.core.lora.adapter import map_factors
 from jlora.core.update.loss import loss_sums
 from jlora.errors import CheckpointError, ConfigError
 
@@ -32,6 +33,11 @@ def setup(random_b):
     return jlora.GPT2(CONFIG, jlora.LoraConfig()), params, adapters
 
 
+def trees(pairs):
+    """The adapter trees of (config, tree) pairs: what stack_adapters takes."""
+    return [lora for _, lora in pairs]
+
+
 def alone(model, params, adapter, ids):
     """Logits of `ids` with one adapter (None: the base), the ordinary single-adapter path."""
     if adapter is None:
@@ -42,7 +48,7 @@ def alone(model, params, adapter, ids):
 
 def test_each_row_equals_its_adapter_alone(setup):
     model, params, adapters = setup
-    stack = stack_adapters(adapters)
+    stack = stack_adapters(trees(adapters))
     assert stack.size == 3 and stack.lora["h"]["1"]["attn"]["c_attn"]["A"].shape == (3, 8, 32)
     assert (stack.lora["h"]["0"]["attn"]["c_attn"]["A"][2] == 0).all()  # adapter 2 adapts block 1 only
     mixed = np.asarray(jax.jit(model.apply)(mixed_variables(params, stack, INDEX), IDS))
@@ -59,7 +65,7 @@ def test_mixed_eval_gives_each_adapter_its_rows_and_compiles_once(setup, caplog)
     mask[:, 4:] = 1.0
     batch = {"input_ids": IDS, "targets": np.roll(IDS, -1, axis=1), "loss_mask": mask, "adapter_index": INDEX}
     eval_step = make_mixed_eval_step(model, n_devices=1)
-    sums, counts = eval_step(stack_adapters(adapters).variables(params), batch)
+    sums, counts = eval_step(stack_adapters(trees(adapters)).variables(params), batch)
     for k, adapter in enumerate(adapters):
         rows = {key: value[INDEX == k] for key, value in batch.items() if key != "adapter_index"}
         cfg, lora = adapter
@@ -69,9 +75,9 @@ def test_mixed_eval_gives_each_adapter_its_rows_and_compiles_once(setup, caplog)
         np.testing.assert_allclose(sums[k], loss, rtol=1e-5)
         assert counts[k] == count == 8 * (INDEX == k).sum()
     # another stack of the same shapes (other values) runs in the same compiled step
-    others = [(cfg, jax.tree.map(lambda x: -2.0 * x, lora)) for cfg, lora in adapters]
+    others = [(cfg, map_factors(lambda x: -2.0 * x, lora)) for cfg, lora in adapters]
     with jax.log_compiles(), caplog.at_level(logging.WARNING):
-        again, _ = eval_step(stack_adapters(others).variables(params), batch)
+        again, _ = eval_step(stack_adapters(trees(others)).variables(params), batch)
     assert not [r for r in caplog.records if "Compiling" in r.getMessage()]
     assert not np.allclose(again, sums)
 
@@ -84,7 +90,7 @@ def test_a_bad_index_or_stack_is_one_line(setup):
         check_index([0, 1], 3, rows=4)
     dora = jlora.LoraConfig(r=2, use_dora=True)
     with pytest.raises(CheckpointError, match="adapter 1 is a DoRA adapter"):
-        stack_adapters([adapters[0], (dora, jlora.init_lora(jax.random.key(0), dora, params))])
+        stack_adapters([adapters[0][1], jlora.init_lora(jax.random.key(0), dora, params)])
     with pytest.raises(ValueError, match="need per-row weights"):
-        stack = stack_adapters(adapters)
+        stack = stack_adapters(trees(adapters))
         jlora.GPT2(CONFIG, jlora.LoraConfig()).apply({"params": params, "lora": stack.lora}, jnp.asarray(IDS))

@@ -9,8 +9,9 @@ from jlora.core.analysis.telemetry import adapter_figures, telemetry_row
 from jlora.core.update.population import pad_lora
 
 
-def tree(a, b):
-    return {"h": {"0": {"mlp": {"c_fc": {"A": a, "B": b}}}}}
+def tree(a, b, scaling=None):
+    adapter = {"A": a, "B": b} if scaling is None else {"A": a, "B": b, "scaling": scaling}
+    return {"h": {"0": {"mlp": {"c_fc": adapter}}}}
 
 
 def test_figures_against_numpy_and_padding_changes_none():
@@ -20,10 +21,10 @@ def test_figures_against_numpy_and_padding_changes_none():
     path, scaling, w_norm = "h.0.mlp.c_fc", 1.5, 7.0
     rows = []
     for lora, before in (
-        (tree(a, b), tree(a0, b0)),
-        (pad_lora(tree(a, b), {path: 6}), pad_lora(tree(a0, b0), {path: 6})),
+        (tree(a, b, scaling), tree(a0, b0)),
+        (pad_lora(tree(a, b, scaling), {path: 6}), pad_lora(tree(a0, b0), {path: 6})),
     ):
-        figures = adapter_figures(lora, before, {path: scaling}, {path: w_norm})
+        figures = adapter_figures(lora, before, {path: w_norm})
         assert figures[path]["singular_values"].shape == (lora["h"]["0"]["mlp"]["c_fc"]["A"].shape[0],)
         rows.append(telemetry_row(figures, {path: 3}))
     assert rows[0].keys() == rows[1].keys()
@@ -46,9 +47,7 @@ def test_figures_against_numpy_and_padding_changes_none():
 
 def test_no_phi_against_a_zero_update():
     a = jnp.ones((2, 4))
-    figures = adapter_figures(
-        tree(a, jnp.ones((5, 2))), tree(a, jnp.zeros((5, 2))), {"h.0.mlp.c_fc": 1.0}, {"h.0.mlp.c_fc": 1.0}
-    )
+    figures = adapter_figures(tree(a, jnp.ones((5, 2)), 1.0), tree(a, jnp.zeros((5, 2))), {"h.0.mlp.c_fc": 1.0})
     row = telemetry_row(figures, {"h.0.mlp.c_fc": 2})
     assert "phi_top/mean" not in row and row["norm/mean"] == pytest.approx(np.sqrt(80.0))  # dW = 2 everywhere, 5 x 4
     assert "phi_top/mean" not in telemetry_row(figures, {"h.0.mlp.c_fc": 2}, with_phi=False)

@@ -13,9 +13,10 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 import jlora
 from jlora.core.algebra.mixed import stack_adapters
 from jlora.core.decoding.generate import _decoder, filter_logits, generate
+from jlora.core.lora.adapter import map_factors, without_scaling
 from jlora.core.models.gpt2 import GPT2, init_cache
 
-from ..conftest import TINY, make_hf_checkpoint
+from ...conftest import TINY, make_hf_checkpoint
 
 PROMPTS = [[5, 17, 3, 88, 42], [70, 1], [9, 9, 9, 9, 9, 9, 9, 9, 2]]
 
@@ -86,8 +87,10 @@ def test_greedy_with_merged_adapter_equals_transformers_generate(lively_hf, tmp_
     cfg = jlora.LoraConfig(r=4, alpha=8, target_modules=("c_attn", "c_fc"))
     model, params = jlora.load_gpt2(directory, lora=cfg)
     lora = jlora.init_lora(jax.random.key(0), model, params)
-    lora = jax.tree.map(lambda x: x if x.shape[0] == 4 else 0.3 * jax.random.normal(jax.random.key(1), x.shape), lora)
-    merged_dir = jlora.save_gpt2(tmp_path / "merged", model.config, jlora.merge(params, lora, cfg))
+    lora = jax.tree.map(
+        lambda x: x if x.ndim == 0 or x.shape[0] == 4 else 0.3 * jax.random.normal(jax.random.key(1), x.shape), lora
+    )  # B random (A has 4 rows; the scale, no axis, stays)
+    merged_dir = jlora.save_gpt2(tmp_path / "merged", model.config, jlora.merge(params, lora))
     reference = GPT2LMHeadModel.from_pretrained(merged_dir).eval()
 
     free = generate(model, params, PROMPTS, lora=lora, max_new_tokens=12)
@@ -121,11 +124,16 @@ def lively_adapters(model, params, configs, seed=0):
     """(cfg, lora) per config, A and B random and large enough to change what greedy decoding writes."""
     out = []
     for k, cfg in enumerate(configs):
-        lora = jlora.init_lora(jax.random.key(seed + k), cfg, params)
-        leaves, treedef = jax.tree.flatten(lora)
+        leaves, treedef = jax.tree.flatten(without_scaling(jlora.init_lora(jax.random.key(seed + k), cfg, params)))
         keys = jax.random.split(jax.random.key(100 + seed + k), len(leaves))
-        out.append((cfg, treedef.unflatten([0.3 * jax.random.normal(key, x.shape) for key, x in zip(keys, leaves)])))
+        lively = treedef.unflatten([0.3 * jax.random.normal(key, x.shape) for key, x in zip(keys, leaves)])
+        out.append((cfg, jlora.with_scaling(lively, cfg)))
     return out
+
+
+def trees(pairs):
+    """The adapter trees of (config, tree) pairs: what stack_adapters takes."""
+    return [lora for _, lora in pairs]
 
 
 def test_mixed_greedy_generation_equals_each_rows_adapter_alone(lively_hf):
@@ -138,9 +146,10 @@ def test_mixed_greedy_generation_equals_each_rows_adapter_alone(lively_hf):
     ]
     adapters = lively_adapters(model, params, configs)
     prompts, index = PROMPTS * 2, [0, 1, 2, -1, 2, 0]
-    free = generate(model, params, prompts, adapters=stack_adapters(adapters), adapter_index=index, max_new_tokens=12)
+    stack = stack_adapters(trees(adapters))
+    free = generate(model, params, prompts, adapters=stack, adapter_index=index, max_new_tokens=12)
     eos = int(free.tokens[0, 5])  # a token row 0 makes mid-way: rows stop at different steps
-    mixed = generate(model, params, prompts, adapters=stack_adapters(adapters), adapter_index=index,
+    mixed = generate(model, params, prompts, adapters=stack, adapter_index=index,
                      max_new_tokens=12, eos_token_id=eos)  # fmt: skip
     assert len({tuple(row) for row in mixed.tokens}) == len(prompts)  # the adapters change what is written
     for n, (prompt, k) in enumerate(zip(prompts, index)):
@@ -161,12 +170,12 @@ def test_adapters_are_arguments_k_adapters_compile_once(lively_hf, caplog):
     misses = _decoder.cache_info().misses
     model = model.clone(lora=cfg)
     first = generate(model, params, PROMPTS, lora=adapters[0][1], max_new_tokens=8)
-    mixed = generate(model, params, PROMPTS, adapters=stack_adapters(adapters[:2]), adapter_index=[0, 1, 1],
+    mixed = generate(model, params, PROMPTS, adapters=stack_adapters(trees(adapters[:2])), adapter_index=[0, 1, 1],
                      max_new_tokens=8)  # fmt: skip
     assert first.compile_seconds > 0 and mixed.compile_seconds > 0
     with jax.log_compiles(), caplog.at_level(logging.WARNING):
         swapped = [generate(model, params, PROMPTS, lora=lora, max_new_tokens=8) for _, lora in adapters[1:]]
-        other = generate(model, params, PROMPTS, adapters=stack_adapters(adapters[2:]), adapter_index=[1, 0, 1],
+        other = generate(model, params, PROMPTS, adapters=stack_adapters(trees(adapters[2:])), adapter_index=[1, 0, 1],
                          max_new_tokens=8)  # fmt: skip
     assert not [r for r in caplog.records if "Compiling" in r.getMessage()]
     assert _decoder.cache_info().misses == misses + 2  # one program for every single adapter, one per stack shape
@@ -177,7 +186,7 @@ def test_adapters_are_arguments_k_adapters_compile_once(lively_hf, caplog):
 
 def test_mixed_generation_refuses_a_bad_index(lively_hf):
     model, params = jlora.load_gpt2(lively_hf[0])
-    stack = stack_adapters(lively_adapters(model, params, [jlora.LoraConfig(r=2)] * 2))
+    stack = stack_adapters(trees(lively_adapters(model, params, [jlora.LoraConfig(r=2)] * 2)))
     with pytest.raises(ValueError, match="adapter index 2 is outside the stack of 2 adapters"):
         generate(model, params, PROMPTS, adapters=stack, adapter_index=[0, 1, 2])
     with pytest.raises(ValueError, match="give lora= .* or adapters= with adapter_index="):
@@ -228,7 +237,7 @@ def test_generate_command_on_a_checkpoint_and_a_peft_folder(tmp_path, capsys):
     from jlora.exchange.peft import save_peft
     from jlora.training.data.tokenizer import load_tokenizer
 
-    from ..conftest import save_byte_level_tokenizer
+    from ...conftest import save_byte_level_tokenizer
 
     base = tmp_path / "base"
     vocab = save_byte_level_tokenizer(base)
@@ -237,7 +246,7 @@ def test_generate_command_on_a_checkpoint_and_a_peft_folder(tmp_path, capsys):
     )
     cfg = jlora.LoraConfig(r=4, alpha=8)
     model, params = jlora.load_gpt2(base, lora=cfg)
-    lora = jax.tree.map(
+    lora = map_factors(
         lambda x: 0.5 * jax.random.normal(jax.random.key(1), x.shape), jlora.init_lora(jax.random.key(0), model, params)
     )
     save_peft(tmp_path / "adapter", lora, cfg, base_model_name_or_path=None)

@@ -26,10 +26,11 @@ def ids(batch=2, length=8):
 def test_gpt2_small_default_tree_and_count():
     cfg = jlora.LoraConfig()
     shapes = jax.eval_shape(lambda p: jlora.init_lora(jax.random.key(0), cfg, p), param_shapes(GPT2Config()))
-    expected = {"h": {str(i): {"attn": {"c_attn": {"A": (8, 768), "B": (2304, 8)}}} for i in range(12)}}
-    assert jax.tree.map(lambda x: x.shape, shapes) == expected
+    expected = {"h": {str(i): {"attn": {"c_attn": {"A": (8, 768), "B": (2304, 8), "scaling": ()}}} for i in range(12)}}
+    assert jax.tree.map(lambda x: x.shape, shapes) == expected  # each adapter: its factors and its scale
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(shapes))
-    assert sum(math.prod(x.shape) for x in jax.tree.leaves(shapes)) == 294_912
+    assert sum(math.prod(x.shape) for x in jax.tree.leaves(jlora.without_scaling(shapes))) == 294_912
+    assert jlora.lora_param_count(shapes) == 294_912  # the scales are not parameters
     # one layer's share, counted from the tree: the source document's 6,144 + 18,432 = 24,576
     assert jlora.module_counts(shapes)["h.3.attn.c_attn"] == {"A": 6_144, "B": 18_432, "lora": 24_576}
 
@@ -51,8 +52,8 @@ def test_linear_adds_scaled_low_rank_update():
     x, w, bias = rng.normal(size=(3, 5, 6)), rng.normal(size=(6, 9)), rng.normal(size=9)
     a, b = rng.normal(size=(2, 6)), rng.normal(size=(9, 2))
     cfg = jlora.LoraConfig(r=2, alpha=3.0)
-    layer = Linear(9, cfg, jnp.float32, jnp.float32, name="c_fc")
-    variables = {"params": {"kernel": w, "bias": bias}, "lora": {"A": a, "B": b}}
+    layer = Linear(9, jnp.float32, jnp.float32, name="c_fc")
+    variables = {"params": {"kernel": w, "bias": bias}, "lora": {"A": a, "B": b, "scaling": jlora.scaling(cfg)}}
     out = layer.apply(jax.tree.map(jnp.float32, variables), jnp.float32(x))
     expected = x @ w + bias + 1.5 * x @ a.T @ b.T  # W x + (alpha / r) B A x, in rows
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
@@ -62,8 +63,9 @@ def test_qv_slices_touch_only_their_columns(random_b, tiny_params):
     cfg = jlora.LoraConfig(r=2, alpha=4, target_modules=("c_attn.q", "c_attn.v"))
     lora = jlora.init_lora(jax.random.key(0), cfg, tiny_params)
     c_attn = lora["h"]["0"]["attn"]["c_attn"]
-    assert jax.tree.map(jnp.shape, c_attn) == {"q": {"A": (2, 32), "B": (32, 2)}, "v": {"A": (2, 32), "B": (32, 2)}}
-    layer = Linear(96, cfg, jnp.float32, jnp.float32)
+    one = {"A": (2, 32), "B": (32, 2), "scaling": ()}
+    assert jax.tree.map(jnp.shape, c_attn) == {"q": one, "v": one}
+    layer = Linear(96, jnp.float32, jnp.float32)
     x = jax.random.normal(jax.random.key(3), (4, 32))
     kernel = tiny_params["h"]["0"]["attn"]["c_attn"]
     base = layer.apply({"params": kernel}, x)
@@ -152,7 +154,26 @@ def test_lora_dropout_acts_only_in_training(random_b, tiny_params):
     np.testing.assert_array_equal(train_zero, model.apply({"params": tiny_params}, ids()))
 
 
-def test_lora_collection_needs_a_config(tiny_params):
-    lora = jlora.init_lora(jax.random.key(0), jlora.LoraConfig(), tiny_params)
-    with pytest.raises(ValueError, match="without LoraConfig"):
-        GPT2(TINY).apply({"params": tiny_params, "lora": lora}, ids())
+def test_the_adapter_carries_its_scale_and_no_config_is_read_after_it_is_built(random_b, tiny_params):
+    """The update is the stored scale times B A: scaling the stored scale scales the update by exactly that
+    factor, and a model whose config says another alpha, or that has no config, gives the same output."""
+    cfg = jlora.LoraConfig(r=4, alpha=8, target_modules=("c_attn", "c_fc"))
+    lora = random_b(jlora.init_lora(jax.random.key(0), cfg, tiny_params), scale=0.5)
+    assert {float(a["scaling"]) for a in flatten_adapters(lora).values()} == {2.0}
+    base = GPT2(TINY).apply({"params": tiny_params}, ids(), method=GPT2.hidden)
+
+    def update(model, tree):
+        return np.asarray(model.apply({"params": tiny_params, "lora": tree}, ids(), method=GPT2.hidden) - base)
+
+    layer = Linear(96, dtype=jnp.float32, param_dtype=jnp.float32)
+    x = jax.random.normal(jax.random.key(3), (5, 32))
+    c_attn = {"params": tiny_params["h"]["0"]["attn"]["c_attn"], "lora": lora["h"]["0"]["attn"]["c_attn"]}
+    tripled = {**c_attn, "lora": {**c_attn["lora"], "scaling": 3 * c_attn["lora"]["scaling"]}}
+    delta, delta3 = (layer.apply(v, x) - layer.apply({"params": c_attn["params"]}, x) for v in (c_attn, tripled))
+    np.testing.assert_allclose(delta3, 3 * delta, rtol=1e-5, atol=1e-7)  # one layer: exactly the factor
+    own = update(GPT2(TINY, cfg), lora)
+    assert np.abs(own).max() > 1e-3
+    np.testing.assert_array_equal(update(GPT2(TINY, cfg.replace(alpha=64.0)), lora), own)  # alpha read from nowhere
+    np.testing.assert_array_equal(update(GPT2(TINY), lora), own)  # no config at all: the adapters are enough
+    with pytest.raises(ValueError, match=r"adapter at h\.0\.attn\.c_attn carries no scale"):
+        GPT2(TINY).apply({"params": tiny_params, "lora": jlora.without_scaling(lora)}, ids())

@@ -56,10 +56,10 @@ def test_linear_layer_and_gradients_to_m_a_b_only_through_the_lora_path():
     a, b, m = RNG.normal(size=(R, D_IN)), RNG.normal(size=(D_OUT, R)), RNG.uniform(1, 2, size=D_OUT)
     x = RNG.normal(size=(4, D_IN))
     cfg = jlora.LoraConfig(r=R, alpha=2.0 * R, use_dora=True)
-    layer = Linear(D_OUT, cfg, jnp.float32, jnp.float32, name="c_fc")
+    layer = Linear(D_OUT, jnp.float32, jnp.float32, lora_dropout=cfg.dropout, name="c_fc")
     params = {"kernel": jnp.float32(kernel), "bias": jnp.float32(bias)}
     out = lambda ad: layer.apply({"params": params, "lora": ad}, jnp.float32(x))  # noqa: E731
-    adapter = {"A": jnp.float32(a), "B": jnp.float32(b), "m": jnp.float32(m)}
+    adapter = {"A": jnp.float32(a), "B": jnp.float32(b), "m": jnp.float32(m), "scaling": jlora.scaling(cfg)}
     n = dense_norm(kernel, a, b, 2.0)
     direction = x @ kernel + 2.0 * (x @ a.T @ b.T)  # (W + s B A) x, in rows
     np.testing.assert_allclose(out(adapter), m / n * direction + bias, rtol=1e-4, atol=1e-4)
@@ -86,7 +86,7 @@ def test_init_is_the_base_model_and_merge_equals_the_trained_one(tiny_hf, random
     lora = jax.tree_util.tree_map_with_path(lambda p, x: x * 1.3 if p[-1].key == "m" else x, lora)  # m trained too
     adapted = apply({"params": params, "lora": lora}, ids)
     assert float(jnp.abs(adapted - base).max()) > 1e-1
-    merged = jlora.merge(params, lora, cfg)
+    merged = jlora.merge(params, lora)
     np.testing.assert_allclose(apply({"params": merged}, ids), adapted, atol=1e-5, rtol=0)
     kernel = np.asarray(params["h"]["1"]["mlp"]["c_fc"]["kernel"], np.float64)
     ad = flatten_adapters(lora)["h.1.mlp.c_fc"]
@@ -94,4 +94,4 @@ def test_init_is_the_base_model_and_merge_equals_the_trained_one(tiny_hf, random
     expected = (kernel + 2.0 * (b @ a).T) * (m / dense_norm(kernel, a, b, 2.0))[None, :]  # m (W + dW) / ||W + dW||
     np.testing.assert_allclose(merged["h"]["1"]["mlp"]["c_fc"]["kernel"], expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="cannot undo a DoRA merge"):
-        jlora.unmerge(merged, lora, cfg)
+        jlora.unmerge(merged, lora)

@@ -47,14 +47,14 @@ def test_merged_base_model_equals_lora_model(adapted, name):
     with_lora = model.apply({"params": params, "lora": lora}, ids)
     base = model.apply({"params": params}, ids)
     assert float(jnp.abs(with_lora - base).max()) > 1e-2  # the adapters really change the model
-    merged = jlora.merge(params, lora, cfg)
+    merged = jlora.merge(params, lora)
     np.testing.assert_allclose(model.apply({"params": merged}, ids), with_lora, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", list(TARGETS))
 def test_merge_is_the_numpy_merge_and_touches_only_adapted_columns(adapted, name):
     _, params, lora, cfg = adapted(**TARGETS[name])
-    merged = jlora.merge(params, lora, cfg)
+    merged = jlora.merge(params, lora)
     expected = numpy_merge(params, lora, cfg)
     assert jax.tree.structure(merged) == jax.tree.structure(params)
     for key_path, leaf in jax.tree_util.tree_leaves_with_path(merged):
@@ -76,8 +76,8 @@ def test_merge_is_the_numpy_merge_and_touches_only_adapted_columns(adapted, name
 @pytest.mark.parametrize("name", ["c_attn", "q_v_slices", "proj_and_mlp"])
 def test_unmerge_inverts_merge_within_float32_rounding(adapted, name):
     _, params, lora, cfg = adapted(**TARGETS[name])
-    merged = jlora.merge(params, lora, cfg)
-    back = jlora.unmerge(merged, lora, cfg)
+    merged = jlora.merge(params, lora)
+    back = jlora.unmerge(merged, lora)
     for original, merged_leaf, restored in zip(jax.tree.leaves(params), jax.tree.leaves(merged), jax.tree.leaves(back)):
         # merge and unmerge each round once: the error is at most an ulp of the larger magnitude
         bound = 2 * np.spacing(np.maximum(np.abs(np.asarray(original)), np.abs(np.asarray(merged_leaf))))
@@ -86,7 +86,7 @@ def test_unmerge_inverts_merge_within_float32_rounding(adapted, name):
 
 def test_bfloat16_weights_are_rounded_once(adapted):
     _, params, lora, cfg = adapted(param_dtype="bfloat16", target_modules=("c_attn.q", "c_attn.v", "mlp.c_fc"))
-    merged = jlora.merge(params, lora, cfg)
+    merged = jlora.merge(params, lora)
     assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(merged))
     for module, kernel in numpy_merge(params, lora, cfg).items():
         # q and v both land in float32 first, then one cast: the float64 sum rounded once to bfloat16
@@ -99,8 +99,8 @@ def test_bfloat16_weights_are_rounded_once(adapted):
 
 def test_merge_under_jit_gives_the_same_params(adapted):
     _, params, lora, cfg = adapted(**TARGETS["q_v_slices"])
-    jitted = jax.jit(jlora.merge, static_argnums=2)(params, lora, cfg)
-    jax.tree.map(np.testing.assert_array_equal, jitted, jlora.merge(params, lora, cfg))
+    jitted = jax.jit(jlora.merge)(params, lora)
+    jax.tree.map(np.testing.assert_array_equal, jitted, jlora.merge(params, lora))
 
 
 @pytest.mark.parametrize("fn", [jlora.merge, jlora.unmerge])
@@ -109,13 +109,13 @@ def test_non_finite_result_is_refused_naming_the_module(adapted, fn):
     bad = flatten_adapters(lora)
     bad["h.1.attn.c_attn.v"]["B"] = bad["h.1.attn.c_attn.v"]["B"].at[0, 0].set(jnp.inf)
     with pytest.raises(ValueError, match=r"non-finite .* h\.1\.attn\.c_attn\b") as err:
-        fn(params, unflatten_adapters(bad), cfg)
+        fn(params, unflatten_adapters(bad))
     assert "h.0" not in str(err.value)
     huge = flatten_adapters(lora)
     for name in ("A", "B"):  # each finite, but their product overflows float32
         huge["h.0.attn.c_attn.q"][name] = jnp.full_like(huge["h.0.attn.c_attn.q"][name], 1e20)
     with pytest.raises(ValueError, match=r"h\.0\.attn\.c_attn"):
-        fn(params, unflatten_adapters(huge), cfg)
+        fn(params, unflatten_adapters(huge))
 
 
 def test_mis_shaped_adapter_is_refused(adapted):
@@ -123,7 +123,7 @@ def test_mis_shaped_adapter_is_refused(adapted):
     flat = flatten_adapters(lora)
     flat["h.0.attn.c_attn"]["B"] = flat["h.0.attn.c_attn"]["B"][:32]
     with pytest.raises(ValueError, match=r"adapter h\.0\.attn\.c_attn does not fit"):
-        jlora.merge(params, unflatten_adapters(flat), cfg)
+        jlora.merge(params, unflatten_adapters(flat))
 
 
 def test_adapter_without_a_weight_is_refused(adapted):
@@ -131,4 +131,4 @@ def test_adapter_without_a_weight_is_refused(adapted):
     flat = flatten_adapters(lora)
     flat["h.7.attn.c_attn"] = flat["h.0.attn.c_attn"]
     with pytest.raises(ValueError, match=r"\['h\.7\.attn\.c_attn'\], which have no kernel"):
-        jlora.merge(params, unflatten_adapters(flat), cfg)
+        jlora.merge(params, unflatten_adapters(flat))

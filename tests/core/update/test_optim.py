@@ -29,7 +29,9 @@ def selected(mask) -> set[str]:
 def test_mask_selects_lora_and_the_chosen_base_leaves(variables):
     mask = trainable_mask(variables)
     assert jax.tree.structure(mask) == jax.tree.structure(variables)
-    assert all(jax.tree.leaves(mask["lora"])) and len(jax.tree.leaves(mask["lora"])) == 4  # A, B x 2 layers
+    trained = {k.key: on for kp, on in jax.tree_util.tree_leaves_with_path(mask["lora"]) for k in kp[-1:]}
+    assert trained == {"A": True, "B": True, "scaling": False}  # the factors train, the scale does not
+    assert sum(jax.tree.leaves(mask["lora"])) == 4  # A, B x 2 layers
     assert selected(mask) == set()
 
     biases = {
@@ -55,7 +57,7 @@ def test_mask_slice_adapters_select_their_fused_module_bias(tiny_hf):
     variables = {"params": params, "lora": jlora.init_lora(jax.random.key(0), model, params)}
     mask = trainable_mask(variables, bias="lora_only")
     assert selected(mask) == {"h.0.attn.c_attn.bias", "h.1.attn.c_attn.bias"}
-    assert len(jax.tree.leaves(mask["lora"])) == 8  # q and v, A and B, 2 layers
+    assert sum(jax.tree.leaves(mask["lora"])) == 8  # q and v, A and B, 2 layers
 
 
 def test_mask_rejects_unknown_names(variables):

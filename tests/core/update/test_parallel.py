@@ -16,7 +16,7 @@ import pytest
 
 from jlora.core.update.parallel import initialize_distributed, replicate, shard_batch, unreplicate
 
-from ..conftest import xla_devices
+from ...conftest import xla_devices
 
 REPO = Path(__file__).resolve().parents[2]
 

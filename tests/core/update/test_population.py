@@ -185,7 +185,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_on_four_devices():
     """pmap over 4 devices of the vmap over members: a padded LoRA+ member is its solo run, pmapped alike."""
-    from ..conftest import xla_devices  # here: the subprocess below loads this module on its own
+    from ...conftest import xla_devices  # here: the subprocess below loads this module on its own
 
     env = {**os.environ, "XLA_FLAGS": xla_devices(4), "JAX_PLATFORMS": "cpu"}
     code = (
