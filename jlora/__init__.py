@@ -1,6 +1,6 @@
-"""jlora: LoRA fine-tuning of GPT-2 in JAX, as pure functions over plain pytrees.
+"""jlora: LoRA fine-tuning of GPT-2 and Llama-family models in JAX, as pure functions over plain pytrees.
 
-    model, params = jlora.load_gpt2("gpt2", lora=jlora.LoraConfig(r=8, alpha=16))
+    model, params = jlora.load_model("gpt2", lora=jlora.LoraConfig(r=8, alpha=16))   # or a Llama folder, a GGUF
     lora = jlora.init_lora(jax.random.key(0), model, params)
     logits = model.apply({"params": params, "lora": lora}, input_ids)
 
@@ -53,6 +53,7 @@ from jlora.core.lora.svd import (
     subspace_similarity_grid,
 )
 from jlora.core.models.gpt2 import GPT2, GPT2Config, init_cache, init_params, param_shapes, random_params
+from jlora.core.models.llama import Llama, LlamaConfig
 from jlora.core.update.optim import OptimConfig, combine, learning_rate, make_optimizer, partition, trainable_mask
 from jlora.core.update.parallel import initialize_distributed, replicate, shard_batch, unreplicate
 from jlora.core.update.population import (
@@ -85,7 +86,7 @@ from jlora.errors import (
     RunError,
     TokenizerError,
 )
-from jlora.exchange.hf_checkpoint import load_gpt2, save_gpt2
+from jlora.exchange.hf_checkpoint import load_gpt2, load_model, save_gpt2, save_model
 from jlora.exchange.merged import save_merged
 from jlora.exchange.peft import load_peft, save_peft
 from jlora.training.records.checkpoint import load_adapter, load_checkpoint, load_init, load_run, lora_config_of
@@ -94,10 +95,14 @@ __all__ = [
     # model and adapters
     "GPT2",
     "GPT2Config",
+    "Llama",
+    "LlamaConfig",
     "LoraConfig",
     "CheckpointError",
     "load_gpt2",
     "save_gpt2",
+    "load_model",
+    "save_model",
     "init_params",
     "random_params",
     "param_shapes",

@@ -113,7 +113,7 @@ def cudnn_against_xla(dry_run: bool) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from jlora.core.models.gpt2 import causal_attention
+    from jlora.core.models.decoder import causal_attention
 
     if jax.default_backend() != "gpu":
         return {"skipped": f"no GPU (backend {jax.default_backend()})", "ok": None}

@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
     if args.pretrain:
         task = pretrain(task, args.pretrain, args.pretrain_lr, progress=not args.quick)
     params = task.run.params
-    paths = cfg.lora.module_paths(len(params["h"]))
+    paths = cfg.lora.module_paths(params)
     base_val = ex.val_loss(task, {"params": params})
 
     full_lr = args.full_lr or cfg.optim.lr

@@ -225,7 +225,7 @@ def measure_planted(args, cfg) -> dict:
     base, params = run.model.clone(lora=None), run.params
     seq_len = min(args.seq_len, base.config.n_positions)
     planted_on = LoraConfig(r=1, alpha=1.0, target_modules=targets)
-    paths = planted_on.module_paths(len(params["h"]))
+    paths = planted_on.module_paths(params)
     space = it.subspace(params, it.space_mask(params, planted_on))
     dims = dims_for(args, space, "64,128,256" if args.quick else "128,256,512,768,1024,1536,2048,4096")
     pop, pop_lrs = grid(dims, lrs, space, args.said)

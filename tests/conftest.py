@@ -215,3 +215,52 @@ def population_run(tmp_path_factory):
         args = sets(*TINY_DEFAULT, *short, "trainable.modules_to_save=[]", members)
         assert main(["train", "default", *args, "--out", str(run)]) == 0
     return run
+
+
+# Tiny Llama-family checkpoints, saved by transformers: grouped-query attention, Llama 3's rope scaling and an
+# untied head (llama), q/k/v biases and a tied head (qwen2), one key/value head and a sliding window (mistral).
+LLAMA_FAMILY = {
+    "llama": dict(
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    ),
+    "qwen2": dict(num_key_value_heads=2, tie_word_embeddings=True),
+    "mistral": dict(num_key_value_heads=1, sliding_window=48, tie_word_embeddings=False),
+}
+LLAMA_SHAPE = dict(
+    vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+)  # fmt: skip
+
+
+def make_llama_checkpoint(directory, model_type: str = "llama", seed: int = 0, **config):
+    """Save a randomly initialised transformers model of the Llama family; returns the torch model."""
+    import torch
+    import transformers
+
+    names = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[model_type]
+    config_class = getattr(transformers, f"{names}Config")
+    model_class = getattr(transformers, f"{names}ForCausalLM")
+    torch.manual_seed(seed)
+    model = model_class(config_class(**{**LLAMA_SHAPE, **LLAMA_FAMILY[model_type], **config})).eval()
+    with torch.no_grad():  # unit norms and zero biases would hide a wrong norm or bias: make them count
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    return model
+
+
+@pytest.fixture(scope="session", params=list(LLAMA_FAMILY))
+def tiny_llama(request, tmp_path_factory):
+    """(directory, torch model) of a 2-layer, 32-wide model of each Llama-family type."""
+    directory = tmp_path_factory.mktemp(f"tiny_{request.param}")
+    return directory, make_llama_checkpoint(directory, request.param)

@@ -23,7 +23,7 @@ from jlora.cli.members import MemberSpec, member_indices
 from jlora.core.lora.config import LoraConfig
 from jlora.core.lora.residual import as_plain_lora
 from jlora.errors import BaseMismatchError, CheckpointError, TokenizerError, UsageError
-from jlora.exchange.hf_checkpoint import load_gpt2
+from jlora.exchange.hf_checkpoint import load_model
 from jlora.exchange.peft import ADAPTER_CONFIG, load_peft, read_adapter_config
 from jlora.training.data.tokenizer import has_tokenizer_files, load_tokenizer
 from jlora.training.records.checkpoint import (
@@ -89,7 +89,7 @@ def base_sha256(found: Found, cache: dict[str, str]) -> str:
     if found.meta is not None:
         return found.meta["base_model"]["sha256"]
     if found.base not in cache:
-        cache[found.base] = base_identity(found.base, load_gpt2(found.base)[1])["sha256"]
+        cache[found.base] = base_identity(found.base, load_model(found.base)[1])["sha256"]
     return cache[found.base]
 
 
@@ -111,7 +111,7 @@ def load_base_of(found: Found) -> tuple[Any, dict]:
     """(model, params) of the base `found` sits on (a run's checked against its recorded identity)."""
     if found.meta is not None:
         return load_base(found.meta)
-    return load_gpt2(found.base, lora=found.cfg)
+    return load_model(found.base, lora=found.cfg)
 
 
 def tokenizer_of(found: Found, override: str | None = None) -> Any:

@@ -27,7 +27,7 @@ from jlora.cli.adapters import check_same_base, find_adapters, is_run, load_base
 from jlora.core.algebra.mixed import stack_adapters
 from jlora.core.decoding.generate import generate
 from jlora.errors import CheckpointError, TokenizerError, UsageError
-from jlora.exchange.hf_checkpoint import load_gpt2
+from jlora.exchange.hf_checkpoint import load_model
 from jlora.exchange.peft import ADAPTER_CONFIG, load_peft, read_adapter_config
 from jlora.training.data.config import DataConfig
 from jlora.training.data.prompt import data_format, run_prompt
@@ -75,8 +75,9 @@ def load_source(
         tok = load_tokenizer(tokenizer or meta["tokenizer"])
         if raw:
             return Source(model, params, lora, tok, lambda text: (text, tok.encode(text)))
-        fmt = data_format(run_data(path / "config.yaml"))
-        return Source(model, params, lora, tok, lambda text: run_prompt(text, fmt, tok))
+        data = run_data(path / "config.yaml")
+        fmt = data_format(data)
+        return Source(model, params, lora, tok, lambda text: run_prompt(text, fmt, tok, data.template))
     if (path / ADAPTER_CONFIG).exists():
         own_base = path / "base"
         base = base or (
@@ -85,10 +86,10 @@ def load_source(
         if not base:
             raise CheckpointError(f"{path / ADAPTER_CONFIG} names no base model; pass --base")
         cfg, lora, leaves = load_peft(path)
-        model, params = load_gpt2(base, lora=cfg)
+        model, params = load_model(base, lora=cfg)
         tok = load_tokenizer(tokenizer or (str(path) if has_tokenizer_files(path) else base))
         return Source(model, overlay(params, leaves), lora, tok, lambda text: (text, tok.encode(text)))
-    model, params = load_gpt2(source)
+    model, params = load_model(source)
     tok = load_tokenizer(tokenizer or source)
     return Source(model, params, None, tok, lambda text: (text, tok.encode(text)))
 
@@ -196,8 +197,9 @@ def side_by_side_command(args: Any, prompts: list[str]) -> int:
             raise UsageError(f"no tokenizer for {found[0].label} or its base; pass --tokenizer")
         run = Path(args.source) if args.source is not None and is_run(Path(args.source)) else None
         if run is not None and not args.raw:
-            fmt = data_format(run_data(run / "config.yaml"))
-            texts, encoded = zip(*(run_prompt(text, fmt, tokenizer) for text in prompts), strict=True)
+            data = run_data(run / "config.yaml")
+            fmt = data_format(data)
+            texts, encoded = zip(*(run_prompt(text, fmt, tokenizer, data.template) for text in prompts), strict=True)
         else:
             texts, encoded = list(prompts), [tokenizer.encode(text) for text in prompts]
     except TokenizerError as e:

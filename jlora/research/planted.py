@@ -90,7 +90,7 @@ def plant_low_rank(
     if spectrum not in SPECTRA:
         raise ConfigError(f"unknown planted spectrum {spectrum!r}; valid: {', '.join(SPECTRA)}")
     flat = {}
-    for i, path in enumerate(cfg.module_paths(len(params["h"]))):
+    for i, path in enumerate(cfg.module_paths(params)):
         module = split_slice(path)[0]
         kernel = get_path(params, module)["kernel"]
         w = kernel[:, output_columns(path, kernel.shape[1])].T  # (d_out, d_in)

@@ -12,7 +12,7 @@ import pytest
 
 import jlora
 from jlora.core.lora.adapter import map_factors
-from jlora.core.models.gpt2 import causal_attention
+from jlora.core.models.decoder import causal_attention
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 

@@ -134,7 +134,7 @@ def mixed_loss_sums(model, variables: Mapping, batch: Mapping, *, chunk: int = C
     rows = jax.nn.one_hot(index, stack.size, dtype=jnp.float32)  # (R, K)
     weights = at_loss_positions(mask[..., None] * rows[:, None, :], batch)  # (R * positions, K)
     targets = jnp.where(weights.sum(axis=1) > 0, at_loss_positions(batch["targets"], batch), 0)
-    wte, h = variables["params"]["wte"]["embedding"], at_loss_positions(hidden, batch)
+    wte, h = model.head_weight(variables["params"]), at_loss_positions(hidden, batch)
     # vmapped over the adapters' weights only: the head's logits are computed once for all K
     sums = jax.vmap(lambda w: head_loss_sum(h, wte, targets, w, chunk), in_axes=1)(weights)
     return sums, (mask.sum(axis=1)[:, None] * rows).sum(axis=0)

@@ -39,7 +39,7 @@ import numpy as np
 
 from jlora.core.algebra.mixed import AdapterStack, check_index, mixed_variables
 from jlora.core.lora.merge import merge
-from jlora.core.models.gpt2 import GPT2, check_token_ids, init_cache
+from jlora.core.models.decoder import check_token_ids
 
 PAD_MULTIPLE = 16
 
@@ -105,9 +105,9 @@ def _decode(model, params, rows, ids, mask, key, sampling, eos, *, max_new_token
     `sampling`: (temperature, top_k, top_p); `eos`: -1 when rows never stop."""
     batch, prompt_length = ids.shape
     variables = {"params": params} if rows is None else mixed_variables(params, AdapterStack(rows[0]), rows[1])
-    last_logits = lambda hidden: model.apply(variables, hidden[:, -1], method=GPT2.logits).astype(jnp.float32)  # noqa: E731
-    cache = init_cache(model.config, batch, prompt_length + max_new_tokens)
-    hidden, cache = model.apply(variables, ids, cache, mask, method=GPT2.decode)
+    last_logits = lambda hidden: model.apply(variables, hidden[:, -1], method="logits").astype(jnp.float32)  # noqa: E731
+    cache = model.init_cache(batch, prompt_length + max_new_tokens)
+    hidden, cache = model.apply(variables, ids, cache, mask, method="decode")
 
     def pick(logits, key):
         if greedy:
@@ -125,7 +125,7 @@ def _decode(model, params, rows, ids, mask, key, sampling, eos, *, max_new_token
         key, sample_key = jax.random.split(key)
         token = jnp.where(done, eos, pick(logits, sample_key)).astype(jnp.int32)
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
-        hidden, cache = model.apply(variables, token[:, None], cache, method=GPT2.decode)
+        hidden, cache = model.apply(variables, token[:, None], cache, method="decode")
         return step + 1, key, last_logits(hidden), cache, tokens, done | (token == eos)
 
     tokens = jnp.full((batch, max_new_tokens), jnp.maximum(eos, 0), jnp.int32)
@@ -135,7 +135,7 @@ def _decode(model, params, rows, ids, mask, key, sampling, eos, *, max_new_token
 
 
 @functools.lru_cache(maxsize=8)
-def _decoder(model: GPT2, structure, leaves: tuple, max_new_tokens: int, greedy: bool):
+def _decoder(model, structure, leaves: tuple, max_new_tokens: int, greedy: bool):
     """`_decode` compiled for one model, weight and prompt shape, length and mode (the 8 latest are kept)."""
     params, rows, ids = jax.tree.unflatten(structure, leaves)
     decode = functools.partial(_decode, model, max_new_tokens=max_new_tokens, greedy=greedy)
@@ -162,7 +162,7 @@ def _left_pad(prompts: Sequence[Sequence[int]], max_new_tokens: int, n_positions
 
 
 def generate(
-    model: GPT2,
+    model,
     params: Mapping,
     prompts: Sequence[Sequence[int]],
     *,
@@ -234,7 +234,7 @@ def generate(
 
 
 def generate_text(
-    model: GPT2, params: Mapping, tokenizer: Any, prompts: Sequence[str], **options
+    model, params: Mapping, tokenizer: Any, prompts: Sequence[str], **options
 ) -> tuple[list[str], Generation]:
     """`generate` on text: encodes `prompts`, stops at the tokenizer's end-of-text, decodes the continuations."""
     options.setdefault("eos_token_id", tokenizer.eos_token_id)

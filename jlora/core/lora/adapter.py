@@ -151,9 +151,8 @@ def init_lora(key: jax.Array, model_or_cfg: Any, params: Mapping, dtype=jnp.floa
             f"LoRA init {cfg.init!r} replaces the base weights by a residual: use "
             "jlora.init_adapters(key, cfg, params), which returns (residual params, lora)"
         )
-    n_layer = len(params["h"])
     flat = {}
-    for i, path in enumerate(cfg.module_paths(n_layer)):
+    for i, path in enumerate(cfg.module_paths(params)):
         d_out, d_in = adapted_shape(params, path)
         r = cfg.rank_for(path)
         if r > min(d_in, d_out):  # rank(B A) <= min(d_in, d_out): the extra rank would only cost memory

@@ -33,7 +33,7 @@ path (``r"h\\.[0-5]\\.attn\\.c_attn"``).
 2.0
 >>> effective_lr(2e-4, cfg)
 0.0004
->>> cfg.module_paths(n_layer=2)
+>>> cfg.module_paths(2)
 ('h.0.attn.c_attn', 'h.1.attn.c_attn')
 """
 
@@ -43,14 +43,16 @@ import dataclasses
 import math
 import numbers
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from flax.core import FrozenDict
 
 from jlora.errors import ConfigError
 
-MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-QKV = ("q", "k", "v")
+MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # GPT-2's adaptable modules in a block
+QKV = ("q", "k", "v")  # the slices of a fused projection an adapter may target alone
+FUSED = ("c_attn",)  # modules whose output is q, k, v side by side (GPT-2's)
+ALL_LINEAR = "all-linear"  # PEFT's target: every linear module of the blocks (the LM head is never adapted)
 INITS = ("kaiming", "gaussian", "zeros", "pissa", "pissa_niter_<K>", "olora")
 BASE_CHANGING = ("pissa", "olora")  # inits that move part of W into the adapter (the base becomes a residual)
 _REGEX_CHARS = set("\\[](){}*+?|^$")
@@ -61,15 +63,56 @@ def is_regex(entry: str) -> bool:
     return bool(_REGEX_CHARS & set(entry))
 
 
-def adaptable_paths(n_layer: int) -> tuple[str, ...]:
-    """Every module path LoRA can target in an `n_layer` GPT-2, slices included."""
+def adaptable_paths(params: Mapping | int | Sequence[str]) -> tuple[str, ...]:
+    """Every module path LoRA can target in a model, slices of fused projections included.
+
+    `params` is the model's parameter tree (or its shapes): every module holding a 2-D ``kernel``
+    is a linear layer LoRA can adapt, in block order (``h.2`` before ``h.10``); or the module paths
+    themselves; an int is the shorthand for an n-layer GPT-2.
+
+    >>> adaptable_paths(1)[:5]
+    ('h.0.attn.c_attn', 'h.0.attn.c_attn.q', 'h.0.attn.c_attn.k', 'h.0.attn.c_attn.v', 'h.0.attn.c_proj')
+    """
+    if isinstance(params, int):
+        modules = [f"h.{i}.{m}" for i in range(params) for m in MODULES]
+    elif not isinstance(params, Mapping):
+        modules = list(params)
+    else:
+        modules = sorted(_kernel_modules(params, ""), key=_block_order)
     paths = []
-    for i in range(n_layer):
-        for m in MODULES:
-            paths.append(f"h.{i}.{m}")
-            if m == "attn.c_attn":
-                paths.extend(f"h.{i}.{m}.{s}" for s in QKV)
+    for m in modules:
+        paths.append(m)
+        if m.rsplit(".", 1)[-1] in FUSED:
+            paths.extend(f"{m}.{s}" for s in QKV)
     return tuple(paths)
+
+
+def _kernel_modules(node: Mapping, prefix: str) -> list[str]:
+    found = []
+    for name, child in node.items():
+        path = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, Mapping):
+            found += _kernel_modules(child, path)
+        elif name == "kernel" and len(getattr(child, "shape", ())) == 2:
+            found.append(prefix)
+    return found
+
+
+def _block_order(path: str) -> tuple:
+    """Sort key of a module path: numeric parts as numbers (``h.2`` before ``h.10``), the rest by name."""
+    return tuple((0, int(x), "") if x.isdigit() else (1, 0, x) for x in path.split("."))
+
+
+def block_of(path: str) -> int | None:
+    """The block index of a module path (its first numeric part: ``h.3.attn.c_attn`` -> 3), or None."""
+    return next((int(x) for x in path.split(".") if x.isdigit()), None)
+
+
+def module_kind(path: str) -> str:
+    """A module path without its block prefix: ``h.3.attn.c_attn.q`` -> ``attn.c_attn.q``."""
+    parts = path.split(".")
+    i = next((k for k, x in enumerate(parts) if x.isdigit()), -1)
+    return ".".join(parts[i + 1 :])
 
 
 def _matches(entry: str, path: str) -> bool:
@@ -132,13 +175,13 @@ class LoraConfig:
             isinstance(self.init, str) and (self.init in INITS or re.fullmatch(r"pissa_niter_\d+", self.init)),
             f"unknown LoRA init {self.init!r}; valid: {', '.join(INITS)}",
         )
-        _check(len(self.target_modules) > 0, "target_modules is empty; valid: " + _valid_targets())
-        every = adaptable_paths(1)
+        _check(len(self.target_modules) > 0, "target_modules is empty; name the modules to adapt (e.g. c_attn, q_proj)")
         for t in self.target_modules:
-            ok = any(_matches(t, p) for p in every) or (
-                is_regex(t) and any(_matches(t, p) for p in adaptable_paths(48))
-            )
-            _check(ok, f"unknown LoRA target {t!r}; valid: {_valid_targets()}")
+            if is_regex(t):
+                try:
+                    re.compile(t)
+                except re.error as e:
+                    raise ConfigError(f"LoRA target {t!r} is not a valid regular expression ({e})") from None
         slice_paths = [p for p in adaptable_paths(48) if p.rsplit(".", 1)[1] in QKV]
         slices = [t for t in self.target_modules if any(_matches(t, p) for p in slice_paths)]
         _check(
@@ -161,17 +204,26 @@ class LoraConfig:
         """K of "pissa_niter_K" (a randomised SVD), None for the exact one and other inits."""
         return int(self.init.rsplit("_", 1)[1]) if self.init.startswith("pissa_niter_") else None
 
-    def module_paths(self, n_layer: int) -> tuple[str, ...]:
-        """The dotted paths of the modules this config adapts in an `n_layer` GPT-2."""
+    def module_paths(self, params: Mapping | int | Sequence[str]) -> tuple[str, ...]:
+        """The dotted paths of the modules this config adapts in a model (its parameter tree, or the
+        number of blocks of a GPT-2; see `adaptable_paths`).
+
+        Raises ConfigError for a target no module of the model matches, naming the valid ones.
+        """
+        every = adaptable_paths(params)
+        blocks = sorted({b for b in map(block_of, every) if b is not None})
         if self.layers is not None:
-            bad = [i for i in self.layers if not 0 <= i < n_layer]
-            _check(not bad, f"LoRA layers {bad} out of range; valid: 0..{n_layer - 1}")
+            bad = [i for i in self.layers if i not in blocks]
+            _check(not bad, f"LoRA layers {bad} out of range; valid: 0..{len(blocks) - 1}")
+        for t in self.target_modules:
+            ok = t == ALL_LINEAR or any(_matches(t, p) for p in every)
+            _check(ok, f"unknown LoRA target {t!r}; valid: {_valid_targets(every)}")
         chosen = []
-        for p in adaptable_paths(n_layer):
-            layer = int(p.split(".")[1])
-            if self.layers is not None and layer not in self.layers:
+        for p in every:
+            if self.layers is not None and block_of(p) not in self.layers:
                 continue
-            if any(_matches(t, p) for t in self.target_modules):
+            whole = ALL_LINEAR in self.target_modules and p.rsplit(".", 1)[-1] not in QKV and block_of(p) is not None
+            if whole or any(_matches(t, p) for t in self.target_modules):
                 chosen.append(p)
         for p in chosen:
             parent = p.rsplit(".", 1)[0]
@@ -214,11 +266,10 @@ class LoraConfig:
 
 
 def layers_and_kinds(paths) -> dict[int, set[str]]:
-    """{block index: {module kinds}} of module paths ``h.{i}.{kind}``."""
+    """{block index: {module kinds}} of module paths ``<prefix>.{i}.{kind}``."""
     by_layer: dict[int, set[str]] = {}
     for p in paths:
-        _, layer, kind = p.split(".", 2)
-        by_layer.setdefault(int(layer), set()).add(kind)
+        by_layer.setdefault(block_of(p), set()).add(module_kind(p))
     return by_layer
 
 
@@ -228,10 +279,11 @@ def short_names(kinds) -> list[str]:
     >>> short_names({"attn.c_attn", "attn.c_proj", "mlp.c_proj"}), short_names({"mlp.c_proj", "attn.c_attn"})
     (['c_attn', 'c_proj'], ['c_attn', 'mlp.c_proj'])
     """
+    known = list(dict.fromkeys([*MODULES, *sorted(kinds)]))  # GPT-2's c_proj is two modules; others are one
     names = []
-    for kind in sorted(kinds, key=MODULES.index):
+    for kind in sorted(kinds, key=known.index):
         last = kind.split(".")[-1]
-        same_last = [k for k in MODULES if k.split(".")[-1] == last]
+        same_last = [k for k in known if k.split(".")[-1] == last]
         names.append(last if all(k in kinds for k in same_last) else kind)
     return sorted(set(names), key=names.index)
 
@@ -251,7 +303,8 @@ def targets_for(paths, every_layer: bool = True) -> dict:
     """
     by_layer = layers_and_kinds(paths)
     kinds = set.union(*by_layer.values())
-    if kinds <= set(MODULES) and all(k == kinds for k in by_layer.values()):
+    whole = all(k.rsplit(".", 1)[-1] not in QKV for k in kinds)
+    if None not in by_layer and whole and all(k == kinds for k in by_layer.values()):
         every = every_layer and sorted(by_layer) == list(range(len(by_layer)))
         return {"target_modules": tuple(short_names(kinds)), "layers": None if every else tuple(sorted(by_layer))}
     return {"target_modules": tuple(re.escape(p) for p in paths), "layers": None}
@@ -286,8 +339,11 @@ def _check_types(cfg: LoraConfig) -> None:
         _check(ok, f"LoRA {name} must be {what}, got {name}={getattr(cfg, name)!r}")
 
 
-def _valid_targets() -> str:
-    return ", ".join(MODULES + tuple(f"attn.c_attn.{s}" for s in QKV)) + " (or a suffix / regex of h.<i>.<module>)"
+def _valid_targets(paths) -> str:
+    kinds = list(dict.fromkeys(module_kind(p) for p in paths))
+    block = next((p for p in paths if block_of(p) is not None), "h.0")
+    prefix = block[: block.index(f".{block_of(block)}")]
+    return ", ".join(kinds) + f", {ALL_LINEAR} (or a suffix / regex of {prefix}.<i>.<module>)"
 
 
 def _check(ok, message: str) -> None:

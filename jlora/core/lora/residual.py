@@ -119,7 +119,7 @@ def initial_factors(key: jax.Array, cfg: LoraConfig, params: Mapping) -> dict[st
     draws). Raises ConfigError if a rank exceeds min(d_out, d_in) of its weight.
     """
     flat = {}
-    for i, path in enumerate(cfg.module_paths(len(params["h"]))):
+    for i, path in enumerate(cfg.module_paths(params)):
         kernel = get_path(params, split_slice(path)[0])["kernel"]
         w = kernel[:, output_columns(path, kernel.shape[1])].T  # (d_out, d_in)
         r = cfg.rank_for(path)

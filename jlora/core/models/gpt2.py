@@ -57,9 +57,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.core.lora.config import LoraConfig
+from jlora.core.models.decoder import (
+    cached_attention,
+    causal_attention,
+    check_token_ids,
+    decode_positions,
+    empty_cache,
+    training_mask,
+)
 from jlora.core.models.dropout import Dropout
 from jlora.core.models.linear import Linear, normal
-from jlora.errors import ConfigError, DataError
+from jlora.errors import ConfigError
 from jlora.tree import dotted
 
 ACTIVATIONS = {
@@ -74,6 +82,10 @@ _FIELD_TYPES = {
     **{k: (int, float) for k in ("layer_norm_epsilon", "embd_pdrop", "resid_pdrop")},
 }
 NUMERICS = ("dtype", "param_dtype", "attention", "remat")  # jlora's options, not the checkpoint's
+BLOCKS = "h"  # the blocks' node in the parameter tree
+MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # a block's linear modules: what LoRA can adapt
+# base modules PEFT's modules_to_save can hold whole (by last name): their leaves (wte is tied to the LM head)
+SAVABLE = {"ln_1": ("scale", "bias"), "ln_2": ("scale", "bias"), "ln_f": ("scale", "bias"), "wpe": ("embedding",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,28 +176,6 @@ class _Layer(nn.Module):
         return 0.02 / math.sqrt(2 * self.config.n_layer)
 
 
-def fused_attention_eligible(dtype, masked: bool, backend: str) -> bool:
-    """Whether ``attention=None`` asks for cuDNN's fused kernel: on a GPU, in half precision, and
-    without an explicit mask (which JAX's cuDNN path cannot take: packed rows use plain XLA)."""
-    return backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and not masked
-
-
-def causal_attention(q, k, v, mask: jax.Array | None, scale: float, implementation: str | None) -> jax.Array:
-    """Causal `jax.nn.dot_product_attention` of (B, T, H, Dh) q, k, v; `mask` (B, 1, T or 1, T) or None.
-
-    `implementation` None chooses: the fused cuDNN kernel where `fused_attention_eligible` (JAX's
-    own None always means XLA), falling back to XLA if this GPU or cuDNN refuses it at trace time.
-    """
-    if implementation is None:
-        implementation = "xla"
-        if fused_attention_eligible(q.dtype, mask is not None, jax.default_backend()):
-            try:
-                return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
-            except (ValueError, NotImplementedError, RuntimeError, TypeError):
-                pass  # an unsupported GPU, cuDNN version or shape: plain XLA below
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True, implementation=implementation)
-
-
 class Attention(_Layer):
     layer_idx: int = 0
 
@@ -210,15 +200,7 @@ class Attention(_Layer):
         if kv is None:
             out = causal_attention(q, k, v, mask, scale, c.attention)
         else:
-            k, v = (
-                jax.lax.dynamic_update_slice(kv[n], t.astype(kv[n].dtype), (0, index, 0, 0))
-                for n, t in (("k", k), ("v", v))
-            )
-            kv = {"k": k, "v": v}
-            # The fused kernels take no arbitrary mask (left padding, an offset query block): plain XLA.
-            out = jax.nn.dot_product_attention(
-                q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=scale, implementation="xla"
-            )
+            out, kv = cached_attention(q, k, v, kv, index, mask, scale)
         out = self.linear(d, "c_proj", self.proj_std)(out.reshape(batch, length, d), deterministic)
         return Dropout(c.resid_pdrop)(out, deterministic=deterministic), kv
 
@@ -309,11 +291,7 @@ class GPT2(_Layer):
             position_ids = jnp.arange(length)[None, :]
         x = self.wte(input_ids) + self.wpe(position_ids)
         x = self.embd_dropout(x, deterministic=deterministic)
-        mask = None if attention_mask is None else attention_mask[:, None, None, :].astype(bool)
-        if segment_ids is not None:
-            same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # (B, 1, T, T)
-            mask = same if mask is None else mask & same
-        x, _ = self.h(x, mask, deterministic)
+        x, _ = self.h(x, training_mask(attention_mask, segment_ids), deterministic)
         return self.ln_f(x)
 
     def decode(
@@ -328,44 +306,28 @@ class GPT2(_Layer):
             cache's mask as in transformers: the number of real tokens before this one.
         """
         check_token_ids(input_ids, self.config.vocab_size)
-        batch, length = input_ids.shape
         index = cache["index"]
-        new = jnp.ones((batch, length), bool) if attention_mask is None else attention_mask.astype(bool)
-        key_mask = jax.lax.dynamic_update_slice(cache["mask"], new, (0, index))  # (B, T_max)
-        counts = jnp.cumsum(key_mask, axis=1, dtype=jnp.int32) - 1
-        position_ids = jnp.maximum(jax.lax.dynamic_slice_in_dim(counts, index, length, axis=1), 0)
-        slots = jnp.arange(key_mask.shape[1])
-        query_slots = index + jnp.arange(length)[:, None]
-        causal = slots <= query_slots  # (T, T_max)
-        # A padding query sees at least itself, so no softmax row is empty (its output is unused).
-        mask = (key_mask[:, None, None, :] & causal) | (slots == query_slots)  # (B, 1, T, T_max)
+        position_ids, mask, key_mask = decode_positions(cache, input_ids, attention_mask)
         x = self.wte(input_ids) + self.wpe(position_ids)
         x, layers = self.h(x, mask, True, cache["h"], index)
-        return self.ln_f(x), {"index": index + length, "mask": key_mask, "h": layers}
+        return self.ln_f(x), {"index": index + input_ids.shape[1], "mask": key_mask, "h": layers}
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """The tied LM head: (..., D) -> (..., V) in the compute dtype."""
         return self.wte.attend(hidden)
 
+    @staticmethod
+    def head_weight(params: Mapping) -> jax.Array:
+        """The LM head's (V, D) matrix in `params` (GPT-2's is tied to the token embedding)."""
+        return params["wte"]["embedding"]
+
+    def init_cache(self, batch: int, max_length: int) -> dict:
+        """An empty KV cache for `batch` rows of up to `max_length` tokens (`init_cache`)."""
+        return init_cache(self.config, batch, max_length)
+
     def __call__(self, input_ids: jax.Array, *args, **kwargs) -> jax.Array:
         """Logits (B, T, V) of ``hidden(input_ids, attention_mask, position_ids, deterministic)``."""
         return self.logits(self.hidden(input_ids, *args, **kwargs))
-
-
-def check_token_ids(input_ids: jax.Array, vocab_size: int) -> None:
-    """Refuse token ids outside 0 .. vocab_size - 1, when they are concrete (outside jit).
-
-    Under jit the ids are not known, and JAX's gather does not raise: an id >= vocab_size reads
-    a NaN embedding row, which makes the logits of its whole row NaN (masked attention multiplies
-    the NaN values by zero weights), and an id in -vocab_size .. -1 wraps around as in numpy.
-    A train step's non-finite loss check then stops the run. Check ids before jitted calls.
-    """
-    if isinstance(input_ids, jax.core.Tracer):
-        return
-    ids = np.asarray(input_ids)
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        bad = ids.max() if ids.max() >= vocab_size else ids.min()
-        raise DataError(f"token id {int(bad)} is outside the model's vocabulary 0..{vocab_size - 1}")
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -424,14 +386,56 @@ def init_cache(config: GPT2Config, batch: int, max_length: int) -> dict:
     """An empty KV cache for `batch` rows of up to `max_length` tokens (see the module doc)."""
     if max_length > config.n_positions:
         raise ValueError(f"a cache of {max_length} tokens exceeds the model's n_positions={config.n_positions}")
-    zeros = lambda: jnp.zeros((batch, max_length, config.n_head, config.n_embd // config.n_head), config.dtype)  # noqa: E731
-    return {  # a buffer per leaf, so a caller may donate the cache to a jitted step
-        "index": jnp.zeros((), jnp.int32),
-        "mask": jnp.zeros((batch, max_length), bool),
-        "h": {str(i): {"k": zeros(), "v": zeros()} for i in range(config.n_layer)},
-    }
+    head_dim = config.n_embd // config.n_head
+    return empty_cache("h", config.n_layer, batch, max_length, config.n_head, head_dim, config.dtype)
 
 
 def param_shapes(config: GPT2Config) -> dict:
     """The base parameter tree's shapes and dtypes, without allocating it."""
     return jax.eval_shape(lambda: init_params(jax.random.key(0), config))
+
+
+# The Hugging Face mapping: one rename per tensor and no transpose (Conv1D already stores (d_in, d_out)).
+HF_PREFIX = "transformer."
+_HF_LEAF = {"weight": "kernel", "bias": "bias"}
+
+
+def hf_key_to_path(key: str) -> tuple[str, ...] | None:
+    """A checkpoint key -> its path in the parameter tree (None: a key jlora does not keep).
+
+    >>> hf_key_to_path("transformer.h.3.attn.c_attn.weight"), hf_key_to_path("h.0.ln_1.bias")
+    (('h', '3', 'attn', 'c_attn', 'kernel'), ('h', '0', 'ln_1', 'bias'))
+    """
+    parts = key.removeprefix(HF_PREFIX).split(".")
+    if parts[0] in ("wte", "wpe") and parts[1:] == ["weight"]:
+        return (parts[0], "embedding")
+    if parts[0] == "ln_f":
+        return ("ln_f", "scale" if parts[1] == "weight" else "bias")
+    if parts[0] == "h" and len(parts) == 4 and parts[2] in ("ln_1", "ln_2"):
+        return ("h", parts[1], parts[2], "scale" if parts[3] == "weight" else "bias")
+    if parts[0] == "h" and len(parts) == 5 and parts[2] in ("attn", "mlp") and parts[4] in _HF_LEAF:
+        return ("h", parts[1], parts[2], parts[3], _HF_LEAF[parts[4]])
+    return None
+
+
+def is_buffer(key: str, config: GPT2Config | None = None) -> bool:
+    """Checkpoint keys that are no parameter of ours: the tied LM head, older checkpoints' causal-mask buffers."""
+    parts = key.removeprefix(HF_PREFIX).split(".")
+    return key.startswith("lm_head.") or (
+        len(parts) == 4 and parts[2] == "attn" and parts[3] in ("bias", "masked_bias")
+    )
+
+
+def from_hf(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+    """A checkpoint tensor in our layout: GPT-2's, as it is."""
+    return value
+
+
+def state_from_params(params: Mapping) -> dict[str, np.ndarray]:
+    """The nested parameter tree -> a flat Hugging Face state dict (``transformer.`` keys)."""
+    names = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+    state = {}
+    for key_path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        keys = [k.key for k in key_path]
+        state[HF_PREFIX + ".".join(keys[:-1] + [names[keys[-1]]])] = np.asarray(leaf)
+    return state

@@ -188,12 +188,12 @@ def loss_sums(
     mask = batch["loss_mask"].astype(jnp.float32)
     weights = at_loss_positions(mask, batch)
     targets = jnp.where(weights > 0, at_loss_positions(batch["targets"], batch), 0)  # a pad target may be -100
-    wte = variables["params"]["wte"]["embedding"]
+    wte = model.head_weight(variables["params"])
     return head_loss_sum(at_loss_positions(hidden, batch), wte, targets, weights, chunk), jnp.sum(mask)
 
 
 def loss_argmax(model, variables: PyTree, batch: Mapping[str, jax.Array], *, chunk: int = CHUNK) -> jax.Array:
     """(R, K) the greedy next token at each of the batch's loss positions (deterministic model)."""
     hidden = at_loss_positions(hidden_states(model, variables, batch), batch)
-    predictions = head_argmax(hidden, variables["params"]["wte"]["embedding"], chunk)
+    predictions = head_argmax(hidden, model.head_weight(variables["params"]), chunk)
     return predictions.reshape(batch["input_ids"].shape[0], -1)

@@ -103,17 +103,16 @@ class Population(NamedTuple):
 
 
 def population(members: Sequence[Member], params: Mapping) -> Population:
-    """The `Population` of `members` on the base `params` (only its number of blocks is read).
+    """The `Population` of `members` on the base `params` (only its structure is read).
 
     Raises ConfigError when the members adapt different modules or use different LoRA dropout rates.
     """
     members = tuple(members)
     if not members:
         raise ConfigError("a population needs at least one member")
-    n_layer = len(params["h"])
-    paths = members[0].lora.module_paths(n_layer)
+    paths = members[0].lora.module_paths(params)
     for k, m in enumerate(members[1:], 1):
-        if m.lora.module_paths(n_layer) != paths:
+        if m.lora.module_paths(params) != paths:
             raise ConfigError(f"population member {k} adapts other modules than member 0; members may differ in rank")
         if m.lora.dropout != members[0].lora.dropout:
             raise ConfigError(

@@ -21,7 +21,10 @@ class DataConfig:
     validation: str | None = "bundled"  # the validation records (None: no evaluation of the task)
     format: str = "auto"  # "qa", "prompt_completion", "text", "data2text"; "auto": from the first record's keys
     # (a .txt file: "e2e"); whole data-to-text files: "e2e" (MR||text lines), "webnlg", "dart" (their JSON)
-    tokenizer: str | None = None  # a tokenizer folder or Hub id; "bytes": the offline byte one; None: the model's
+    tokenizer: str | None = None  # a tokenizer folder, GGUF file or Hub id; "bytes": the offline byte one; None: the
+    # model's own
+    template: str = "qa"  # question-answer rows as "Question: ...\nAnswer: ..." ("qa"), or in the tokenizer's chat
+    # template ("chat": the question as the user's turn, the answer as the assistant's)
     buckets: int | str = "octaves"  # batch lengths round up: "octaves" (multiples of 8 up to 64, then 4
     # lengths per doubling: padding under 25 %, few compiled shapes), N (multiples of N), "pow2", "none" (seq_len)
     pack: bool = False  # several rows per sequence (attention kept within each row)

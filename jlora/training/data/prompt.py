@@ -12,6 +12,11 @@ text (`jlora.training.data.data2text`)::
     "name : Aromi | eatType : coffee shop"  ──run_prompt(..., "data2text")──>  e "name : ... shop<|endoftext|>"
 
 Prompt-completion and plain-text runs read the text as written, after the same end-of-text.
+
+A chat model's run may write its question-answer rows in the tokenizer's chat template instead
+(``data.template: chat``, `chat_example`): the question as the user's turn, the answer as the
+assistant's, closed by the tokenizer's end-of-text (SmolLM2's ``<|im_end|>``); `run_prompt` then asks
+its questions the same way.
 The format is the run's ``data.format``, or (when "auto") that of its training file's first
 record; a `datasets` source cannot be told without loading it, and its prompts go as written.
 A QA prompt already written in the template (`Question: ...\\nAnswer:`, as an export is asked) goes as
@@ -29,6 +34,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
+from jlora.errors import DataError
 from jlora.training.data import data2text
 from jlora.training.data.config import DataConfig
 from jlora.training.data.rows import prompt_tokens
@@ -80,13 +86,27 @@ def in_template(text: str) -> bool:
     return text.startswith(before) and text.endswith(after) and len(text) > len(before) + len(after)
 
 
-def run_prompt(text: str, fmt: str | None, tokenizer: Tokenizer) -> tuple[str, list[int]]:
-    """(the prompt as the run's rows show it, its token ids after the opening end-of-text).
+TEMPLATES = ("qa", "chat")  # data.template: how question-answer rows are written
 
-    A QA run's question goes through the template; a prompt already in the template's form goes as
-    written (wrapping it again would ask ``Question: Question: ...``).
+
+def chat_example(example: Example, tokenizer: Tokenizer) -> Example:
+    """A question-answer example in the tokenizer's chat template (`HFTokenizer.chat_prompt`); the answer
+    is the assistant's turn. TokenizerError without a template; DataError for a row that is not a QA pair."""
+    if example.question is None:
+        raise DataError("data.template: chat writes question-answer rows; this data has other records")
+    return Example(tokenizer.chat_prompt(example.question), example.answer, example.question, example.answer)
+
+
+def run_prompt(text: str, fmt: str | None, tokenizer: Tokenizer, template: str = "qa") -> tuple[str, list[int]]:
+    """(the prompt as the run's rows show it, its token ids after the row's opening token).
+
+    A QA run's question goes through its template (QA_TEMPLATE, or the chat template with
+    ``template="chat"``); a prompt already in QA_TEMPLATE's form goes as written (wrapping it again
+    would ask ``Question: Question: ...``).
     """
-    if fmt == "qa" and not in_template(text):
+    if fmt == "qa" and template == "chat":
+        example = Example(tokenizer.chat_prompt(text), "")
+    elif fmt == "qa" and not in_template(text):
         example = qa_example(text, "")
     elif fmt in DATA2TEXT and not text.endswith(data2text.END_OF_TEXT):
         example = data2text_example(text, "")

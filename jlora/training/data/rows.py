@@ -78,8 +78,10 @@ class TokenizedData:
 
 
 def prompt_tokens(example: Example, tokenizer: Tokenizer) -> list[int]:
-    """The context a model generates the completion from: end-of-text, then the prompt's tokens."""
-    return [tokenizer.eos_token_id, *tokenizer.encode(example.prompt)]
+    """The context a model generates the completion from: the row's opening token (`Tokenizer.open_ids`; a
+    tokenizer without one, as GPT-2's: end-of-text), then the prompt's tokens."""
+    opening = getattr(tokenizer, "open_ids", None) or [tokenizer.eos_token_id]
+    return [*opening, *tokenizer.encode(example.prompt)]
 
 
 def tokenize(examples: Sequence[Example], tokenizer: Tokenizer, seq_len: int) -> TokenizedData:

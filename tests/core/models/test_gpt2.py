@@ -94,7 +94,7 @@ def test_config_rejects_bad_values():
 
 def test_attention_asks_for_the_fused_kernel_on_a_gpu_and_falls_back(monkeypatch):
     """The GPU path, on a CPU: bfloat16 and no mask ask for cuDNN; refused here, XLA computes the same."""
-    from jlora.core.models.gpt2 import causal_attention
+    from jlora.core.models.decoder import causal_attention
 
     xla = jax.nn.dot_product_attention
     asked = []
