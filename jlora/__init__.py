@@ -89,7 +89,8 @@ from jlora.errors import (
 from jlora.exchange.hf_checkpoint import load_gpt2, load_model, save_gpt2, save_model
 from jlora.exchange.merged import save_merged
 from jlora.exchange.peft import load_peft, save_peft
-from jlora.training.records.checkpoint import load_adapter, load_checkpoint, load_init, load_run, lora_config_of
+from jlora.training.records.artifacts import Artifact, TrainedAdapter, load_checkpoint, load_run, open_artifact
+from jlora.training.records.checkpoint import load_adapter, load_init, lora_config_of
 
 __all__ = [
     # model and adapters
@@ -173,6 +174,9 @@ __all__ = [
     "mixed_variables",
     "make_mixed_eval_step",
     # checkpoints and exchange
+    "open_artifact",
+    "Artifact",
+    "TrainedAdapter",
     "load_adapter",
     "load_init",
     "load_checkpoint",

@@ -1,7 +1,7 @@
 """`jlora combine SOURCE ... --weights W ... --method M --out DIR`: one adapter from several, as a PEFT folder.
 
 The sources are run directories (a population's members by ``--member K | K,L,... | all``),
-checkpoints and PEFT folders (`jlora.cli.adapters`), on one base; the combination is
+checkpoints and PEFT folders (`jlora.training.records.artifacts`), on one base; the combination is
 `jlora.core.algebra.combine.combine_adapters` with PEFT's meaning of every method and option (``--density``,
 ``--r`` for PEFT's svd_rank, ``--majority-sign``, ``--clamp``; ``--seed`` draws DARE's masks). Trained
 base leaves (a run's ``ln_f``) are merged as task vectors from the base (`combine_leaves`) and go
@@ -20,31 +20,32 @@ from typing import Any
 
 import jax
 
-from jlora.cli.adapters import Found, check_same_base, find_adapters, load_base_of, tokenizer_of
+from jlora.cli.adapters import open_sources, tokenizer_of
 from jlora.core.algebra.combine import check_options, combine_adapters, combine_leaves
 from jlora.core.lora.adapter import flatten_adapters
 from jlora.exchange.hf_checkpoint import check_new_folder, new_folder
 from jlora.exchange.merged import save_merged
 from jlora.exchange.peft import save_peft
+from jlora.training.records.artifacts import Artifact
 
 
 def combine_command(args: Any) -> int:
     """``jlora combine SOURCE ... --weights W ... [--method M] [--density D] [--r R] ... --out DIR``."""
     out = check_new_folder(args.out)  # before anything is loaded
-    found = [f for source in args.sources for f in find_adapters(source, args.member, args.base)]
+    artifacts = open_sources(args.sources, args.member, args.base)
+    found = [a.plain() for artifact in artifacts for a in artifact.adapters]  # each on the base as it is
     options = dict(density=args.density, majority_sign_method=args.majority_sign)
     check_options(args.method, len(found), args.weights, r=args.r, clamp=args.clamp, **options)
-    check_same_base(found)
     key = jax.random.key(args.seed)
     cfg, lora = combine_adapters(
         [f.lora for f in found], args.weights, args.method, r=args.r, clamp=args.clamp, key=key, **options
     )
     leaves, model, params = None, None, None
-    if any(f.leaves for f in found) or found[0].base == "random":
-        model, params = load_base_of(found[0])
+    if any(f.leaves for f in found) or artifacts[0].base == "random":
+        model, params = artifacts[0].load_base()
     if any(f.leaves for f in found):
         leaves = combine_leaves(params, [f.leaves for f in found], args.weights, args.method, key=key, **options)
-    write(out, cfg, lora, leaves, found[0], model, params)
+    write(out, cfg, lora, leaves, artifacts[0], model, params)
     ranks = sorted({adapter["A"].shape[0] for adapter in flatten_adapters(lora).values()})
     print(
         f"{args.method} of {len(found)} adapters (weights {', '.join(f'{w:g}' for w in args.weights)}) -> {out}: "
@@ -53,7 +54,7 @@ def combine_command(args: Any) -> int:
     return 0
 
 
-def write(out: Path, cfg, lora: dict, leaves: dict | None, first: Found, model, params) -> None:
+def write(out: Path, cfg, lora: dict, leaves: dict | None, first: Artifact, model, params) -> None:
     """The combined adapter as a PEFT folder on `first`'s base (a random base written beside it), atomically."""
     tokenizer = tokenizer_of(first)
     random = first.base == "random"

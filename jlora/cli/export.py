@@ -25,15 +25,8 @@ from jlora.exchange.hf_checkpoint import check_new_folder, new_folder, resolve
 from jlora.exchange.merged import save_merged
 from jlora.exchange.peft import save_peft
 from jlora.training.data.tokenizer import load_tokenizer
-from jlora.training.records.checkpoint import (
-    find_checkpoint,
-    load_adapter,
-    load_base,
-    load_checkpoint,
-    load_init,
-    lora_config_of,
-    resolve_member,
-)
+from jlora.training.records.artifacts import Artifact, TrainedAdapter, open_artifact
+from jlora.training.records.checkpoint import find_checkpoint, resolve_member
 
 BYTES_NOTE = (
     "tokenizer: jlora's byte tokenizer, saved as a GPT2TokenizerFast that encodes and decodes the same "
@@ -45,24 +38,25 @@ def export_command(args: Any) -> int:
     """``jlora export RUN_DIR --peft OUT_DIR | --merged OUT_DIR [--step N] [--member K]``."""
     run_dir = Path(args.run_dir)
     check_new_folder(args.peft or args.merged)  # before anything is loaded
-    checkpoint = find_checkpoint(run_dir, args.step)
-    args.member = resolve_member(run_dir, args.member)  # "best": a search's winner
-    lora, base_leaves, meta = load_adapter(checkpoint, args.member)
-    name = meta["base_model"]["name"]
-    source = meta.get("tokenizer") or name  # the run's tokenizer: "bytes", the base's (its name) or another
-    about = f"{run_dir} (step {meta['step']}, base {name})"
+    member = resolve_member(run_dir, args.member)  # "best": the winner the newest checkpoint names
+    artifact = open_artifact(find_checkpoint(run_dir, args.step), member=member)  # the checkpoint, read once
+    (adapter,) = artifact.adapters
+    name, source = artifact.base, artifact.tokenizer  # the run's tokenizer: "bytes", the base's (its name) or another
+    about = f"{run_dir} (step {artifact.step}, base {name})"
     if args.peft:
-        export_peft(Path(args.peft), lora, base_leaves, meta, load_tokenizer(source), init=load_init(checkpoint))
+        export_peft(Path(args.peft), artifact, adapter, load_tokenizer(source))
         print(f"PEFT adapter of {about} -> {args.peft}")
         if name == "random":
             base = Path(args.peft) / "base"
             print(
-                f"base: the run's random GPT-2, written to {base}; load with "
-                f"PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained('{base}'), '{args.peft}')"
+                f"base: the run's random model, written to {base}; load it with transformers' from_pretrained "
+                f"and PeftModel.from_pretrained(base_model, '{args.peft}')"
             )
     else:
-        model, params, lora, lora_cfg, _ = load_checkpoint(checkpoint, member=args.member)  # trained leaves in
-        base_dir = None if name == "random" else resolve(name)
+        model, params, lora = adapter.on(*artifact.load_base())  # trained leaves in (a PiSSA run: its residual)
+        base_dir = (
+            None if name == "random" else resolve(name) if not name.endswith(".gguf") and name != "smollm2" else None
+        )
         # the base's own tokenizer files are copied as they are; any other tokenizer is saved
         tokenizer = None if source == name and base_dir is not None else load_tokenizer(source)
         save_merged(args.merged, model.config, params, lora, base_dir=base_dir, tokenizer=tokenizer)
@@ -72,26 +66,24 @@ def export_command(args: Any) -> int:
     return 0
 
 
-def export_peft(out: Path, lora: dict, base_leaves: dict, meta: dict, tokenizer: Any, init: dict | None = None) -> None:
-    """The adapter and its tokenizer as a PEFT folder; a random base goes with it, in ``out/base``.
-
-    `init`: a PiSSA / OLoRA checkpoint's initial factors (`load_init`), for the conversion to plain LoRA.
-    """
-    name = meta["base_model"]["name"]
+def export_peft(out: Path, artifact: Artifact, adapter: TrainedAdapter, tokenizer: Any) -> None:
+    """The adapter and its tokenizer as a PEFT folder; a random base goes with it, in ``out/base`` (a PiSSA /
+    OLoRA adapter as the plain LoRA equal to it on the unmodified base)."""
+    name = artifact.base
     if name == "random":
         recorded = str(out.resolve() / "base")
     else:
-        recorded = str(Path(name).resolve()) if Path(name).is_dir() else name
+        recorded = str(Path(name).resolve()) if Path(name).exists() else name
     with new_folder(out) as tmp:  # the adapter and its base appear together or not at all
         save_peft(
             tmp,
-            lora,
-            lora_config_of(meta),
+            adapter.lora,
+            adapter.config,
             base_model_name_or_path=recorded,
-            modules_to_save=base_leaves or None,
+            modules_to_save=adapter.leaves or None,
             tokenizer=tokenizer,
-            init=init,
+            init=adapter.init,
         )
         if name == "random":
-            model, params = load_base(meta)
+            model, params = artifact.load_base()
             save_merged(tmp / "base", model.config, params, tokenizer=tokenizer)

@@ -15,25 +15,17 @@ adapter's answer on one line (line breaks escaped, `one_line`).
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import yaml
-
-from jlora.cli.adapters import check_same_base, find_adapters, is_run, load_base_of, tokenizer_of
+from jlora.cli.adapters import open_sources, prompt_form, tokenizer_of
 from jlora.core.algebra.mixed import stack_adapters
 from jlora.core.decoding.generate import generate
-from jlora.errors import CheckpointError, TokenizerError, UsageError
-from jlora.exchange.hf_checkpoint import load_model
-from jlora.exchange.peft import ADAPTER_CONFIG, load_peft, read_adapter_config
-from jlora.training.data.config import DataConfig
-from jlora.training.data.prompt import data_format, run_prompt
-from jlora.training.data.tokenizer import has_tokenizer_files, load_tokenizer
-from jlora.training.records.checkpoint import load_run
-from jlora.tree import overlay
+from jlora.errors import TokenizerError, UsageError
+from jlora.training.data.tokenizer import load_tokenizer
+from jlora.training.records.artifacts import open_artifact
 
 DEFAULT_NEW_TOKENS = 64
 # What str.splitlines() breaks at, written as its escape: a side-by-side answer stays on its line.
@@ -61,7 +53,7 @@ def load_source(
     raw: bool = False,
     member: int | str | None = None,
 ) -> Source:
-    """A run directory, a PEFT folder or a Hugging Face checkpoint, ready to generate from.
+    """A run directory, a checkpoint, a PEFT folder or a model (`open_artifact`), ready to generate from.
 
     A PEFT folder's base is `base`, else its own ``base/`` folder (what `jlora export --peft`
     writes for a random base), else the ``base_model_name_or_path`` it records; its tokenizer is
@@ -69,36 +61,13 @@ def load_source(
     checkpoint directory, a Hub id or "bytes"). A run's prompts take its training form unless `raw`;
     `member` picks one adapter of a population run ("best": a finished search's winner).
     """
-    path = Path(source).expanduser()
-    if (path / "config.yaml").exists() and (path / "checkpoints").is_dir():
-        model, params, lora, _, meta = load_run(path, member=member)
-        tok = load_tokenizer(tokenizer or meta["tokenizer"])
-        if raw:
-            return Source(model, params, lora, tok, lambda text: (text, tok.encode(text)))
-        data = run_data(path / "config.yaml")
-        fmt = data_format(data)
-        return Source(model, params, lora, tok, lambda text: run_prompt(text, fmt, tok, data.template))
-    if (path / ADAPTER_CONFIG).exists():
-        own_base = path / "base"
-        base = base or (
-            str(own_base) if own_base.is_dir() else read_adapter_config(path).get("base_model_name_or_path")
-        )
-        if not base:
-            raise CheckpointError(f"{path / ADAPTER_CONFIG} names no base model; pass --base")
-        cfg, lora, leaves = load_peft(path)
-        model, params = load_model(base, lora=cfg)
-        tok = load_tokenizer(tokenizer or (str(path) if has_tokenizer_files(path) else base))
-        return Source(model, overlay(params, leaves), lora, tok, lambda text: (text, tok.encode(text)))
-    model, params = load_model(source)
-    tok = load_tokenizer(tokenizer or source)
-    return Source(model, params, None, tok, lambda text: (text, tok.encode(text)))
-
-
-def run_data(config_file: Path) -> DataConfig:
-    """The ``data`` section of a run's saved config.yaml, read without checking that its files still exist."""
-    data = (yaml.safe_load(config_file.read_text()) or {}).get("data") or {}
-    names = {f.name for f in dataclasses.fields(DataConfig)}
-    return DataConfig(**{k: v for k, v in data.items() if k in names})
+    artifact = open_artifact(source, member=member, base=base)
+    model, params = artifact.load_base()
+    lora = None
+    if artifact.adapters:
+        model, params, lora = artifact.adapters[0].on(model, params)
+    tok = load_tokenizer(tokenizer or artifact.tokenizer)
+    return Source(model, params, lora, tok, prompt_form(artifact, tok, raw))
 
 
 def generate_command(args: Any) -> int:
@@ -187,31 +156,23 @@ def side_by_side_command(args: Any, prompts: list[str]) -> int:
     if args.source is not None and args.adapter:
         raise UsageError("give SOURCE with --member, or --adapter DIR ... with --base; not both")
     if args.source is not None:
-        found = find_adapters(args.source, args.member, args.base)
+        artifacts = open_sources([args.source], args.member, args.base)
     else:
-        found = [f for folder in args.adapter for f in find_adapters(folder, base=args.base)]
-    check_same_base(found)
+        artifacts = open_sources(args.adapter, base=args.base)
+    found = [a.plain() for artifact in artifacts for a in artifact.adapters]  # each on the base as it is
     try:
-        tokenizer = tokenizer_of(found[0], args.tokenizer)
+        tokenizer = tokenizer_of(artifacts[0], args.tokenizer)
         if tokenizer is None:
             raise UsageError(f"no tokenizer for {found[0].label} or its base; pass --tokenizer")
-        run = Path(args.source) if args.source is not None and is_run(Path(args.source)) else None
-        if run is not None and not args.raw:
-            data = run_data(run / "config.yaml")
-            fmt = data_format(data)
-            texts, encoded = zip(*(run_prompt(text, fmt, tokenizer, data.template) for text in prompts), strict=True)
-        else:
-            texts, encoded = list(prompts), [tokenizer.encode(text) for text in prompts]
+        texts, encoded = zip(*map(prompt_form(artifacts[0], tokenizer, args.raw), prompts), strict=True)
     except TokenizerError as e:
         raise UsageError(f"{e} (pass --tokenizer)") from e
-    model, params = load_base_of(found[0])
+    model, params = artifacts[0].load_base()
     options = decoding_options(args, encoded, model, tokenizer)
     try:
         if any(f.leaves for f in found):  # each its own base leaves: one adapter at a time
-            outs = [
-                generate(model.clone(lora=f.cfg), overlay(params, f.leaves), encoded, lora=f.lora, **options)
-                for f in found
-            ]
+            on_base = (f.on(model, params) for f in found)  # its LoraConfig, its trained leaves, its adapters
+            outs = [generate(m, p, encoded, lora=lora, **options) for m, p, lora in on_base]
             answers = [out.sequences() for out in outs]
             how = f"{len(found)} adapters one after another (they train base leaves, which one batch cannot share)"
         else:
@@ -224,8 +185,8 @@ def side_by_side_command(args: Any, prompts: list[str]) -> int:
             how = f"{len(found)} adapters x {len(encoded)} prompts as one mixed batch"
     except ValueError as e:  # lengths and sampling options
         raise UsageError(str(e)) from e
-    common = {f.source for f in found}
-    labels = [f.label.removeprefix(f"{f.source} ") if len(common) == 1 else f.label for f in found]
+    prefix = f"{artifacts[0].source} "
+    labels = [f.label.removeprefix(prefix) if len(artifacts) == 1 else f.label for f in found]
     width = max(map(len, labels))
     for p, text in enumerate(texts):
         print(text)

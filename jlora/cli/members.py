@@ -9,24 +9,18 @@ A run or checkpoint without a population holds one adapter, which it gives whate
 says (so one `--member` can pick the members of the population runs among several sources).
 
 `parse_member` is the argparse type (light: it imports nothing heavy, so ``jlora --help`` stays
-fast); `member_indices` turns a parsed value and a checkpoint's meta into the indices to load. A
-new way of naming members is one more case of these two functions. The commands that read one
-adapter (export, diagnose) take `parse_one_member`: K or best.
+fast); the one loader (`jlora.training.records.artifacts.member_indices`) turns a parsed value and
+a checkpoint's meta into the indices to load. The commands that read one adapter (export,
+diagnose) take `parse_one_member`: K or best.
 
 >>> parse_member("3"), parse_member("0,3"), parse_member("all"), parse_member("best")
 (3, (0, 3), 'all', 'best')
->>> member_indices("all", {"population": [{"name": "r=1"}, {"name": "r=2"}]}), member_indices(3, {})
-([0, 1], [None])
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
 
-from jlora.errors import UsageError
-
-MemberSpec = int | tuple[int, ...] | str | None
 NAMES = ("all", "best")
 
 
@@ -49,25 +43,3 @@ def parse_one_member(text: str) -> int | str:
     if isinstance(spec, tuple) or spec == "all":
         raise argparse.ArgumentTypeError(f"{text!r}: this command reads one member: give an index K or best")
     return spec
-
-
-def member_indices(spec: MemberSpec, meta: Mapping) -> list[int | None]:
-    """The member indices `spec` names in a checkpoint with this meta; [None]: its one adapter.
-
-    Indices are checked where the members are loaded (`jlora.training.records.checkpoint.load_member`
-    names the valid ones).
-    """
-    population = meta.get("population")
-    if not population:
-        return [None]
-    if spec == "all":
-        return list(range(len(population)))
-    if spec == "best":
-        from jlora.training.records.checkpoint import best_member
-
-        return [best_member(meta)]
-    if isinstance(spec, tuple):
-        return list(spec)
-    if spec is None or isinstance(spec, int):
-        return [spec]
-    raise UsageError(f"--member {spec!r}: give an index K, indices K,L,... or {' / '.join(NAMES)}")

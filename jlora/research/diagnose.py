@@ -39,7 +39,7 @@ from jlora.core.lora.adapter import flatten_adapters, scaling_of
 from jlora.core.lora.merge import merge
 from jlora.core.lora.svd import delta_svd, module_intruders, subspace_similarity_grid
 from jlora.errors import CheckpointError
-from jlora.training.records.checkpoint import find_checkpoint, load_adapter, load_run
+from jlora.training.records.artifacts import load_run, open_artifact
 from jlora.training.records.metrics import read_metrics
 
 TOP = (1, 2, 4, 8)
@@ -102,7 +102,7 @@ def telemetry_history(run_dir: str | Path, member: int | None = None) -> dict:
 
 
 def _adapters(run_dir: str | Path, step: int | None, member: int | None) -> dict:
-    return flatten_adapters(load_adapter(find_checkpoint(run_dir, step), member)[0])
+    return flatten_adapters(open_artifact(run_dir, step=step, member=member).adapters[0].lora)
 
 
 def compare(

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer, GPT2LMHeadModel
 
 from jlora.cli import main
 from jlora.cli.export import BYTES_NOTE
-from jlora.training.records.checkpoint import load_run
+from jlora.training.records.artifacts import load_run
 
 from ..conftest import TINY_QA, sets
 

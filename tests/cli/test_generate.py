@@ -7,7 +7,7 @@ from jlora.cli.generate import load_source, one_line
 from jlora.core.decoding.generate import generate
 from jlora.core.lora.adapter import map_factors
 from jlora.training.data.tokenizer import ByteTokenizer
-from jlora.training.records.checkpoint import load_run
+from jlora.training.records.artifacts import load_run
 
 QUESTION = "What is 23 plus 19?"
 TEMPLATED = f"Question: {QUESTION}\nAnswer:"

@@ -75,7 +75,7 @@ def test_export_command_writes_peft_and_merged_folders_of_a_run(tmp_path, capsys
     from peft import PeftModel
 
     from jlora.cli import main
-    from jlora.training.records.checkpoint import load_run
+    from jlora.training.records.artifacts import load_run
 
     base = tmp_path / "base"
     vocab = save_byte_level_tokenizer(base)

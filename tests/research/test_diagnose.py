@@ -7,7 +7,8 @@ import pytest
 
 from jlora.cli import main
 from jlora.core.lora.adapter import flatten_adapters, get_path, output_columns, split_slice
-from jlora.training.records.checkpoint import latest_checkpoint, load_adapter, load_run
+from jlora.training.records.artifacts import load_run
+from jlora.training.records.checkpoint import latest_checkpoint, load_adapter
 from jlora.training.run.config import load_run_config
 from jlora.training.run.train import train
 

@@ -48,13 +48,12 @@ import orbax.checkpoint as ocp
 
 from jlora.core.lora.adapter import with_scaling
 from jlora.core.lora.config import LoraConfig
-from jlora.core.lora.residual import as_plain_lora, residual_params
 from jlora.core.models.family import config_from_dict, family_of
 from jlora.core.update.population import member_lora
 from jlora.errors import BaseMismatchError, CheckpointError, describe
 from jlora.exchange.hf_checkpoint import load_model
 from jlora.training.records.rundir import barrier, is_primary
-from jlora.tree import leaves_by_path, overlay
+from jlora.tree import leaves_by_path
 
 PyTree = Any
 
@@ -202,7 +201,7 @@ def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
     return found
 
 
-def _read(checkpoint_dir: str | Path) -> tuple[dict, dict]:
+def read_checkpoint(checkpoint_dir: str | Path) -> tuple[dict, dict]:
     """(the adapter item's tree {"lora", "base"[, "init"]}, meta) of one checkpoint folder."""
     checkpoint_dir = Path(checkpoint_dir)
     if not (checkpoint_dir / "adapter").exists():
@@ -221,7 +220,7 @@ def load_adapter(checkpoint_dir: str | Path, member: int | str | None = None) ->
     A population run's checkpoint holds several adapters: `member` picks one (`load_member`; "best":
     a finished search's winner).
     """
-    return load_member(*_read(checkpoint_dir), member)
+    return load_member(*read_checkpoint(checkpoint_dir), member)
 
 
 def read_meta(checkpoint_dir: str | Path) -> dict:
@@ -235,41 +234,6 @@ def read_meta(checkpoint_dir: str | Path) -> dict:
 def _meta_file(checkpoint_dir: Path) -> Path:
     meta = checkpoint_dir / "meta"
     return meta / "metadata" if meta.is_dir() else meta
-
-
-def load_checkpoint(
-    checkpoint_dir: str | Path,
-    base: str | None = None,
-    *,
-    allow_different_weights: bool = False,
-    member: int | str | None = None,
-    original_base: bool = False,
-):
-    """An adapter checkpoint on its base model, ready to apply: ``(model, params, lora, lora_cfg, meta)``.
-
-    Needs nothing but the checkpoint folder (its ``adapter`` and ``meta``) and the base model:
-    `base` is a Hugging Face checkpoint directory or Hub id (default: the name recorded at save
-    time); a run on a random base is rebuilt from the recorded config and seed. The base is
-    checked against the recorded identity (`check_base`: shapes always, weights unless
-    `allow_different_weights`), and the trained base leaves are put into `params`. `member`
-    picks one adapter of a population run's checkpoint.
-
-    A PiSSA / OLoRA run's `params` are the residual base it trained on, rebuilt from the
-    checkpoint's initial factors; with `original_base` they are the unmodified base instead,
-    and the adapter comes converted to the rank-2r LoRA that equals it there (as exported to
-    PEFT, `jlora.core.lora.residual.as_plain_lora`). Either way ``model.apply({"params": params,
-    "lora": lora}, ids)`` is the trained model.
-    """
-    tree, meta = _read(checkpoint_dir)
-    lora, base_leaves, meta = load_member(tree, meta, member)
-    model, params = load_base(meta, base, allow_different_weights=allow_different_weights)
-    lora_cfg, init = model.lora, tree.get("init")
-    if init is not None and original_base:
-        lora, lora_cfg = as_plain_lora(lora, init, lora_cfg)
-        model = model.clone(lora=lora_cfg)
-    elif init is not None:
-        params = residual_params(params, init, lora_cfg)
-    return model, overlay(params, base_leaves), lora, lora_cfg, meta
 
 
 def load_base(meta: Mapping, base: str | None = None, *, allow_different_weights: bool = False) -> tuple[Any, dict]:
@@ -292,7 +256,7 @@ def load_base(meta: Mapping, base: str | None = None, *, allow_different_weights
 
 def load_init(checkpoint_dir: str | Path) -> dict | None:
     """The initial factors {"h": ... {"A", "B"}} a PiSSA / OLoRA checkpoint keeps (None for other inits)."""
-    return _read(checkpoint_dir)[0].get("init")
+    return read_checkpoint(checkpoint_dir)[0].get("init")
 
 
 def find_init(run_dir: str | Path) -> dict | None:
@@ -307,25 +271,6 @@ def find_init(run_dir: str | Path) -> dict | None:
         except CheckpointError:
             continue
     return None
-
-
-def load_run(
-    run_dir: str | Path,
-    step: int | None = None,
-    *,
-    allow_different_weights: bool = False,
-    member: int | str | None = None,
-    original_base: bool = False,
-):
-    """`load_checkpoint` of a run's newest checkpoint (or of `step`; of population member `member`:
-    "best" is a search's winner, as its newest checkpoint names it, at `step` too)."""
-    checkpoint = find_checkpoint(run_dir, step)
-    return load_checkpoint(
-        checkpoint,
-        allow_different_weights=allow_different_weights,
-        member=resolve_member(run_dir, member),
-        original_base=original_base,
-    )
 
 
 def resolve_member(run_dir: str | Path, member: int | str | None) -> int | None:

@@ -76,19 +76,20 @@ def test_adapter_checkpoint_travels_alone(tmp_path, tiny_hf_with_tokenizer):
 
     from jlora.cli import main
     from jlora.core.models.gpt2 import GPT2Config
+    from jlora.training.records.artifacts import load_checkpoint, load_run
 
     base = tiny_hf_with_tokenizer
     run = tmp_path / "run"
     args = ["configs/gpt2_qa.yaml", "--set", f"model={base}", "--set", "steps=2", "--set", "exact_match=0"]
     assert main(["train", *args, "--set", "eval_batches=1", "--set", "seq_len=64", "--out", str(run)]) == 0
-    model, params, lora, lora_cfg, _ = ckpt.load_run(run)
+    model, params, lora, lora_cfg, _ = load_run(run)
     ids = np.arange(24).reshape(2, 12) % 200
     expected = np.asarray(model.apply({"params": params, "lora": lora}, ids))
     moved = tmp_path / "moved"
     shutil.copytree(run / "checkpoints" / "2", moved)
     shutil.rmtree(run)
     script = (
-        "import sys, numpy as np; from jlora.training.records.checkpoint import load_checkpoint\n"
+        "import sys, numpy as np; from jlora.training.records.artifacts import load_checkpoint\n"
         "m, p, l, c, meta = load_checkpoint(sys.argv[1], base=sys.argv[2])\n"
         "ids = np.arange(24).reshape(2, 12) % 200\n"
         "np.save(sys.argv[3], np.asarray(m.apply({'params': p, 'lora': l}, ids)))\n"
@@ -104,8 +105,8 @@ def test_adapter_checkpoint_travels_alone(tmp_path, tiny_hf_with_tokenizer):
     state["transformer.ln_f.bias"] = state["transformer.ln_f.bias"] + 1e-3
     save_file(state, other / "model.safetensors")
     with pytest.raises(ckpt.BaseMismatchError, match="weights differ"):
-        ckpt.load_checkpoint(moved, base=str(other))
-    ckpt.load_checkpoint(moved, base=str(other), allow_different_weights=True)
+        load_checkpoint(moved, base=str(other))
+    load_checkpoint(moved, base=str(other), allow_different_weights=True)
 
     wider = tmp_path / "wider"  # different shapes: named module and both shapes
     jlora.save_gpt2(
@@ -118,4 +119,4 @@ def test_adapter_checkpoint_travels_alone(tmp_path, tiny_hf_with_tokenizer):
     with pytest.raises(
         ckpt.BaseMismatchError, match=r"h\.0\.attn\.c_attn has shape \(64, 192\), the adapter was trained on \(32, 96\)"
     ):
-        ckpt.load_checkpoint(moved, base=str(wider))
+        load_checkpoint(moved, base=str(wider))

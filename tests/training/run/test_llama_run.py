@@ -11,7 +11,8 @@ from transformers import LlamaForCausalLM
 
 from jlora.cli import main
 from jlora.core.lora.adapter import flatten_adapters
-from jlora.training.records.checkpoint import find_checkpoint, load_adapter, load_run
+from jlora.training.records.artifacts import load_run
+from jlora.training.records.checkpoint import find_checkpoint, load_adapter
 from jlora.training.run.config import DEFAULT_CONFIG, load_run_config
 from jlora.training.run.train import train
 

@@ -20,7 +20,8 @@ import pytest
 from jlora.cli import main
 from jlora.core.lora.adapter import flatten_adapters, output_columns, split_slice
 from jlora.exchange.peft import load_peft
-from jlora.training.records.checkpoint import find_checkpoint, load_adapter, load_run, lora_config_of
+from jlora.training.records.artifacts import load_run
+from jlora.training.records.checkpoint import find_checkpoint, load_adapter, lora_config_of
 from jlora.training.records.metrics import read_metrics
 from jlora.training.run.config import DEFAULT_CONFIG, load_run_config
 from jlora.training.run.train import train

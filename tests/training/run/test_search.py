@@ -21,7 +21,8 @@ import pytest
 from jlora.cli import main
 from jlora.core.lora.adapter import flatten_adapters
 from jlora.errors import CheckpointError
-from jlora.training.records.checkpoint import best_member, find_checkpoint, load_adapter, load_run
+from jlora.training.records.artifacts import load_run
+from jlora.training.records.checkpoint import best_member, find_checkpoint, load_adapter
 from jlora.training.records.metrics import read_metrics
 from jlora.training.run.config import DEFAULT_CONFIG, load_run_config
 from jlora.training.run.loop import StepInfo

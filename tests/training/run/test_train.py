@@ -84,7 +84,7 @@ def test_pissa_dora_run_resumes_exactly_and_reloads_its_residual_base(tmp_path):
     """The residual base is rebuilt from the checkpoint's initial factors: on resume, load_run, generate, export."""
     from jlora.cli.generate import load_source
     from jlora.exchange.peft import load_peft
-    from jlora.training.records.checkpoint import load_run
+    from jlora.training.records.artifacts import load_run
 
     variant = ("lora.init=pissa", "lora.use_dora=true", "lora.target_modules=[c_attn, c_fc]")
     args = sets(*TINY, *variant, "exact_match=0", "data.validation=null", "steps=8", "checkpoint.every=4")
@@ -136,7 +136,7 @@ def test_checkpoint_from_four_devices_resumes_on_one(tmp_path):
 
 def test_a_blown_up_state_is_never_checkpointed(tmp_path):
     """lr 1e12 after one warm-up step: the update of step 2 leaves finite adapters (~1e12) whose logits are NaN."""
-    from jlora.training.records.checkpoint import load_run
+    from jlora.training.records.artifacts import load_run
 
     process = cli(
         *sets(*TINY, "steps=30", "optim.lr=1e12", "optim.warmup_steps=3", "checkpoint.every=1"), "--out", str(tmp_path)
@@ -213,7 +213,7 @@ def test_gpt2_qa_config_runs_on_a_local_checkpoint(tmp_path, tiny_hf_with_tokeni
 def test_load_run_and_init_from_a_peft_adapter(tmp_path):
     """A run's adapter, exported to PEFT, starts a second run exactly where the first ended."""
     from jlora.exchange.peft import save_peft
-    from jlora.training.records.checkpoint import load_run
+    from jlora.training.records.artifacts import load_run
 
     first, second = tmp_path / "first", tmp_path / "second"
     common = sets(*TINY, "trainable.modules_to_save=[ln_f]", "eval_batches=4", "lora.alpha=8")
