@@ -114,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--top-p", type=float, metavar="P", help="sample from the likeliest tokens whose mass passes P (default: off)"
     )
     gen.add_argument("--seed", type=int, default=0, help="the sampling seed (default: %(default)s)")
+    add_search_options(gen, num_beams=1, length_penalty=1.0, no_repeat_ngram_size=0)
+    gen.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        metavar="P",
+        help="scores of tokens a row already holds: times P where negative, over P where positive "
+        "(transformers'; 1: off; default: %(default)s)",
+    )
     gen.add_argument(
         "--base", help="base model of a PEFT folder (default: its base/ folder, else base_model_name_or_path)"
     )
@@ -185,6 +194,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     diag.set_defaults(handler=_lazy("jlora.cli.diagnose", "diagnose_command"))
     return parser
+
+
+def add_search_options(parser: argparse.ArgumentParser, **defaults) -> None:
+    """--num-beams, --length-penalty, --no-repeat-ngram-size, with `defaults` (generate: greedy; evaluate: the
+    LoRA paper's)."""
+    parser.add_argument(
+        "--num-beams",
+        type=int,
+        default=defaults["num_beams"],
+        metavar="N",
+        help="beam search with N beams, as transformers' generate (1: greedy or sampled; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--length-penalty",
+        type=float,
+        default=defaults["length_penalty"],
+        metavar="X",
+        help="beam search scores a hypothesis (sum of log-probabilities) / new_tokens ** X (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-repeat-ngram-size",
+        type=int,
+        default=defaults["no_repeat_ngram_size"],
+        metavar="K",
+        help="no K-gram of a row (prompt and new tokens) made twice (0: off; default: %(default)s)",
+    )
 
 
 def _lazy(module: str, name: str):
