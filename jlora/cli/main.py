@@ -143,6 +143,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.set_defaults(handler=_lazy("jlora.cli.generate", "generate_command"))
 
+    ev = commands.add_parser(
+        "evaluate", help="decode a data-to-text test file (E2E's MR||text) with a run's adapter and score it"
+    )
+    ev.add_argument("run_dir", metavar="RUN_DIR")
+    ev.add_argument(
+        "--data",
+        required=True,
+        metavar="FILE",
+        help="the test file: E2E's MR||text lines or {context, completion} JSON lines, several references per MR "
+        "(required)",
+    )
+    add_search_options(ev, num_beams=10, length_penalty=0.8, no_repeat_ngram_size=4)
+    ev.add_argument(
+        "--max-new-tokens", type=int, default=64, metavar="N", help="new tokens per MR at most (default: %(default)s)"
+    )
+    ev.add_argument(
+        "--batch-size", type=int, default=8, metavar="B", help="MRs decoded together (default: %(default)s)"
+    )
+    ev.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help="only the first N MRs: a quick look (CIDEr then is not the full set's; default: all)",
+    )
+    ev.add_argument(
+        "--metrics",
+        default="bleu,nist,meteor,rouge_l,cider",
+        metavar="M,...",
+        help="the scores to compute; meteor, rouge_l and cider need Java (default: %(default)s)",
+    )
+    ev.add_argument("--member", type=parse_one_member, metavar="K", help=ONE_MEMBER)
+    ev.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where outputs.jsonl, summary.json, e2e_ref.txt and e2e_pred.txt go (default: RUN_DIR/evaluate)",
+    )
+    ev.set_defaults(handler=_lazy("jlora.cli.evaluate", "evaluate_command"))
+
     comb = commands.add_parser("combine", help="one adapter from several, as PEFT combines them, as a PEFT folder")
     comb.add_argument("sources", nargs="+", metavar="SOURCE", help="run dirs, checkpoints or PEFT adapter folders")
     comb.add_argument("--weights", nargs="+", type=float, required=True, metavar="W", help="one per adapter (required)")
