@@ -56,6 +56,8 @@ def ban_repeated_ngrams(scores: jax.Array, seq: jax.Array, real: jax.Array, cur:
       n: the n-gram size (static), >= 1.
     """
     width = seq.shape[1] - n + 1  # windows seq[i : i + n]
+    if width < 1:  # the row cannot hold an n-gram: nothing to ban
+        return scores
     windows = jnp.stack([seq[:, j : j + width] for j in range(n)], axis=-1)  # (R, W, n)
     # The row's last n - 1 tokens; where fewer are real no window below is complete, so none matches.
     prefix = jax.lax.dynamic_slice_in_dim(seq, jnp.maximum(cur - (n - 1), 0), n - 1, axis=1)  # (R, n - 1)

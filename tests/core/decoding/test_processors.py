@@ -40,6 +40,8 @@ def test_no_repeat_ngram_reads_only_the_filled_real_slots():
     # two real tokens cannot complete a 3-gram: nothing banned, whatever the padding holds
     short = ban_repeated_ngrams(jnp.asarray(scores), jnp.asarray(padded), jnp.asarray(real), 7, 3)
     assert not np.isinf(np.asarray(short)).any()
+    longer = ban_repeated_ngrams(jnp.asarray(scores), jnp.asarray(padded), jnp.asarray(real), 29, 30)
+    np.testing.assert_array_equal(np.asarray(longer), scores)  # an n-gram longer than the buffer: nothing banned
 
 
 @pytest.mark.parametrize("penalty", [1.3, 0.6])
