@@ -161,8 +161,8 @@ def _decode(model, params, rows, ids, mask, key, sampling, options, eos, *, max_
     if mode.num_beams > 1:
         variables = _variables(params, rows, repeat=mode.num_beams)
         next_logits = functools.partial(_next_logits, model, variables)
-        return beam_search(next_logits, logits, cache, ids, mask, options, eos, num_beams=mode.num_beams,
-                           max_new_tokens=max_new_tokens, **processors)  # fmt: skip
+        shape = dict(num_beams=mode.num_beams, max_new_tokens=max_new_tokens, **processors)
+        return beam_search(next_logits, logits, cache, ids, mask, options, eos, **shape)
     variables = _variables(params, rows)
 
     def pick(logits, key):
