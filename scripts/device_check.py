@@ -7,7 +7,7 @@ Written for the device machine's fixed, offline image (Python 3.12, JAX 0.11 wit
 CUDA, PEFT, transformers; no `datasets`, no tensorboardX): jlora runs from the checkout on
 PYTHONPATH, nothing is installed. Each section runs on its own; one that fails records its error
 and the rest go on, and the JSON is rewritten after every section, so a run cut short keeps what
-it measured. The sections (under 8 minutes on an H200):
+it measured. The sections (under 8 minutes on an H200 without e2e, which is not timed on a GPU yet):
 
     env           versions, the device, its bfloat16 peak
     correctness   a bfloat16 train step's losses against float32 on GPT-2-small shapes; cuDNN's fused
@@ -16,6 +16,9 @@ it measured. The sections (under 8 minutes on an H200):
                   autocast, the qa and uniform workloads and GPT-2 small at 1,024 tokens a row: step
                   times, ratios, model FLOP utilisation against the bf16 peak, device memory
     population    scripts/benchmark_population.py: a population of 8 against the 8 runs one by one
+    e2e           the E2E recipe short (configs/e2e_gpt2m.yaml, scripts/e2e.py's tiny set): its train step and
+                  10-beam search on a random base of GPT-2 medium's shape over byte tokens (no Hub offline):
+                  training tokens/s, decoding tokens/s and compile time; scores where the nlg extra is installed
 
 The aims for a GPU (issue 19): MFU >= 45 % (bf16, uniform, seq 1024); qa >= 3x PEFT; a population of
 8 >= 4x eight solo runs. The summary printed last says which were met.
@@ -30,6 +33,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -194,6 +198,64 @@ def population(dry_run: bool) -> dict:
     }
 
 
+def e2e_recipe(dry_run: bool, out_dir: Path) -> dict:
+    """configs/e2e_gpt2m.yaml trained a few steps on scripts/e2e.py's tiny E2E-shaped set, then its test MRs decoded
+    by the paper's beam search: GPT-2 medium's shape (24 x 1024) and 10 beams on a GPU, the quick run's in a dry run."""
+    import e2e
+
+    import jlora.cli
+    from jlora.core.decoding.generate import generate
+    from jlora.research.nlg_eval import decode_outputs
+    from jlora.training.data.prompt import run_prompt
+    from jlora.training.data.sources import read_references
+    from jlora.training.data.tokenizer import load_tokenizer
+    from jlora.training.records.checkpoint import load_run
+
+    run = out_dir / "e2e"
+    data = e2e.write_tiny_e2e(run / "data")
+    sets = [*e2e.QUICK_SETS, f"data.train={data / 'train.txt'}", f"data.validation={data / 'valid.txt'}"]
+    if not dry_run:
+        sets += ["model.random={n_layer: 24, n_embd: 1024, n_head: 16, n_positions: 1024}", "steps=60"]
+        sets += ["eval_every=60", "checkpoint.every=60", "log_every=20"]
+    began = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        status = jlora.cli.main(["train", "e2e_gpt2m", *(a for s in sets for a in ("--set", s)), "--out", str(run)])
+    if status != 0:
+        raise RuntimeError(f"jlora train e2e_gpt2m exited with status {status}")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    result = {
+        "train_seconds": time.perf_counter() - began,
+        "train_tokens_per_s": next((r["tokens_per_s"] for r in reversed(rows) if "tokens_per_s" in r), None),
+        "last_loss": next((r["loss"] for r in reversed(rows) if "loss" in r), None),
+    }
+    model, params, lora, _, meta = load_run(run)
+    tokenizer = load_tokenizer(meta["tokenizer"])
+    contexts, references = read_references(data / "test.txt")
+    prompts = [run_prompt(c, "e2e", tokenizer)[1] for c in contexts]
+    search = dict(num_beams=4 if dry_run else 10, length_penalty=0.8, no_repeat_ngram_size=4)
+    search["max_new_tokens"] = 24 if dry_run else 64
+    runs = [generate(model, params, prompts, lora=lora, eos_token_id=tokenizer.eos_token_id, **search) for _ in "ab"]
+    result["decode"] = {
+        **search,
+        "rows": len(prompts),
+        "compile_s": runs[0].compile_seconds,
+        "seconds": runs[1].seconds,
+        "tokens_per_s": runs[1].tokens_per_s,
+        "same_twice": bool((runs[0].tokens == runs[1].tokens).all()),
+    }
+    outputs = decode_outputs(model, params, tokenizer, prompts, lora=lora, batch_size=len(prompts), **search)
+    result["outputs"] = outputs[:2]
+    try:
+        from jlora.research import nlg_metrics
+    except ImportError as e:
+        result["scores"] = {"skipped": f"no nlg extra ({e})"}
+    else:
+        coco = () if shutil.which("java") is None else nlg_metrics.COCO_METRICS
+        result["scores"] = nlg_metrics.score(outputs, references, ("bleu", "nist", *coco))
+    result["ok"] = result["decode"]["same_twice"] and result["decode"]["tokens_per_s"] > 0
+    return result
+
+
 def aims(report: dict) -> dict:
     """The GPU aims of issue 19, each True / False (None where its figure is missing)."""
     speed, pop = report.get("speed", {}), report.get("population", {})
@@ -206,7 +268,7 @@ def aims(report: dict) -> dict:
     }
 
 
-SECTIONS = ("env", "correctness", "speed", "population")
+SECTIONS = ("env", "correctness", "speed", "population", "e2e")
 
 
 def main(argv=None) -> dict:
@@ -244,6 +306,7 @@ def main(argv=None) -> dict:
     )
     section("speed", lambda: speed(args.dry_run, out_dir))
     section("population", lambda: population(args.dry_run))
+    section("e2e", lambda: e2e_recipe(args.dry_run, out_dir))
     report["aims"] = aims(report)
     (out_dir / "device_check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(json.dumps({k: report[k] for k in ("aims", "seconds", "wall_s")}, indent=2, default=str))

@@ -41,6 +41,8 @@ SLOW_FIRST = (
     "tests/training/run/test_train.py",
     "tests/training/run/test_population_run.py",
     "tests/scripts/test_device_check.py",
+    "tests/scripts/test_e2e.py",
+    "tests/cli/test_evaluate.py",
     "tests/scripts/test_benchmarks.py",
 )
 

@@ -15,6 +15,7 @@ adapter's answer on one line (line breaks escaped, `one_line`).
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -72,6 +73,7 @@ def load_source(
 
 def generate_command(args: Any) -> int:
     """``jlora generate SOURCE --prompt TEXT | --prompts FILE [options]``: continuations on stdout, speed on stderr."""
+    check_search_options(args)
     prompts = list(args.prompt or [])
     if args.prompts:
         file = Path(args.prompts)
@@ -130,7 +132,26 @@ def decoding_options(args: Any, encoded: Sequence[Sequence[int]], model, tokeniz
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
+        num_beams=args.num_beams,
+        length_penalty=args.length_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        repetition_penalty=args.repetition_penalty,
     )
+
+
+def check_search_options(args: Any) -> None:
+    """The beam search and repetition options of the command line, before any model is loaded (UsageError)."""
+    if args.num_beams < 1:
+        raise UsageError(f"--num-beams must be >= 1, got {args.num_beams}")
+    if args.num_beams > 1 and getattr(args, "temperature", 0.0):
+        raise UsageError("--num-beams searches, it does not sample: leave --temperature at 0 with --num-beams > 1")
+    if not math.isfinite(args.length_penalty):
+        raise UsageError(f"--length-penalty must be a finite number, got {args.length_penalty}")
+    if args.no_repeat_ngram_size < 0:
+        raise UsageError(f"--no-repeat-ngram-size must be >= 0 (0: off), got {args.no_repeat_ngram_size}")
+    penalty = getattr(args, "repetition_penalty", 1.0)
+    if not (math.isfinite(penalty) and penalty > 0):
+        raise UsageError(f"--repetition-penalty must be > 0 (1: off), got {penalty}")
 
 
 def new_tokens(asked: int | None, longest: int, n_positions: int) -> int:

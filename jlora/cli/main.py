@@ -114,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--top-p", type=float, metavar="P", help="sample from the likeliest tokens whose mass passes P (default: off)"
     )
     gen.add_argument("--seed", type=int, default=0, help="the sampling seed (default: %(default)s)")
+    add_search_options(gen, num_beams=1, length_penalty=1.0, no_repeat_ngram_size=0)
+    gen.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        metavar="P",
+        help="scores of tokens a row already holds: times P where negative, over P where positive "
+        "(transformers'; 1: off; default: %(default)s)",
+    )
     gen.add_argument(
         "--base", help="base model of a PEFT folder (default: its base/ folder, else base_model_name_or_path)"
     )
@@ -133,6 +142,44 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: none)",
     )
     gen.set_defaults(handler=_lazy("jlora.cli.generate", "generate_command"))
+
+    ev = commands.add_parser(
+        "evaluate", help="decode a data-to-text test file (E2E's MR||text) with a run's adapter and score it"
+    )
+    ev.add_argument("run_dir", metavar="RUN_DIR")
+    ev.add_argument(
+        "--data",
+        required=True,
+        metavar="FILE",
+        help="the test file: E2E's MR||text lines or {context, completion} JSON lines, several references per MR "
+        "(required)",
+    )
+    add_search_options(ev, num_beams=10, length_penalty=0.8, no_repeat_ngram_size=4)
+    ev.add_argument(
+        "--max-new-tokens", type=int, default=64, metavar="N", help="new tokens per MR at most (default: %(default)s)"
+    )
+    ev.add_argument(
+        "--batch-size", type=int, default=8, metavar="B", help="MRs decoded together (default: %(default)s)"
+    )
+    ev.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help="only the first N MRs: a quick look (CIDEr then is not the full set's; default: all)",
+    )
+    ev.add_argument(
+        "--metrics",
+        default="bleu,nist,meteor,rouge_l,cider",
+        metavar="M,...",
+        help="the scores to compute; meteor, rouge_l and cider need Java (default: %(default)s)",
+    )
+    ev.add_argument("--member", type=parse_one_member, metavar="K", help=ONE_MEMBER)
+    ev.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where outputs.jsonl, summary.json, e2e_ref.txt and e2e_pred.txt go (default: RUN_DIR/evaluate)",
+    )
+    ev.set_defaults(handler=_lazy("jlora.cli.evaluate", "evaluate_command"))
 
     comb = commands.add_parser("combine", help="one adapter from several, as PEFT combines them, as a PEFT folder")
     comb.add_argument("sources", nargs="+", metavar="SOURCE", help="run dirs, checkpoints or PEFT adapter folders")
@@ -185,6 +232,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     diag.set_defaults(handler=_lazy("jlora.cli.diagnose", "diagnose_command"))
     return parser
+
+
+def add_search_options(parser: argparse.ArgumentParser, **defaults) -> None:
+    """--num-beams, --length-penalty, --no-repeat-ngram-size, with `defaults` (generate: greedy; evaluate: the
+    LoRA paper's)."""
+    parser.add_argument(
+        "--num-beams",
+        type=int,
+        default=defaults["num_beams"],
+        metavar="N",
+        help="beam search with N beams, as transformers' generate (1: greedy or sampled; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--length-penalty",
+        type=float,
+        default=defaults["length_penalty"],
+        metavar="X",
+        help="beam search scores a hypothesis (sum of log-probabilities) / new_tokens ** X (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-repeat-ngram-size",
+        type=int,
+        default=defaults["no_repeat_ngram_size"],
+        metavar="K",
+        help="no K-gram of a row (prompt and new tokens) made twice (0: off; default: %(default)s)",
+    )
 
 
 def _lazy(module: str, name: str):

@@ -5,6 +5,7 @@
     fastfood.py      the Fastfood transform: a D x d random projection applied in O(D log d)
     forgetting.py    learning against forgetting on held-out text; a base pretrained on it
     intrinsic.py     training in random d-dimensional subspaces (theta_0 + P z), many d at once; d90
+    nlg_eval.py      a data-to-text test file decoded with an adapter (beam search, cut, cleaned), as the paper did
     nlg_metrics.py   the E2E NLG Challenge's BLEU, NIST, METEOR, ROUGE-L and CIDEr of outputs against references
     planted.py       a known rank-k update planted in a model, recovered by distillation; rows sampled from it
     plots.py         matplotlib figures (Agg, no pyplot state)

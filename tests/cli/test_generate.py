@@ -131,3 +131,43 @@ def test_adapters_with_trained_leaves_answer_one_after_another(population_run, d
     assert [alone(str(tmp_path / name), [TEMPLATED], 6)[0] for name in "ab"] == row
     assert main(["generate", str(default_run), "--adapter", str(tmp_path / "a"), *prompt]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_beam_search_on_the_command_line(default_run, capsys):
+    model, params, lora, _, _ = load_run(default_run)
+    options = dict(num_beams=3, length_penalty=0.8, no_repeat_ngram_size=2, repetition_penalty=1.3)
+    ids = [256, *TEMPLATED.encode()]
+    out = generate(model, params, [ids], lora=lora, max_new_tokens=6, eos_token_id=256, **options)
+    greedy = generate(model, params, [ids], lora=lora, max_new_tokens=6, eos_token_id=256)
+    assert out.sequences() != greedy.sequences()  # the options reach the search
+    flags = [
+        "--num-beams",
+        "3",
+        "--length-penalty",
+        "0.8",
+        "--no-repeat-ngram-size",
+        "2",
+        "--repetition-penalty",
+        "1.3",
+    ]
+    capsys.readouterr()
+    assert main(["generate", str(default_run), "--prompt", QUESTION, "--max-new-tokens", "6", *flags]) == 0
+    assert capsys.readouterr().out == TEMPLATED + ByteTokenizer().decode(out.sequences()[0]) + "\n"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num-beams", "0"], "--num-beams must be >= 1, got 0"),
+        (["--num-beams", "2", "--temperature", "0.7"], "--num-beams searches, it does not sample"),
+        (["--length-penalty", "nan"], "--length-penalty must be a finite number, got nan"),
+        (["--no-repeat-ngram-size", "-2"], "--no-repeat-ngram-size must be >= 0 (0: off), got -2"),
+        (["--repetition-penalty", "0"], "--repetition-penalty must be > 0 (1: off), got 0.0"),
+        (["--num-beams", "200"], "num_beams must be an integer >= 1 (and 2 num_beams <= the vocabulary), got 200"),
+    ],
+)
+def test_bad_search_options_are_one_line_and_status_2(default_run, flags, message, capsys):
+    capsys.readouterr()
+    assert main(["generate", str(default_run), "--prompt", QUESTION, "--max-new-tokens", "2", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jlora generate: error: ") and message in err and len(err.strip().splitlines()) == 1

@@ -18,18 +18,18 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_packaged_configs_by_name_and_in_help(tmp_path, monkeypatch, capsys):
-    assert packaged_configs() == ["default", "gpt2_qa", "smollm2_qa"]
+    assert packaged_configs() == ["default", "e2e_gpt2m", "gpt2_qa", "smollm2_qa"]
     for name in packaged_configs():  # the repository's configs/ is the package's, through links
         assert (REPO / "configs" / f"{name}.yaml").resolve() == (CONFIGS / f"{name}.yaml").resolve()
     monkeypatch.chdir(tmp_path)  # no configs/ here
     assert load_run_config("gpt2_qa") == load_run_config(CONFIGS / "gpt2_qa.yaml")
     assert load_run_config("gpt2_qa").model.name == "gpt2"
     train_help = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
-    assert "the name of one shipped with jlora: default, gpt2_qa, smollm2_qa" in " ".join(train_help.split())
+    assert "the name of one shipped with jlora: default, e2e_gpt2m, gpt2_qa, smollm2_qa" in " ".join(train_help.split())
     assert "they run from a clone of the repository" in " ".join(build_parser().format_help().split())
     assert main(["train", "gpt2_qb", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
-    configs = "default, gpt2_qa, smollm2_qa"
+    configs = "default, e2e_gpt2m, gpt2_qa, smollm2_qa"
     assert err == f"jlora train: error: no such config file gpt2_qb; packaged configs, by name: {configs}\n"
 
 

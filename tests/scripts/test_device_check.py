@@ -55,5 +55,9 @@ def test_the_gpu_check_dry_run_fills_every_field(tmp_path):
     )
     population = report["population"]  # scripts/benchmark_population.py --quick
     assert population["members"] == 2 and population["per_step_ratio"] > 0 and population["compile_solo_s"] > 0
+    e2e = report["e2e"]  # the E2E recipe short: trained, decoded by beam search twice alike, scored
+    assert e2e["ok"] and e2e["train_tokens_per_s"] > 0 and e2e["last_loss"] > 0
+    assert e2e["decode"]["num_beams"] == 4 and e2e["decode"]["rows"] == 6 and e2e["decode"]["compile_s"] > 0
+    assert set(e2e["scores"]) >= {"bleu", "nist"} and len(e2e["outputs"]) == 2
     assert set(report["aims"]) == {"mfu_seq1024_at_least_45pct", "qa_at_least_3x_peft", "population_at_least_4x_solo"}
     assert report["aims"]["mfu_seq1024_at_least_45pct"] is None  # no bf16 peak for a CPU

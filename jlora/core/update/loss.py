@@ -26,6 +26,10 @@ hand (a custom VJP, as fused linear-cross-entropy kernels do): the backward pass
 stored dh (N, D), so no logits are kept or recomputed and the head costs two matmuls, as it does
 unchunked. ``wte``'s own gradient is formed only when ``wte`` trains.
 
+Label smoothing (``OptimConfig.label_smoothing`` = eps, training only) is PyTorch's: each position's loss is
+``(1 - eps) CE + eps mean_v(lse - logit_v)``, and its gradient ``w (softmax - (1 - eps) onehot - eps / V)``, both
+from the chunk's logits already at hand, so the head stays two matmuls; eps = 0 is the unsmoothed program.
+
 The attention mask is not passed to the model: with right padding and causal attention no real
 token attends to a pad, and leaving it out keeps the fused attention kernel eligible on GPU.
 """
@@ -69,15 +73,32 @@ def _chunked(chunk: int, *arrays: jax.Array) -> tuple[jax.Array, ...]:
     return tuple(jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(-1, size, *a.shape[1:]) for a in arrays)
 
 
-def _chunk_losses(h, wte, targets):
+def _smoothed(losses, logits, lse, label_smoothing: float):
+    """PyTorch's label smoothing of cross-entropies `losses` (C,): (1 - eps) CE + eps mean_v(-log p_v), where
+    -log p_v = lse - logit_v. eps = 0 returns `losses` itself (a static branch: the same program as without)."""
+    if not label_smoothing:
+        return losses
+    uniform = lse - jnp.mean(logits, axis=-1)  # mean over the vocabulary of -log p_v
+    return (1 - label_smoothing) * losses + label_smoothing * uniform
+
+
+def _chunk_losses(h, wte, targets, label_smoothing: float = 0.0):
     """(logits (C, V) float32, their logsumexp (C,), unweighted losses (C,)) of one chunk."""
     logits = _logits(h, wte)
     lse = jax.nn.logsumexp(logits, axis=-1)
-    return logits, lse, lse - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    losses = lse - jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    return logits, lse, _smoothed(losses, logits, lse, label_smoothing)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def head_loss_sum(h: jax.Array, wte: jax.Array, targets: jax.Array, weights: jax.Array, chunk: int = CHUNK):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def head_loss_sum(
+    h: jax.Array,
+    wte: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    chunk: int = CHUNK,
+    label_smoothing: float = 0.0,
+):
     """Σ_n weights[n] * CE(h[n] @ wte.T, targets[n]) in float32, `chunk` positions at a time.
 
     Args:
@@ -86,16 +107,19 @@ def head_loss_sum(h: jax.Array, wte: jax.Array, targets: jax.Array, weights: jax
       targets: (N,) int token ids in [0, V).
       weights: (N,) float32, 0 where a position carries no loss.
       chunk: positions per chunk; at most (chunk, V) logits exist at a time, in either pass.
+      label_smoothing: eps in [0, 1), a Python float: each CE becomes PyTorch's smoothed one,
+        (1 - eps) CE + eps mean_v(-log p_v) (``F.cross_entropy(..., label_smoothing=eps)``); its gradient
+        w.r.t. the logits is w (softmax - (1 - eps) onehot(target) - eps / V).
     """
 
     def body(total, xs):
         h_c, t_c, w_c = xs
-        return total + jnp.sum(w_c * _chunk_losses(h_c, wte, t_c)[2]), None
+        return total + jnp.sum(w_c * _chunk_losses(h_c, wte, t_c, label_smoothing)[2]), None
 
     return jax.lax.scan(body, jnp.zeros((), jnp.float32), _chunked(chunk, h, targets, weights))[0]
 
 
-def _head_fwd(h, wte, targets, weights, chunk):
+def _head_fwd(h, wte, targets, weights, chunk, label_smoothing):
     # With symbolic zeros each argument arrives as (value, perturbed): wte's gradient is formed
     # only when wte trains, the weights' only when something differentiates them.
     want_dwte, want_dweights = wte.perturbed, weights.perturbed
@@ -112,6 +136,9 @@ def _head_fwd(h, wte, targets, weights, chunk):
         losses = lse - jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
         # d(Σ w CE)/d logits = w (softmax - onehot(target)), from the same exponentials
         onehot = (jnp.arange(vocab) == t_c[:, None]).astype(jnp.float32)
+        if label_smoothing:  # the target's mass spread: (1 - eps) on it, eps / V on every token
+            losses = _smoothed(losses, logits, lse, label_smoothing)
+            onehot = (1 - label_smoothing) * onehot + label_smoothing / vocab
         dlogits = (w_c[:, None] * (shifted / total_exp - onehot)).astype(h.dtype)
         dh = jnp.dot(dlogits, wte.astype(h.dtype), preferred_element_type=jnp.float32)
         if want_dwte:
@@ -125,7 +152,7 @@ def _head_fwd(h, wte, targets, weights, chunk):
     return total, (dh, dwte, losses.reshape(-1)[:n] if want_dweights else None)
 
 
-def _head_bwd(chunk, residuals, g):
+def _head_bwd(chunk, label_smoothing, residuals, g):
     dh, dwte, losses = residuals
     if isinstance(g, jax.custom_derivatives.SymbolicZero):
         return None, None, None, None
@@ -173,6 +200,7 @@ def loss_sums(
     rng: jax.Array | None = None,
     *,
     chunk: int = CHUNK,
+    label_smoothing: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
     """(sum of masked token losses, number of masked tokens) of a batch, both float32 scalars.
 
@@ -183,13 +211,16 @@ def loss_sums(
         ``segment_ids``, ``position_ids`` (see the module docstring).
       rng: a dropout key to train with dropout, or None for the deterministic model.
       chunk: positions per LM-head chunk.
+      label_smoothing: eps of PyTorch's label smoothing (`head_loss_sum`); 0: plain cross-entropy. Training
+        reads it from ``OptimConfig.label_smoothing``; evaluation always scores plain cross-entropy.
     """
     hidden = hidden_states(model, variables, batch, rng)
     mask = batch["loss_mask"].astype(jnp.float32)
     weights = at_loss_positions(mask, batch)
     targets = jnp.where(weights > 0, at_loss_positions(batch["targets"], batch), 0)  # a pad target may be -100
     wte = model.head_weight(variables["params"])
-    return head_loss_sum(at_loss_positions(hidden, batch), wte, targets, weights, chunk), jnp.sum(mask)
+    h = at_loss_positions(hidden, batch)
+    return head_loss_sum(h, wte, targets, weights, chunk, label_smoothing), jnp.sum(mask)
 
 
 def loss_argmax(model, variables: PyTree, batch: Mapping[str, jax.Array], *, chunk: int = CHUNK) -> jax.Array:

@@ -74,6 +74,9 @@ class OptimConfig:
       b1, b2, eps: Adam's moment decays and denominator epsilon (torch's defaults).
       grad_accum: micro-batches per update; the step takes them stacked in one batch.
       loraplus_ratio: LoRA+'s lambda, learning rate of B = lambda * learning rate of A (None: off).
+      label_smoothing: eps in [0, 1) of PyTorch's label smoothing of the training loss, (1 - eps) CE +
+        eps mean over the vocabulary of -log p (`jlora.core.update.loss.head_loss_sum`); the logged training
+        loss is the smoothed one, the evaluation loss stays plain cross-entropy (0: off).
     """
 
     lr: float = 2e-4
@@ -87,9 +90,11 @@ class OptimConfig:
     eps: float = 1e-8
     grad_accum: int = 1
     loraplus_ratio: float | None = None
+    label_smoothing: float = 0.0
 
     def __post_init__(self):
-        for name in ("lr", "weight_decay", "b1", "b2", "eps", "clip_norm", "loraplus_ratio", "warmup_steps"):
+        numbers = ("lr", "weight_decay", "b1", "b2", "eps", "clip_norm", "loraplus_ratio", "warmup_steps")
+        for name in (*numbers, "label_smoothing"):
             value, optional = getattr(self, name), name in ("clip_norm", "loraplus_ratio")
             number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
             if not (number or (optional and value is None)):
@@ -111,6 +116,7 @@ class OptimConfig:
                 self.loraplus_ratio is None or self.loraplus_ratio > 0,
                 f"loraplus_ratio must be > 0 or None, got {self.loraplus_ratio!r}",
             ),
+            (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}"),
         ]
         for ok, message in checks:
             if not ok:

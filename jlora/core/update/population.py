@@ -379,7 +379,7 @@ def make_population_step(
     devices = local_devices(n_devices) if mesh is None else list(mesh.devices.flat)
     axis_name = None if mesh is not None else parallel_axis(devices)
 
-    settings = dict(grad_accum=grad_accum, axis_name=axis_name, dropout=dropout)
+    settings = dict(grad_accum=grad_accum, axis_name=axis_name, dropout=dropout, label_smoothing=cfg.label_smoothing)
 
     def member_step(optimizer, schedule, trainable, opt_state, frozen, rng, shared):
         step, batch = shared

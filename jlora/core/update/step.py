@@ -145,6 +145,7 @@ def gradients(
     *,
     grad_accum: int = 1,
     axis_name: str | None = None,
+    label_smoothing: float = 0.0,
 ) -> tuple[PyTree, jax.Array, jax.Array]:
     """(grads, loss sum, token count) of the global batch; grads of the mean masked loss.
 
@@ -156,12 +157,13 @@ def gradients(
       rng: dropout key (None: no dropout); micro-batch i uses ``fold_in(rng, i)``.
       grad_accum: k, the number of micro-batches the rows are split into (consecutive rows).
       axis_name: the pmap axis to sum over, when called inside `jax.pmap`.
+      label_smoothing: of the loss (`jlora.core.update.loss.loss_sums`); 0: plain cross-entropy.
     Returns:
       grads (like `trainable`), and the loss sum and token count over the global batch.
     """
 
     def sums(params, micro_batch, key):
-        return loss_sums(model, combine(params, frozen), micro_batch, key)
+        return loss_sums(model, combine(params, frozen), micro_batch, key, label_smoothing=label_smoothing)
 
     grad_of_sum = jax.value_and_grad(sums, has_aux=True)
     batch = step_inputs(batch)
@@ -202,6 +204,7 @@ def train_step(
     grad_accum: int = 1,
     axis_name: str | None = None,
     dropout: bool = True,
+    label_smoothing: float = 0.0,
 ) -> tuple[TrainState, dict]:
     """One optimizer update on a global batch: the pure function `make_train_step` compiles.
 
@@ -219,8 +222,9 @@ def train_step(
         key = jax.random.fold_in(rng, state.step)
         if axis_name is not None:
             key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+    smoothing = dict(label_smoothing=label_smoothing)
     grads, loss_sum, tokens = gradients(
-        model, state.trainable, state.frozen, batch, key, grad_accum=grad_accum, axis_name=axis_name
+        model, state.trainable, state.frozen, batch, key, grad_accum=grad_accum, axis_name=axis_name, **smoothing
     )
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
@@ -270,6 +274,7 @@ def make_train_step(
     axis_name = parallel_axis(devices)
 
     settings = dict(grad_accum=grad_accum, axis_name=axis_name, dropout=dropout)
+    settings["label_smoothing"] = 0.0 if cfg is None else cfg.label_smoothing
 
     def update(step, trainable, opt_state, frozen, batch, rng):
         state = TrainState(step, trainable, frozen, opt_state)

@@ -106,6 +106,25 @@ def test_greedy_with_merged_adapter_equals_transformers_generate(lively_hf, tmp_
     assert out.tokens_per_s > 0 and out.seconds > 0
 
 
+@pytest.mark.parametrize("options", [dict(no_repeat_ngram_size=2), dict(repetition_penalty=1.3),
+                                     dict(no_repeat_ngram_size=3, repetition_penalty=0.7)])  # fmt: skip
+def test_greedy_with_repetition_processors_equals_transformers_generate(lively_hf, options):
+    """Greedy decoding's processors act on the logits (beam search's on log-probabilities: test_beam.py)."""
+    directory, reference = lively_hf
+    model, params = jlora.load_gpt2(directory)
+    plain = generate(model, params, PROMPTS, max_new_tokens=12)
+    eos = int(plain.tokens[1, 6])
+    out = generate(model, params, PROMPTS, max_new_tokens=12, eos_token_id=eos, **options)
+    ids, mask = left_pad(PROMPTS)
+    ids[mask == 0] = eos  # end-of-text as padding: transformers counts the padding's n-grams, jlora does not
+    with torch.no_grad():
+        expected = reference.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=12,
+                                      do_sample=False, eos_token_id=eos, pad_token_id=eos, **options)  # fmt: skip
+    expected = expected[:, ids.shape[1] :].numpy()
+    np.testing.assert_array_equal(out.tokens[:, : expected.shape[1]], expected)
+    assert not np.array_equal(out.tokens, generate(model, params, PROMPTS, max_new_tokens=12, eos_token_id=eos).tokens)
+
+
 def test_one_compilation_serves_every_token_and_nearby_prompts(lively_hf, caplog):
     """The decoding loop is compiled once; other prompts (same padded length) and options reuse it."""
     directory, _ = lively_hf

@@ -103,3 +103,71 @@ def test_loss_position_head_equals_the_full_head(tiny):
     full = np.argmax(np.asarray(model.apply(variables, batch["input_ids"])), axis=-1)
     predicted = jax.jit(lambda v, b: loss_argmax(model, v, b))(variables, indexed)
     np.testing.assert_array_equal(predicted, np.take_along_axis(full, indexed["loss_index"], axis=1))
+
+
+# --- label smoothing ---------------------------------------------------------------------------------------------
+
+
+def torch_smoothed(h, wte, targets, weights, eps):
+    """(Σ w CE_eps, d/dh, d/dwte) by torch.nn.functional.cross_entropy(label_smoothing=eps), float64 autograd."""
+    import torch
+
+    h64 = torch.tensor(np.float64(h), requires_grad=True)
+    wte64 = torch.tensor(np.float64(wte), requires_grad=True)
+    kept = torch.tensor(
+        np.where(weights > 0, targets, -100).astype(np.int64)
+    )  # weight 0: ignore_index, as the loss mask does
+    loss = torch.nn.functional.cross_entropy(h64 @ wte64.T, kept, label_smoothing=eps, reduction="sum")
+    loss.backward()
+    return loss.item(), h64.grad.numpy(), wte64.grad.numpy()
+
+
+def test_label_smoothing_equals_torch_cross_entropy(head_inputs):
+    h, wte, targets, weights = head_inputs
+    expected = torch_smoothed(h, wte, targets, weights, 0.1)
+    value, grads = jax.jit(jax.value_and_grad(head_loss_sum, argnums=(0, 1)), static_argnums=(4, 5))(
+        h, wte, targets, weights, 8, 0.1
+    )
+    np.testing.assert_allclose(value, expected[0], rtol=1e-6)
+    for got, want in zip(grads, expected[1:], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for chunk in (8, 64):  # forward only: the same sum
+        np.testing.assert_allclose(head_loss_sum(h, wte, targets, weights, chunk, 0.1), expected[0], rtol=1e-6)
+    assert abs(value - numpy_head(h, wte, targets, weights)[0]) > 0.1  # smoothing changes the loss (by 0.1 %)
+
+
+def test_label_smoothed_loss_at_loss_rows_equals_a_dense_computation(tiny):
+    """loss_sums with loss_index (the head at the loss rows, its VJP by hand) against logits at every position."""
+    model, variables, batch, indexed = tiny
+    eps = 0.1
+
+    def dense(variables):
+        logits = model.apply(variables, batch["input_ids"]).astype(jnp.float32)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        ce = lse - jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+        smoothed = (1 - eps) * ce + eps * (lse - jnp.mean(logits, axis=-1))
+        return jnp.sum(smoothed * batch["loss_mask"])
+
+    trainable, frozen = partition(
+        variables, jax.tree_util.tree_map_with_path(lambda p, _: p[0].key == "lora", variables)
+    )
+    expected = jax.jit(jax.value_and_grad(lambda t: dense(combine(t, frozen))))(trainable)
+    at_rows = lambda t: loss_sums(model, combine(t, frozen), indexed, label_smoothing=eps)[0]  # noqa: E731
+    got = jax.jit(jax.value_and_grad(at_rows))(trainable)
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(expected[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert abs(float(got[0]) - float(loss_sums(model, variables, indexed)[0])) > 1e-3
+
+
+def test_zero_label_smoothing_is_the_unsmoothed_program(head_inputs, tiny):
+    """eps = 0 takes no smoothing branch: the same jaxpr, value and gradient as a call that does not name it."""
+    h, wte, targets, weights = head_inputs
+    grad = lambda *eps: jax.make_jaxpr(jax.value_and_grad(head_loss_sum, argnums=(0, 1)), static_argnums=(4, 5))(  # noqa: E731
+        h, wte, targets, weights, 8, *eps
+    )
+    assert str(grad(0.0)) == str(grad()) != str(grad(0.1))
+    model, variables, _, indexed = tiny
+    step = lambda **kw: jax.jit(jax.value_and_grad(lambda v: loss_sums(model, v, indexed, **kw)[0]))(variables)  # noqa: E731
+    for a, b in zip(jax.tree.leaves(step(label_smoothing=0.0)), jax.tree.leaves(step()), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -171,5 +171,8 @@ def test_config_rejects_bad_values():
         OptimConfig(schedule="step")
     with pytest.raises(ValueError, match="grad_accum"):
         OptimConfig(grad_accum=0)
+    for eps in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            OptimConfig(label_smoothing=eps)
     with pytest.raises(ValueError, match="nothing to train"):
         make_optimizer(OptimConfig(), {"params": {"w": None}})

@@ -200,3 +200,34 @@ def test_remat_gives_the_same_gradients(tiny_hf, one_batch_gradients):
     out = jax.jit(lambda t, b: gradients(model, t, frozen, b, None))(trainable, batch)
     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_label_smoothing_trains_the_smoothed_loss_and_evaluates_the_plain_one(tiny_hf):
+    """optim.label_smoothing reaches the solo step and a population's (the logged loss is torch's smoothed
+    cross-entropy); the evaluation step scores plain cross-entropy."""
+    from jlora.core.update.population import Member, init_population, make_population_step, population, stack_variables
+
+    model, variables = load(tiny_hf[0])
+    batch = make_batch(3, 4, 16)
+    cfg = jlora.OptimConfig(lr=1e-2, total_steps=2, label_smoothing=0.1)
+    state, optimizer = setup(model, variables, cfg)
+    _, metrics = jlora.make_train_step(model, optimizer, cfg, n_devices=1, dropout=False)(
+        state, batch, jax.random.key(0)
+    )
+    with torch.no_grad():
+        logits = tiny_hf[1](torch.tensor(batch["input_ids"]).long()).logits.double()
+    targets = torch.tensor(np.where(batch["loss_mask"] > 0, batch["targets"], -100)).long()
+    smoothed = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), label_smoothing=0.1)
+    np.testing.assert_allclose(float(metrics["loss"]), float(smoothed), rtol=1e-5)
+    plain_sum, tokens = torch_loss(tiny_hf[1], batch)
+    assert abs(float(metrics["loss"]) - plain_sum / tokens) > 1e-4  # near-uniform logits: small, 7x the tolerance
+
+    pop = population([Member(LORA, 1e-2)], variables["params"])
+    stacked = stack_variables(variables["params"], [variables["lora"]], pop)
+    pop_state = init_population(stacked, jlora.trainable_mask(stacked), cfg, pop)
+    step = make_population_step(model, cfg, pop, n_devices=1, dropout=False)
+    _, pop_metrics = step(pop_state, batch, jax.random.key(0)[None])
+    np.testing.assert_allclose(np.asarray(pop_metrics["loss"]), [float(metrics["loss"])], rtol=1e-6)
+
+    loss_sum, _ = jlora.make_eval_step(model, n_devices=1)({"params": variables["params"]}, batch)
+    np.testing.assert_allclose(float(loss_sum), plain_sum, rtol=1e-5)
