@@ -209,7 +209,7 @@ def e2e_recipe(dry_run: bool, out_dir: Path) -> dict:
     from jlora.training.data.prompt import run_prompt
     from jlora.training.data.sources import read_references
     from jlora.training.data.tokenizer import load_tokenizer
-    from jlora.training.records.checkpoint import load_run
+    from jlora.training.records.artifacts import load_run
 
     run = out_dir / "e2e"
     data = e2e.write_tiny_e2e(run / "data")

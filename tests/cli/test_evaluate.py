@@ -14,7 +14,7 @@ from jlora.training.data.data2text import clean_text
 from jlora.training.data.prompt import run_prompt
 from jlora.training.data.sources import read_references
 from jlora.training.data.tokenizer import ByteTokenizer
-from jlora.training.records.checkpoint import load_run
+from jlora.training.records.artifacts import load_run
 
 from ..conftest import sets
 
