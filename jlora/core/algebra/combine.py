@@ -58,7 +58,7 @@ import jax.numpy as jnp
 
 from jlora.core.algebra import task_vectors as tv
 from jlora.core.lora.adapter import SCALE, Adapter, flatten_adapters, scaling_of, split_slice, unflatten_adapters
-from jlora.core.lora.config import MODULES, QKV, LoraConfig, targets_for
+from jlora.core.lora.config import QKV, LoraConfig, path_order, targets_for
 from jlora.core.lora.merge import delta_w
 from jlora.core.lora.svd import factored_svd
 from jlora.errors import CheckpointError, ConfigError
@@ -137,11 +137,10 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
 
 
-def _order(path: str) -> tuple[int, int, int]:
+def _order(path: str) -> tuple:
     """Sort key of adapter paths: block, module, then the fused module before its q, k, v slices."""
     module, part = split_slice(path)
-    _, layer, kind = module.split(".", 2)
-    return int(layer), MODULES.index(kind), 0 if part is None else 1 + QKV.index(part)
+    return path_order(module), 0 if part is None else 1 + QKV.index(part)
 
 
 def adapters_by_path(adapters: Adapters) -> dict[str, list[tuple[int, Adapter, jax.Array]]]:
@@ -375,7 +374,6 @@ def result_config(flat: Mapping[str, Adapter]) -> LoraConfig:
     """The LoraConfig of a combined adapter: its modules, its ranks, alpha = r (scaling 1), no rsLoRA."""
     ranks = {path: int(adapter["A"].shape[0]) for path, adapter in flat.items()}
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
-    n_layer = 1 + max(int(p.split(".")[1]) for p in ranks)
     paths = tuple(ranks)
     cfg = LoraConfig(
         r=r,
@@ -384,7 +382,7 @@ def result_config(flat: Mapping[str, Adapter]) -> LoraConfig:
         rank_pattern={p: k for p, k in ranks.items() if k != r},
         alpha_pattern={p: float(k) for p, k in ranks.items() if k != r},
     )
-    assert cfg.module_paths(n_layer) == paths and all(cfg.scaling_for(p) == 1.0 for p in paths), cfg
+    assert cfg.module_paths(paths) == paths and all(cfg.scaling_for(p) == 1.0 for p in paths), cfg
     return cfg
 
 

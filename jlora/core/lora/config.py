@@ -78,7 +78,7 @@ def adaptable_paths(params: Mapping | int | Sequence[str]) -> tuple[str, ...]:
     elif not isinstance(params, Mapping):
         modules = list(params)
     else:
-        modules = sorted(_kernel_modules(params, ""), key=_block_order)
+        modules = sorted(_kernel_modules(params, ""), key=path_order)
     paths = []
     for m in modules:
         paths.append(m)
@@ -98,7 +98,7 @@ def _kernel_modules(node: Mapping, prefix: str) -> list[str]:
     return found
 
 
-def _block_order(path: str) -> tuple:
+def path_order(path: str) -> tuple:
     """Sort key of a module path: numeric parts as numbers (``h.2`` before ``h.10``), the rest by name."""
     return tuple((0, int(x), "") if x.isdigit() else (1, 0, x) for x in path.split("."))
 

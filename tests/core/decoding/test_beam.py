@@ -14,13 +14,13 @@ import jax
 import numpy as np
 import pytest
 import torch
-from transformers import GPT2LMHeadModel
+from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
 import jlora
 from jlora.core.algebra.mixed import stack_adapters
 from jlora.core.decoding.generate import _decoder, generate
 
-from ...conftest import TINY, make_hf_checkpoint
+from ...conftest import TINY, make_hf_checkpoint, make_llama_checkpoint
 
 MAX_NEW = 12
 # Four prompts of 5, 2, 9 and 13 tokens: one batch, left-padded to 16
@@ -47,6 +47,14 @@ FAMILIES = [
         jlora.save_gpt2,
         GPT2LMHeadModel,
         ("c_attn", "c_fc"),
+    ),
+    Family(
+        "llama",
+        lambda directory, seed, std: make_llama_checkpoint(directory, "llama", seed=seed, initializer_range=std),
+        jlora.load_model,
+        jlora.save_model,
+        LlamaForCausalLM,
+        ("q_proj", "v_proj", "down_proj"),
     ),
 ]
 
