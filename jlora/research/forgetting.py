@@ -23,8 +23,6 @@ from jlora.errors import ConfigError
 from jlora.research.experiments import Task, fit, lora_mask, merged_params
 from jlora.training.run.evaluate import mean_sums
 
-EVERYTHING = ("wte", "wpe", "h", "ln_f")  # modules_to_save that train every base leaf
-
 
 def forgetting(task: Task, variables: Mapping) -> dict:
     """The model's loss on the task's held-out text beside its base's, and the mean KL(base || model).
@@ -52,7 +50,11 @@ def pretrain(task: Task, steps: int, lr: float | None = None, *, progress: bool 
     cfg = task.cfg
     optim = dataclasses.replace(cfg.optim, lr=lr or cfg.optim.lr, total_steps=steps)
     text_cfg = dataclasses.replace(
-        cfg, steps=steps, optim=optim, trainable=dataclasses.replace(cfg.trainable, modules_to_save=EVERYTHING)
+        cfg,
+        steps=steps,
+        optim=optim,
+        # every top-level module of the base (GPT-2's wte, wpe, h, ln_f; a Llama's embed_tokens, layers, norm...)
+        trainable=dataclasses.replace(cfg.trainable, modules_to_save=tuple(task.run.params)),
     )
     variables = {"params": task.run.params}
     text_task = dataclasses.replace(task, train=task.run.forgetting)
