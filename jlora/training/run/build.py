@@ -6,6 +6,7 @@
     run.start_params                  # the base as training starts: params with the adapter's saved modules
     trainer = solo_trainer(run)       # the state at step 0 and how to compile its step (a population:
                                       # jlora.training.run.population.population_trainer)
+    placement_of(cfg, trainer)        # the device mesh its steps compile over (cfg.mesh)
     adapter_of(state.trainable, run.start_leaves, run.init)   # what a checkpoint keeps: {"lora", "base"[, "init"]}
 
 Everything here is decided by the config alone (the random base by ``cfg.seed``, A's
@@ -28,6 +29,7 @@ import jax
 from jlora.core.lora.adapter import without_scaling
 from jlora.core.lora.residual import factors_of, init_adapters
 from jlora.core.models.gpt2 import GPT2, GPT2Config, random_params
+from jlora.core.update.mesh import Placement, mesh_placement
 from jlora.core.update.optim import make_optimizer, partition, trainable_mask
 from jlora.core.update.step import EvalStep, TrainState, TrainStep, init_state, make_eval_step, make_train_step
 from jlora.errors import ConfigError, JloraError, RunDirError
@@ -82,8 +84,8 @@ class Trainer(NamedTuple):
     state: TrainState  # step 0
     mask: PyTree  # the trainable mask of the variables
     rng: jax.Array  # the step's dropout key (K keys for a population)
-    make_step: Callable[[int], TrainStep]  # n_devices -> the compiled step
-    make_eval_step: Callable[[int], EvalStep]
+    make_step: Callable[[Placement], TrainStep]  # the compiled step on a mesh (`placement_of`)
+    make_eval_step: Callable[[Placement], EvalStep]
     members: tuple[MemberSpec, ...] | None = None
     axes: PyTree | None = None
     ids: tuple[int, ...] | None = None
@@ -180,9 +182,15 @@ def solo_trainer(run: Run, init: dict | None = None) -> Trainer:
         init_state(variables, mask, optimizer),
         mask,
         jax.random.key(adapter_seed(cfg)),
-        lambda n_devices: make_train_step(run.model, optimizer, cfg.optim, n_devices=n_devices),
-        lambda n_devices: make_eval_step(run.model, n_devices=n_devices),
+        lambda placement: make_train_step(run.model, optimizer, cfg.optim, placement=placement),
+        lambda placement: make_eval_step(run.model, placement=placement),
     )
+
+
+def placement_of(cfg: RunConfig, trainer: Trainer) -> Placement:
+    """The device mesh of `trainer`'s steps: every process's devices, the trainer's members spread along
+    "member" (`jlora.core.update.mesh.mesh_placement`)."""
+    return mesh_placement(1 if trainer.members is None else len(trainer.members))
 
 
 def checkpoint_meta(run: Run, step: int, identity: dict) -> dict:

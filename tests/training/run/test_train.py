@@ -123,15 +123,15 @@ def test_checkpoint_from_four_devices_resumes_on_one(tmp_path):
     args = sets(*TINY, "steps=8", "checkpoint.every=4", "checkpoint.max_to_keep=null")
     four = {"XLA_FLAGS": xla_devices(4)}
     log = finish(cli(*args, "--out", str(tmp_path / "run"), env=four))
-    assert "devices 4" in log
-    pmapped = train_losses(tmp_path / "run")
+    assert "devices 4 (mesh member 1 x data 4 x fsdp 1)" in log
+    on_four = train_losses(tmp_path / "run")
     for step in (8,):  # go back to step 4's checkpoint
         os.system(f"rm -rf {tmp_path / 'run' / 'checkpoints' / str(step)}")
     log = finish(cli(*args, "--out", str(tmp_path / "run")))
-    assert "devices 1" in log and "resuming at step 4" in log
+    assert "devices 1 (mesh member 1 x data 1 x fsdp 1)" in log and "resuming at step 4" in log
     single = train_losses(tmp_path / "run")
     steps = range(5, 9)
-    np.testing.assert_allclose([single[s] for s in steps], [pmapped[s] for s in steps], rtol=1e-5)
+    np.testing.assert_allclose([single[s] for s in steps], [on_four[s] for s in steps], rtol=1e-5)
 
 
 def test_a_blown_up_state_is_never_checkpointed(tmp_path):
