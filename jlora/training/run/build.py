@@ -188,9 +188,9 @@ def solo_trainer(run: Run, init: dict | None = None) -> Trainer:
 
 
 def placement_of(cfg: RunConfig, trainer: Trainer) -> Placement:
-    """The device mesh of `trainer`'s steps: every process's devices, the trainer's members spread along
-    "member" (`jlora.core.update.mesh.mesh_placement`)."""
-    return mesh_placement(1 if trainer.members is None else len(trainer.members))
+    """The device mesh of `trainer`'s steps: every process's devices, ``cfg.mesh.fsdp`` of them along "fsdp",
+    the trainer's members spread along "member" (`jlora.core.update.mesh.mesh_placement`)."""
+    return mesh_placement(1 if trainer.members is None else len(trainer.members), fsdp=cfg.mesh.fsdp)
 
 
 def checkpoint_meta(run: Run, step: int, identity: dict) -> dict:
@@ -230,7 +230,8 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def check_config_matches(run_dir: Path, cfg: RunConfig) -> None:
-    """Refuse to resume `run_dir` with a config other than the one it was started with (`steps` may grow).
+    """Refuse to resume `run_dir` with a config other than the one it was started with (`steps` may grow,
+    the `mesh` may change).
 
     The message names the first key that differs, with the run's value and the new one.
     """
@@ -242,7 +243,8 @@ def check_config_matches(run_dir: Path, cfg: RunConfig) -> None:
     except JloraError as e:
         raise RunDirError(f"{saved} cannot be read ({e}); use another --out") from None
     new = _flat(cfg.to_dict())
-    changed = [k for k in {**new, **old} if k != "steps" and old.get(k) != new.get(k)]  # steps may grow
+    # steps may grow; the mesh is where the run computes, not what (a checkpoint restores on any devices)
+    changed = [k for k in {**new, **old} if k != "steps" and not k.startswith("mesh.") and old.get(k) != new.get(k)]
     if changed:
         key = changed[0]
         more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""

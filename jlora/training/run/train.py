@@ -93,6 +93,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, until: 
     init = ckpt.find_init(run_dir) if cfg.lora.changes_base else None  # PiSSA / OLoRA: the residual it trained on
     trainer = population_trainer(run) if cfg.population else solo_trainer(run, init)
     run, members = trainer.run, trainer.members
+    placement_of(cfg, trainer).tree_shardings(run.params)  # a base weight fsdp cannot split: one line, now
 
     with hold_run_dir(run_dir), stop_requests(every=cfg.log_every) as stop_requested:
         check_config_matches(run_dir, cfg)  # again: now no other run can write the folder
