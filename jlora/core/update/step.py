@@ -311,7 +311,7 @@ def compile_update(update: Callable, placement: Placement, *, stacked: bool = Fa
 
     def jitted(step, trainable, opt_state, frozen, batch) -> tuple[Callable, TrainState]:
         """The jitted update for arguments of this structure, and the state's shardings."""
-        key = jax.tree.structure((trainable, opt_state, frozen, batch)), tuple(map(jnp.shape, jax.tree.leaves(frozen)))
+        key = jax.tree.structure((trainable, opt_state, frozen, batch))  # one model: its shapes stay
         if key not in cache:
             s = placement.state_shardings(TrainState(step, trainable, frozen, opt_state), stacked=stacked)
             compiled = jax.jit(
@@ -334,19 +334,27 @@ def compile_update(update: Callable, placement: Placement, *, stacked: bool = Fa
             return sum(f._cache_size() for f, _ in cache.values())
 
     def train(state: TrainState, batch: Mapping, rng: jax.Array) -> tuple[TrainState, dict]:
-        batch = placement.place_batch(step_inputs(batch))
+        batch, rng = host_inputs(placement, step_inputs(batch), rng)
         compiled, s = jitted(state.step, state.trainable, state.opt_state, state.frozen, batch)
         if getattr(state.step, "sharding", None) != s.step:  # a host state: what the step updates is placed as
             # the step hands it back (the mesh is part of the traced type: one program then serves every call)
             state = state.replace(step=put(state.step, s.step), trainable=put(state.trainable, s.trainable))
             state = state.replace(opt_state=put(state.opt_state, s.opt_state))
-        rng = None if rng is None else put(rng, placement.members)  # None: a step without dropout
         (n, trainable, opt_state), metrics = compiled(
             state.step, state.trainable, state.opt_state, state.frozen, batch, rng
         )
         return TrainState(n, trainable, state.frozen, opt_state), metrics
 
     return TrainStep(train, Compiled(), placement, stacked)
+
+
+def host_inputs(placement: Placement, batch: Mapping, rng: jax.Array | None = None) -> tuple[Mapping, jax.Array]:
+    """A step's batch and key as its jitted function takes them. In one process host arrays go in as they are
+    (the jit's in_shardings place them, without a Python call per leaf); in several, each process gives the
+    rows its devices hold (`Placement.place_batch`) and the key becomes one array over all of them."""
+    if jax.process_count() == 1:
+        return batch, rng
+    return placement.place_batch(batch), None if rng is None else put(rng, placement.members)
 
 
 def make_eval_step(
@@ -376,7 +384,7 @@ def compile_eval(sums: Callable, placement: Placement, shardings: Callable[[Any]
 
     def eval_step(variables_or_state, batch: Mapping) -> tuple[jax.Array, jax.Array]:
         variables = getattr(variables_or_state, "variables", variables_or_state)
-        batch = placement.place_batch(step_inputs(batch))
+        batch, _ = host_inputs(placement, step_inputs(batch))
         key = jax.tree.structure((variables, batch))
         if key not in cache:
             placed = shardings(variables)

@@ -31,7 +31,7 @@ from jlora.core.models.gpt2 import GPT2
 from jlora.core.update.loss import loss_argmax
 from jlora.core.update.mesh import Placement, fetch, mesh_placement, put
 from jlora.core.update.optim import combine, partition
-from jlora.core.update.step import EvalStep, compile_eval, step_inputs
+from jlora.core.update.step import EvalStep, compile_eval, host_inputs, step_inputs
 from jlora.training.data.batching import Layout, shape_batch
 from jlora.training.data.rows import TokenizedData, eval_batches
 
@@ -130,7 +130,7 @@ def greedy_predictor(model: GPT2, axes=None, *, placement: Placement | None = No
     cache = {}
 
     def predictions(variables, batch) -> np.ndarray:
-        batch = placement.place_batch(batch)
+        batch, _ = host_inputs(placement, batch)
         key = jax.tree.structure((variables, batch))
         if key not in cache:
             placed = placement.tree_shardings(variables, False if axes is None else axes)
