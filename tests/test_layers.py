@@ -216,3 +216,14 @@ def test_removed_public_names_are_listed_with_their_replacement(name, replacemen
 def test_all_lists_only_what_exists():
     missing = [name for name in jlora.__all__ if not hasattr(jlora, name)]
     assert not missing and len(set(jlora.__all__)) == len(jlora.__all__)
+
+
+def test_one_placement_no_pmap():
+    """Every step is jit over a device mesh (`jlora.core.update.mesh`): no pmap path, no flag that says so."""
+    found = [
+        f"{file.relative_to(PACKAGE.parent)}:{i}"
+        for file in PACKAGE.rglob("*.py")
+        for i, line in enumerate(file.read_text().splitlines(), 1)
+        if "pmapped" in line or "jax.pmap" in line
+    ]
+    assert not found, found

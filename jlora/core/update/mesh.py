@@ -28,7 +28,7 @@ back as host numpy through `fetch`:
 
 >>> p = mesh_placement(8, devices=jax.local_devices()[:1])
 >>> p.shape, p.rows.spec
-({'member': 1, 'data': 1, 'fsdp': 1}, PartitionSpec(('member', 'data', 'fsdp'),))
+({'member': 1, 'data': 1, 'fsdp': 1}, P(('member', 'data', 'fsdp'),))
 >>> fetch(p.place_batch({"input_ids": np.arange(6).reshape(2, 3)}))["input_ids"].tolist()
 [[0, 1, 2], [3, 4, 5]]
 """
