@@ -54,8 +54,8 @@ from jlora.core.lora.svd import (
 )
 from jlora.core.models.gpt2 import GPT2, GPT2Config, init_cache, init_params, param_shapes, random_params
 from jlora.core.models.llama import Llama, LlamaConfig
+from jlora.core.update.mesh import Placement, fetch, initialize_distributed, mesh_placement
 from jlora.core.update.optim import OptimConfig, combine, learning_rate, make_optimizer, partition, trainable_mask
-from jlora.core.update.parallel import initialize_distributed, replicate, shard_batch, unreplicate
 from jlora.core.update.population import (
     Member,
     Population,
@@ -154,9 +154,9 @@ __all__ = [
     "train_step",
     "make_train_step",
     "make_eval_step",
-    "replicate",
-    "unreplicate",
-    "shard_batch",
+    "Placement",
+    "mesh_placement",
+    "fetch",
     "initialize_distributed",
     # populations: many adapters in one compiled step
     "Member",

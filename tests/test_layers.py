@@ -178,16 +178,23 @@ def test_the_walk_sees_imports_inside_functions(tmp_path):
     assert imports(file) == [(4, "jlora.cli.main"), (5, "jlora.plots")]
 
 
-# Every name `jlora` exported before the package was split into layers (a user's code uses these).
+# Every name `jlora` exported before the package was split into layers (a user's code uses these), but
+# those `CHANGES` lists: removed, each with its replacement in docs/architecture.md's "Changes".
 PUBLIC_BEFORE = """
 GPT2 GPT2Config LoraConfig CheckpointError load_gpt2 save_gpt2 init_params init_lora init_cache
 flatten_adapters unflatten_adapters lora_delta scaling effective_lr alpha_for_rank adapter_param_count
 adapter_compression module_counts lora_param_count compression_ratio delta_w merge unmerge delta_svd
 factored_svd spectrum amplification subspace_similarity subspace_similarity_grid lora_from_delta
 OptimConfig learning_rate trainable_mask partition combine make_optimizer TrainState init_state train_step
-make_train_step make_eval_step replicate unreplicate shard_batch initialize_distributed load_adapter
+make_train_step make_eval_step initialize_distributed load_adapter
 load_checkpoint load_run save_peft load_peft save_merged Generation generate generate_text
 """.split()
+# removed public name -> what replaces it (the pmap helpers went with pmap: one placement on a device mesh)
+CHANGES = {
+    "replicate": "Placement.place",
+    "unreplicate": "fetch",
+    "shard_batch": "Placement.place_batch",
+}
 
 
 @pytest.mark.parametrize("name", PUBLIC_BEFORE)
@@ -196,6 +203,27 @@ def test_public_names_still_work_from_jlora(name):
     assert callable(getattr(jlora, name))
 
 
+@pytest.mark.parametrize(("name", "replacement"), CHANGES.items())
+def test_removed_public_names_are_listed_with_their_replacement(name, replacement):
+    assert name not in jlora.__all__ and not hasattr(jlora, name)
+    changes = (PACKAGE.parent / "docs" / "architecture.md").read_text().split("\n## Changes\n", 1)[1]
+    line = next(line for line in changes.splitlines() if f"`{name}`" in line)
+    assert f"`{replacement}`" in line
+    owner, _, attribute = replacement.partition(".")
+    assert callable(getattr(getattr(jlora, owner), attribute) if attribute else getattr(jlora, owner))
+
+
 def test_all_lists_only_what_exists():
     missing = [name for name in jlora.__all__ if not hasattr(jlora, name)]
     assert not missing and len(set(jlora.__all__)) == len(jlora.__all__)
+
+
+def test_one_placement_no_pmap():
+    """Every step is jit over a device mesh (`jlora.core.update.mesh`): no pmap path, no flag that says so."""
+    found = [
+        f"{file.relative_to(PACKAGE.parent)}:{i}"
+        for file in PACKAGE.rglob("*.py")
+        for i, line in enumerate(file.read_text().splitlines(), 1)
+        if "pmapped" in line or "jax.pmap" in line
+    ]
+    assert not found, found

@@ -16,12 +16,12 @@ from jlora.errors import Interrupted, JloraError, RunError
 
 
 def _train(args: argparse.Namespace) -> int:
-    from jlora.core.update.parallel import initialize_distributed
+    from jlora.core.update.mesh import initialize_distributed
     from jlora.training.records.rundir import is_primary
     from jlora.training.run.config import DEFAULT_CONFIG, load_run_config
     from jlora.training.run.train import train
 
-    initialize_distributed()  # a no-op unless launched as a multi-host job (see jlora.core.update.parallel)
+    initialize_distributed()  # a no-op unless launched as a multi-host job (see jlora.core.update.mesh)
     cfg = load_run_config(args.config or DEFAULT_CONFIG, args.set)
     summary = train(cfg, args.out, until=args.until)
     if cfg.search is not None and summary["search"]["best"] is not None and is_primary():

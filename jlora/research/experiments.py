@@ -38,7 +38,6 @@ from jlora.core.lora.merge import merge
 from jlora.core.lora.svd import lora_from_delta
 from jlora.core.models.gpt2 import GPT2
 from jlora.core.update.optim import trainable_mask
-from jlora.core.update.parallel import local_devices
 from jlora.core.update.population import (
     Population,
     init_population,
@@ -148,7 +147,7 @@ def load_task(cfg: RunConfig) -> Task:
     base_model = run.model.clone(lora=None)
     forget = lambda inputs, batch: forgetting_sums(base_model, inputs["adapted"], inputs["base"], batch)  # noqa: E731
     eval_step = make_eval_step(base_model, n_devices=1)
-    return Task(cfg, run, run.train, run.val, base_model, eval_step, compile_eval(forget, local_devices(1)))
+    return Task(cfg, run, run.train, run.val, base_model, eval_step, compile_eval(forget, eval_step.placement))
 
 
 def lora_variables(task: Task, lora_cfg: LoraConfig, *, seed: int | None = None) -> dict:

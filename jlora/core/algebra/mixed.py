@@ -48,7 +48,7 @@ import numpy as np
 from jlora.core.algebra.combine import Adapters, adapters_by_path
 from jlora.core.lora.adapter import SCALE, flatten_adapters, unflatten_adapters
 from jlora.core.update.loss import CHUNK, at_loss_positions, head_loss_sum, hidden_states
-from jlora.core.update.parallel import local_devices
+from jlora.core.update.mesh import Placement, mesh_placement
 from jlora.core.update.step import EvalStep, compile_eval
 from jlora.errors import ConfigError
 
@@ -140,11 +140,15 @@ def mixed_loss_sums(model, variables: Mapping, batch: Mapping, *, chunk: int = C
     return sums, (mask.sum(axis=1)[:, None] * rows).sum(axis=0)
 
 
-def make_mixed_eval_step(model, *, n_devices: int | None = None) -> EvalStep:
+def make_mixed_eval_step(
+    model, *, n_devices: int | None = None, fsdp: int = 1, placement: Placement | None = None
+) -> EvalStep:
     """``eval_step(stack.variables(params), batch) -> (loss sums (K,), token counts (K,))`` of a mixed batch.
 
-    jit (pmap on several devices, as `jlora.core.update.step.make_eval_step`); the stack is an argument, so any
-    stack of the same shapes reuses the compiled step. The batch carries ``adapter_index`` (R,),
-    checked first with `check_index`.
+    jit over a device mesh, as `jlora.core.update.step.make_eval_step` (the rows split over the devices,
+    every adapter on each); the stack is an argument, so any stack of the same shapes reuses the compiled
+    step. The batch carries ``adapter_index`` (R,), checked first with `check_index`.
     """
-    return compile_eval(lambda variables, batch: mixed_loss_sums(model, variables, batch), local_devices(n_devices))
+    if placement is None:
+        placement = mesh_placement(1, fsdp=fsdp, devices=n_devices)
+    return compile_eval(lambda variables, batch: mixed_loss_sums(model, variables, batch), placement)

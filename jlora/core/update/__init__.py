@@ -2,7 +2,7 @@
 
 loss.py        masked next-token cross-entropy, the head only where the loss is
 optim.py       the trainable mask, partition / combine, AdamW (+ LoRA+)
-step.py        the train and evaluation steps
-parallel.py    placement over devices, multi-host start
+step.py        the train and evaluation steps, jit-compiled over a mesh
+mesh.py        the device mesh (member, data, fsdp) and what lives where on it; multi-host start
 population.py  many adapters on one base, stacked, trained by one vmapped step
 """

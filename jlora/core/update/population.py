@@ -48,16 +48,15 @@ import optax
 from jlora.core.lora.adapter import flatten_adapters, unflatten_adapters
 from jlora.core.lora.config import LoraConfig
 from jlora.core.update.loss import loss_sums
+from jlora.core.update.mesh import Placement, mesh_placement
 from jlora.core.update.optim import OptimConfig, combine, learning_rate, make_optimizer, partition
-from jlora.core.update.parallel import DATA, MEMBERS, local_devices
 from jlora.core.update.step import (
     EvalStep,
     TrainState,
     TrainStep,
     compile_eval,
     compile_update,
-    parallel_axis,
-    step_inputs,
+    split_rows,
     train_step,
 )
 from jlora.errors import ConfigError
@@ -351,35 +350,37 @@ def make_population_step(
     *,
     grad_accum: int | None = None,
     n_devices: int | None = None,
+    fsdp: int = 1,
+    placement: Placement | None = None,
     dropout: bool = True,
-    mesh: jax.sharding.Mesh | None = None,
 ) -> TrainStep:
-    """The population's compiled step: `train_step` vmapped over the members, jit or pmap as the solo step,
-    or jit over a `mesh` that spreads the members over devices.
+    """The population's compiled step: `train_step` vmapped over the members, jit over a device mesh as the
+    solo step is (`jlora.core.update.mesh`), the members spread over its "member" axis.
 
     Called as ``step(state, batch, keys) -> (state, metrics)`` with `state` from `init_population`,
     the one batch every member reads, and (K,) dropout keys (`member_keys`); each metric comes back
-    (K,), one per member (under pmap (n_devices, K)). Member k's losses and adapters are those of a
-    solo `make_train_step` run with its settings and dropout key ``keys[k]``.
+    (K,), one per member. Member k's losses and adapters are those of a solo `make_train_step` run
+    with its settings and dropout key ``keys[k]``.
 
-    With `mesh` (`jlora.core.update.parallel.member_mesh`) the step is one program over the mesh's devices
-    (GSPMD): each member's leaves live on its devices of the "member" axis, the batch rows are split
-    along "data", and no gradient is summed across members. It computes what the one-device step
-    computes (dropout masks included), so the losses equal one device's to float rounding; ``step.place``
-    puts a host state on the mesh.
+    On several devices the step is one program over the mesh (GSPMD): each member's leaves live on its
+    devices of the "member" axis (gcd(K, n / fsdp) of them), the batch rows are split over "data" and
+    "fsdp", the shared base over "fsdp", and no gradient is summed across members. It computes what the
+    one-device step computes (dropout masks included), so the losses equal one device's to float
+    rounding; ``step.place`` puts a host state on the mesh.
 
     Args:
       model: the `GPT2` (its LoraConfig's targets and dropout; the scalings are the population's).
       cfg: the optimizer settings every member shares (its lr and LoRA+ ratio are the members').
       pop: from `population`.
-      grad_accum, n_devices, dropout: as `make_train_step` (`n_devices` is not read with a mesh).
-      mesh: a ("member", "data") mesh (None: jit on one device, or pmap over `n_devices`).
+      grad_accum, n_devices, fsdp, dropout: as `make_train_step`.
+      placement: the mesh (`mesh_placement(pop.size, ...)`), in place of `n_devices` and `fsdp`.
     """
+    if placement is None:
+        placement = mesh_placement(pop.size, fsdp=fsdp, devices=n_devices)
     grad_accum = grad_accum or cfg.grad_accum
-    devices = local_devices(n_devices) if mesh is None else list(mesh.devices.flat)
-    axis_name = None if mesh is not None else parallel_axis(devices)
-
-    settings = dict(grad_accum=grad_accum, axis_name=axis_name, dropout=dropout, label_smoothing=cfg.label_smoothing)
+    settings = dict(
+        grad_accum=grad_accum, rows=split_rows(placement), dropout=dropout, label_smoothing=cfg.label_smoothing
+    )
 
     def member_step(optimizer, schedule, trainable, opt_state, frozen, rng, shared):
         step, batch = shared
@@ -393,75 +394,20 @@ def make_population_step(
         trainable, opt_state, metrics = members(trainable, opt_state, frozen, rng, (step, batch))
         return (step + 1, trainable, opt_state), metrics
 
-    return compile_update(update, devices) if mesh is None else compile_on_mesh(update, mesh)
-
-
-def mesh_shardings(mesh: jax.sharding.Mesh) -> tuple:
-    """(members, batch, whole): NamedShardings of a member-stacked leaf (axis 0 along "member"), of a
-    batch leaf (rows along "data") and of a leaf every device holds whole."""
-    named = lambda *spec: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))  # noqa: E731
-    return named(MEMBERS), named(DATA), named()
-
-
-def state_shardings(mesh: jax.sharding.Mesh, frozen: Mapping) -> TrainState:
-    """A tree prefix of a population's `TrainState` with each part's sharding on `mesh`: trainable leaves
-    and optimizer state by member, the frozen base whole, the scalings by member."""
-    members, _, whole = mesh_shardings(mesh)
-    return TrainState(whole, members, {c: members if c in STACKED else whole for c in frozen}, members)
-
-
-def compile_on_mesh(update: Callable, mesh: jax.sharding.Mesh) -> TrainStep:
-    """A `TrainStep` of ``update(step, trainable, opt_state, frozen, batch, rng)`` jit-compiled over `mesh`
-    with the shardings of `state_shardings` (built at the first call, from the frozen partition's keys)."""
-    members, batch_sharding, whole = mesh_shardings(mesh)
-    compiled = {}
-
-    def jitted(frozen: Mapping):
-        keys = tuple(frozen)
-        if keys not in compiled:
-            s = state_shardings(mesh, frozen)
-            compiled[keys] = jax.jit(
-                update,
-                in_shardings=(s.step, s.trainable, s.opt_state, s.frozen, batch_sharding, members),
-                out_shardings=((whole, members, members), members),
-                donate_argnums=(0, 1, 2),
-            )
-        return compiled[keys]
-
-    def step(state: TrainState, batch: Mapping, rng: jax.Array) -> tuple[TrainState, dict]:
-        (n, trainable, opt_state), metrics = jitted(state.frozen)(
-            state.step, state.trainable, state.opt_state, state.frozen, step_inputs(batch), rng
-        )
-        return TrainState(n, trainable, state.frozen, opt_state), metrics
-
-    def place(state: TrainState) -> TrainState:
-        return jax.device_put(state, state_shardings(mesh, state.frozen))
-
-    class Compiled:  # `TrainStep.compiled`: .lower() like a jitted function's
-        @staticmethod
-        def lower(step, trainable, opt_state, frozen, batch, rng):
-            return jitted(frozen).lower(step, trainable, opt_state, frozen, batch, rng)
-
-    return TrainStep(step, Compiled(), mesh.size, False, place)
+    return compile_update(update, placement, stacked=True)
 
 
 def make_population_eval_step(
-    model, mask: Mapping, *, n_devices: int | None = None, mesh: jax.sharding.Mesh | None = None
+    model, mask: Mapping, *, n_devices: int | None = None, fsdp: int = 1, placement: Placement | None = None
 ) -> EvalStep:
     """``eval_step(state, batch) -> (loss sums (K,), token counts (K,))``: `make_eval_step` per member.
 
-    `mask` is the trainable mask the state was made with (`member_axes`); with `mesh`, the step is
-    jit-compiled over it as `make_population_step`'s (members by member, the batch split along "data").
+    `mask` is the trainable mask the state was made with (`member_axes`); the step is jit-compiled over
+    the mesh as `make_population_step`'s: give it the train step's `placement` (``step.placement``), whose
+    member axis the state is placed on (`n_devices` and `fsdp` make a mesh of one member a device group).
     """
+    if placement is None:
+        placement = mesh_placement(1, fsdp=fsdp, devices=n_devices)
     axes = member_axes(mask)
     sums = jax.vmap(lambda variables, batch: loss_sums(model, variables, batch), in_axes=(axes, None))
-    if mesh is None:
-        return compile_eval(sums, local_devices(n_devices))
-    members, batch_sharding, whole = mesh_shardings(mesh)
-    shardings = jax.tree.map(lambda a: whole if a is None else members, axes, is_leaf=lambda a: a is None)
-    compiled = jax.jit(sums, in_shardings=(shardings, batch_sharding), out_shardings=members)
-
-    def eval_step(variables_or_state, batch: Mapping):
-        return compiled(getattr(variables_or_state, "variables", variables_or_state), step_inputs(batch))
-
-    return EvalStep(eval_step, mesh.size, False)
+    return compile_eval(sums, placement, lambda variables: placement.tree_shardings(variables, axes))

@@ -1,16 +1,21 @@
-"""The train step, ``(state, batch, rng) -> (state, metrics)``: pure, then jit-compiled or pmapped.
+"""The train step, ``(state, batch, rng) -> (state, metrics)``: pure, then jit-compiled over a device mesh.
 
-One update, with k = ``grad_accum`` micro-batches of m rows on each of n devices::
+One update, with k = ``grad_accum`` micro-batches of m rows::
 
     batch (k*m, T) ─reshape─> (k, m, T) ─scan─> Σ ∇ Σ mask*CE, Σ mask*CE, Σ mask   (∇ w.r.t. trainable)
-                                                   │ pmap: psum over the "batch" axis
-                             grads = Σ∇ / Σ mask ──┴─> optimizer ─> trainable', opt_state'
+                             grads = Σ∇ / Σ mask ──> optimizer ─> trainable', opt_state'
+
+The step is written for the whole batch on one device; `jax.jit` over a `Placement`'s mesh
+(`jlora.core.update.mesh`) splits it: the batch's rows over the devices, the frozen base's weights
+over the "fsdp" axis, and XLA adds the sums over devices (GSPMD). Every device draws the same
+dropout masks as one device would for the whole batch, so a step on n devices computes what the
+one-device step computes, to float rounding.
 
 A batch may be a shaped one (`jlora.training.data.batching`: trimmed or packed, ``loss_index`` listing
 the positions that carry loss); the compiled step is specialised to its shapes, so it compiles
 once per distinct (rows, length, loss capacity), which a run keeps to a few.
 
-Sums are added over micro-batches and devices and divided once by the global token count, so
+Sums are added over micro-batches and rows and divided once by the global token count, so
 the update is the one big batch's, however the batch is split. Only the trainable partition is
 differentiated; the frozen one enters the loss as a constant, so no gradient of a frozen weight
 is ever formed, and it is handed back untouched (not donated, not copied: after any number of
@@ -45,8 +50,8 @@ import optax
 from flax import struct
 
 from jlora.core.update.loss import loss_sums
+from jlora.core.update.mesh import Placement, mesh_placement, put
 from jlora.core.update.optim import OptimConfig, combine, learning_rate, make_optimizer, partition, trainable_mask
-from jlora.core.update.parallel import AXIS, local_devices
 
 PyTree = Any
 BATCH_KEYS = ("input_ids", "targets", "loss_mask")  # what the step reads; the attention mask is left out
@@ -82,31 +87,35 @@ class TrainState(struct.PyTreeNode):
 
 
 class TrainStep(NamedTuple):
-    """A compiled train step and what a loop needs to know to feed it.
+    """A compiled train step and where it runs.
 
-    Call it as ``step(state, batch, rng) -> (state, metrics)``. `compiled` is the jitted (or
-    pmapped) function of ``(step, trainable, opt_state, frozen, batch, rng)``, for ``.lower()``
-    and cost analysis; when `pmapped`, state, batch and metrics carry a leading device axis.
-    `place`, when set, puts a host state where the step reads it (a population's members spread
-    over a device mesh, `jlora.core.update.population`); the batch it places itself.
+    Call it as ``step(state, batch, rng) -> (state, metrics)``; a host batch (numpy) is placed on the
+    mesh at each call, and a state should be placed once first (`place`; a host state also works, but
+    its frozen base is then sent to the devices at every step). `compiled` is the jitted function of
+    ``(step, trainable, opt_state, frozen, batch, rng)``, for ``.lower()`` and cost analysis.
     """
 
     update: Callable[[TrainState, Mapping, jax.Array], tuple[TrainState, dict]]
-    compiled: Callable
-    n_devices: int
-    pmapped: bool
-    place: Callable[[TrainState], TrainState] | None = None
+    compiled: Any
+    placement: Placement
+    stacked: bool = False  # a population's: the trainable leaves and optimizer state carry a member axis
 
     def __call__(self, state: TrainState, batch: Mapping, rng: jax.Array) -> tuple[TrainState, dict]:
         return self.update(state, batch, rng)
 
+    def place(self, state: TrainState) -> TrainState:
+        """`state` on the step's mesh (`Placement.place`): what the step reads and hands back."""
+        return self.placement.place(state, stacked=self.stacked)
+
 
 class EvalStep(NamedTuple):
-    """A compiled evaluation step: ``eval_step(variables_or_state, batch) -> (loss sum, token count)``."""
+    """A compiled evaluation step: ``eval_step(variables_or_state, batch) -> (loss sum, token count)``.
+
+    Like `TrainStep`, it places a host batch itself; the sums come back on the devices (`fetch` them).
+    """
 
     evaluate: Callable[[Any, Mapping], tuple[jax.Array, jax.Array]]
-    n_devices: int
-    pmapped: bool
+    placement: Placement
 
     def __call__(self, variables_or_state: Any, batch: Mapping) -> tuple[jax.Array, jax.Array]:
         return self.evaluate(variables_or_state, batch)
@@ -124,7 +133,13 @@ def init_state(variables: PyTree, mask: PyTree, optimizer: optax.GradientTransfo
 
 
 def init_training(
-    model, variables: PyTree, cfg: OptimConfig, mask: PyTree | None = None, *, n_devices: int | None = None
+    model,
+    variables: PyTree,
+    cfg: OptimConfig,
+    mask: PyTree | None = None,
+    *,
+    n_devices: int | None = None,
+    placement: Placement | None = None,
 ) -> tuple[TrainState, TrainStep]:
     """Step 0 and the compiled step of training the leaves of `variables` that `mask` selects.
 
@@ -133,7 +148,8 @@ def init_training(
     """
     mask = trainable_mask(variables) if mask is None else mask
     optimizer = make_optimizer(cfg, partition(variables, mask)[0])
-    return init_state(variables, mask, optimizer), make_train_step(model, optimizer, cfg, n_devices=n_devices)
+    step = make_train_step(model, optimizer, cfg, n_devices=n_devices, placement=placement)
+    return init_state(variables, mask, optimizer), step
 
 
 def gradients(
@@ -144,7 +160,7 @@ def gradients(
     rng: jax.Array | None,
     *,
     grad_accum: int = 1,
-    axis_name: str | None = None,
+    rows: jax.sharding.NamedSharding | None = None,
     label_smoothing: float = 0.0,
 ) -> tuple[PyTree, jax.Array, jax.Array]:
     """(grads, loss sum, token count) of the global batch; grads of the mean masked loss.
@@ -156,7 +172,9 @@ def gradients(
         ``loss_index``, ``segment_ids``, ``position_ids`` of a shaped batch (`jlora.core.update.loss`).
       rng: dropout key (None: no dropout); micro-batch i uses ``fold_in(rng, i)``.
       grad_accum: k, the number of micro-batches the rows are split into (consecutive rows).
-      axis_name: the pmap axis to sum over, when called inside `jax.pmap`.
+      rows: the sharding of the batch's rows (`Placement.rows`) when they are split over devices: each
+        micro-batch keeps its rows split the same way, so that every device computes its share of every
+        micro-batch (None: one device, or left to XLA).
       label_smoothing: of the loss (`jlora.core.update.loss.loss_sums`); 0: plain cross-entropy.
     Returns:
       grads (like `trainable`), and the loss sum and token count over the global batch.
@@ -172,10 +190,13 @@ def gradients(
     if grad_accum == 1:
         (loss_sum, tokens), grad_sum = grad_of_sum(trainable, batch, key(0))
     else:
-        rows = batch["input_ids"].shape[0]
-        if rows % grad_accum:
-            raise ValueError(f"a batch of {rows} rows does not split into grad_accum={grad_accum} micro-batches")
-        micro_batches = jax.tree.map(lambda x: x.reshape(grad_accum, rows // grad_accum, *x.shape[1:]), batch)
+        n_rows = batch["input_ids"].shape[0]
+        if n_rows % grad_accum:
+            raise ValueError(f"a batch of {n_rows} rows does not split into grad_accum={grad_accum} micro-batches")
+        micro_batches = jax.tree.map(lambda x: x.reshape(grad_accum, n_rows // grad_accum, *x.shape[1:]), batch)
+        if rows is not None:
+            split = jax.sharding.NamedSharding(rows.mesh, jax.sharding.PartitionSpec(None, *rows.spec))
+            micro_batches = jax.lax.with_sharding_constraint(micro_batches, split)
 
         def add(carry, xs):
             i, micro_batch = xs
@@ -187,8 +208,6 @@ def gradients(
         init = (jax.tree.map(jnp.zeros_like, trainable), zero, zero)
         (grad_sum, loss_sum, tokens), _ = jax.lax.scan(add, init, (jnp.arange(grad_accum), micro_batches))
 
-    if axis_name is not None:
-        grad_sum, loss_sum, tokens = jax.lax.psum((grad_sum, loss_sum, tokens), axis_name)
     denominator = jnp.maximum(tokens, 1.0)  # a batch with no loss tokens updates nothing, rather than NaN
     return jax.tree.map(lambda g: g / denominator, grad_sum), loss_sum, tokens
 
@@ -202,29 +221,25 @@ def train_step(
     rng: jax.Array,
     *,
     grad_accum: int = 1,
-    axis_name: str | None = None,
+    rows: jax.sharding.NamedSharding | None = None,
     dropout: bool = True,
     label_smoothing: float = 0.0,
 ) -> tuple[TrainState, dict]:
     """One optimizer update on a global batch: the pure function `make_train_step` compiles.
 
-    The dropout key is ``rng`` folded with the step number (and the device index under pmap),
-    so a loop may pass the same key at every step. `schedule` only reports the learning rate
-    (None: no ``lr`` metric).
+    The dropout key is ``rng`` folded with the step number, so a loop may pass the same key at
+    every step; it is one key for the whole batch, however its rows are split over devices.
+    `schedule` only reports the learning rate (None: no ``lr`` metric); `rows` is `gradients`'.
 
     Returns:
       (state after the update, metrics): ``loss`` (mean over the batch's loss tokens, before
       the update), ``tokens`` (their number), ``grad_norm`` (global norm before clipping),
       ``lr`` (this update's base learning rate).
     """
-    key = None
-    if dropout:
-        key = jax.random.fold_in(rng, state.step)
-        if axis_name is not None:
-            key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+    key = jax.random.fold_in(rng, state.step) if dropout else None
     smoothing = dict(label_smoothing=label_smoothing)
     grads, loss_sum, tokens = gradients(
-        model, state.trainable, state.frozen, batch, key, grad_accum=grad_accum, axis_name=axis_name, **smoothing
+        model, state.trainable, state.frozen, batch, key, grad_accum=grad_accum, rows=rows, **smoothing
     )
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
@@ -245,12 +260,11 @@ def make_train_step(
     *,
     grad_accum: int | None = None,
     n_devices: int | None = None,
+    fsdp: int = 1,
+    placement: Placement | None = None,
     dropout: bool = True,
 ) -> TrainStep:
-    """`train_step` compiled: jit on one device, pmap over `n_devices` local devices otherwise.
-
-    Under a multi-host launch (`jlora.initialize_distributed`) the step is pmapped even with one
-    local device, and its psum spans every process's devices.
+    """`train_step` compiled: `jax.jit` over a device mesh (`jlora.core.update.mesh`).
 
     Args:
       model: a `jlora.GPT2` (its config chooses dtype and remat).
@@ -258,22 +272,23 @@ def make_train_step(
       cfg: the `OptimConfig` the optimizer was made from: its grad_accum, and its schedule for
         the ``lr`` metric (None: no ``lr`` metric, grad_accum from the argument or 1).
       grad_accum: overrides ``cfg.grad_accum``.
-      n_devices: local devices to use (None: all of them).
+      n_devices: a mesh over this process's first `n_devices` devices (None: every device, every
+        process's under a multi-host launch, `jlora.initialize_distributed`).
+      fsdp: the frozen base's weights split over this many devices (the mesh's "fsdp" axis).
+      placement: the mesh itself (`mesh_placement`), in place of `n_devices` and `fsdp`.
       dropout: train with the model's dropout (False: deterministic forward).
 
     Returns:
-      A `TrainStep`, called as ``step(state, batch, rng) -> (state, metrics)``. The input
-      state's step, trainable and optimizer state are donated (do not reuse them); its frozen
-      partition is passed through. When ``step.pmapped``, `state` must be `replicate`d, `batch`
-      (this process's rows) `shard_batch`ed to (n, rows, T), and the metrics come back per
-      device (`unreplicate` them); `rng` is shared.
+      A `TrainStep`, called as ``step(state, batch, rng) -> (state, metrics)`` with the global batch
+      (host arrays, placed by the step) and one `rng` for all devices. The input state's step,
+      trainable and optimizer state are donated (do not reuse them); its frozen partition is
+      passed through. ``step.place(state)`` puts a state on the mesh once, before the first step.
     """
+    if placement is None:
+        placement = mesh_placement(1, fsdp=fsdp, devices=n_devices)
     schedule = None if cfg is None else learning_rate(cfg)
     grad_accum = grad_accum or (1 if cfg is None else cfg.grad_accum)
-    devices = local_devices(n_devices)
-    axis_name = parallel_axis(devices)
-
-    settings = dict(grad_accum=grad_accum, axis_name=axis_name, dropout=dropout)
+    settings = dict(grad_accum=grad_accum, rows=split_rows(placement), dropout=dropout)
     settings["label_smoothing"] = 0.0 if cfg is None else cfg.label_smoothing
 
     def update(step, trainable, opt_state, frozen, batch, rng):
@@ -281,71 +296,106 @@ def make_train_step(
         state, metrics = train_step(model, optimizer, schedule, state, batch, rng, **settings)
         return (state.step, state.trainable, state.opt_state), metrics
 
-    return compile_update(update, devices)
+    return compile_update(update, placement)
 
 
-def compile_update(update: Callable, devices: list) -> TrainStep:
+def split_rows(placement: Placement) -> jax.sharding.NamedSharding | None:
+    """`gradients`' `rows`: the placement's row sharding when a batch is split over several devices."""
+    return placement.rows if placement.row_devices > 1 else None
+
+
+def compile_update(update: Callable, placement: Placement, *, stacked: bool = False) -> TrainStep:
     """A `TrainStep` of ``update(step, trainable, opt_state, frozen, batch, rng) -> ((step, trainable,
-    opt_state), metrics)``: jit on one device, pmap (axis `AXIS`, `rng` shared) over several.
+    opt_state), metrics)``, jit-compiled over `placement`'s mesh.
 
-    `update` must reduce over `AXIS` itself when pmapped (``len(devices) > 1`` or several processes).
+    The state's shardings are `Placement.state_shardings` (`stacked`: a population's, by member), the
+    batch's rows are split (`Placement.rows`), `rng` and the metrics are by member (whole for one adapter).
+    They are read from the first call's state, once for each structure of the arguments.
     """
-    if not _parallel(devices):
-        compiled = jax.jit(update, donate_argnums=(0, 1, 2))
-    else:
-        compiled = jax.pmap(
-            update, AXIS, in_axes=(0, 0, 0, 0, 0, None), donate_argnums=(0, 1, 2), devices=_pmap_devices(devices)
-        )
+    cache = {}
 
-    def step(state: TrainState, batch: Mapping, rng: jax.Array) -> tuple[TrainState, dict]:
+    def jitted(step, trainable, opt_state, frozen, batch) -> tuple[Callable, TrainState]:
+        """The jitted update for arguments of this structure, and the state's shardings."""
+        key = jax.tree.structure((trainable, opt_state, frozen, batch))  # one model: its shapes stay
+        if key not in cache:
+            s = placement.state_shardings(TrainState(step, trainable, frozen, opt_state), stacked=stacked)
+            compiled = jax.jit(
+                update,
+                in_shardings=(s.step, s.trainable, s.opt_state, s.frozen, placement.rows, placement.members),
+                out_shardings=((s.step, s.trainable, s.opt_state), placement.members),
+                donate_argnums=(0, 1, 2),
+            )
+            cache[key] = compiled, s
+        return cache[key]
+
+    class Compiled:  # `TrainStep.compiled`: .lower() and ._cache_size() like a jitted function's
+        @staticmethod
+        def lower(step, trainable, opt_state, frozen, batch, rng):
+            args = (step, trainable, opt_state, frozen, batch)
+            return jitted(*args)[0].lower(*args, rng)
+
+        @staticmethod
+        def _cache_size() -> int:  # programs compiled (one per shape of the batch)
+            return sum(f._cache_size() for f, _ in cache.values())
+
+    def train(state: TrainState, batch: Mapping, rng: jax.Array) -> tuple[TrainState, dict]:
+        batch, rng = host_inputs(placement, step_inputs(batch), rng)
+        compiled, s = jitted(state.step, state.trainable, state.opt_state, state.frozen, batch)
+        if getattr(state.step, "sharding", None) != s.step:  # a host state: what the step updates is placed as
+            # the step hands it back (the mesh is part of the traced type: one program then serves every call)
+            state = state.replace(step=put(state.step, s.step), trainable=put(state.trainable, s.trainable))
+            state = state.replace(opt_state=put(state.opt_state, s.opt_state))
         (n, trainable, opt_state), metrics = compiled(
-            state.step, state.trainable, state.opt_state, state.frozen, step_inputs(batch), rng
+            state.step, state.trainable, state.opt_state, state.frozen, batch, rng
         )
         return TrainState(n, trainable, state.frozen, opt_state), metrics
 
-    return TrainStep(step, compiled, len(devices), _parallel(devices))
+    return TrainStep(train, Compiled(), placement, stacked)
 
 
-def parallel_axis(devices: list) -> str | None:
-    """The axis name a step's collectives reduce over on `devices` (None: one device, plain jit)."""
-    return AXIS if _parallel(devices) else None
+def host_inputs(placement: Placement, batch: Mapping, rng: jax.Array | None = None) -> tuple[Mapping, jax.Array]:
+    """A step's batch and key as its jitted function takes them. In one process host arrays go in as they are
+    (the jit's in_shardings place them, without a Python call per leaf); in several, each process gives the
+    rows its devices hold (`Placement.place_batch`) and the key becomes one array over all of them."""
+    if jax.process_count() == 1:
+        return batch, rng
+    return placement.place_batch(batch), None if rng is None else put(rng, placement.members)
 
 
-def _parallel(devices: list) -> bool:
-    """pmap when there are several local devices, or several processes (even of one device each)."""
-    return len(devices) > 1 or jax.process_count() > 1
-
-
-def _pmap_devices(devices: list) -> list | None:
-    """None (pmap's default: every device of every process) when all local devices take part;
-    an explicit list only for a subset, which is a single-host setting."""
-    return None if len(devices) == jax.local_device_count() else devices
-
-
-def make_eval_step(model, *, n_devices: int | None = None) -> EvalStep:
+def make_eval_step(
+    model, *, n_devices: int | None = None, fsdp: int = 1, placement: Placement | None = None
+) -> EvalStep:
     """``eval_step(variables_or_state, batch) -> (masked loss sum, token count)``, deterministic.
 
-    jit on one device, pmap (summed over devices, `replicate`d variables, `shard_batch`ed
-    batch) on several. Divide the sums over a whole evaluation set for its mean loss.
+    jit over a mesh as `make_train_step`'s (the same `n_devices`, `fsdp` or `placement`); the batch's
+    rows are split over the devices and the sums added over them. Divide the sums over a whole
+    evaluation set for its mean loss.
     """
-    return compile_eval(lambda variables, batch: loss_sums(model, variables, batch), local_devices(n_devices))
+    if placement is None:
+        placement = mesh_placement(1, fsdp=fsdp, devices=n_devices)
+    return compile_eval(lambda variables, batch: loss_sums(model, variables, batch), placement)
 
 
-def compile_eval(sums: Callable, devices: list) -> EvalStep:
-    """An `EvalStep` of ``sums(variables, batch) -> sums``: jit, or pmap with the sums added over devices.
+def compile_eval(sums: Callable, placement: Placement, shardings: Callable[[Any], Any] | None = None) -> EvalStep:
+    """An `EvalStep` of ``sums(variables, batch) -> sums``, jit-compiled over `placement`'s mesh.
 
-    The step reads a state's ``.variables`` (or the variables themselves) and the batch's `BATCH_KEYS`.
+    The step reads a state's ``.variables`` (or the variables themselves), placed by `shardings`
+    (``variables -> their shardings``; default `Placement.tree_shardings`: the base split over
+    "fsdp", adapters whole), and the batch's `BATCH_KEYS`, its rows split. The sums come back by
+    member (whole for one adapter).
     """
-    axis_name = parallel_axis(devices)
-
-    def evaluate(variables, batch):
-        out = sums(variables, batch)
-        return out if axis_name is None else jax.lax.psum(out, axis_name)
-
-    compiled = jax.jit(evaluate) if axis_name is None else jax.pmap(evaluate, AXIS, devices=_pmap_devices(devices))
+    shardings = shardings or placement.tree_shardings
+    cache = {}
 
     def eval_step(variables_or_state, batch: Mapping) -> tuple[jax.Array, jax.Array]:
         variables = getattr(variables_or_state, "variables", variables_or_state)
-        return compiled(variables, step_inputs(batch))
+        batch, _ = host_inputs(placement, step_inputs(batch))
+        key = jax.tree.structure((variables, batch))
+        if key not in cache:
+            placed = shardings(variables)
+            compiled = jax.jit(sums, in_shardings=(placed, placement.rows), out_shardings=placement.members)
+            cache[key] = compiled, placed
+        compiled, placed = cache[key]
+        return compiled(put(variables, placed), batch)  # placed: host and placed variables share a program
 
-    return EvalStep(eval_step, len(devices), axis_name is not None)
+    return EvalStep(eval_step, placement)

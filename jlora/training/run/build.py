@@ -6,6 +6,7 @@
     run.start_params                  # the base as training starts: params with the adapter's saved modules
     trainer = solo_trainer(run)       # the state at step 0 and how to compile its step (a population:
                                       # jlora.training.run.population.population_trainer)
+    placement_of(cfg, trainer)        # the device mesh its steps compile over (cfg.mesh)
     adapter_of(state.trainable, run.start_leaves, run.init)   # what a checkpoint keeps: {"lora", "base"[, "init"]}
 
 Everything here is decided by the config alone (the random base by ``cfg.seed``, A's
@@ -28,6 +29,7 @@ import jax
 from jlora.core.lora.adapter import without_scaling
 from jlora.core.lora.residual import factors_of, init_adapters
 from jlora.core.models.family import config_to_dict, family_of
+from jlora.core.update.mesh import Placement, mesh_placement
 from jlora.core.update.optim import make_optimizer, partition, trainable_mask
 from jlora.core.update.step import EvalStep, TrainState, TrainStep, init_state, make_eval_step, make_train_step
 from jlora.errors import ConfigError, JloraError, RunDirError
@@ -90,8 +92,8 @@ class Trainer(NamedTuple):
     state: TrainState  # step 0
     mask: PyTree  # the trainable mask of the variables
     rng: jax.Array  # the step's dropout key (K keys for a population)
-    make_step: Callable[[int], TrainStep]  # n_devices -> the compiled step
-    make_eval_step: Callable[[int], EvalStep]
+    make_step: Callable[[Placement], TrainStep]  # the compiled step on a mesh (`placement_of`)
+    make_eval_step: Callable[[Placement], EvalStep]
     members: tuple[MemberSpec, ...] | None = None
     axes: PyTree | None = None
     ids: tuple[int, ...] | None = None
@@ -193,9 +195,15 @@ def solo_trainer(run: Run, init: dict | None = None) -> Trainer:
         init_state(variables, mask, optimizer),
         mask,
         jax.random.key(adapter_seed(cfg)),
-        lambda n_devices: make_train_step(run.model, optimizer, cfg.optim, n_devices=n_devices),
-        lambda n_devices: make_eval_step(run.model, n_devices=n_devices),
+        lambda placement: make_train_step(run.model, optimizer, cfg.optim, placement=placement),
+        lambda placement: make_eval_step(run.model, placement=placement),
     )
+
+
+def placement_of(cfg: RunConfig, trainer: Trainer) -> Placement:
+    """The device mesh of `trainer`'s steps: every process's devices, ``cfg.mesh.fsdp`` of them along "fsdp",
+    the trainer's members spread along "member" (`jlora.core.update.mesh.mesh_placement`)."""
+    return mesh_placement(1 if trainer.members is None else len(trainer.members), fsdp=cfg.mesh.fsdp)
 
 
 def checkpoint_meta(run: Run, step: int, identity: dict) -> dict:
@@ -235,7 +243,8 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def check_config_matches(run_dir: Path, cfg: RunConfig) -> None:
-    """Refuse to resume `run_dir` with a config other than the one it was started with (`steps` may grow).
+    """Refuse to resume `run_dir` with a config other than the one it was started with (`steps` may grow,
+    the `mesh` may change).
 
     The message names the first key that differs, with the run's value and the new one.
     """
@@ -247,7 +256,8 @@ def check_config_matches(run_dir: Path, cfg: RunConfig) -> None:
     except JloraError as e:
         raise RunDirError(f"{saved} cannot be read ({e}); use another --out") from None
     new = _flat(cfg.to_dict())
-    changed = [k for k in {**new, **old} if k != "steps" and old.get(k) != new.get(k)]  # steps may grow
+    # steps may grow; the mesh is where the run computes, not what (a checkpoint restores on any devices)
+    changed = [k for k in {**new, **old} if k != "steps" and not k.startswith("mesh.") and old.get(k) != new.get(k)]
     if changed:
         key = changed[0]
         more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""

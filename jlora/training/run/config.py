@@ -90,6 +90,15 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """How a run's devices are arranged (every process's, one mesh: `jlora.core.update.mesh`): a batch's rows
+    are split over them, a population's members spread over them, and the frozen base over `fsdp` of them."""
+
+    fsdp: int = 1  # split every base weight (ndim >= 2) over this many devices, each holding 1 / fsdp of it;
+    # it must divide the device count and one dimension of each weight; the rest of the devices split the batch
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """What each evaluation measures besides the task.
 
@@ -128,6 +137,7 @@ class RunConfig:
     search: SearchConfig | None = None  # successive halving over the population (None: train every member)
     telemetry: int | None = None  # every this many steps, the spectrum of each adapter's dW (None: off)
     eval: EvalConfig = EvalConfig()
+    mesh: MeshConfig = MeshConfig()  # the devices: data parallel, and the base sharded (FSDP) over mesh.fsdp
 
     def __post_init__(self):
         if self.steps <= 0:
@@ -263,6 +273,8 @@ def _check_values(cfg: RunConfig) -> None:
         shapes = family_of(config).param_shapes(config)
         for lora in [cfg.lora] + [m.lora for m in (population_members(cfg) if cfg.population else ())]:
             lora.module_paths(shapes)  # a target the model lacks: one line now
+    if cfg.mesh.fsdp < 1:
+        raise ConfigError(f"mesh.fsdp must be >= 1 (1: every device holds the whole base), got {cfg.mesh.fsdp}")
     if cfg.telemetry is not None and cfg.telemetry <= 0:
         raise ConfigError(f"telemetry must be > 0 (every N steps) or null, got {cfg.telemetry}")
     forgetting = cfg.eval.forgetting

@@ -29,9 +29,9 @@ import numpy as np
 from jlora.core.analysis.divergence import forgetting_sums
 from jlora.core.models.gpt2 import GPT2
 from jlora.core.update.loss import loss_argmax
+from jlora.core.update.mesh import Placement, fetch, mesh_placement, put
 from jlora.core.update.optim import combine, partition
-from jlora.core.update.parallel import local_devices, replicate
-from jlora.core.update.step import EvalStep, compile_eval, step_inputs
+from jlora.core.update.step import EvalStep, compile_eval, host_inputs, step_inputs
 from jlora.training.data.batching import Layout, shape_batch
 from jlora.training.data.rows import TokenizedData, eval_batches
 
@@ -68,14 +68,14 @@ def mean_sums(
     """Each sum `eval_step` returns but the last, divided by the last (the token count), over `data`.
 
     The evaluation batches (the first `max_batches`) are added up first and divided once. Each
-    mean is a float, or a (K,) array from a population's eval step. `feed` places a host batch
-    (e.g. shards it for pmap); `progress()` is called after each batch.
+    mean is a float, or a (K,) array from a population's eval step. `feed` shapes a host batch
+    (the eval step places it); `progress()` is called after each batch.
     """
     totals = None
     for i, batch in enumerate(eval_batches(data, batch_size)):
         if max_batches is not None and i >= max_batches:
             break
-        sums = host_sums(eval_step, eval_step(variables, batch if feed is None else feed(batch)))
+        sums = host_sums(eval_step(variables, batch if feed is None else feed(batch)))
         totals = sums if totals is None else [t + x for t, x in zip(totals, sums, strict=True)]
         if progress is not None:
             progress()
@@ -84,19 +84,16 @@ def mean_sums(
     return [float(m) if m.ndim == 0 else m for m in means]
 
 
-def host_sums(eval_step: EvalStep, sums) -> list[np.ndarray]:
-    """An eval step's sums as float64 host arrays: scalars, or (K,) for a population.
-
-    pmap's psum leaves the same total on every device: one copy is read.
-    """
-    return [np.asarray(x, np.float64)[0] if eval_step.pmapped else np.asarray(x, np.float64) for x in sums]
+def host_sums(sums) -> list[np.ndarray]:
+    """An eval step's sums as float64 host arrays (`fetch`): scalars, or (K,) for a population."""
+    return [np.asarray(x, np.float64) for x in fetch(list(sums))]
 
 
 def mean_loss(eval_step: EvalStep, variables, data: TokenizedData, batch_size: int, **options) -> float | np.ndarray:
     """Mean masked loss over `data`'s evaluation batches, divided once: `mean_sums`' first mean.
 
     `eval_step` is a `make_eval_step` ((K,) losses from a population's); `options` are `mean_sums`'
-    (`max_batches`, `feed`: e.g. shape and shard a host batch for pmap, `progress`).
+    (`max_batches`, `feed`: e.g. shape a host batch, `progress`).
     """
     return mean_sums(eval_step, variables, data, batch_size, **options)[0]
 
@@ -117,14 +114,31 @@ def loss_and_perplexity(loss: float | np.ndarray) -> dict:
     return {"val_loss": loss, "val_ppl": float(ppl) if np.ndim(ppl) == 0 else ppl}
 
 
-def greedy_predictor(model: GPT2, axes=None) -> Callable:
-    """``predict(variables, batch) -> (R, K)`` greedy next token at each of a shaped batch's loss positions.
+def greedy_predictor(model: GPT2, axes=None, *, placement: Placement | None = None) -> Callable:
+    """``predict(variables, batch) -> (R, K)`` greedy next token at each of a shaped batch's loss positions,
+    host numpy.
 
-    jit-compiled; the LM head runs at the K loss positions of each row only (`jlora.core.update.loss.loss_argmax`).
+    jit-compiled over `placement`'s mesh as an eval step (None: this process's first device), the batch's
+    rows split; the LM head runs at the K loss positions of each row only (`jlora.core.update.loss.loss_argmax`).
     With `axes` (a population's, `jlora.core.update.population.member_axes`): (members, R, K), one per member.
     """
+    if placement is None:
+        placement = mesh_placement(devices=1)
     predict = lambda variables, batch: loss_argmax(model, variables, batch)  # noqa: E731
-    return jax.jit(predict if axes is None else jax.vmap(predict, in_axes=(axes, None)))
+    if axes is not None:
+        predict = jax.vmap(predict, in_axes=(axes, None))
+    cache = {}
+
+    def predictions(variables, batch) -> np.ndarray:
+        batch, _ = host_inputs(placement, batch)
+        key = jax.tree.structure((variables, batch))
+        if key not in cache:
+            placed = placement.tree_shardings(variables, False if axes is None else axes)
+            cache[key] = jax.jit(predict, in_shardings=(placed, placement.rows), out_shardings=placement.whole), placed
+        compiled, placed = cache[key]
+        return fetch(compiled(put(variables, placed), batch))
+
+    return predictions
 
 
 def exact_match(
@@ -162,13 +176,14 @@ def exact_match(
     return float(fraction) if fraction.ndim == 0 else fraction
 
 
-def make_forgetting(trainer, feed: Callable[[dict], dict], *, pmapped: bool, n_devices: int) -> Callable:
+def make_forgetting(trainer, feed: Callable[[dict], dict], *, placement: Placement) -> Callable:
     """``forgetting(state) -> {"forget_loss", "forget_base_loss", "forget_kl"}`` on the run's held-out text.
 
     The adapted model's mean loss on ``run.forgetting``'s tokens, the base model's, and the mean
     per-token KL(base || adapted) (`jlora.core.analysis.divergence`); floats, or (K,) for a population, whose
     base forward pass is made once for all members. The base is the state's frozen leaves with the
-    original values of the leaves the run trains (no copy of the frozen ones).
+    original values of the leaves the run trains (no copy of the frozen ones). `feed` shapes a host batch;
+    the evaluation runs on `placement`'s mesh (the run's eval step's).
     """
     run, axes = trainer.run, trainer.axes
     cfg = run.cfg
@@ -178,9 +193,14 @@ def make_forgetting(trainer, feed: Callable[[dict], dict], *, pmapped: bool, n_d
 
     if axes is not None:
         sums = jax.vmap(sums, in_axes=({"adapted": axes, "base": None}, None))
-    eval_step = compile_eval(sums, local_devices(n_devices))
+
+    def shardings(inputs):
+        adapted = placement.tree_shardings(inputs["adapted"], False if axes is None else axes)
+        return {"adapted": adapted, "base": placement.tree_shardings(inputs["base"])}
+
+    eval_step = compile_eval(sums, placement, shardings)
     originals = partition({"params": run.params}, {"params": trainer.mask["params"]})[0]  # what training changes
-    originals = replicate(originals, n_devices) if pmapped else originals
+    originals = put(originals, placement.tree_shardings(originals))
 
     def forgetting(state, progress: Callable[[], object] | None = None) -> dict:
         base = combine(originals, {"params": state.frozen["params"]})

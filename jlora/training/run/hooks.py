@@ -21,13 +21,12 @@ import time
 from collections.abc import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jlora.core.analysis.telemetry import adapter_figures, telemetry_row, weight_norms
 from jlora.core.lora.adapter import flatten_adapters
+from jlora.core.update.mesh import fetch
 from jlora.core.update.optim import combine
-from jlora.core.update.parallel import unreplicate
 from jlora.core.update.population import take
 from jlora.errors import NonFiniteError
 from jlora.training.records.metrics import MetricsWriter
@@ -52,12 +51,11 @@ class MetricsLog:
         *,
         every: int,
         boundary: Callable[[int], bool],
-        pmapped: bool,
         newest_checkpoint: Callable[[], int | None],
         bar=None,
         members: Sequence[int] | None = None,
     ):
-        self.writer, self.every, self.boundary, self.pmapped = writer, every, boundary, pmapped
+        self.writer, self.every, self.boundary = writer, every, boundary
         self.newest_checkpoint, self.bar, self.members = newest_checkpoint, bar, members
         self.pending: list[tuple[int, dict]] = []
         self.tokens, self.clock = 0, time.perf_counter()
@@ -72,7 +70,7 @@ class MetricsLog:
             self.flush()
 
     def flush(self) -> None:
-        rows = fetch_rows(self.pending, self.pmapped, self.members)
+        rows = fetch_rows(self.pending, self.members)
         self.pending = []
         for row in rows:
             if not math.isfinite(row["loss"]):
@@ -112,26 +110,26 @@ def member_rows(step: int, values: dict, members: Sequence[int] | None) -> list[
     return [{"step": step, "member": k, **{n: float(v[i]) for n, v in values.items()}} for i, k in enumerate(members)]
 
 
-def fetch_rows(pending: list[tuple[int, dict]], pmapped: bool, members: Sequence[int] | None = None) -> list[dict]:
+def fetch_rows(pending: list[tuple[int, dict]], members: Sequence[int] | None = None) -> list[dict]:
     """Device metrics -> host rows {"step", ["member"], "loss", ...} (one transfer for the whole window)."""
-    values = jax.device_get([m for _, m in pending])
+    values = fetch([m for _, m in pending])
     rows = []
     for (step, _), m in zip(pending, values, strict=True):
-        host = {k: np.asarray(v)[0] if pmapped else np.asarray(v) for k, v in m.items()}  # pmap: device 0's copy
-        rows.extend(member_rows(step, host, members))
+        rows.extend(member_rows(step, {k: np.asarray(v) for k, v in m.items()}, members))
     return rows
 
 
 class Telemetry:
     """Every `every` updates: the figures of each adapter's update (`jlora.core.analysis.telemetry`), a row per member.
 
-    The figures are computed by one compiled call on the device from the factors; phi compares
-    with the adapters `every` updates earlier (left out of the first row, and of a row whose
-    previous look was not exactly `every` updates before, as after a resume between two looks).
+    The figures are computed by one compiled call on this process's device from the factors, fetched
+    from the mesh (small: the adapters alone); phi compares with the adapters `every` updates earlier
+    (left out of the first row, and of a row whose previous look was not exactly `every` updates before,
+    as after a resume between two looks).
     """
 
-    def __init__(self, trainer: Trainer, *, every: int, pmapped: bool, start: int):
-        self.every, self.pmapped = every, pmapped
+    def __init__(self, trainer: Trainer, *, every: int, start: int):
+        self.every = every
         state, run = trainer.state, trainer.run
         self.members = trainer.ids if trainer.members is not None else None
         adapters = flatten_adapters(state.trainable["lora"])
@@ -142,18 +140,17 @@ class Telemetry:
         else:
             self.ranks = [{p: m.lora.rank_for(p) for p in adapters} for m in trainer.members]
             self.figures = jax.jit(jax.vmap(adapter_figures, in_axes=(0, 0, None)))
-        self.previous = (start, jax.tree.map(jnp.copy, state.trainable["lora"]))
+        self.previous = (start, fetch(state.trainable["lora"]))
 
     def __call__(self, info: StepInfo) -> list[dict]:
         """The rows of this update: {"step", ["member"], "effective_rank/mean", ...}, one per member."""
-        state = unreplicate(info.state) if self.pmapped else info.state
-        lora = state.trainable["lora"]
-        figures = self.figures(combine(lora, state.frozen["lora"]), self.previous[1], self.norms)
+        lora, scales = fetch((info.state.trainable["lora"], info.state.frozen["lora"]))
+        figures = self.figures(combine(lora, scales), self.previous[1], self.norms)
         with_phi = self.previous[0] == info.step - self.every
         rows = []
         for k, ranks in enumerate(self.ranks):
             member = figures if self.members is None else take(figures, k)
             row = telemetry_row(member, ranks, with_phi=with_phi)
             rows.append({"step": info.step, **({} if self.members is None else {"member": self.members[k]}), **row})
-        self.previous = (info.step, jax.tree.map(jnp.copy, lora))  # the next update donates `lora`
+        self.previous = (info.step, lora)  # host arrays: the next update's donation leaves them be
         return rows

@@ -29,7 +29,7 @@ class StepInfo(NamedTuple):
 
     Attributes:
       step: updates done (1 after the first).
-      state: the train state after the update (replicated under pmap).
+      state: the train state after the update (on the step's device mesh).
       metrics: the update's metrics, still on the device (fetching them is the hook's choice).
       batch: the host batch the update read.
       last: whether this is the loop's final update.

@@ -11,21 +11,18 @@ and the hooks write a row per member. Member k's adapter seed (``seed`` in its s
 initialisation and its dropout keys exactly as ``adapter_seed`` does a solo run's, so member k
 reproduces the solo run with its settings.
 
-On several local devices the members are spread over them (`jlora.core.update.parallel.member_mesh`:
-K / n members a device when n divides K, the batch split where there are fewer members than
-devices); the step computes what one device computes. A run of several processes keeps the pmap
-of the solo step (the batch split over every process's devices).
+On several devices the members are spread over them as the run's mesh says
+(`jlora.training.run.build.placement_of`: K / m members a device on m = gcd(K, n / fsdp) of them, the
+batch split over the rest, the base over mesh.fsdp); the step computes what one device computes. A run
+of several processes keeps every member on every device (m = 1), its batch split over all of them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax
-
 from jlora.core.lora.adapter import init_lora
 from jlora.core.update.optim import trainable_mask
-from jlora.core.update.parallel import local_devices, member_mesh
 from jlora.core.update.population import (
     init_population,
     make_population_eval_step,
@@ -60,25 +57,17 @@ def population_trainer(run: Run, alive: Sequence[int] | None = None) -> Trainer:
     variables = stack_variables(run.params, loras, pop)
     mask = trainable_mask(variables, bias=cfg.trainable.bias, modules_to_save=cfg.trainable.modules_to_save)
     model = run.model  # its LoraConfig's targets and dropout are every member's; the scalings come with the state
-    on = lambda n_devices: dict(n_devices=n_devices, mesh=mesh_of(pop.size, n_devices))  # noqa: E731
     return Trainer(
         run,
         init_population(variables, mask, cfg.optim, pop),
         mask,
         member_keys([s.seed for s in chosen]),
-        lambda n_devices: make_population_step(model, cfg.optim, pop, **on(n_devices)),
-        lambda n_devices: make_population_eval_step(model, mask, **on(n_devices)),
+        lambda placement: make_population_step(model, cfg.optim, pop, placement=placement),
+        lambda placement: make_population_eval_step(model, mask, placement=placement),
         members=chosen,
         axes=member_axes(mask),
         ids=ids,
     )
-
-
-def mesh_of(n_members: int, n_devices: int | None):
-    """The members' mesh on `n_devices` local devices; None on one device, and in a run of several
-    processes (which pmaps, as a single adapter's run does)."""
-    devices = local_devices(n_devices)
-    return member_mesh(n_members, devices) if len(devices) > 1 and jax.process_count() == 1 else None
 
 
 def survivors(trainer: Trainer, state: TrainState, kept: Sequence[int]) -> tuple[Trainer, TrainState]:

@@ -20,7 +20,6 @@ import dataclasses
 import json
 import sys
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,8 +28,8 @@ import numpy as np
 
 from jlora.core.lora.adapter import flatten_adapters, unflatten_adapters
 from jlora.core.lora.config import effective_lr, scaling
+from jlora.core.update.mesh import Placement, fetch
 from jlora.core.update.optim import count_params, partition
-from jlora.core.update.parallel import replicate, shard_batch, unreplicate
 from jlora.core.update.population import put_members
 from jlora.core.update.step import EvalStep, TrainState, TrainStep
 from jlora.errors import ConfigError, Interrupted, NonFiniteError
@@ -47,6 +46,7 @@ from jlora.training.run.build import (
     check_config_matches,
     checkpoint_meta,
     layout_of,
+    placement_of,
     solo_trainer,
 )
 from jlora.training.run.config import RunConfig, save_run_config
@@ -86,13 +86,14 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, until: 
     if not 1 <= stop <= cfg.steps:
         raise ConfigError(f"until={until} must be in 1..{cfg.steps} (the run's steps)")
     run = build_run(cfg)
-    n_devices, n_hosts = jax.local_device_count(), jax.process_count()
-    if cfg.batch_size % (n_devices * n_hosts):
-        raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {n_devices * n_hosts} devices")
+    n_devices = jax.device_count()  # every process's
+    if cfg.batch_size % n_devices:
+        raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {n_devices} devices")
     identity = ckpt.base_identity(run.base_name, run.params)  # the original base, also under PiSSA / OLoRA
     init = ckpt.find_init(run_dir) if cfg.lora.changes_base else None  # PiSSA / OLoRA: the residual it trained on
     trainer = population_trainer(run) if cfg.population else solo_trainer(run, init)
     run, members = trainer.run, trainer.members
+    placement_of(cfg, trainer).tree_shardings(run.params)  # a base weight fsdp cannot split: one line, now
 
     with hold_run_dir(run_dir), stop_requests(every=cfg.log_every) as stop_requested:
         check_config_matches(run_dir, cfg)  # again: now no other run can write the folder
@@ -107,24 +108,24 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, until: 
             search = Search.resumed(cfg.search, cfg.steps, len(members), meta, start, logged)
             archive = jax.tree.map(np.asarray, (state.trainable, state.opt_state))
             trainer, state = survivors(trainer, state, search.alive)
-        layout = layout_of(cfg, n_devices * n_hosts)
+        layout = layout_of(cfg, n_devices)
         n_trainable = count_params(state.trainable)
 
         def stage(trainer: Trainer, state: TrainState, start: int) -> tuple[Stage, TrainState]:
-            """What trains the live members (a search's survivors: built again at each rung), and `state` placed."""
-            step, eval_step = trainer.make_step(n_devices), trainer.make_eval_step(n_devices)
-            place = partial(feed_devices, n_devices=n_devices, n_hosts=n_hosts) if step.pmapped else (lambda b: b)
+            """What trains the live members (a search's survivors: built again at each rung, on a mesh for
+            their number), and `state` placed on it."""
+            placement = placement_of(cfg, trainer)
+            step, eval_step = trainer.make_step(placement), trainer.make_eval_step(placement)
             telemetry = None
             if cfg.telemetry:  # from the host state: it keeps a copy of the adapters to measure their drift
-                at = dict(every=cfg.telemetry, pmapped=step.pmapped, start=start)
-                telemetry = Telemetry(trainer._replace(state=state), **at)
-            evaluate = make_evaluator(trainer, eval_step, place, layout=layout, progress=progress and primary)
-            state = replicate(state, n_devices) if step.pmapped else step.place(state) if step.place else state
-            return Stage(trainer, step, eval_step, shaped_feed(place, layout), evaluate, telemetry), state
+                telemetry = Telemetry(trainer._replace(state=state), every=cfg.telemetry, start=start)
+            evaluate = make_evaluator(trainer, eval_step, layout=layout, progress=progress and primary)
+            feed = lambda batch: shape_batch(batch, layout)  # noqa: E731 (host arrays: the steps place them)
+            return Stage(trainer, step, eval_step, feed, evaluate, telemetry), step.place(state)
 
         live, state = stage(trainer, state, start)
         if primary:
-            print(header(run, n_trainable, n_devices * n_hosts, start, layout, members, search))
+            print(header(run, n_trainable, live.step.placement, start, layout, members, search))
 
         names = None if members is None else [m.name for m in members]
         writer = MetricsWriter(run_dir, truncate_after=start, primary=primary, members=names)
@@ -132,14 +133,10 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, until: 
         evaluated: dict[int, list[dict]] = {}  # the newest evaluation's rows, by step: what a rung decides on
 
         def on_host(state: TrainState) -> TrainState:
-            """One copy of the state: device 0's under pmap; a mesh's trainable and optimizer state fetched
-            (host arrays: checks and slices of them start no program across devices, which XLA:CPU could
-            deadlock on when many are in flight)."""
-            if live.step.pmapped:
-                return unreplicate(state)
-            if live.step.place is None:
-                return state
-            return state.replace(trainable=jax.device_get(state.trainable), opt_state=jax.device_get(state.opt_state))
+            """The state with its trainable part and optimizer state fetched to host numpy (checks and slices
+            of them start no program across devices, which XLA:CPU could deadlock on when many are in
+            flight; checkpoints of them restore on any number of devices); the frozen base stays placed."""
+            return state.replace(trainable=fetch(state.trainable), opt_state=fetch(state.opt_state))
 
         def evaluation_rows(step: int, state: TrainState) -> list[dict]:
             result = live.evaluate(state)
@@ -188,7 +185,6 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, until: 
             writer,
             every=cfg.log_every,
             boundary=lambda s: s % cfg.eval_every == 0 or s % cfg.checkpoint.every == 0 or s in rungs,
-            pmapped=live.step.pmapped,
             newest_checkpoint=manager.latest_step,
             bar=bar,
             members=live.trainer.ids,
@@ -237,7 +233,7 @@ class Stage(NamedTuple):
     trainer: Trainer
     step: TrainStep
     eval_step: EvalStep
-    feed: Callable[[dict], dict]  # a host batch -> the batch the step reads (shaped, placed)
+    feed: Callable[[dict], dict]  # a host batch -> the batch the step reads (shaped; the step places it)
     evaluate: Callable[[TrainState], dict]
     telemetry: Telemetry | None
 
@@ -285,7 +281,7 @@ def check_finite_state(eval_step: EvalStep, info: StepInfo, host: TrainState, *,
     values alone do not: adapters of 1e30 are finite numbers, but the model they make is NaN.
     A population's state is refused when any member's is not finite.
     """
-    total, count = host_sums(eval_step, eval_step(info.state, info.batch))
+    total, count = host_sums(eval_step(info.state, info.batch))
     loss = total / np.maximum(count, 1.0)
     if not (np.isfinite(loss).all() and all_finite(host.trainable) and all_finite(host.opt_state)):
         losses = np.ravel(loss)
@@ -297,10 +293,16 @@ def check_finite_state(eval_step: EvalStep, info: StepInfo, host: TrainState, *,
 
 
 def header(
-    run: Run, n_trainable: int, n_devices: int, start: int, layout: Layout, members=None, search: Search | None = None
+    run: Run,
+    n_trainable: int,
+    placement: Placement,
+    start: int,
+    layout: Layout,
+    members=None,
+    search: Search | None = None,
 ) -> str:
     """The run's first line: base, scaling and effective learning rate, trainable size, data, batch
-    shapes (padding and compiled step shapes of the steps to come), devices.
+    shapes (padding and compiled step shapes of the steps to come), devices and their mesh.
 
     A population's line gives the member count and total trainable size; a line per member follows
     with its scaling and effective learning rate, and a search's line its rungs and who is alive.
@@ -318,7 +320,8 @@ def header(
     line = (
         f"jlora: {run.base_name} | {adapters} | {trainable} | train: {run.train.summary()} | "
         f"{describe(layout, shapes, shape_bound(cfg.seq_len, cfg.batch_size, layout))} | "
-        f"{run.model.config.dtype} | devices {n_devices}" + (f" | resuming at step {start}" if start else "")
+        f"{run.model.config.dtype} | devices {placement.size} (mesh {placement.describe()})"
+        + (f" | resuming at step {start}" if start else "")
     )
     for k, m in enumerate(members or ()):
         line += (
@@ -334,24 +337,24 @@ def header(
     return line
 
 
-def make_evaluator(trainer: Trainer, eval_step: EvalStep, place, *, layout: Layout, progress: bool = False):
+def make_evaluator(trainer: Trainer, eval_step: EvalStep, *, layout: Layout, progress: bool = False):
     """``evaluate(state) -> {"val_loss", "val_ppl"[, "exact_match"][, "forget_*"]}``: floats, or (K,)
     arrays for a population; {} without validation or forgetting data.
 
-    Batches are shaped by `layout` and placed by `place`; forgetting's text is never packed (its
-    forward passes read plain rows). With `progress`, a bar counts the evaluation's batches (and is
+    Batches are shaped by `layout` and placed on the eval step's mesh; forgetting's text is never packed
+    (its forward passes read plain rows). With `progress`, a bar counts the evaluation's batches (and is
     cleared when it ends).
     """
     from tqdm.auto import tqdm
 
     run = trainer.run
-    cfg, pmapped = run.cfg, eval_step.pmapped
-    predict = greedy_predictor(run.model, trainer.axes)
-    feed = shaped_feed(place, layout)
+    cfg, placement = run.cfg, eval_step.placement
+    predict = greedy_predictor(run.model, trainer.axes, placement=placement)
+    feed = lambda batch: shape_batch(batch, layout)  # noqa: E731
     forgetting = None
     if run.forgetting is not None:
-        rows = shaped_feed(place, dataclasses.replace(layout, pack=False))
-        forgetting = make_forgetting(trainer, rows, pmapped=pmapped, n_devices=eval_step.n_devices if pmapped else 1)
+        rows = dataclasses.replace(layout, pack=False)
+        forgetting = make_forgetting(trainer, lambda batch: shape_batch(batch, rows), placement=placement)
 
     def evaluate(state: TrainState) -> dict:
         total = 0
@@ -374,24 +377,17 @@ def make_evaluator(trainer: Trainer, eval_step: EvalStep, place, *, layout: Layo
                 )
                 out.update(loss_and_perplexity(loss))
                 if cfg.exact_match:
-                    variables = (unreplicate(state) if pmapped else state).variables
                     out["exact_match"] = exact_match(
-                        predict, variables, run.val, cfg.exact_match, cfg.batch_size, layout=layout, progress=bar.update
+                        predict,
+                        state.variables,
+                        run.val,
+                        cfg.exact_match,
+                        cfg.batch_size,
+                        layout=layout,
+                        progress=bar.update,
                     )
             if forgetting is not None:
                 out.update(forgetting(state, progress=bar.update))
         return out
 
     return evaluate
-
-
-def shaped_feed(place, layout: Layout):
-    """``feed(host batch) -> the batch a step reads``: shaped as `layout` says, then placed on the devices."""
-    return lambda batch: place(shape_batch(batch, layout))
-
-
-def feed_devices(batch: dict, *, n_devices: int, n_hosts: int) -> dict:
-    """This process's rows of a global batch, split over its local devices: (n_devices, rows, T)."""
-    if n_hosts > 1:
-        batch = {k: np.split(v, n_hosts)[jax.process_index()] for k, v in batch.items()}
-    return shard_batch(batch, n_devices)

@@ -2,8 +2,9 @@
 
 Four members differ in rank (padded to the largest), alpha, rsLoRA, initialisation seed, dropout key,
 learning rate and LoRA+ ratio; ln_f trains beside the adapters (a copy per member); dropout is on.
-On 4 CPU devices (pmap over vmap, in a subprocess: XLA_FLAGS must be set before JAX starts) a member
-is its solo run pmapped the same way (the dropout key folds in the device index, in both).
+On 4 CPU devices (in a subprocess: XLA_FLAGS must be set before JAX starts) the population's step is jit
+over a mesh that spreads the members over the devices (and, with fsdp, the base), and every member is
+still its solo run on one device: one dropout key per member for the whole batch, however it is split.
 """
 
 import dataclasses
@@ -70,13 +71,6 @@ def initial_lora(member: Member, seed: int, base) -> dict:
     return jlora.init_lora(jax.random.fold_in(jax.random.key(seed), 1), member.lora, base)
 
 
-def devices(n_devices: int):
-    """(put a batch, get a replicated value) for a step on `n_devices`."""
-    if n_devices == 1:
-        return (lambda b: b), (lambda x: x)
-    return (lambda b: jlora.shard_batch(b, n_devices)), jlora.unreplicate
-
-
 def solo(member: Member, seed: int, n_devices: int = 1) -> dict:
     """A solo run with the member's settings: losses (STEPS,), final trainable leaves by path."""
     base = params()
@@ -87,16 +81,15 @@ def solo(member: Member, seed: int, n_devices: int = 1) -> dict:
     optimizer = jlora.make_optimizer(cfg, jlora.partition(variables, mask)[0])
     state = jlora.init_state(variables, mask, optimizer)
     step = jlora.make_train_step(model, optimizer, cfg, n_devices=n_devices)
-    put, get = devices(n_devices)
-    state = jlora.replicate(state, n_devices) if step.pmapped else state
+    state = step.place(state)
     losses = []
     for i in range(STEPS):
-        state, metrics = step(state, put(batch(i)), jax.random.key(seed))
-        losses.append(float(get(metrics)["loss"]))
-    return {"losses": losses, "trainable": jlora.tree.leaves_by_path(get(state).trainable)}
+        state, metrics = step(state, batch(i), jax.random.key(seed))
+        losses.append(float(metrics["loss"]))
+    return {"losses": losses, "trainable": jlora.tree.leaves_by_path(jlora.fetch(state.trainable))}
 
 
-def run_population(n_devices: int = 1) -> dict:
+def run_population(n_devices: int = 1, fsdp: int = 1) -> dict:
     """The population's losses (K, STEPS), every member split out, and the padding."""
     base = params()
     ms = members()
@@ -105,16 +98,17 @@ def run_population(n_devices: int = 1) -> dict:
     variables = stack_variables(base, [initial_lora(m, s, base) for m, s in zip(ms, seeds())], pop)
     mask = jlora.trainable_mask(variables, modules_to_save=("ln_f",))
     state = init_population(variables, mask, OPTIM, pop)
-    step = make_population_step(model, OPTIM, pop, n_devices=n_devices)
-    put, get = devices(n_devices)
-    state = jlora.replicate(state, n_devices) if step.pmapped else state
+    step = make_population_step(model, OPTIM, pop, n_devices=n_devices, fsdp=fsdp)
+    state = step.place(state)
     losses = []
     for i in range(STEPS):
-        state, metrics = step(state, put(batch(i)), member_keys(seeds()))
-        losses.append(np.asarray(get(metrics)["loss"]).tolist())
-    state = get(state)
+        state, metrics = step(state, batch(i), member_keys(seeds()))
+        losses.append(np.asarray(metrics["loss"]).tolist())
+    mesh = step.placement.shape
+    state = state.replace(trainable=jlora.fetch(state.trainable), frozen=jlora.fetch(state.frozen))
     padded = jlora.flatten_adapters(state.trainable["lora"])
     return {
+        "mesh": mesh,
         "losses": np.asarray(losses).T.tolist(),  # (K, STEPS)
         "members": [
             {
@@ -183,8 +177,10 @@ def test_members_must_adapt_the_same_modules():
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_on_four_devices():
-    """pmap over 4 devices of the vmap over members: a padded LoRA+ member is its solo run, pmapped alike."""
+def test_on_four_devices(solos):
+    """jit over 4 devices: the 4 members one a device (mesh 4 x 1 x 1), and two a device pair with the base
+    split over the pair (mesh 2 x 1 x 2); each member is its solo run on one device, and so is a solo run
+    on 4 devices (the batch split 4 ways)."""
     from ...conftest import xla_devices  # here: the subprocess below loads this module on its own
 
     env = {**os.environ, "XLA_FLAGS": xla_devices(4), "JAX_PLATFORMS": "cpu"}
@@ -194,16 +190,20 @@ def test_on_four_devices():
         "t = importlib.util.module_from_spec(spec); spec.loader.exec_module(t)\n"
         "solo = t.solo(t.members()[1], t.seeds()[1], n_devices=4)\n"
         "solo['trainable'] = {p: x.tolist() for p, x in solo['trainable'].items()}\n"
-        "print('RESULT ' + json.dumps({'population': t.run_population(n_devices=4), 'solo': solo}))\n"
+        "out = {'members': t.run_population(n_devices=4), 'fsdp': t.run_population(n_devices=4, fsdp=2)}\n"
+        "print('RESULT ' + json.dumps({**out, 'solo': solo}))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT ")).removeprefix("RESULT "))
-    population = result["population"]
+    assert result["members"]["mesh"] == {"member": 4, "data": 1, "fsdp": 1}
+    assert result["fsdp"]["mesh"] == {"member": 2, "data": 1, "fsdp": 2}
+    for run in (result["members"], result["fsdp"]):
+        check_against_solos(run, solos)  # every member, against its solo run on one device
+        assert all(a == [0.0] * 4 and b == [0.0] * 4 for a, b in run["padding"].values())
+        assert run["frozen_same"]
     solo = {**result["solo"], "trainable": {p: np.asarray(x) for p, x in result["solo"]["trainable"].items()}}
-    check_against_solos({k: [v[1]] for k, v in population.items() if k in ("losses", "members")}, [solo])
-    assert all(a == [0.0] * 4 and b == [0.0] * 4 for a, b in population["padding"].values())
-    assert population["frozen_same"]
+    check_against_solos({"losses": [solo["losses"]], "members": [solo["trainable"]]}, [solos[1]])
 
 
 def test_survivors_go_on_as_a_smaller_population_exactly():

@@ -52,7 +52,7 @@ def test_exact_match_from_loss_positions(setup):
 def test_progress_is_called_once_per_batch(rows, batch_size, max_batches, n):
     data = tokenize([Example(f"q{i}", "a") for i in range(rows)], ByteTokenizer(), seq_len=8)
     calls = []
-    ones = EvalStep(lambda variables, batch: (np.float32(1.0), np.float32(1.0)), n_devices=1, pmapped=False)
+    ones = EvalStep(lambda variables, batch: (np.float32(1.0), np.float32(1.0)), jlora.mesh_placement(devices=1))
     mean_loss(ones, None, data, batch_size, max_batches=max_batches, progress=lambda: calls.append("loss"))
     zeros = lambda variables, batch: np.zeros_like(batch["loss_index"])  # noqa: E731
     exact_match(zeros, None, data, n, batch_size, progress=lambda: calls.append("exact"))

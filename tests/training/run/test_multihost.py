@@ -3,7 +3,9 @@
 Two `jlora train` processes of 2 CPU devices each, launched with the documented environment
 variables on one RUN_DIR, against the same run in one process: the records hold each step once
 (only process 0 writes them) and equal the single process's; every process takes part in the
-Orbax saves, and the checkpoint restores the same adapters.
+Orbax saves, and the checkpoint restores the same adapters. The step is one program over a mesh of
+all 4 devices: the batch's rows split over them (each process feeding its own), and with mesh.fsdp=4
+the base's weights split over both processes too.
 """
 
 import json
@@ -14,6 +16,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 import jlora
 from jlora.cli import main
@@ -42,15 +45,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_record_each_step_once(tmp_path):
+@pytest.mark.parametrize(("fsdp", "mesh"), [(1, "member 1 x data 4 x fsdp 1"), (4, "member 1 x data 1 x fsdp 4")])
+def test_two_processes_record_each_step_once(tmp_path, fsdp, mesh):
     sets = [arg for value in ARGS for arg in ("--set", value)]
+    multi_sets = [*sets, "--set", f"mesh.fsdp={fsdp}"]
     env = {
         **os.environ,
         "XLA_FLAGS": xla_devices(2),
         "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}",
         "JAX_NUM_PROCESSES": "2",
     }
-    command = [sys.executable, "-m", "jlora.cli", "train", *sets, "--out", str(tmp_path / "multi")]
+    command = [sys.executable, "-m", "jlora.cli", "train", *multi_sets, "--out", str(tmp_path / "multi")]
     processes = [
         subprocess.Popen(
             command, env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -65,7 +70,7 @@ def test_two_processes_record_each_step_once(tmp_path):
             p.kill()
     for p, (_, err) in zip(processes, outputs):
         assert p.returncode == 0, err[-3000:]
-    assert "devices 4" in outputs[0][0] and "jlora:" not in outputs[1][0]  # process 1 writes nothing
+    assert f"devices 4 (mesh {mesh})" in outputs[0][0] and "jlora:" not in outputs[1][0]  # process 1 writes nothing
 
     multi, single = read_metrics(tmp_path / "multi"), read_metrics(tmp_path / "single")
     assert [(r["step"], sorted(r)) for r in multi] == [(r["step"], sorted(r)) for r in single]

@@ -123,15 +123,113 @@ def test_checkpoint_from_four_devices_resumes_on_one(tmp_path):
     args = sets(*TINY, "steps=8", "checkpoint.every=4", "checkpoint.max_to_keep=null")
     four = {"XLA_FLAGS": xla_devices(4)}
     log = finish(cli(*args, "--out", str(tmp_path / "run"), env=four))
-    assert "devices 4" in log
-    pmapped = train_losses(tmp_path / "run")
+    assert "devices 4 (mesh member 1 x data 4 x fsdp 1)" in log
+    on_four = train_losses(tmp_path / "run")
     for step in (8,):  # go back to step 4's checkpoint
         os.system(f"rm -rf {tmp_path / 'run' / 'checkpoints' / str(step)}")
     log = finish(cli(*args, "--out", str(tmp_path / "run")))
-    assert "devices 1" in log and "resuming at step 4" in log
+    assert "devices 1 (mesh member 1 x data 1 x fsdp 1)" in log and "resuming at step 4" in log
     single = train_losses(tmp_path / "run")
     steps = range(5, 9)
-    np.testing.assert_allclose([single[s] for s in steps], [pmapped[s] for s in steps], rtol=1e-5)
+    np.testing.assert_allclose([single[s] for s in steps], [on_four[s] for s in steps], rtol=1e-5)
+
+
+# `jlora train` in a process of 4 CPU devices: the base split 4 ways (mesh.fsdp=4), and 2 ways beside 2-way
+# data parallelism (mesh.fsdp=2); then, in the same process, what each device holds of the base as the run
+# places it (the run's own builders), and the one-line errors of a mesh that does not fit.
+FSDP_CHECK = r"""
+import contextlib, io, json, sys
+import jax
+from jlora.cli import main
+from jlora.training.run.build import build_run, placement_of, solo_trainer
+from jlora.training.run.config import DEFAULT_CONFIG, load_run_config
+
+args, out = json.loads(sys.argv[1]), sys.argv[2]
+assert jax.device_count() == 4, jax.devices()
+result = {}
+for fsdp in (4, 2):
+    sets = [*args, "--set", f"mesh.fsdp={fsdp}"]
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        assert main(["train", *sets, "--out", f"{out}/fsdp{fsdp}"]) == 0
+    cfg = load_run_config(DEFAULT_CONFIG, sets[1::2])
+    trainer = solo_trainer(build_run(cfg))
+    step = trainer.make_step(placement_of(cfg, trainer))
+    frozen = jax.tree.leaves(step.place(trainer.state).frozen)
+    held = {}
+    for leaf in frozen:
+        for shard in leaf.addressable_shards:
+            held[shard.device.id] = held.get(shard.device.id, 0) + shard.data.nbytes
+    result[fsdp] = {
+        "header": log.getvalue(),
+        "mesh": step.placement.shape,
+        "held": held,
+        "base": sum(x.nbytes for x in frozen if x.ndim >= 2),
+        "small": sum(x.nbytes for x in frozen if x.ndim < 2),
+    }
+errors = {}
+for name, bad in {
+    "devices": ["mesh.fsdp=3"],
+    "weight": ["mesh.fsdp=4", "model.random={n_layer: 1, n_embd: 30, n_head: 2, n_positions: 128}"],
+    "batch": ["batch_size=6", "optim.grad_accum=1"],
+}.items():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["train", *args, *[x for b in bad for x in ("--set", b)], "--out", f"{out}/bad-{name}"])
+    errors[name] = [code, err.getvalue()]
+print("RESULT " + json.dumps({"runs": result, "errors": errors}))
+"""
+
+
+def test_a_base_split_over_four_devices_trains_as_one_device(tmp_path):
+    """mesh.fsdp=4 (each device a quarter of every base weight) and mesh.fsdp=2 (half, the batch split in two):
+    the same per-step losses and final adapters as one device, dropout on (one key for the whole batch)."""
+    from jlora.training.records.checkpoint import load_run
+
+    dropout = "model.random={n_layer: 1, n_embd: 32, n_head: 2, n_positions: 128, resid_pdrop: 0.1}"
+    args = sets(*TINY, dropout, "lora.dropout=0.1", "steps=4", "checkpoint.every=4", "exact_match=0")
+    env = {**os.environ, "XLA_FLAGS": xla_devices(4), "JAX_PLATFORMS": "cpu"}
+    process = subprocess.Popen(
+        [sys.executable, "-c", FSDP_CHECK, json.dumps(args), str(tmp_path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert main(["train", *args, "--out", str(tmp_path / "single")]) == 0  # meanwhile: one device
+        out, err = process.communicate(timeout=600)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err[-3000:]
+    result = json.loads(next(x for x in out.splitlines() if x.startswith("RESULT ")).removeprefix("RESULT "))
+
+    single = train_losses(tmp_path / "single")
+    _, _, expected, _, _ = load_run(tmp_path / "single")
+    assert sorted(single) == [1, 2, 3, 4]
+    for fsdp, mesh in ((4, "member 1 x data 1 x fsdp 4"), (2, "member 1 x data 2 x fsdp 2")):
+        run = result["runs"][str(fsdp)]
+        assert f"devices 4 (mesh {mesh})" in run["header"]
+        losses = train_losses(tmp_path / f"fsdp{fsdp}")
+        np.testing.assert_allclose([losses[s] for s in single], list(single.values()), rtol=0, atol=1e-5)
+        _, _, lora, _, _ = load_run(tmp_path / f"fsdp{fsdp}")
+        for a, b in zip(jax.tree.leaves(lora), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+        # each device: 1 / fsdp of the base's weights, and the small (1-D) leaves whole
+        held = run["held"]
+        assert len(held) == 4 and run["base"] > 10 * run["small"]
+        assert max(held.values()) <= run["base"] / fsdp + run["small"]
+        assert min(held.values()) >= run["base"] / fsdp  # no device holds less: the pieces are even
+
+    errors = result["errors"]
+    for name, message in {
+        "devices": "mesh.fsdp=3 must be >= 1 and divide the 4 devices",
+        "weight": "mesh.fsdp=4 divides no dimension of the base weight h.0.attn.c_attn.kernel (30, 90)",
+        "batch": "batch_size=6 is not divisible by the 4 devices",
+    }.items():
+        code, err = errors[name]
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (name, err)
+        assert not (tmp_path / f"bad-{name}" / "checkpoints").exists()
 
 
 def test_a_blown_up_state_is_never_checkpointed(tmp_path):
@@ -159,6 +257,8 @@ def test_a_blown_up_state_is_never_checkpointed(tmp_path):
     ("args", "message"),
     [
         (["--set", "steps=0"], "steps must be > 0, got 0"),
+        (["--set", "mesh.fsdp=0"], "mesh.fsdp must be >= 1 (1: every device holds the whole base), got 0"),
+        (["--set", "mesh.fsdp=2"], "mesh.fsdp=2 must be >= 1 and divide the 1 devices"),
         (["missing.yaml"], "no such config file missing.yaml"),
         (["--set", "lora.target_modules=[q_proj]"], "unknown LoRA target 'q_proj'"),
         (["--set", "data.train=/nonexistent/train.jsonl"], "no such file /nonexistent/train.jsonl"),
