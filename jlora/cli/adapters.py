@@ -18,10 +18,10 @@ from jlora.errors import TokenizerError, UsageError
 from jlora.training.data.config import DataConfig
 from jlora.training.data.prompt import data_format, run_prompt
 from jlora.training.data.tokenizer import load_tokenizer
-from jlora.training.records.artifacts import Artifact, Member, check_same_base, open_artifact
+from jlora.training.records.artifacts import Artifact, MemberChoice, check_same_base, open_artifact
 
 
-def open_sources(sources: Sequence[str], member: Member = None, base: str | None = None) -> list[Artifact]:
+def open_sources(sources: Sequence[str], member: MemberChoice = None, base: str | None = None) -> list[Artifact]:
     """Each source opened (`member` picks a population's adapters), each holding an adapter, all on one base."""
     artifacts = [open_artifact(source, member=member, base=base) for source in sources]
     for artifact in artifacts:

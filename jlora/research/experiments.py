@@ -39,6 +39,7 @@ from jlora.core.lora.svd import lora_from_delta
 from jlora.core.models.gpt2 import GPT2
 from jlora.core.update.optim import trainable_mask
 from jlora.core.update.population import (
+    Member,
     Population,
     init_population,
     make_population_step,
@@ -54,7 +55,6 @@ from jlora.training.data.rows import TokenizedData, batch_at
 from jlora.training.run.build import Run, build_run, init_key
 from jlora.training.run.config import DEFAULT_CONFIG, RunConfig, adapter_seed, load_run_config
 from jlora.training.run.evaluate import mean_loss
-from jlora.training.run.members import MemberSpec
 from jlora.tree import get_path, replace_paths
 
 PyTree = Any
@@ -186,10 +186,10 @@ def solo_runner(task: Task, variables: dict, mask: PyTree, cfg: RunConfig, lora_
     return Runner(state, step, jax.random.key(adapter_seed(cfg)))
 
 
-def population_runner(task: Task, members: Sequence[MemberSpec], cfg: RunConfig) -> tuple[Runner, Population]:
+def population_runner(task: Task, members: Sequence[Member], cfg: RunConfig) -> tuple[Runner, Population]:
     """The `Runner` of `members` trained together, each initialised and seeded as `fit_member` would."""
     params = task.run.params
-    pop = population([m.member() for m in members], params)
+    pop = population(members, params)
     variables = stack_variables(params, [init_lora(init_key(m.seed), m.lora, params) for m in members], pop)
     state = init_population(variables, lora_mask(variables, cfg), cfg.optim, pop)
     step = make_population_step(task.run.model.clone(lora=members[0].lora), cfg.optim, pop, n_devices=1)
@@ -233,23 +233,23 @@ def fit(
 
 def member(
     cfg: RunConfig, name: str | None = None, *, lr: float | None = None, seed: int | None = None, **lora
-) -> MemberSpec:
+) -> Member:
     """A population member: the run's adapters with the LoRA settings in `lora` (r, alpha, rslora)
     replaced, at learning rate `lr` (default the run's) and adapter seed `seed` (default the run's)."""
     optim = cfg.optim
     lora_cfg = cfg.lora.replace(**lora)
     name = name or ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in lora.items())
     seed = adapter_seed(cfg) if seed is None else seed
-    return MemberSpec(name, lora_cfg, optim.lr if lr is None else lr, optim.loraplus_ratio, seed)
+    return Member(lora_cfg, optim.lr if lr is None else lr, optim.loraplus_ratio, seed, name)
 
 
-def member_run(cfg: RunConfig, m: MemberSpec) -> RunConfig:
+def member_run(cfg: RunConfig, m: Member) -> RunConfig:
     """The solo run config of member `m`: its learning rate, LoRA+ ratio and adapter seed."""
     optim = dataclasses.replace(cfg.optim, lr=m.lr, loraplus_ratio=m.loraplus_ratio)
     return dataclasses.replace(cfg, lora=m.lora, optim=optim, adapter_seed=m.seed)
 
 
-def fit_member(task: Task, m: MemberSpec, cfg: RunConfig | None = None, **options) -> Fit:
+def fit_member(task: Task, m: Member, cfg: RunConfig | None = None, **options) -> Fit:
     """`fit` of member `m` alone: what `fit_population` trains as one of many."""
     run_cfg = member_run(cfg or task.cfg, m)
     variables = lora_variables(task, m.lora, seed=m.seed)
@@ -258,7 +258,7 @@ def fit_member(task: Task, m: MemberSpec, cfg: RunConfig | None = None, **option
 
 def fit_population(
     task: Task,
-    members: Sequence[MemberSpec],
+    members: Sequence[Member],
     cfg: RunConfig | None = None,
     *,
     progress: bool = False,

@@ -33,11 +33,11 @@ import numpy as np
 from jlora.core.lora.adapter import flatten_adapters
 from jlora.core.lora.config import effective_lr, scaling
 from jlora.core.lora.svd import delta_svd
+from jlora.core.update.population import Member
 from jlora.errors import CheckpointError
 from jlora.research import plots
 from jlora.training.records.checkpoint import find_checkpoint, load_adapter
 from jlora.training.records.metrics import read_metrics
-from jlora.training.run.members import MemberSpec
 
 PRESETS = {1.0: "conservative", 2.0: "standard", 4.0: "aggressive"}  # alpha / r, as the source names them
 SOURCE_RANKS = ((1_000, 8), (10_000, 16), (100_000, 32))  # training examples -> the source's r (its VC table)
@@ -67,7 +67,7 @@ def source_rank(n_examples: int) -> str:
     return str(min(SOURCE_RANKS, key=lambda row: abs(math.log10(n_examples / row[0])))[1])
 
 
-def leaderboard(search: Mapping, specs: Sequence[MemberSpec], counts: Sequence[int]) -> list[dict]:
+def leaderboard(search: Mapping, specs: Sequence[Member], counts: Sequence[int]) -> list[dict]:
     """A row per member (module doc), best first; `counts` are the members' trainable parameters."""
     metric = search["metric"]
     decisions = [*search["rungs"], *([search["final"]] if search.get("final") else [])]
@@ -182,7 +182,7 @@ def equal_effective_lr(rows: Sequence[Mapping], metric: str) -> dict:
     return {"claim": claim, "line": line, "equal": mean_equal, "unequal": mean_unequal, "closer": close}
 
 
-def winner_update(lora: Mapping, spec: MemberSpec) -> dict:
+def winner_update(lora: Mapping, spec: Member) -> dict:
     """{module: {"r", "effective_rank", "energy_top": {k: share}}} of the winner's dW, from its factors."""
     out = {}
     for path, fig in delta_svd(lora).items():
@@ -206,7 +206,7 @@ def search_report(run_dir: str | Path) -> dict:
         raise CheckpointError(f"{run_dir} holds no finished search (summary.json names no best member)")
     best, metric = search["best"], search["metric"]
     lora, base_leaves, meta = load_adapter(find_checkpoint(run_dir), member=best)
-    specs = [MemberSpec.from_dict(m) for m in meta["population"]]
+    specs = [Member.from_dict(m) for m in meta["population"]]
     shapes = {path: (a["A"].shape[1], a["B"].shape[0]) for path, a in flatten_adapters(lora).items()}
     base = sum(int(np.size(x)) for x in _leaves(base_leaves))
     counts = [sum(m.lora.rank_for(p) * (i + o) for p, (i, o) in shapes.items()) + base for m in specs]

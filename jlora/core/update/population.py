@@ -67,15 +67,33 @@ STACKED = ("lora",)  # collections with a member axis; in "params" only the trai
 
 @dataclasses.dataclass(frozen=True)
 class Member:
-    """What one member of a population is: its adapters' config, its learning rate and LoRA+ ratio.
+    """What one member of a population is: its adapters' config, its learning rate and LoRA+ ratio, its
+    adapter seed (A's initialisation and its dropout keys) and its name (what was given for it: ``r=4,alpha=8``).
 
     Members of one population must adapt the same modules with the same LoRA dropout rate;
-    rank (``r``, ``rank_pattern``), alpha, rsLoRA and initialisation may differ.
+    rank (``r``, ``rank_pattern``), alpha, rsLoRA and initialisation may differ. The run config's
+    ``population:`` section resolves to these (`jlora.training.run.members`); a checkpoint's meta keeps
+    each one's `to_dict`.
     """
 
     lora: LoraConfig
     lr: float
     loraplus_ratio: float | None = None
+    seed: int = 0
+    name: str = ""
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "lora_config": self.lora.to_dict(),
+            "lr": self.lr,
+            "loraplus_ratio": self.loraplus_ratio,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Member:
+        return cls(LoraConfig.from_dict(d["lora_config"]), d["lr"], d["loraplus_ratio"], d["seed"], d["name"])
 
 
 class Population(NamedTuple):

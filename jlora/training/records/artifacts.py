@@ -50,7 +50,7 @@ from jlora.training.records.checkpoint import (
 )
 from jlora.tree import overlay
 
-Member = int | tuple[int, ...] | str | None  # K, (K, L, ...), "all", "best", or None: the one adapter
+MemberChoice = int | tuple[int, ...] | str | None  # K, (K, L, ...), "all", "best", or None: the one adapter
 KINDS = ("run", "checkpoint", "peft", "model")
 
 
@@ -117,7 +117,7 @@ def is_checkpoint(path: Path) -> bool:
 
 
 def open_artifact(
-    source: str | Path, *, step: int | None = None, member: Member = None, base: str | None = None
+    source: str | Path, *, step: int | None = None, member: MemberChoice = None, base: str | None = None
 ) -> Artifact:
     """Open `source` (see the module doc); `member` picks a population's adapters, `base` a PEFT folder's base.
 
@@ -163,7 +163,7 @@ def _has_tokenizer(directory: Path) -> bool:
     )
 
 
-def member_indices(member: Member, meta: Mapping) -> list[int | None]:
+def member_indices(member: MemberChoice, meta: Mapping) -> list[int | None]:
     """The member indices `member` names in a checkpoint with this meta; [None]: its one adapter.
 
     >>> member_indices("all", {"population": [{"name": "r=1"}, {"name": "r=2"}]}), member_indices(3, {})

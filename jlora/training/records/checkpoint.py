@@ -331,7 +331,7 @@ def load_member(tree: Mapping, meta: Mapping, member: int | str | None) -> tuple
             f"the checkpoint holds a population of {len(members)} adapters; choose one with --member K "
             f"(member=K): {names}"
         )
-    spec = members[member]  # a MemberSpec's to_dict (jlora.training.run.members)
+    spec = members[member]  # a Member's to_dict (jlora.training.run.members)
     lora_cfg = LoraConfig.from_dict(spec["lora_config"])
     lora = with_scaling(member_lora(tree["lora"], member, lora_cfg), lora_cfg)
     base = jax.tree.map(lambda x: x[member], tree.get("base", {}))

@@ -31,6 +31,7 @@ from jlora.core.lora.residual import factors_of, init_adapters
 from jlora.core.models.family import config_to_dict, family_of
 from jlora.core.update.mesh import Placement, mesh_placement
 from jlora.core.update.optim import make_optimizer, partition, trainable_mask
+from jlora.core.update.population import Member
 from jlora.core.update.step import EvalStep, TrainState, TrainStep, init_state, make_eval_step, make_train_step
 from jlora.errors import ConfigError, JloraError, RunDirError
 from jlora.exchange.hf_checkpoint import load_model
@@ -47,7 +48,6 @@ from jlora.training.run.config import (
     population_members,
     random_model_config,
 )
-from jlora.training.run.members import MemberSpec
 from jlora.tree import leaves_by_path, overlay, prune, unflatten
 
 PyTree = Any
@@ -94,7 +94,7 @@ class Trainer(NamedTuple):
     rng: jax.Array  # the step's dropout key (K keys for a population)
     make_step: Callable[[Placement], TrainStep]  # the compiled step on a mesh (`placement_of`)
     make_eval_step: Callable[[Placement], EvalStep]
-    members: tuple[MemberSpec, ...] | None = None
+    members: tuple[Member, ...] | None = None
     axes: PyTree | None = None
     ids: tuple[int, ...] | None = None
 

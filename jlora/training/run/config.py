@@ -27,11 +27,12 @@ from jlora.core.lora.config import LoraConfig
 from jlora.core.models.family import family_of
 from jlora.core.models.gpt2 import NUMERICS
 from jlora.core.update.optim import OptimConfig
+from jlora.core.update.population import Member
 from jlora.errors import ConfigError
 from jlora.training.data.batching import check_buckets
 from jlora.training.data.config import DataConfig
 from jlora.training.data.prompt import TEMPLATES
-from jlora.training.run.members import MemberSpec, PopulationConfig
+from jlora.training.run.members import PopulationConfig
 from jlora.training.run.search import SearchConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -318,7 +319,7 @@ def adapter_seed(cfg: RunConfig) -> int:
     return cfg.seed if cfg.adapter_seed is None else cfg.adapter_seed
 
 
-def population_members(cfg: RunConfig) -> list[MemberSpec]:
+def population_members(cfg: RunConfig) -> list[Member]:
     """The members of a population run, each the run's settings with its own replaced (see `members`)."""
     optim = cfg.optim
     return cfg.population.resolve(cfg.lora, lr=optim.lr, loraplus_ratio=optim.loraplus_ratio, seed=adapter_seed(cfg))

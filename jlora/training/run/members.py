@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import re
-from collections.abc import Mapping
 from typing import Any
 
 from jlora.core.lora.config import LoraConfig
@@ -34,33 +33,6 @@ from jlora.errors import ConfigError
 
 KEYS = ("r", "alpha", "rslora", "seed", "lr", "loraplus_ratio")
 _TIMES_R = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)?\s*\*?\s*r\s*$")
-
-
-@dataclasses.dataclass(frozen=True)
-class MemberSpec:
-    """One member, resolved: its name, LoRA config, learning rate, LoRA+ ratio and adapter seed."""
-
-    name: str
-    lora: LoraConfig
-    lr: float
-    loraplus_ratio: float | None
-    seed: int
-
-    def member(self) -> Member:
-        return Member(self.lora, self.lr, self.loraplus_ratio)
-
-    def to_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "lora_config": self.lora.to_dict(),
-            "lr": self.lr,
-            "loraplus_ratio": self.loraplus_ratio,
-            "seed": self.seed,
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> MemberSpec:
-        return cls(d["name"], LoraConfig.from_dict(d["lora_config"]), d["lr"], d["loraplus_ratio"], d["seed"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +53,7 @@ class PopulationConfig:
                 raise ConfigError(f"population.grid.{key} must be a non-empty list, got {values!r}")
         return [dict(zip(self.grid, values)) for values in itertools.product(*self.grid.values())]
 
-    def resolve(self, lora: LoraConfig, *, lr: float, loraplus_ratio: float | None, seed: int) -> list[MemberSpec]:
+    def resolve(self, lora: LoraConfig, *, lr: float, loraplus_ratio: float | None, seed: int) -> list[Member]:
         """The members, each the given defaults (the run's) with its own keys replaced; duplicates once."""
         specs, seen = [], set()
         for i, given in enumerate(self.settings()):
@@ -97,7 +69,7 @@ class PopulationConfig:
         return specs
 
 
-def _member(given: dict, lora: LoraConfig, lr: float, ratio: float | None, seed: int, where: str) -> MemberSpec:
+def _member(given: dict, lora: LoraConfig, lr: float, ratio: float | None, seed: int, where: str) -> Member:
     r = given.get("r", lora.r)
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise ConfigError(f"{where}: r must be a positive integer, got {r!r}")
@@ -118,7 +90,7 @@ def _member(given: dict, lora: LoraConfig, lr: float, ratio: float | None, seed:
     resolved = {"r": r, "alpha": alpha, "rslora": rslora, "seed": member_seed, "lr": member_lr}
     resolved["loraplus_ratio"] = member_ratio
     name = ",".join(f"{k}={_show(resolved[k])}" for k in given) or "run"
-    return MemberSpec(name, member_lora, member_lr, member_ratio, member_seed)
+    return Member(member_lora, member_lr, member_ratio, member_seed, name)
 
 
 def _alpha(value: Any, r: int, where: str) -> float:

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from jlora.core.lora.adapter import init_lora
 from jlora.core.update.optim import trainable_mask
 from jlora.core.update.population import (
+    Member,
     init_population,
     make_population_eval_step,
     make_population_step,
@@ -37,7 +38,6 @@ from jlora.core.update.population import (
 from jlora.core.update.step import TrainState
 from jlora.training.run.build import Run, Trainer, init_key
 from jlora.training.run.config import population_members
-from jlora.training.run.members import MemberSpec
 
 
 def population_trainer(run: Run, alive: Sequence[int] | None = None) -> Trainer:
@@ -49,7 +49,7 @@ def population_trainer(run: Run, alive: Sequence[int] | None = None) -> Trainer:
     cfg = run.cfg
     specs = tuple(population_members(cfg))
     ids = tuple(range(len(specs))) if alive is None else tuple(alive)
-    pop = population([s.member() for s in specs], run.params)
+    pop = population(specs, run.params)
     if alive is not None:
         pop = subset(pop, ids)  # from the whole population: its LoRA+ structure, whoever is left
     chosen = tuple(specs[k] for k in ids)
@@ -82,6 +82,6 @@ def survivors(trainer: Trainer, state: TrainState, kept: Sequence[int]) -> tuple
     return new, TrainState(state.step, trainable, like.frozen, opt_state)
 
 
-def population_meta(members: tuple[MemberSpec, ...] | None) -> dict:
+def population_meta(members: tuple[Member, ...] | None) -> dict:
     """The checkpoint meta's ``population`` entry (each member's settings), or nothing for a single adapter."""
     return {} if members is None else {"population": [m.to_dict() for m in members]}
