@@ -48,6 +48,8 @@ def prompt_form(artifact: Artifact, tokenizer: Any, raw: bool = False) -> Callab
         return lambda text: (text, tokenizer.encode(text))
     data = run_data(artifact.source / "config.yaml")
     fmt = data_format(data)
+    if data.template == "chat" and fmt == "qa":  # the question is shown, not the whole chat turn around it
+        return lambda text: (f"{text}\n", run_prompt(text, fmt, tokenizer, data.template)[1])
     return lambda text: run_prompt(text, fmt, tokenizer, data.template)
 
 

@@ -24,6 +24,8 @@ def test_packaged_configs_by_name_and_in_help(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no configs/ here
     assert load_run_config("gpt2_qa") == load_run_config(CONFIGS / "gpt2_qa.yaml")
     assert load_run_config("gpt2_qa").model.name == "gpt2"
+    smollm2 = load_run_config("smollm2_qa")  # the real model, asked in its chat template
+    assert (smollm2.model.name, smollm2.data.template, smollm2.data.tokenizer) == ("smollm2", "chat", None)
     train_help = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
     assert "the name of one shipped with jlora: default, e2e_gpt2m, gpt2_qa, smollm2_qa" in " ".join(train_help.split())
     assert "they run from a clone of the repository" in " ".join(build_parser().format_help().split())
