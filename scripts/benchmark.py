@@ -3,6 +3,7 @@
     python scripts/benchmark.py                         # both workloads, GPT-2 small shapes (5 min on 2 idle cores)
     python scripts/benchmark.py --workload qa --rounds 12
     python scripts/benchmark.py --quick                 # a 1-layer, 32-wide model, one round (the tests run it)
+    python scripts/benchmark.py --model smollm2         # a real model: SmolLM2-135M (a folder or GGUF file too)
 
 Two workloads, LoRA r=8, alpha=16 on c_attn, AdamW, dropout on (training mode), random weights:
 
@@ -14,7 +15,10 @@ Two workloads, LoRA r=8, alpha=16 on c_attn, AdamW, dropout on (training mode), 
     uniform  8 x 128 random tokens, loss at every position: no padding for either side to skip.
 
 The rows are tokenized with jlora's byte tokenizer (the real GPT-2 vocabulary is not available
-offline; byte rows are about 2.5 times longer than GPT-2 BPE rows, 38-58 tokens here).
+offline; byte rows are about 2.5 times longer than GPT-2 BPE rows, 38-58 tokens here). With
+``--model`` (a Hugging Face folder, a GGUF file, or "smollm2") both systems load that model's weights
+(PEFT through transformers' own loading), the QA rows are tokenized with its tokenizer, and the
+adapters go on its q, k and v projections (for a Llama-family model; c_attn for GPT-2), r=8, alpha=16.
 
 Fair timing (`scripts/harness.py`): each system lives in its own persistent worker process (model
 built, steps compiled), and they step strictly in turn, A, B, C, A, B, C, each step of round i on
@@ -107,20 +111,50 @@ def workload_batches(args) -> list[dict]:
         return batches
     from jlora.training.data.rows import batch_at, tokenize
     from jlora.training.data.sources import read_examples
-    from jlora.training.data.tokenizer import ByteTokenizer
+    from jlora.training.data.tokenizer import ByteTokenizer, load_tokenizer
 
-    data = tokenize(read_examples("bundled"), ByteTokenizer(), args.seq_len)
+    tokenizer = load_tokenizer(args.model) if args.model else ByteTokenizer()
+    data = tokenize(read_examples("bundled"), tokenizer, args.seq_len)
     return [batch_at(data, step, args.batch, seed=0) for step in range(args.rounds + 1)]
 
 
 def useful_flops(batch: dict, args) -> float:
-    """Useful FLOPs of one LoRA step on `batch` (module docstring)."""
+    """Useful FLOPs of one LoRA step on `batch` (module docstring; a Llama-family model: its q, k, v, o and
+    three MLP matrices per block, grouped-query k and v, LoRA on q, k and v)."""
     lengths = batch["attention_mask"].sum(axis=1).astype(float)
     n, m = lengths.sum(), float((batch["loss_mask"] > 0).sum())
     L, D, V, r = args.n_layer, args.n_embd, args.vocab, args.r
+    if getattr(args, "llama", None):
+        heads, kv, head_dim, F = (args.llama[k] for k in ("heads", "kv_heads", "head_dim", "intermediate"))
+        q, k = heads * head_dim, kv * head_dim
+        body = D * q + 2 * D * k + q * D + 3 * D * F  # multiply-adds per token and block
+        lora = 2 * n * L * r * ((D + q) + 2 * (D + k))
+        forward = 2 * n * L * body + 4 * L * q * (lengths**2).sum() + lora + 2 * m * D * V
+        return 2 * forward + lora
     lora = 2 * n * L * r * (D + 3 * D)
     forward = 2 * n * 12 * L * D * D + 4 * L * D * (lengths**2).sum() + lora + 2 * m * D * V
     return 2 * forward + lora
+
+
+def model_shape(args) -> None:
+    """Fill args' shape from ``--model``'s config (n_layer, n_embd, n_head, vocab; a Llama's heads in args.llama)."""
+    from jlora.exchange import gguf
+    from jlora.exchange.hf_checkpoint import config_from_hf, read_json, resolve
+
+    path = gguf.gguf_path(args.model)
+    values = gguf.gguf_config(path) if path is not None else read_json(resolve(args.model) / "config.json")
+    config = config_from_hf(values, args.model)
+    args.n_layer, args.n_embd, args.vocab = config.n_layer, config.n_embd, config.vocab_size
+    args.n_head = getattr(config, "n_head", None) or config.num_attention_heads
+    if hasattr(config, "num_key_value_heads"):
+        keys = ("heads", "kv_heads", "head_dim", "intermediate")
+        values = (config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.intermediate_size)
+        args.llama = dict(zip(keys, values))
+
+
+def targets(args) -> list[str]:
+    """The adapted modules: GPT-2's fused c_attn, or a Llama-family model's q, k and v projections."""
+    return ["q_proj", "k_proj", "v_proj"] if getattr(args, "llama", None) else ["c_attn"]
 
 
 def peft_collate(batch: dict) -> dict:
@@ -158,17 +192,19 @@ class JloraSystem:
         from jlora.training.data.batching import Layout, shape_batch
         from jlora.training.run.config import load_run_config
 
-        cfg = load_run_config(args.config, [f"lora.r={args.r}", f"lora.alpha={2 * args.r}", *overrides])
-        config = jlora.GPT2Config(
-            vocab_size=args.vocab,
-            n_positions=1024,
-            n_embd=args.n_embd,
-            n_layer=args.n_layer,
-            n_head=args.n_head,
-            dtype=cfg.model.compute_dtype(jax.default_backend()) if args.dtype == "auto" else args.dtype,
-        )
-        model = jlora.GPT2(config, cfg.lora)
-        params = jlora.random_params(0, config)
+        sets = [f"lora.r={args.r}", f"lora.alpha={2 * args.r}", f"lora.target_modules=[{','.join(targets(args))}]"]
+        cfg = load_run_config(args.config, [*sets, *overrides])
+        dtype = cfg.model.compute_dtype(jax.default_backend()) if args.dtype == "auto" else args.dtype
+        if args.model:
+            model, params = jlora.load_model(args.model, cfg.lora, dtype=dtype)
+            config = model.config
+        else:
+            config = jlora.GPT2Config(
+                vocab_size=args.vocab, n_positions=1024, n_embd=args.n_embd, n_layer=args.n_layer, n_head=args.n_head,
+                dtype=dtype,
+            )  # fmt: skip
+            model = jlora.GPT2(config, cfg.lora)
+            params = jlora.random_params(0, config)
         variables = {"params": params, "lora": jlora.init_lora(jax.random.key(1), model, params)}
         self.state, step = jlora.init_training(model, variables, cfg.optim, n_devices=1)
         layout = Layout(cfg.data.buckets, cfg.data.pack)
@@ -227,24 +263,24 @@ class PeftSystem:
         torch.manual_seed(0)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         transformers.logging.set_verbosity_error()  # its notices about this random model's config
-        eos = args.vocab - 1
-        config = GPT2Config(
-            vocab_size=args.vocab,
-            n_embd=args.n_embd,
-            n_layer=args.n_layer,
-            n_head=args.n_head,
-            bos_token_id=eos,
-            eos_token_id=eos,
-        )
+        if args.model:
+            base = pretrained(args.model)
+        else:
+            eos = args.vocab - 1
+            config = GPT2Config(
+                vocab_size=args.vocab, n_embd=args.n_embd, n_layer=args.n_layer, n_head=args.n_head,
+                bos_token_id=eos, eos_token_id=eos,
+            )  # fmt: skip
+            base = GPT2LMHeadModel(config)
         lora = LoraConfig(
             r=args.r,
             lora_alpha=2 * args.r,
             lora_dropout=cfg.lora.dropout,
-            target_modules=["c_attn"],
-            fan_in_fan_out=True,
+            target_modules=targets(args),
+            fan_in_fan_out=not getattr(args, "llama", None),  # GPT-2's Conv1D stores (in, out)
             task_type="CAUSAL_LM",
         )
-        self.model = get_peft_model(GPT2LMHeadModel(config), lora).to(self.device).train()
+        self.model = get_peft_model(base, lora).to(self.device).train()
         self.autocast = torch.autocast(self.device, dtype=torch.bfloat16, enabled=bf16)
         self.dtype = "bfloat16 autocast" if bf16 else "float32"
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -271,6 +307,19 @@ class PeftSystem:
             out["device"] = self.torch.cuda.get_device_name()
             out["device_peak_bytes"] = self.torch.cuda.max_memory_allocated()
         return out
+
+
+def pretrained(name: str):
+    """transformers' own float32 model of `name`: a folder or Hub id, or a GGUF file ("smollm2": the wheel's)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jlora.exchange import gguf
+
+    path = gguf.gguf_path(name)
+    if path is None:
+        return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
 
 
 def parse_variants(specs: list[str]) -> dict[str, list[str]]:
@@ -312,6 +361,7 @@ def worker_argv(args) -> list[str]:
         "r",
     ]
     argv = [x for name in names for x in (f"--{name.replace('_', '-')}", str(getattr(args, name)))]
+    argv += ["--model", args.model] if args.model else []
     return argv + [x for v in args.variant for x in ("--variant", v)]
 
 
@@ -392,6 +442,7 @@ def main(argv=None) -> int:
     parser.add_argument("--variant", action="append", default=[], help="NAME:KEY=VALUE,... another jlora worker")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--quick", action="store_true", help="a 1-layer, 32-wide model, one round (a check)")
+    parser.add_argument("--model", help="a real model: a Hugging Face folder, a GGUF file or smollm2 (default: random)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -402,11 +453,14 @@ def main(argv=None) -> int:
         parse_variants(args.variant)
     except ValueError as e:
         parser.error(str(e))
+    if args.model:
+        model_shape(args)
     if args.worker:
         return serve(lambda: build(args), info=lambda system: system.info())
+    family = f"{args.model} (Llama family)" if getattr(args, "llama", None) else "GPT-2"
     print(
-        f"GPT-2 L={args.n_layer} D={args.n_embd} H={args.n_head} V={args.vocab} | LoRA r={args.r} alpha={2 * args.r} "
-        f"on c_attn, AdamW | {cpu_name()} | load {load_average():.2f}",
+        f"{family} L={args.n_layer} D={args.n_embd} H={args.n_head} V={args.vocab} | LoRA r={args.r} "
+        f"alpha={2 * args.r} on {','.join(targets(args))}, AdamW | {cpu_name()} | load {load_average():.2f}",
         flush=True,
     )
     results = []

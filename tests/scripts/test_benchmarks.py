@@ -31,3 +31,16 @@ def test_benchmark_search_quick(tmp_path):
     assert all(x["wall_s"] > 0 and x["compile_s"] >= 0 for x in (search, grid, asha))
     assert s["grid_over_search"] == pytest.approx(grid["wall_s"] / search["wall_s"])
     assert s["verdict"].startswith(("a result", "NOT a result"))
+
+
+def test_benchmark_on_a_llama_folder(tmp_path, capsys):
+    """scripts/benchmark.py --model on a tiny Llama checkpoint: both systems load its weights, LoRA on q, k, v."""
+    from ..conftest import make_llama_checkpoint
+
+    make_llama_checkpoint(tmp_path / "llama", "llama")
+    args = ["--model", str(tmp_path / "llama"), "--workload", "uniform", "--rounds", "1", "--batch", "2"]
+    assert load("benchmark").main([*args, "--uniform-seq", "8", "--peft", "float32", "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "(Llama family) L=2 D=32 H=4 V=101 | LoRA r=8 alpha=16 on q_proj,k_proj,v_proj" in out
+    (result,) = json.loads((tmp_path / "r").read_text())
+    assert result["jlora"]["step_s"] > 0 and result["peft"]["step_s"] > 0 and "peft" in result["ratios"]
