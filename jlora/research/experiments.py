@@ -37,24 +37,23 @@ from jlora.core.lora.config import LoraConfig
 from jlora.core.lora.merge import merge
 from jlora.core.lora.svd import lora_from_delta
 from jlora.core.models.gpt2 import GPT2
+from jlora.core.update.mesh import mesh_placement
 from jlora.core.update.optim import trainable_mask
 from jlora.core.update.population import (
     Member,
     Population,
-    init_population,
-    make_population_step,
-    member_keys,
     member_variables,
     population,
     split_member,
-    stack_variables,
 )
-from jlora.core.update.step import TrainState, TrainStep, compile_eval, init_training, make_eval_step
+from jlora.core.update.step import TrainState, TrainStep, compile_eval, make_eval_step
 from jlora.errors import ConfigError, DataError, UsageError
 from jlora.training.data.rows import TokenizedData, batch_at
-from jlora.training.run.build import Run, build_run, init_key
+from jlora.training.run.build import Run, build_run, init_key, trainer_of
 from jlora.training.run.config import DEFAULT_CONFIG, RunConfig, adapter_seed, load_run_config
 from jlora.training.run.evaluate import mean_loss
+from jlora.training.run.loop import Hook, run_hooks, train_steps
+from jlora.training.run.population import population_trainer
 from jlora.tree import get_path, replace_paths
 
 PyTree = Any
@@ -180,31 +179,37 @@ class Runner(NamedTuple):
 
 
 def solo_runner(task: Task, variables: dict, mask: PyTree, cfg: RunConfig, lora_cfg: LoraConfig | None) -> Runner:
-    """One model's `Runner`: the leaves `mask` selects train with ``cfg.optim``; dropout from the adapter seed."""
-    model = task.run.model.clone(lora=lora_cfg or cfg.lora)
-    state, step = init_training(model, variables, cfg.optim, mask, n_devices=1)  # total_steps is cfg.steps
-    return Runner(state, step, jax.random.key(adapter_seed(cfg)))
+    """One model's `Runner`, through the run layer's trainer (`jlora.training.run.build.trainer_of`): the leaves
+    `mask` selects train with ``cfg.optim``; dropout from the adapter seed; one device."""
+    run = dataclasses.replace(task.run, cfg=cfg, model=task.run.model.clone(lora=lora_cfg or cfg.lora))
+    trainer = trainer_of(run, variables, mask)
+    step = trainer.make_step(mesh_placement(1, devices=1))
+    return Runner(step.place(trainer.state), step, trainer.rng)
 
 
 def population_runner(task: Task, members: Sequence[Member], cfg: RunConfig) -> tuple[Runner, Population]:
-    """The `Runner` of `members` trained together, each initialised and seeded as `fit_member` would."""
-    params = task.run.params
-    pop = population(members, params)
-    variables = stack_variables(params, [init_lora(init_key(m.seed), m.lora, params) for m in members], pop)
-    state = init_population(variables, lora_mask(variables, cfg), cfg.optim, pop)
-    step = make_population_step(task.run.model.clone(lora=members[0].lora), cfg.optim, pop, n_devices=1)
-    return Runner(state, step, member_keys([m.seed for m in members])), pop
+    """The `Runner` of `members` trained together, each initialised and seeded as `fit_member` would: the run
+    layer's population trainer (`jlora.training.run.population.population_trainer`), on one device."""
+    run = dataclasses.replace(task.run, cfg=cfg, model=task.run.model.clone(lora=members[0].lora))
+    trainer = population_trainer(run, members=members)
+    step = trainer.make_step(mesh_placement(len(members), devices=1))
+    return Runner(step.place(trainer.state), step, trainer.rng), population(members, task.run.params)
 
 
 def run_steps(task: Task, runner: Runner, cfg: RunConfig, *, progress: bool, desc: str | None):
-    """(final state, training losses (steps,) or (steps, K)): ``cfg.steps`` updates on the task's batches."""
-    from tqdm.auto import trange
+    """(final state, training losses (steps,) or (steps, K)): ``cfg.steps`` updates on the task's batches,
+    through the run layer's loop (`jlora.training.run.loop.train_steps`) with a hook keeping each loss."""
+    from tqdm.auto import tqdm
 
-    state, losses = runner.state, []
-    for i in trange(cfg.steps, disable=not progress, desc=desc, leave=False, dynamic_ncols=True):
-        state, metrics = runner.step(state, batch_at(task.train, i, cfg.batch_size, cfg.seed), runner.rng)
-        losses.append(metrics["loss"])
-    return state, np.asarray(jax.device_get(losses), np.float64)
+    losses = []
+    steps = train_steps(
+        runner.step, runner.state, lambda i: batch_at(task.train, i, cfg.batch_size, cfg.seed), runner.rng,
+        start=0, stop=cfg.steps,
+    )  # fmt: skip
+    with tqdm(total=cfg.steps, disable=not progress, desc=desc, leave=False, dynamic_ncols=True) as bar:
+        hooks = [Hook(lambda info: losses.append(info.metrics["loss"])), Hook(lambda info: bar.update(1))]
+        last = run_hooks(steps, hooks)
+    return last.state, np.asarray(jax.device_get(losses), np.float64)
 
 
 def fit(

@@ -189,6 +189,14 @@ def solo_trainer(run: Run, init: dict | None = None) -> Trainer:
     run, lora = initial_lora(run, init)
     variables = {"params": run.start_params, "lora": lora}
     mask = trainable_mask(variables, bias=cfg.trainable.bias, modules_to_save=cfg.trainable.modules_to_save)
+    return trainer_of(run, variables, mask)
+
+
+def trainer_of(run: Run, variables: dict, mask: PyTree) -> Trainer:
+    """The `Trainer` of the leaves of `variables` that `mask` selects, with ``run.cfg``'s optimizer and the
+    dropout keys of its adapter seed: a solo run's, and what the research scripts train (a full fine-tune, a
+    member alone) through the same step."""
+    cfg = run.cfg
     optimizer = make_optimizer(cfg.optim, partition(variables, mask)[0])
     return Trainer(
         run,

@@ -40,14 +40,16 @@ from jlora.training.run.build import Run, Trainer, init_key
 from jlora.training.run.config import population_members
 
 
-def population_trainer(run: Run, alive: Sequence[int] | None = None) -> Trainer:
-    """The members of ``run.cfg.population`` at step 0, each initialised as its solo run would be.
+def population_trainer(
+    run: Run, alive: Sequence[int] | None = None, members: Sequence[Member] | None = None
+) -> Trainer:
+    """The members of ``run.cfg.population`` (or `members`) at step 0, each initialised as its solo run would be.
 
     `alive` (indices into the population) keeps only those members, as a search's survivors: the
     padded ranks are theirs, and ``trainer.ids`` keeps their indices.
     """
     cfg = run.cfg
-    specs = tuple(population_members(cfg))
+    specs = tuple(population_members(cfg) if members is None else members)
     ids = tuple(range(len(specs))) if alive is None else tuple(alive)
     pop = population(specs, run.params)
     if alive is not None:
