@@ -36,7 +36,6 @@ from jlora.core.lora.adapter import init_lora, output_columns, split_slice, unfl
 from jlora.core.lora.config import LoraConfig
 from jlora.core.lora.merge import merge
 from jlora.core.lora.svd import lora_from_delta
-from jlora.core.models.gpt2 import GPT2
 from jlora.core.update.mesh import mesh_placement
 from jlora.core.update.optim import trainable_mask
 from jlora.core.update.population import (
@@ -133,7 +132,7 @@ class Task:
     run: Run
     train: TokenizedData
     val: TokenizedData
-    base_model: GPT2
+    base_model: Any  # the base family's module (GPT2, Llama)
     eval_step: Callable
     forget_step: Callable
 
