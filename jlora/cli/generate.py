@@ -7,11 +7,12 @@ to 64 new tokens, fewer (said on stderr) when the model's positions leave less r
 
 Several adapters answer side by side: ``RUN_DIR --member all`` (or ``--member 0,3``) for a
 population's members, ``--adapter DIR --adapter DIR2 ...`` for adapter folders (and runs or
-checkpoints) on one base (``--member`` then picks in the population runs among them). Every
-decoding option is checked first (`check_decoding_options`). They decode as one mixed batch (`jlora.core.algebra.mixed`: every prompt once
-per adapter, each row with its own adapter); adapters that train base leaves (a run's ln_f)
-cannot share one base, so they decode one after another. Each prompt is printed, then each
-adapter's answer on one line (line breaks escaped, `one_line`).
+checkpoints) on one base (``--member`` then picks in the population runs among them). They
+decode as one mixed batch (`jlora.core.algebra.mixed`: every prompt once per adapter, each row
+with its own adapter); adapters that train base leaves (a run's ln_f) cannot share one base, so
+they decode one after another. Each prompt is printed, then each adapter's answer on one line
+(line breaks escaped, `one_line`). Every decoding option is checked before any model is loaded
+(`check_decoding_options`).
 """
 
 from __future__ import annotations
