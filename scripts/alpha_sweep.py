@@ -49,9 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     start = time.perf_counter()
+    ex.check_arguments(args)
+    alphas = ex.numbers(args.alphas or ("8,16" if args.quick else "4,8,16,32,64"), "--alphas", float)
+    multipliers = ex.numbers(args.lr_multipliers or ("2" if args.quick else "0.25,0.5,2,4"), "--lr-multipliers", float)
     cfg = ex.script_config(args)
-    alphas = [float(a) for a in (args.alphas or ("8,16" if args.quick else "4,8,16,32,64")).split(",")]
-    multipliers = [float(m) for m in (args.lr_multipliers or ("2" if args.quick else "0.25,0.5,2,4")).split(",")]
     r, alpha0, lr0 = cfg.lora.r, cfg.lora.alpha, cfg.optim.lr
     settings = [(alpha, lr0 * alpha0 / alpha) for alpha in alphas]
     settings += [(alpha0, lr0 * m) for m in multipliers if (alpha0, lr0 * m) not in settings]

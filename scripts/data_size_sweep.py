@@ -66,11 +66,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     start = time.perf_counter()
-    cfg = ex.script_config(args)
+    ex.check_arguments(
+        args, fixed_alpha="> 0", planted=">= 1", scale="> 0", sharpen="> 0", val_rows=">= 1", seq_len=">= 2"
+    )
     default_sizes = "1000,10000,100000" if args.planted else "125,250,500,1000"
     sizes = sorted(ex.numbers(args.sizes or ("64,512" if args.quick else default_sizes), "--sizes"))
     ranks = ex.numbers(args.ranks or ("1,8" if args.quick else "1,2,4,8,16,32,64"), "--ranks")
-    fixed = args.fixed_alpha or cfg.lora.alpha
+    cfg = ex.script_config(args)
+    fixed = cfg.lora.alpha if args.fixed_alpha is None else args.fixed_alpha
     task = ex.load_task(cfg)
     task, teacher = planted_task(args, task, max(sizes)) if args.planted else (task, None)
     if max(sizes) > len(task.train):

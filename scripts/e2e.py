@@ -26,7 +26,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from jlora.checks import check_number  # noqa: E402
+from jlora.cli import exit_status  # noqa: E402
 from jlora.cli import main as jlora  # noqa: E402
+from jlora.errors import UsageError  # noqa: E402
 
 # The quick run's changes to e2e_gpt2m: a tiny random GPT-2 (128 positions: the rows are under 110 bytes, the
 # prompts under 80) over byte tokens, a few steps at a large learning rate.
@@ -92,6 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.quick == bool(args.data):
         parser.error("give --data DIR (the E2E files) or --quick (a tiny set written under --out)")
+    if args.limit is not None:  # before training: jlora evaluate would refuse it only after
+        check_number("--limit", args.limit, ">= 1", integer=True, error=UsageError)
     out = Path(args.out)
     data = write_tiny_e2e(out / "data") if args.quick else Path(args.data)
     sets = (QUICK_SETS if args.quick else []) + [
@@ -103,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("scripts/e2e.py: training failed")
     evaluate = ["evaluate", str(out), "--data", str(data / "test.txt"), *(QUICK_EVALUATE if args.quick else [])]
     evaluate += [
-        *(["--limit", str(args.limit)] if args.limit else []),
+        *(["--limit", str(args.limit)] if args.limit is not None else []),
         *(["--metrics", args.metrics] if args.metrics else []),
     ]
     if jlora(evaluate) != 0:
@@ -116,4 +121,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status("e2e.py", main))

@@ -59,11 +59,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     start = time.perf_counter()
+    ex.check_arguments(args, full_lr="> 0", pretrain=">= 0", pretrain_lr="> 0")
+    ranks = ex.numbers(args.ranks, "--ranks")
+    lora_ranks = ex.numbers(args.lora_ranks or ("1,8" if args.quick else "1,2,4,8,16,32"), "--lora-ranks")
     cfg = ex.script_config(args)
     forgetting_text = args.forgetting or cfg.eval.forgetting or "bundled"
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, forgetting=forgetting_text))
-    ranks = [int(r) for r in args.ranks.split(",")]
-    lora_ranks = [int(r) for r in (args.lora_ranks or ("1,8" if args.quick else "1,2,4,8,16,32")).split(",")]
     lora_ranks = sorted({*lora_ranks, cfg.lora.r})
     task = ex.load_task(cfg)
     if args.pretrain:
@@ -72,7 +73,7 @@ def main(argv=None) -> dict:
     paths = cfg.lora.module_paths(params)
     base_val = ex.val_loss(task, {"params": params})
 
-    full_lr = args.full_lr or cfg.optim.lr
+    full_lr = cfg.optim.lr if args.full_lr is None else args.full_lr
     modules = tuple(dict.fromkeys(p.split(".")[-1] for p in paths))  # c_attn, c_proj, ...: every block's
     full_cfg = dataclasses.replace(
         cfg,

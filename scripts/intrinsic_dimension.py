@@ -87,6 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     start = time.perf_counter()
+    ex.check_arguments(args, scale="> 0", steps=">= 1", lora_lr="> 0", batch_size=">= 1", seq_len=">= 2")
     for option, kind in (("dims", int), ("lr", float), ("full_lr", float), ("lora_ranks", int), ("planted", int)):
         if getattr(args, option) is not None:  # a bad list fails here, before any work (one line, exit status 2)
             ex.numbers(getattr(args, option), "--" + option.replace("_", "-"), kind)
@@ -216,7 +217,7 @@ def rank_k_dimension(params, paths, k: int) -> int:
 
 def measure_planted(args, cfg) -> dict:
     ks = ex.numbers(args.planted, "--planted")
-    steps = args.steps or (300 if args.quick else 2000)
+    steps = (300 if args.quick else 2000) if args.steps is None else args.steps
     ranks = ex.numbers(args.lora_ranks or ("1,4" if args.quick else "1,2,4,8,16,32"), "--lora-ranks")
     lrs = ex.numbers(args.lr or ("0.01" if args.quick else "0.001,0.003"), "--lr", float)
     full_lrs = ex.numbers(args.full_lr or ("0.01" if args.quick else "0.001,0.003"), "--full-lr", float)

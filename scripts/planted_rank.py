@@ -57,8 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     start = time.perf_counter()
-    ranks = [int(r) for r in (args.ranks or ("2,4,8" if args.quick else "1,2,4,8,16")).split(",")]
-    steps = args.steps or (500 if args.quick else 2000)
+    ex.check_arguments(args, k=">= 1", scale="> 0", steps=">= 1", lr="> 0", batch_size=">= 1", seq_len=">= 2")
+    ranks = ex.numbers(args.ranks or ("2,4,8" if args.quick else "1,2,4,8,16"), "--ranks")
+    steps = (500 if args.quick else 2000) if args.steps is None else args.steps
     targets = tuple(args.targets.split(","))
     run = build_run(ex.script_config(args))
     base, params = run.model.clone(lora=None), run.params

@@ -47,9 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     start = time.perf_counter()
+    ex.check_arguments(args, fixed_alpha="> 0")
+    ranks = ex.numbers(args.ranks or ("1,8,32" if args.quick else "1,2,4,8,16,32,64"), "--ranks")
     cfg = ex.script_config(args)
-    ranks = [int(r) for r in (args.ranks or ("1,8,32" if args.quick else "1,2,4,8,16,32,64")).split(",")]
-    fixed = args.fixed_alpha or cfg.lora.alpha
+    fixed = cfg.lora.alpha if args.fixed_alpha is None else args.fixed_alpha
     task = ex.load_task(cfg)
     base_val = ex.val_loss(task, {"params": task.run.params})
     print(

@@ -10,7 +10,7 @@ import jlora
 
 PACKAGE = Path(jlora.__file__).parent
 # Bottom to top; a module may import its own layer and those below it, never one above.
-LAYERS = {"errors": 0, "tree": 0, "core": 1, "exchange": 2, "training": 3, "research": 4, "cli": 5}
+LAYERS = {"errors": 0, "tree": 0, "checks": 0, "core": 1, "exchange": 2, "training": 3, "research": 4, "cli": 5}
 
 
 def layer(module: str) -> int | None:

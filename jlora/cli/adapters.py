@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from jlora.cli.members import member_text
 from jlora.errors import TokenizerError, UsageError
 from jlora.training.data.config import DataConfig
 from jlora.training.data.prompt import data_format, run_prompt
@@ -22,11 +23,19 @@ from jlora.training.records.artifacts import Artifact, MemberChoice, check_same_
 
 
 def open_sources(sources: Sequence[str], member: MemberChoice = None, base: str | None = None) -> list[Artifact]:
-    """Each source opened (`member` picks a population's adapters), each holding an adapter, all on one base."""
+    """Each source opened (`member` picks a population's adapters), each holding an adapter, all on one base.
+
+    A `member` that picks nothing (no source is a population run) is refused rather than ignored.
+    """
     artifacts = [open_artifact(source, member=member, base=base) for source in sources]
     for artifact in artifacts:
         if not artifact.adapters:
             raise UsageError(f"{artifact.source} holds no adapter (give run directories, checkpoints or PEFT folders)")
+    if member is not None and not any(a.meta and "member" in a.meta for x in artifacts for a in x.adapters):
+        raise UsageError(
+            f"--member {member_text(member)}: none of {', '.join(map(str, sources))} is a population run, whose "
+            "members it picks; leave --member out"
+        )
     check_same_base(artifacts)
     return artifacts
 

@@ -23,9 +23,9 @@ import jax
 from jlora.cli.adapters import open_sources, tokenizer_of
 from jlora.core.algebra.combine import check_options, combine_adapters, combine_leaves
 from jlora.core.lora.adapter import flatten_adapters
-from jlora.exchange.hf_checkpoint import check_new_folder, new_folder
-from jlora.exchange.merged import save_merged
-from jlora.exchange.peft import save_peft
+from jlora.exchange.folders import check_new_folder, new_folder
+from jlora.exchange.merged import write_merged
+from jlora.exchange.peft import write_peft
 from jlora.training.records.artifacts import Artifact
 
 
@@ -62,7 +62,7 @@ def write(out: Path, cfg, lora: dict, leaves: dict | None, first: Artifact, mode
         base = str(out.resolve() / "base")
     else:
         base = str(Path(first.base).resolve()) if Path(first.base).is_dir() else first.base  # a folder, or a Hub id
-    with new_folder(out) as tmp:
-        save_peft(tmp, lora, cfg, base_model_name_or_path=base, modules_to_save=leaves, tokenizer=tokenizer)
+    with new_folder(out) as tmp:  # one writer: the adapter and its base in one folder, renamed once
+        write_peft(tmp, lora, cfg, base_model_name_or_path=base, modules_to_save=leaves, tokenizer=tokenizer)
         if random:
-            save_merged(tmp / "base", model.config, params, tokenizer=tokenizer)
+            write_merged(tmp / "base", model.config, params, tokenizer=tokenizer)

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from jlora.errors import UsageError
+from jlora.exchange.folders import check_out_dir
 from jlora.research.diagnose import compare, diagnose, format_table, write_plots
 from jlora.training.records.checkpoint import resolve_member
 
@@ -26,12 +27,12 @@ def diagnose_command(args: argparse.Namespace) -> int:
             f"--intruder-k must be >= 1 and --intruder-epsilon in (0, 1], "
             f"got {args.intruder_k} and {args.intruder_epsilon}"
         )
+    out = check_out_dir(Path(args.out) if args.out else run_dir / "diagnose")  # now, not after the figures
     member = resolve_member(run_dir, args.member)  # "best": a search's winner
     report = diagnose(run_dir, step=args.step, member=member, k=args.intruder_k, epsilon=args.intruder_epsilon)
     if args.against:
         against_member = resolve_member(args.against, args.against_member)
         report["against"] = compare(run_dir, args.against, step=args.step, member=member, against_member=against_member)
-    out = Path(args.out) if args.out else run_dir / "diagnose"
     out.mkdir(parents=True, exist_ok=True)
     (out / "diagnose.json").write_text(json.dumps(report, indent=1) + "\n")
     written = write_plots(report, out)

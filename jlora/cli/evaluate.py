@@ -23,9 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jlora.checks import check_number
 from jlora.cli.adapters import run_data
-from jlora.cli.generate import check_search_options, load_source
+from jlora.cli.generate import check_decoding_options, load_source
 from jlora.errors import UsageError
+from jlora.exchange.folders import check_out_dir
 
 COCO = ("meteor", "rouge_l", "cider")  # nlg_metrics.COCO_METRICS, named here before the extra is imported
 NLG_EXTRA = "the nlg extra (sacrebleu, pycocoevalcap) is not installed: pip install 'jlora[nlg]'"
@@ -44,17 +46,16 @@ def metrics_of(text: str) -> tuple[str, ...]:
 
 def check_options(args: Any) -> None:
     """Every option, the nlg extra and Java: a one-line UsageError before any model is loaded."""
-    check_search_options(args)
-    for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise UsageError(f"{flag} must be >= 1, got {value}")
-    if args.limit is not None and args.limit < 1:
-        raise UsageError(f"--limit must be >= 1, got {args.limit}")
+    check_decoding_options(args)
+    check_number("--batch-size", args.batch_size, ">= 1", integer=True, error=UsageError)
+    if args.limit is not None:
+        check_number("--limit", args.limit, ">= 1", integer=True, error=UsageError)
     run = Path(args.run_dir)
     if not (run / "config.yaml").is_file() or not (run / "checkpoints").is_dir():
         raise UsageError(f"{run} is not a run directory (no config.yaml and checkpoints/)")
     if not Path(args.data).expanduser().is_file():
         raise UsageError(f"--data: no such file {args.data}")
+    check_out_dir(Path(args.out) if args.out else run / "evaluate")  # now, not after decoding
     try:
         import jlora.research.nlg_metrics  # noqa: F401
     except ImportError:
@@ -105,8 +106,7 @@ def evaluate_command(args: Any) -> int:
             f"the longest prompt ({longest} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the model's "
             f"{n_positions} positions (at most {max(n_positions - longest, 0)} new tokens fit)"
         )
-    if 2 * args.num_beams > model.config.vocab_size:
-        raise UsageError(f"--num-beams {args.num_beams}: beam search keeps 2 x N candidates of the model's vocabulary")
+    check_decoding_options(args, vocab=model.config.vocab_size)
     batches = -(-len(prompts) // min(args.batch_size, len(prompts)))
     start = time.perf_counter()
     with tqdm(total=batches, desc="decoding", unit="batch", dynamic_ncols=True, file=sys.stderr) as bar:

@@ -21,9 +21,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from jlora.exchange.hf_checkpoint import check_new_folder, new_folder, resolve
-from jlora.exchange.merged import save_merged
-from jlora.exchange.peft import save_peft
+from jlora.exchange.folders import check_new_folder, new_folder
+from jlora.exchange.hf_checkpoint import resolve
+from jlora.exchange.merged import save_merged, write_merged
+from jlora.exchange.peft import write_peft
 from jlora.training.data.tokenizer import load_tokenizer
 from jlora.training.records.artifacts import Artifact, TrainedAdapter, open_artifact
 from jlora.training.records.checkpoint import find_checkpoint, resolve_member
@@ -75,7 +76,7 @@ def export_peft(out: Path, artifact: Artifact, adapter: TrainedAdapter, tokenize
     else:
         recorded = str(Path(name).resolve()) if Path(name).exists() else name
     with new_folder(out) as tmp:  # the adapter and its base appear together or not at all
-        save_peft(
+        write_peft(
             tmp,
             adapter.lora,
             adapter.config,
@@ -86,4 +87,4 @@ def export_peft(out: Path, artifact: Artifact, adapter: TrainedAdapter, tokenize
         )
         if name == "random":
             model, params = artifact.load_base()
-            save_merged(tmp / "base", model.config, params, tokenizer=tokenizer)
+            write_merged(tmp / "base", model.config, params, tokenizer=tokenizer)

@@ -7,15 +7,16 @@ to 64 new tokens, fewer (said on stderr) when the model's positions leave less r
 
 Several adapters answer side by side: ``RUN_DIR --member all`` (or ``--member 0,3``) for a
 population's members, ``--adapter DIR --adapter DIR2 ...`` for adapter folders (and runs or
-checkpoints) on one base. They decode as one mixed batch (`jlora.core.algebra.mixed`: every prompt once
-per adapter, each row with its own adapter); adapters that train base leaves (a run's ln_f)
-cannot share one base, so they decode one after another. Each prompt is printed, then each
-adapter's answer on one line (line breaks escaped, `one_line`).
+checkpoints) on one base (``--member`` then picks in the population runs among them). They
+decode as one mixed batch (`jlora.core.algebra.mixed`: every prompt once per adapter, each row
+with its own adapter); adapters that train base leaves (a run's ln_f) cannot share one base, so
+they decode one after another. Each prompt is printed, then each adapter's answer on one line
+(line breaks escaped, `one_line`). Every decoding option is checked before any model is loaded
+(`check_decoding_options`).
 """
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any, NamedTuple
 
 from jlora.cli.adapters import open_sources, prompt_form, tokenizer_of
 from jlora.core.algebra.mixed import stack_adapters
-from jlora.core.decoding.generate import generate
+from jlora.core.decoding.generate import check_decoding, generate
 from jlora.errors import TokenizerError, UsageError
 from jlora.training.data.tokenizer import load_tokenizer
 from jlora.training.records.artifacts import open_artifact
@@ -73,13 +74,8 @@ def load_source(
 
 def generate_command(args: Any) -> int:
     """``jlora generate SOURCE --prompt TEXT | --prompts FILE [options]``: continuations on stdout, speed on stderr."""
-    check_search_options(args)
-    prompts = list(args.prompt or [])
-    if args.prompts:
-        file = Path(args.prompts)
-        if not file.exists():
-            raise UsageError(f"--prompts: no such file {file}")
-        prompts += [line for line in file.read_text().splitlines() if line.strip()]
+    check_decoding_options(args)
+    prompts = list(args.prompt or []) + (read_prompts(args.prompts) if args.prompts else [])
     if not prompts:
         raise UsageError("give --prompt TEXT or --prompts FILE (one prompt per line)")
     if args.adapter or args.member == "all" or isinstance(args.member, tuple):
@@ -108,6 +104,27 @@ def generate_command(args: Any) -> int:
     return 0
 
 
+def read_prompts(name: str) -> list[str]:
+    """The prompts of a --prompts file, one a line (blank lines skipped); UsageError naming the file when it is
+    missing, a folder, not UTF-8 text, or holds no prompt."""
+    file = Path(name)
+    if not file.exists():
+        raise UsageError(f"--prompts: no such file {file}")
+    if file.is_dir():
+        raise UsageError(f"--prompts {file} is a folder; give a text file of prompts, one a line")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = file.read_bytes()[: e.start].count(b"\n") + 1
+        raise UsageError(f"--prompts {file}, line {line}: not UTF-8 text (byte {e.object[e.start]:#04x})") from None
+    except OSError as e:
+        raise UsageError(f"--prompts: cannot read {file} ({e.strerror})") from None
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError(f"--prompts {file} holds no prompt (it is empty or blank); write one prompt a line")
+    return prompts
+
+
 def one_line(text: str) -> str:
     """`text` with its line breaks escaped (``\\n`` for a new line), for one line of a side-by-side table.
 
@@ -125,6 +142,7 @@ def decoding_options(args: Any, encoded: Sequence[Sequence[int]], model, tokeniz
         raise UsageError(
             f"the tokenizer's ids exceed the model's vocabulary ({model.config.vocab_size}); pass --tokenizer"
         )
+    check_decoding_options(args, vocab=model.config.vocab_size)
     return dict(
         max_new_tokens=new_tokens(args.max_new_tokens, max(map(len, encoded)), model.config.n_positions),
         eos_token_id=tokenizer.eos_token_id,
@@ -139,19 +157,30 @@ def decoding_options(args: Any, encoded: Sequence[Sequence[int]], model, tokeniz
     )
 
 
-def check_search_options(args: Any) -> None:
-    """The beam search and repetition options of the command line, before any model is loaded (UsageError)."""
-    if args.num_beams < 1:
-        raise UsageError(f"--num-beams must be >= 1, got {args.num_beams}")
-    if args.num_beams > 1 and getattr(args, "temperature", 0.0):
-        raise UsageError("--num-beams searches, it does not sample: leave --temperature at 0 with --num-beams > 1")
-    if not math.isfinite(args.length_penalty):
-        raise UsageError(f"--length-penalty must be a finite number, got {args.length_penalty}")
-    if args.no_repeat_ngram_size < 0:
-        raise UsageError(f"--no-repeat-ngram-size must be >= 0 (0: off), got {args.no_repeat_ngram_size}")
-    penalty = getattr(args, "repetition_penalty", 1.0)
-    if not (math.isfinite(penalty) and penalty > 0):
-        raise UsageError(f"--repetition-penalty must be > 0 (1: off), got {penalty}")
+# The decoding options `generate` and `evaluate` take, by their argparse names.
+DECODING = (
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "num_beams",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "repetition_penalty",
+)
+
+
+def flag(name: str) -> str:
+    """An option's name as its flag: ``flag("top_p") == "--top-p"``."""
+    return "--" + name.replace("_", "-")
+
+
+def check_decoding_options(args: Any, vocab: int | None = None) -> None:
+    """The decoding options of the command line, as `check_decoding` checks them for every caller: before any
+    model is loaded, then with the model's `vocab` (UsageError naming the flag and the value)."""
+    given = {name: getattr(args, name) for name in DECODING if getattr(args, name, None) is not None}
+    check_decoding(**given, vocab=vocab, name=flag, error=UsageError)
 
 
 def new_tokens(asked: int | None, longest: int, n_positions: int) -> int:
@@ -179,7 +208,7 @@ def side_by_side_command(args: Any, prompts: list[str]) -> int:
     if args.source is not None:
         artifacts = open_sources([args.source], args.member, args.base)
     else:
-        artifacts = open_sources(args.adapter, base=args.base)
+        artifacts = open_sources(args.adapter, args.member, args.base)  # --member picks in population runs
     found = [a.plain() for artifact in artifacts for a in artifact.adapters]  # each on the base as it is
     try:
         tokenizer = tokenizer_of(artifacts[0], args.tokenizer)

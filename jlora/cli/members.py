@@ -15,6 +15,8 @@ diagnose) take `parse_one_member`: K or best.
 
 >>> parse_member("3"), parse_member("0,3"), parse_member("all"), parse_member("best")
 (3, (0, 3), 'all', 'best')
+>>> member_text((0, -1))
+'0,-1'
 """
 
 from __future__ import annotations
@@ -43,3 +45,8 @@ def parse_one_member(text: str) -> int | str:
     if isinstance(spec, tuple) or spec == "all":
         raise argparse.ArgumentTypeError(f"{text!r}: this command reads one member: give an index K or best")
     return spec
+
+
+def member_text(spec: int | tuple[int, ...] | str) -> str:
+    """A parsed ``--member`` as it was written, for messages."""
+    return ",".join(map(str, spec)) if isinstance(spec, tuple) else str(spec)

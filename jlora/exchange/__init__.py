@@ -5,6 +5,8 @@
                        one line saying how to pass a folder)
     peft.py            save_peft / load_peft: adapter_config.json + adapter_model.safetensors
     merged.py          save_merged: a plain checkpoint of the base's family with the adapters folded in
+    folders.py         new_folder: every output folder written whole or not at all, by one writer (a killed
+                       one's leftovers removed by the next); check_new_folder / check_out_dir at start-up
     gguf.py            read_gguf / gguf_tokenizer: llama.cpp's GGUF files (llama, qwen2) -> a Hugging Face
                        config and float32 tensors under Hugging Face names; smollm2_gguf: the SmolLM2 file
 

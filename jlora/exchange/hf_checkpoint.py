@@ -20,12 +20,10 @@ state dict a Hugging Face folder gives; ``"smollm2"`` names the SmolLM2-135M-Ins
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
-import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,7 @@ from jlora.core.lora.config import LoraConfig
 from jlora.core.models.family import GPT2 as GPT2_FAMILY
 from jlora.core.models.family import family_of, model_type_of
 from jlora.core.models.gpt2 import GPT2, GPT2Config
-from jlora.errors import CheckpointError, ConfigError, JloraError, describe
+from jlora.errors import CheckpointError, ConfigError, describe
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -227,6 +225,22 @@ def read_config(directory: Path, **overrides) -> Any:
     return config_from_hf(read_json(file), str(file), **overrides)
 
 
+def model_config(source: str | os.PathLike) -> Any:
+    """The model config of `source` (a folder, a Hub id, a GGUF file, "smollm2"), without reading its weights:
+    what an adapter must fit before it is written or loaded beside that base."""
+    from jlora.exchange import gguf
+
+    path = gguf.gguf_path(source)
+    if path is not None:
+        return config_from_hf(gguf.gguf_config(path), str(path))
+    local = Path(source).expanduser()
+    if local.is_dir():
+        return read_config(local)
+    if not is_hub_id(source):
+        raise CheckpointError(f"no checkpoint directory at {str(source)!r} (expected a folder with config.json)")
+    return read_config(hub_folder(str(source), ["config.json"], what="config"))
+
+
 def config_from_hf(values: Mapping, where: str, **overrides) -> Any:
     """A Hugging Face config dict in its family's config class; a one-line CheckpointError naming `where`."""
     try:
@@ -337,57 +351,3 @@ def save_tokenizer(tokenizer: Any, directory: str | os.PathLike) -> int:
     hf = getattr(tokenizer, "hf", tokenizer)
     hf.save_pretrained(str(directory))
     return int(hf.eos_token_id)
-
-
-def check_new_folder(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """`out_dir` if an export may create it (CheckpointError if a file, or a non-empty folder, is in the way)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CheckpointError(f"{out_dir} is a file; choose a new folder")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise CheckpointError(f"{out_dir} exists and is not empty; choose a new folder (overwrite=True replaces it)")
-    blocking = next((p for p in out_dir.parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise CheckpointError(f"cannot create {out_dir}: {blocking} is a file; choose another folder")
-    return out_dir
-
-
-@contextlib.contextmanager
-def new_folder(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """A temporary sibling folder to write into; it becomes `out_dir` only if the block succeeds.
-
-    So a failed export leaves nothing behind, and a replaced folder is swapped in whole.
-    """
-    out_dir = check_new_folder(out_dir, overwrite=overwrite)
-    with made_dirs(out_dir.parent, CheckpointError):
-        tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            yield tmp
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            tmp.rename(out_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def made_dirs(path: str | os.PathLike, error: type[JloraError] = CheckpointError) -> Iterator[Path]:
-    """``mkdir -p path`` for the block; if the block raises, the folders it created go again (while empty).
-
-    A folder that cannot be created raises `error` (one line, with the OS's reason).
-    """
-    path = Path(path)
-    created = [p for p in (path, *path.parents) if not p.exists()]  # innermost first
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise error(f"cannot create {path} ({e.strerror}); choose another folder") from None
-    try:
-        yield path
-    except BaseException:
-        with contextlib.suppress(OSError):  # rmdir only removes an empty folder: what was written stays
-            for folder in created:
-                folder.rmdir()
-        raise

@@ -25,7 +25,8 @@ from typing import Any
 
 from jlora.core.lora.merge import merge
 from jlora.errors import CheckpointError
-from jlora.exchange.hf_checkpoint import TOKENIZER_FILES, new_folder, save_model, save_tokenizer
+from jlora.exchange.folders import new_folder
+from jlora.exchange.hf_checkpoint import TOKENIZER_FILES, save_model, save_tokenizer
 from jlora.tree import overlay
 
 # config.json fields that are the checkpoint's, not the architecture's: kept from the base.
@@ -60,18 +61,33 @@ def save_merged(
       CheckpointError: the merged weights are not finite, or `out_dir` is in the way.
     """
     with new_folder(out_dir, overwrite=overwrite) as tmp:
-        params = overlay(params, base_leaves)
-        if lora:
-            try:
-                params = merge(params, lora)
-            except ValueError as e:  # an adapter that does not fit, or a non-finite result
-                raise CheckpointError(str(e)) from e
-        save_model(tmp, config, params)
-        if base_dir is not None:
-            _copy_from_base(Path(base_dir), tmp, tokenizer_files=tokenizer is None)
-        if tokenizer is not None:
-            _set_token_ids(tmp, save_tokenizer(tokenizer, tmp))
+        write_merged(tmp, config, params, lora, base_leaves=base_leaves, base_dir=base_dir, tokenizer=tokenizer)
     return Path(out_dir)
+
+
+def write_merged(
+    folder: Path,
+    config: Any,
+    params: Mapping,
+    lora: Mapping | None = None,
+    *,
+    base_leaves: Mapping | None = None,
+    base_dir: str | os.PathLike | None = None,
+    tokenizer: Any = None,
+) -> None:
+    """The files of `save_merged`'s checkpoint, written into the existing `folder` (made if missing: a
+    ``base/`` beside a PEFT adapter goes inside that adapter's folder, under the same writer)."""
+    params = overlay(params, base_leaves)
+    if lora:
+        try:
+            params = merge(params, lora)
+        except ValueError as e:  # an adapter that does not fit, or a non-finite result
+            raise CheckpointError(str(e)) from e
+    save_model(folder, config, params)
+    if base_dir is not None:
+        _copy_from_base(Path(base_dir), folder, tokenizer_files=tokenizer is None)
+    if tokenizer is not None:
+        _set_token_ids(folder, save_tokenizer(tokenizer, folder))
 
 
 def _copy_from_base(base_dir: Path, out: Path, *, tokenizer_files: bool) -> None:

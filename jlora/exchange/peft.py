@@ -72,7 +72,8 @@ from jlora.core.lora.config import (
 from jlora.core.lora.residual import as_plain_lora
 from jlora.core.models.family import FAMILIES, Family, family_of_paths, module_paths_of
 from jlora.errors import CheckpointError, describe
-from jlora.exchange.hf_checkpoint import new_folder, read_json, save_tokenizer
+from jlora.exchange.folders import new_folder
+from jlora.exchange.hf_checkpoint import read_json, save_tokenizer
 from jlora.tree import path_names
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -256,10 +257,36 @@ def save_peft(
     init: Mapping | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write `lora` as a PEFT LoRA folder that ``PeftModel.from_pretrained(base, out_dir)`` loads.
+    """Write `lora` as a PEFT LoRA folder that ``PeftModel.from_pretrained(base, out_dir)`` loads: `write_peft`
+    into a new folder `out_dir` (an existing non-empty one needs `overwrite`), whole or not at all
+    (`jlora.exchange.folders.new_folder`)."""
+    with new_folder(out_dir, overwrite=overwrite) as tmp:
+        write_peft(
+            tmp,
+            lora,
+            cfg,
+            base_model_name_or_path=base_model_name_or_path,
+            modules_to_save=modules_to_save,
+            tokenizer=tokenizer,
+            init=init,
+        )
+    return Path(out_dir)
+
+
+def write_peft(
+    folder: Path,
+    lora: Mapping,
+    cfg: LoraConfig,
+    *,
+    base_model_name_or_path: str | None,
+    modules_to_save: Mapping | None = None,
+    tokenizer: Any = None,
+    init: Mapping | None = None,
+) -> None:
+    """The files of a PEFT LoRA folder, written into the existing (empty) `folder`.
 
     Args:
-      out_dir: the folder to create (an existing non-empty one needs `overwrite`).
+      folder: where the files go (a `new_folder` block's folder: `save_peft` is that).
       lora: the adapters, ``{"A": (r, d_in), "B": (d_out, r), "scaling": ()[, "m": (d_out,)]}`` per module
         (slices allowed, DoRA's m with whole modules); PEFT's alphas are made from their scales.
       cfg: their `LoraConfig` (targets, dropout, rsLoRA, init, DoRA).
@@ -272,7 +299,7 @@ def save_peft(
         the folder then holds the rank-2r LoRA on the unmodified base that equals it.
 
     Raises:
-      CheckpointError: something PEFT cannot represent, or non-finite values; nothing is written.
+      CheckpointError: something PEFT cannot represent, or non-finite values, before anything is written.
     """
     from safetensors.numpy import save_file
 
@@ -297,13 +324,10 @@ def save_peft(
     if bad:
         raise CheckpointError(f"refusing to export non-finite values in {', '.join(bad[:3])}")
     metadata = {"format": "pt", JLORA_METADATA: json.dumps(cfg.to_dict())}
-
-    with new_folder(out_dir, overwrite=overwrite) as tmp:
-        save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata=metadata)
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        if tokenizer is not None:
-            save_tokenizer(tokenizer, tmp)
-    return Path(out_dir)
+    save_file(tensors, folder / ADAPTER_WEIGHTS, metadata=metadata)
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, folder)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,7 +511,7 @@ def load_peft(directory: str | os.PathLike) -> PeftAdapter:
     modules_to_save = trained or None
 
     if JLORA_METADATA in metadata:  # written by save_peft: give back the slices and config it came from
-        original = LoraConfig.from_dict(json.loads(metadata[JLORA_METADATA]))
+        original = _written_config(metadata[JLORA_METADATA], directory / ADAPTER_WEIGHTS)
         lora = _as_written(flat, config, original, modules_to_save)
         if lora is not None:
             return PeftAdapter(original, with_scaling(lora, original), _to_jax(modules_to_save))
@@ -527,6 +551,16 @@ def load_peft(directory: str | os.PathLike) -> PeftAdapter:
     if not same:  # a safety net: the config must select these modules and give each PEFT's scaling
         raise CheckpointError(f"cannot express the adapters of {directory} as a LoraConfig")
     return PeftAdapter(cfg, with_scaling(_to_jax(unflatten_adapters(flat)), cfg), _to_jax(modules_to_save))
+
+
+def _written_config(text: str, file: Path) -> LoraConfig:
+    """The `LoraConfig` `save_peft` recorded in the safetensors metadata; CheckpointError if it is damaged."""
+    try:
+        return LoraConfig.from_dict(json.loads(text))
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # not JSON, not a mapping, or not a LoraConfig
+        raise CheckpointError(
+            f"{file}: its {JLORA_METADATA!r} metadata is damaged ({describe(e)}); is the file corrupt?"
+        ) from None
 
 
 _SCALING_KEYS = (

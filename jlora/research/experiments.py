@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora.checks import check_number
 from jlora.core.analysis.divergence import forgetting_sums
 from jlora.core.lora.adapter import init_lora, output_columns, split_slice, unflatten_adapters
 from jlora.core.lora.config import LoraConfig
@@ -47,6 +49,7 @@ from jlora.core.update.population import (
 )
 from jlora.core.update.step import TrainState, TrainStep, compile_eval, make_eval_step
 from jlora.errors import ConfigError, DataError, UsageError
+from jlora.exchange.folders import check_out_dir
 from jlora.training.data.rows import TokenizedData, batch_at
 from jlora.training.run.build import Run, build_run, init_key, trainer_of
 from jlora.training.run.config import DEFAULT_CONFIG, RunConfig, adapter_seed, load_run_config
@@ -79,7 +82,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def numbers(text: str, option: str, kind: type = int) -> list:
-    """A comma-separated command-line list of positive numbers, e.g. ``--dims 16,64``; UsageError (one
+    """A comma-separated command-line list of positive, finite numbers, e.g. ``--dims 16,64``; UsageError (one
     line) for anything else.
 
     >>> numbers("16,64", "--dims"), numbers("0.5,2", "--lr", float)
@@ -89,9 +92,26 @@ def numbers(text: str, option: str, kind: type = int) -> list:
         values = [kind(x) for x in text.split(",")]
     except ValueError:
         values = None
-    if not values or not all(v > 0 for v in values):
-        raise UsageError(f"{option}: {text!r} is not a comma-separated list of positive {kind.__name__}s")
+    if not values or not all(v > 0 and math.isfinite(v) for v in values):
+        finite = ", finite" if kind is float else ""
+        raise UsageError(f"{option}: {text!r} is not a comma-separated list of positive{finite} {kind.__name__}s")
     return values
+
+
+def check_arguments(args: argparse.Namespace, **bounds: str) -> None:
+    """A script's arguments, before any work: --out a folder that can be written (`check_out_dir`), and each
+    numeric option named in `bounds` (its argparse name: its range, as `jlora.checks.within` reads it), when
+    given, a finite number (an integer where argparse gives one) in that range; UsageError (one line) if not.
+
+    >>> check_arguments(argparse.Namespace(out="out", scale=float("inf")), scale="> 0")
+    Traceback (most recent call last):
+    jlora.errors.UsageError: --scale must be a finite number > 0, got inf
+    """
+    check_out_dir(args.out)
+    for name, within in bounds.items():
+        value = getattr(args, name)
+        if value is not None:
+            check_number("--" + name.replace("_", "-"), value, within, integer=isinstance(value, int), error=UsageError)
 
 
 def script_config(args: argparse.Namespace) -> RunConfig:

@@ -48,7 +48,7 @@ def pretrain(task: Task, steps: int, lr: float | None = None, *, progress: bool 
     if task.run.forgetting is None:
         raise ConfigError("pretrain needs held-out text: set eval.forgetting (a JSONL text file, or bundled)")
     cfg = task.cfg
-    optim = dataclasses.replace(cfg.optim, lr=lr or cfg.optim.lr, total_steps=steps)
+    optim = dataclasses.replace(cfg.optim, lr=cfg.optim.lr if lr is None else lr, total_steps=steps)
     text_cfg = dataclasses.replace(
         cfg,
         steps=steps,

@@ -114,12 +114,12 @@ def test_a_limit_scores_the_first_mrs_and_says_cider_is_the_subsets(e2e_run, tmp
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--num-beams", "0"], "--num-beams must be >= 1, got 0"),
+        (["--num-beams", "0"], "--num-beams must be an integer >= 1, got 0"),
         (["--length-penalty", "inf"], "--length-penalty must be a finite number, got inf"),
-        (["--no-repeat-ngram-size", "-1"], "--no-repeat-ngram-size must be >= 0 (0: off), got -1"),
-        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
-        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
-        (["--limit", "0"], "--limit must be >= 1, got 0"),
+        (["--no-repeat-ngram-size", "-1"], "--no-repeat-ngram-size must be an integer >= 0, got -1"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1, got 0"),
+        (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+        (["--limit", "0"], "--limit must be an integer >= 1, got 0"),
         (["--metrics", "bleu,sari"], "--metrics: expected some of bleu,nist,meteor,rouge_l,cider, got 'bleu,sari'"),
         (
             ["--max-new-tokens", "100"],
@@ -128,7 +128,7 @@ def test_a_limit_scores_the_first_mrs_and_says_cider_is_the_subsets(e2e_run, tmp
         ),  # fmt: skip
         (
             ["--num-beams", "129", "--max-new-tokens", "8"],
-            "--num-beams 129: beam search keeps 2 x N candidates of the model's vocabulary",
+            "--num-beams 129: beam search keeps 2 x num_beams candidates of the model's 257 tokens",
         ),
     ],
 )

@@ -104,3 +104,6 @@ def test_numbers_are_one_line_usage_errors():
     for bad in ("1,x", "0,4", "", "-2"):
         with pytest.raises(UsageError, match="--ranks: .* is not a comma-separated list of positive ints"):
             numbers(bad, "--ranks")
+    for bad in ("0.1,inf", "nan"):
+        with pytest.raises(UsageError, match="--lr: .* is not a comma-separated list of positive, finite floats"):
+            numbers(bad, "--lr", float)

@@ -114,8 +114,12 @@ def mixed_variables(params: Mapping, stack: AdapterStack, index: jax.Array) -> d
 
     Traceable: inside a compiled function the stack and the index stay arguments.
     """
-    onehot = jax.nn.one_hot(index, stack.size, dtype=jnp.float32)  # (N, K); -1 gives a row of zeros
-    rows = {path: {**a, SCALE: onehot * a[SCALE][None, :]} for path, a in flatten_adapters(stack.lora).items()}
+    picked = index[:, None] == jnp.arange(stack.size)  # (N, K); -1 picks none
+    # selected, not multiplied: a row's weights are its own adapter's scale and zeros, whatever the others' scales
+    rows = {
+        path: {**a, SCALE: jnp.where(picked, a[SCALE][None, :], 0.0)}
+        for path, a in flatten_adapters(stack.lora).items()
+    }
     return {"params": params, "lora": unflatten_adapters(rows)}
 
 

@@ -38,21 +38,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora.checks import check_number
 from jlora.core.algebra.mixed import AdapterStack, check_index, mixed_variables
 from jlora.core.decoding.beam import beam_search
 from jlora.core.decoding.beam import settings as beam_settings
 from jlora.core.decoding.processors import ban_repeated_ngrams, penalize_repeats
 from jlora.core.lora.merge import merge
 from jlora.core.models.decoder import check_token_ids
+from jlora.errors import ConfigError, JloraError
 
 PAD_MULTIPLE = 16
 
@@ -278,15 +279,23 @@ def generate(
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-        raise ValueError(f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+    vocab = model.config.vocab_size
+    check_decoding(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        num_beams=num_beams,
+        length_penalty=length_penalty,
+        early_stopping=early_stopping,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        repetition_penalty=repetition_penalty,
+        vocab=vocab,
+    )
     if (adapters is None) != (adapter_index is None) or (adapters is not None and lora is not None):
         raise ValueError("give lora= (one adapter, merged), or adapters= with adapter_index= (a mixed batch)")
-    vocab = model.config.vocab_size
     mode = Mode(temperature == 0, num_beams, no_repeat_ngram_size, repetition_penalty != 1.0)
-    check_search(mode, vocab, length_penalty, early_stopping, repetition_penalty)
     rows = None
     if adapters is not None:
         rows = (adapters.lora, check_index(adapter_index, adapters.size, len(prompts)))
@@ -318,23 +327,57 @@ def generate(
     return Generation(tokens, lengths, eos_token_id, seconds, compile_seconds)
 
 
-def check_search(
-    mode: Mode, vocab: int, length_penalty: float, early_stopping: bool | str, repetition_penalty: float
+def check_decoding(
+    *,
+    max_new_tokens: int | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
+    no_repeat_ngram_size: int = 0,
+    repetition_penalty: float = 1.0,
+    vocab: int | None = None,
+    name: Callable[[str], str] = str,
+    error: type[JloraError] = ConfigError,
 ) -> None:
-    """Refuse settings transformers' ``generate`` would refuse (or that jlora does not do: beam sampling)."""
-    k, n = mode.num_beams, mode.no_repeat_ngram_size
-    if not (isinstance(k, int) and 1 <= k and 2 * k <= vocab):
-        raise ValueError(f"num_beams must be an integer >= 1 (and 2 num_beams <= the vocabulary), got {k!r}")
-    if k > 1 and not mode.greedy:
-        raise ValueError("beam search does not sample: give temperature=0 with num_beams > 1")
-    if not (isinstance(n, int) and n >= 0):
-        raise ValueError(f"no_repeat_ngram_size must be an integer >= 0 (0: off), got {n!r}")
-    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
-        raise ValueError(f"repetition_penalty must be > 0 (1: off), got {repetition_penalty!r}")
-    if not math.isfinite(length_penalty):
-        raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
+    """The decoding options' kinds and ranges, checked in one place for `generate`, the command line and the
+    scripts; refuses what transformers' ``generate`` would refuse (and beam sampling, which jlora does not do).
+
+    `name` spells an option in the message (the command line passes its flags: ``--top-p``); `vocab`, once
+    the model is known, bounds the beams (2 x num_beams candidates of the vocabulary).
+
+    >>> check_decoding(temperature=float("inf"), name=lambda n: "--" + n.replace("_", "-"))
+    Traceback (most recent call last):
+    jlora.errors.ConfigError: --temperature must be a finite number >= 0, got inf
+    """
+    number = functools.partial(check_number, error=error)
+    if max_new_tokens is not None:
+        number(name("max_new_tokens"), max_new_tokens, ">= 1", integer=True)
+    number(name("temperature"), temperature, ">= 0")
+    if top_k is not None:
+        number(name("top_k"), top_k, ">= 1", integer=True)
+    if top_p is not None:
+        number(name("top_p"), top_p, "in (0, 1]")
+    number(name("seed"), seed, integer=True)
+    number(name("num_beams"), num_beams, ">= 1", integer=True)
+    if vocab is not None and 2 * num_beams > vocab:
+        raise error(
+            f"{name('num_beams')} {num_beams}: beam search keeps 2 x num_beams candidates of the model's "
+            f"{vocab} tokens (at most {vocab // 2} beams)"
+        )
+    if num_beams > 1 and temperature != 0:
+        raise error(
+            f"{name('num_beams')} {num_beams} searches, it does not sample: give {name('temperature')} 0 with it "
+            f"(got {temperature!r})"
+        )
+    number(name("length_penalty"), length_penalty)
+    number(name("no_repeat_ngram_size"), no_repeat_ngram_size, ">= 0", integer=True)
+    number(name("repetition_penalty"), repetition_penalty, "> 0")
     if not (isinstance(early_stopping, bool) or early_stopping == "never"):
-        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+        raise error(f"{name('early_stopping')} must be True, False or 'never', got {early_stopping!r}")
 
 
 def generate_text(

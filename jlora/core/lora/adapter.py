@@ -284,7 +284,17 @@ def stacked_lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, weights: jax.Ar
     Returns:
       (N, ..., d_out). The K adapters act as one adapter of rank K * r whose (..., K, r) intermediate
       is weighted per row: two matmuls, no copy of any A or B per row.
+
+    A row's result depends on its own adapters only (those of non-zero weight), whatever the others hold:
+    their part of the intermediate is selected away, not multiplied by zero (0 x NaN is NaN), and a
+    non-finite entry of another adapter's B, which the second matmul would spread to every row, is
+    read as 0 there and as NaN in the rows of its own adapter.
     """
     z = jnp.einsum("n...i,kri->n...kr", x, a.astype(x.dtype))
     w = weights.astype(x.dtype).reshape(weights.shape[0], *[1] * (x.ndim - 2), weights.shape[1], 1)
-    return jnp.einsum("n...kr,kor->n...o", z * w, b.astype(x.dtype))
+    used = w != 0  # (N, ..., K, 1): which adapters each row reads
+    b = b.astype(x.dtype)
+    finite = jnp.isfinite(b)
+    out = jnp.einsum("n...kr,kor->n...o", jnp.where(used, z * w, 0), jnp.where(finite, b, 0))
+    poisoned = jnp.any(used[..., 0] & ~jnp.all(finite, axis=(1, 2)), axis=-1, keepdims=True)  # (N, ..., 1)
+    return jnp.where(poisoned, jnp.nan, out)

@@ -98,20 +98,29 @@ def _new_kernels(
 _new_kernels_jit = jax.jit(_new_kernels, static_argnums=2)
 
 
-def _apply(params: Mapping, lora: Mapping, sign: float, verb: str) -> PyTree:
+def check_fits(params: Mapping, lora: Mapping) -> None:
+    """ValueError unless every adapter of `lora` fits its kernel in `params` (arrays, or only their shapes:
+    ``jax.eval_shape``'s or a family's ``param_shapes``); the message names the module and both shapes."""
     grouped = adapters_by_module(lora)
     missing = [module for module in grouped if not has_path(params, module + ".kernel")]
     if missing:
         raise ValueError(f"the LoRA tree adapts {missing}, which have no kernel in params")
+    for module, adapters in grouped.items():
+        for path, adapter in adapters.items():
+            _check_shapes(path, get_path(params, module)["kernel"], adapter)
+
+
+def _apply(params: Mapping, lora: Mapping, sign: float, verb: str) -> PyTree:
+    grouped = adapters_by_module(lora)
+    check_fits(params, lora)
     if sign < 0 and any("m" in a for adapters in grouped.values() for a in adapters.values()):
         raise ValueError(
             "unmerge cannot undo a DoRA merge: the norm ||W + scaling B A|| it divided by is not in the merged "
             "weights; keep the base parameters instead"
         )
     kernels = {module: get_path(params, module)["kernel"] for module in grouped}
-    for module, adapters in grouped.items():
+    for adapters in grouped.values():
         for path, adapter in adapters.items():
-            _check_shapes(path, kernels[module], adapter)
             scaling_of(adapter, path)
     new, finite = _new_kernels_jit(kernels, grouped, sign)
     if not any(isinstance(f, jax.core.Tracer) for f in finite.values()):  # under the caller's jit: abstract

@@ -21,7 +21,8 @@ from the config it was trained with). An adapter trained on a residual base (PiS
 its initial factors: `TrainedAdapter.on` puts it on that residual, or with ``original_base=True`` turns it
 into the plain LoRA that equals it on the base as it is (`jlora.core.lora.residual.as_plain_lora`).
 `check_same_base` refuses adapters of different bases by their recorded weight hashes (a PEFT
-folder's base is hashed when it must be compared).
+folder's base is hashed when it must be compared). An adapter with a NaN or infinite number is
+refused when it is opened (`check_finite`).
 """
 
 from __future__ import annotations
@@ -32,11 +33,15 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from jlora.core.lora.config import LoraConfig
+from jlora.core.lora.merge import check_fits as check_lora_fits
 from jlora.core.lora.residual import as_plain_lora, residual_params
+from jlora.core.models.family import family_of
 from jlora.errors import BaseMismatchError, CheckpointError, UsageError
 from jlora.exchange.gguf import SMOLLM2
-from jlora.exchange.hf_checkpoint import is_hub_id, load_model
+from jlora.exchange.hf_checkpoint import is_hub_id, load_model, model_config
 from jlora.exchange.peft import ADAPTER_CONFIG, load_peft, read_adapter_config
 from jlora.training.records.checkpoint import (
     base_identity,
@@ -48,7 +53,7 @@ from jlora.training.records.checkpoint import (
     read_checkpoint,
     resolve_member,
 )
-from jlora.tree import overlay
+from jlora.tree import leaves_by_path, overlay
 
 MemberChoice = int | tuple[int, ...] | str | None  # K, (K, L, ...), "all", "best", or None: the one adapter
 KINDS = ("run", "checkpoint", "peft", "model")
@@ -123,6 +128,13 @@ def open_artifact(
 
     Raises UsageError for a path that is none of the kinds, CheckpointError for one that cannot be read.
     """
+    artifact = _open(source, step, member, base)
+    for adapter in artifact.adapters:
+        check_finite(adapter)
+    return artifact
+
+
+def _open(source: str | Path, step: int | None, member: MemberChoice, base: str | None) -> Artifact:
     path = Path(source).expanduser()
     if is_run(path) or is_checkpoint(path):
         checkpoint = find_checkpoint(path, step) if is_run(path) else path
@@ -139,6 +151,7 @@ def open_artifact(
         if not name:
             raise CheckpointError(f"{path / ADAPTER_CONFIG} names no base model; pass --base")
         cfg, lora, leaves = load_peft(path)
+        check_fits(str(path), lora, name)
         tokenizer = str(path) if _has_tokenizer(path) else name
         return Artifact(path, "peft", (TrainedAdapter(str(path), lora, cfg, leaves or {}),), name, None, tokenizer)
     if (
@@ -149,6 +162,28 @@ def open_artifact(
     ):
         return Artifact(path, "model", (), str(source), None, str(source))  # a folder, a GGUF file, a Hub id
     raise UsageError(f"{source} is not a run directory, a checkpoint, a PEFT adapter folder or a model")
+
+
+def check_fits(label: str, lora: Mapping, base: str) -> None:
+    """CheckpointError unless each adapter of `lora` fits its weight in `base` (from the base's config alone:
+    no weights are read), so a PEFT folder is never combined onto, or answered by, a base of another shape."""
+    config = model_config(base)
+    try:
+        check_lora_fits(family_of(config).param_shapes(config), lora)
+    except ValueError as e:
+        raise BaseMismatchError(f"{label} does not fit the base {base!r}: {e}") from None
+
+
+def check_finite(adapter: TrainedAdapter) -> None:
+    """CheckpointError unless every number of `adapter` is finite: a NaN or infinite weight makes every answer
+    of the model NaN, and would poison a mixed batch's other rows, so it is refused where it is opened."""
+    parts = {"": adapter.lora, "trained base leaf ": adapter.leaves, "initial factor ": adapter.init or {}}
+    for what, tree in parts.items():
+        bad = next((p for p, x in leaves_by_path(tree).items() if not np.isfinite(np.asarray(x)).all()), None)
+        if bad is not None:
+            raise CheckpointError(
+                f"{adapter.label} holds non-finite values ({what}{bad} has NaN or infinite entries); it cannot be used"
+            )
 
 
 def _member(tree: Mapping, meta: Mapping, member: int | None, source: Path) -> TrainedAdapter:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -50,7 +51,8 @@ from jlora.core.lora.adapter import with_scaling
 from jlora.core.lora.config import LoraConfig
 from jlora.core.models.family import config_from_dict, family_of
 from jlora.core.update.population import member_lora
-from jlora.errors import BaseMismatchError, CheckpointError, describe
+from jlora.errors import BaseMismatchError, CheckpointError, RunDirError, describe
+from jlora.exchange.folders import write_failure
 from jlora.exchange.hf_checkpoint import load_model
 from jlora.training.records.rundir import barrier, is_primary
 from jlora.tree import leaves_by_path
@@ -93,24 +95,49 @@ def check_identity(saved: Mapping, now: Mapping, allow_different_weights: bool =
 
 
 def open_manager(run_dir: str | Path, *, max_to_keep: int | None = 3) -> ocp.CheckpointManager:
-    """The run's CheckpointManager over ``RUN_DIR/checkpoints``."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    """The run's CheckpointManager over ``RUN_DIR/checkpoints``.
+
+    Saves are synchronous: a run waits for each checkpoint anyway, and a save that fails then fails
+    in the calling thread, where `save` turns it into one line. (Orbax's asynchronous saves fail in a
+    background thread, and the threads waiting on it keep the process alive for minutes after.)
+    """
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False)
     return ocp.CheckpointManager(Path(run_dir).absolute() / "checkpoints", options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, adapter: PyTree, opt_state: PyTree, meta: Mapping) -> None:
-    """Write one checkpoint (blocking until it is committed, so a crash never leaves it half-done)."""
+    """Write one checkpoint, committed when this returns (so a crash never leaves it half-done).
+
+    Raises RunDirError when the checkpoint folder cannot take it (read-only, full): the
+    step's partial folder is removed and the checkpoints before it are kept, so the same command
+    resumes from the newest of them once the folder is writable again.
+    """
     to_host = lambda tree: jax.tree.map(np.asarray, tree)  # noqa: E731
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            adapter=ocp.args.StandardSave(to_host(adapter)),
-            opt_state=ocp.args.StandardSave(to_host(opt_state)),
-            meta=ocp.args.JsonSave(dict(meta)),
-        ),
-        force=True,
-    )
-    manager.wait_until_finished()
+    try:
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                adapter=ocp.args.StandardSave(to_host(adapter)),
+                opt_state=ocp.args.StandardSave(to_host(opt_state)),
+                meta=ocp.args.JsonSave(dict(meta)),
+            ),
+            force=True,
+        )
+        manager.wait_until_finished()
+    except Exception as e:
+        why = write_failure(e)  # a read-only or full folder: one line; anything else is a bug
+        if why is None:
+            raise
+        root = Path(manager.directory)
+        for partial in root.glob(f"{step}.orbax-checkpoint-tmp*"):  # Orbax's folder of the step being written
+            shutil.rmtree(partial, ignore_errors=True)
+        manager.reload()
+        newest = manager.latest_step()
+        raise RunDirError(
+            f"cannot save the checkpoint of step {step} in {root} ({why}); the newest checkpoint is "
+            f"{'none' if newest is None else f'step {newest}'}; make {root} writable (or free space there) and "
+            "run the same command to resume"
+        ) from None
 
 
 def restore(manager: ocp.CheckpointManager, step: int, adapter_like: PyTree, opt_state_like: PyTree):
@@ -327,9 +354,10 @@ def load_member(tree: Mapping, meta: Mapping, member: int | str | None) -> tuple
         return with_scaling(tree["lora"], lora_config_of(meta)), tree.get("base", {}), dict(meta)
     if member is None or not 0 <= member < len(members):
         names = ", ".join(f"{k}: {m['name']}" for k, m in enumerate(members))
+        given = "" if member is None else f"--member {member} is not a member: "
         raise CheckpointError(
-            f"the checkpoint holds a population of {len(members)} adapters; choose one with --member K "
-            f"(member=K): {names}"
+            f"{given}the checkpoint holds a population of {len(members)} adapters; choose one with --member K "
+            f"(member=K), K in 0..{len(members) - 1}: {names}"
         )
     spec = members[member]  # a Member's to_dict (jlora.training.run.members)
     lora_cfg = LoraConfig.from_dict(spec["lora_config"])

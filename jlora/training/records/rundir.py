@@ -28,7 +28,9 @@ import jax
 import numpy as np
 
 from jlora.errors import RunDirError
-from jlora.exchange.hf_checkpoint import made_dirs
+from jlora.exchange.folders import made_dirs, writable
+
+RECORDS = ("checkpoints", "tb", "config.yaml", "metrics.jsonl", "summary.json")  # what a run writes in RUN_DIR
 
 
 def is_primary() -> bool:
@@ -51,8 +53,13 @@ def check_run_dir(run_dir: Path) -> None:
     existing = next((p for p in (run_dir, *run_dir.parents) if p.exists()), Path("."))
     if not existing.is_dir():
         raise RunDirError(f"--out {run_dir} lies under {existing}, which is a file; choose a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if not writable(existing):
         raise RunDirError(f"{existing} is not writable; choose a writable --out for {run_dir}")
+    if existing == run_dir:  # what a resumed run writes to: writable now, not found so at its first checkpoint
+        for name in RECORDS:
+            path = run_dir / name
+            if path.exists() and not (writable(path) if path.is_dir() else os.access(path, os.W_OK)):
+                raise RunDirError(f"{path} is not writable; make it writable to resume, or choose another --out")
     if existing == run_dir and is_primary():  # in use: say so now, not after loading a model
         os.close(_lock(run_dir))
 

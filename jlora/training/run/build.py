@@ -40,6 +40,7 @@ from jlora.training.data.prompt import chat_example
 from jlora.training.data.rows import TokenizedData, tokenize
 from jlora.training.data.sources import read_examples
 from jlora.training.data.tokenizer import load_tokenizer
+from jlora.training.records.checkpoint import committed_steps
 from jlora.training.run.config import (
     RunConfig,
     adapter_seed,
@@ -153,8 +154,12 @@ def build_run(cfg: RunConfig) -> Run:
 def start_from_peft(run: Run) -> tuple[Run, dict]:
     """The run re-based on the PEFT adapter in ``cfg.init_from``: its LoRA config, tree and saved leaves."""
     from jlora.exchange.peft import load_peft
+    from jlora.training.records.artifacts import TrainedAdapter, check_finite
 
     adapter = load_peft(run.cfg.init_from)
+    check_finite(
+        TrainedAdapter(f"init_from {run.cfg.init_from}", adapter.lora, adapter.config, adapter.modules_to_save or {})
+    )
     run = dataclasses.replace(
         run, model=run.model.clone(lora=adapter.config), start_leaves=adapter.modules_to_save or {}
     )
@@ -252,13 +257,19 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def check_config_matches(run_dir: Path, cfg: RunConfig) -> None:
     """Refuse to resume `run_dir` with a config other than the one it was started with (`steps` may grow,
-    the `mesh` may change).
+    not below the steps already trained; the `mesh` may change).
 
     The message names the first key that differs, with the run's value and the new one.
     """
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return
+    trained = committed_steps(run_dir)
+    if trained and trained[0] > cfg.steps:  # resuming would train nothing, and rewrite config.yaml with fewer steps
+        raise RunDirError(
+            f"steps={cfg.steps}: {run_dir} has trained {trained[0]} steps already (its newest checkpoint); resume "
+            f"with steps >= {trained[0]}, or choose another --out"
+        )
     try:
         old = _flat(load_run_config(saved).to_dict())
     except JloraError as e:

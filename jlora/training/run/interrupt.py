@@ -8,6 +8,13 @@ hook saves it, and `jlora train` says so in one line (exit status 130). Rerunnin
 resumes there exactly. A second signal acts at once, as it would without this (Python's
 KeyboardInterrupt for SIGINT, termination for SIGTERM), for a run that must die now.
 
+A signal the process was started with ignored stays ignored: a shell starts a background job
+(``jlora train ... &`` in a script) with SIGINT ignored, and that job must not stop at a SIGINT,
+nor would a second one act. (Taking such a signal over would break both halves of the promise:
+the first would stop the run, the second, handed back to "ignore", would do nothing.) A handler
+installed outside Python (`signal.getsignal` gives None) is left alone too. When the block ends,
+every handler is the one it found.
+
 The processes of a multi-host run must stop at the same update (each takes part in every
 collective and every save), so there a request is shared, any process's counting, at every
 `every`-th update: one small all-gather at the points where the loop fetches its metrics anyway.
@@ -33,14 +40,15 @@ def stop_requests(every: int = 1) -> Iterator[Callable[[int], bool]]:
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield lambda step: False
         return
-    previous = {s: signal.getsignal(s) for s in SIGNALS}
+    found = {s: signal.getsignal(s) for s in SIGNALS}
+    previous = {s: handler for s, handler in found.items() if handler not in (signal.SIG_IGN, None)}  # taken over
 
     def request(signum, frame) -> None:
         flag.set()
         for s, handler in previous.items():  # the next signal acts at once
             signal.signal(s, handler)
 
-    for s in SIGNALS:
+    for s in previous:
         signal.signal(s, request)
     try:
         yield _shared(flag, every) if jax.process_count() > 1 else lambda step: flag.is_set()

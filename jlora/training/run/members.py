@@ -22,11 +22,13 @@ member's name lists what was given for it (``r=4,alpha=8``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import re
 from typing import Any
 
+from jlora.checks import check_number
 from jlora.core.lora.config import LoraConfig
 from jlora.core.update.population import Member
 from jlora.errors import ConfigError
@@ -104,13 +106,11 @@ def _alpha(value: Any, r: int, where: str) -> float:
 
 
 def _number(value: Any, name: str, where: str) -> float:
-    try:
-        number = float(value) if not isinstance(value, bool) else float("nan")
-    except (TypeError, ValueError):
-        number = float("nan")
-    if not number > 0:
-        raise ConfigError(f"{where}: {name} must be a number > 0, got {value!r}")
-    return number
+    """A member's lr, alpha or LoRA+ ratio: finite and > 0, as the run's own must be (YAML reads 1e-3 as text)."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    return float(check_number(f"{where}: {name}", value, "> 0"))
 
 
 def _show(value: Any) -> str:

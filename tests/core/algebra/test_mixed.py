@@ -94,3 +94,36 @@ def test_a_bad_index_or_stack_is_one_line(setup):
     with pytest.raises(ValueError, match="need per-row weights"):
         stack = stack_adapters(trees(adapters))
         jlora.GPT2(CONFIG, jlora.LoraConfig()).apply({"params": params, "lora": stack.lora}, jnp.asarray(IDS))
+
+
+@pytest.mark.parametrize("bad", ["A", "B", "scaling", "huge"])
+def test_a_non_finite_adapter_leaves_the_other_rows_as_they_are(setup, bad):
+    """0 x NaN is NaN: a row's answer must not read another adapter, whatever that adapter holds (NaN or inf in A,
+    B or its scale, or finite factors whose update overflows). The healthy rows equal their adapter alone, in
+    the logits and in generation; the poisoned adapter's own rows are not finite."""
+    model, params, adapters = setup
+    poison = {
+        "A": lambda a: {**a, "A": a["A"].at[0, 0].set(jnp.nan)},
+        "B": lambda a: {**a, "B": a["B"].at[0, 0].set(jnp.inf)},
+        "scaling": lambda a: {**a, "scaling": jnp.asarray(jnp.nan)},
+        "huge": lambda a: {**a, "A": a["A"] * 1e30, "B": a["B"] * 1e30},
+    }[bad]
+    lora = jax.tree.map(lambda x: x, adapters[1][1])
+    lora["h"]["0"]["attn"]["c_attn"] = poison(lora["h"]["0"]["attn"]["c_attn"])
+    stack = stack_adapters([adapters[0][1], lora, adapters[2][1]])
+    mixed = np.asarray(jax.jit(model.apply)(mixed_variables(params, stack, INDEX), IDS))
+    for k in (0, 2, -1):
+        rows = INDEX == k
+        expected = alone(model, params, None if k < 0 else adapters[k], IDS[rows])
+        np.testing.assert_allclose(mixed[rows], expected, atol=2e-5, rtol=0)
+    assert not np.isfinite(mixed[INDEX == 1]).all()
+
+    prompts = [list(row[:6]) for row in IDS]
+    out = jlora.generate(model, params, prompts, adapters=stack, adapter_index=INDEX, max_new_tokens=4)
+    for n, k in enumerate(INDEX):
+        if k == 1:
+            continue
+        solo = dict(lora=adapters[k][1]) if k >= 0 else {}
+        m = model.clone(lora=adapters[k][0]) if k >= 0 else model
+        expected = jlora.generate(m, params, [prompts[n]], max_new_tokens=4, **solo)
+        np.testing.assert_array_equal(out.tokens[n], expected.tokens[0])

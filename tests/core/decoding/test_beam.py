@@ -225,12 +225,15 @@ def test_settings_are_arguments_one_compilation_serves_them(merged, eos, caplog)
 @pytest.mark.parametrize(
     "options, message",
     [
-        (dict(num_beams=2, temperature=0.7), "beam search does not sample"),
-        (dict(num_beams=0), "num_beams must be an integer >= 1"),
-        (dict(num_beams=51), "num_beams must be an integer >= 1"),  # 2 x 51 candidates > 101 tokens
+        (dict(num_beams=2, temperature=0.7), "num_beams 2 searches, it does not sample: give temperature 0"),
+        (dict(num_beams=0), "num_beams must be an integer >= 1, got 0"),
+        (dict(num_beams=51), "num_beams 51: beam search keeps 2 x num_beams candidates of the model's 101 tokens"),
         (dict(num_beams=2, early_stopping="always"), "early_stopping must be True, False or 'never'"),
         (dict(num_beams=2, no_repeat_ngram_size=-1), "no_repeat_ngram_size must be an integer >= 0"),
-        (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
+        (dict(repetition_penalty=0.0), "repetition_penalty must be a finite number > 0, got 0.0"),
+        (dict(temperature=float("nan")), "temperature must be a finite number >= 0, got nan"),
+        (dict(temperature=float("inf")), "temperature must be a finite number >= 0, got inf"),
+        (dict(temperature=1.0, top_p=float("nan")), r"top_p must be a finite number in \(0, 1\], got nan"),
         (dict(num_beams=2, length_penalty=float("nan")), "length_penalty must be a finite number"),
     ],
 )

@@ -205,7 +205,8 @@ def test_diagnose_a_member_plots_its_telemetry(runs, tmp_path, capsys):
         ("{members: [{rank: 2}]}", "unknown key(s) ['rank']"),
         ("{grid: {r: [1, 2], alpha: [2x]}}", "alpha must be a number or a multiple of r like 2r, got '2x'"),
         ("{grid: {r: [0]}}", "r must be a positive integer, got 0"),
-        ("{grid: {lr: [-1]}}", "lr must be a number > 0, got -1"),
+        ("{grid: {lr: [-1]}}", "lr must be a finite number > 0, got -1"),
+        ("{grid: {lr: [.inf]}}", "lr must be a finite number > 0, got inf"),
     ],
 )
 def test_bad_population_is_one_line_and_exit_2(population, message, tmp_path, capsys):

@@ -184,7 +184,7 @@ print("RESULT " + json.dumps({"runs": result, "errors": errors}))
 def test_a_base_split_over_four_devices_trains_as_one_device(tmp_path):
     """mesh.fsdp=4 (each device a quarter of every base weight) and mesh.fsdp=2 (half, the batch split in two):
     the same per-step losses and final adapters as one device, dropout on (one key for the whole batch)."""
-    from jlora.training.records.checkpoint import load_run
+    from jlora.training.records.artifacts import load_run
 
     dropout = "model.random={n_layer: 1, n_embd: 32, n_head: 2, n_positions: 128, resid_pdrop: 0.1}"
     args = sets(*TINY, dropout, "lora.dropout=0.1", "steps=4", "checkpoint.every=4", "exact_match=0")
