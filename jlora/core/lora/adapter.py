@@ -146,6 +146,11 @@ def init_lora(key: jax.Array, model_or_cfg: Any, params: Mapping, dtype=jnp.floa
       ConfigError: `cfg.init` changes the base (PiSSA, OLoRA): use `init_adapters`.
     """
     cfg = as_lora_config(model_or_cfg)
+    if cfg.init == "eva":
+        raise ConfigError(
+            "LoRA init 'eva' takes A from the inputs of the training data: jlora.core.update.probes.eva_adapters"
+            "(model, params, cfg, batches) makes the adapters (a run does it before step 0)"
+        )
     if cfg.changes_base:
         raise ConfigError(
             f"LoRA init {cfg.init!r} replaces the base weights by a residual: use "

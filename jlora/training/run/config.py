@@ -263,6 +263,7 @@ def _check_values(cfg: RunConfig) -> None:
         shapes = family_of(config).param_shapes(config)
         for lora in [cfg.lora] + [m.lora for m in (population_members(cfg) if cfg.population else ())]:
             lora.module_paths(shapes)  # a target the model lacks: one line now
+    _check_init(cfg)
     if cfg.telemetry is not None and cfg.telemetry <= 0:
         raise ConfigError(f"telemetry must be > 0 (every N steps) or null, got {cfg.telemetry}")
     forgetting = cfg.eval.forgetting
@@ -274,11 +275,33 @@ def _check_values(cfg: RunConfig) -> None:
         if cfg.lora.use_dora or cfg.lora.changes_base:
             variant = "lora.use_dora" if cfg.lora.use_dora else f"lora.init={cfg.lora.init}"
             raise ConfigError(f"{variant} is not available in a population (its members share one unchanged base)")
+        if cfg.lora.from_data:
+            raise ConfigError(
+                f"lora.init={cfg.lora.init} is not available in a population (its members are made from a seed); "
+                "train it alone, or give a member its rank_pattern"
+            )
         population_members(cfg)  # its errors now, before anything is loaded
     if cfg.search is not None:
         cfg.search.check(cfg)
     if cfg.model.name == "random":
         check_length(random_model_config(cfg, vocab_size=257), cfg.seq_len)
+
+
+def _check_init(cfg: RunConfig) -> None:
+    """What the inits that read the data cannot take, in one line (`jlora.core.lora.config.FROM_DATA`)."""
+    lora = cfg.lora
+    if lora.init == "lora_ga":
+        if cfg.model.param_dtype != "float32":
+            raise ConfigError(
+                f"lora.init=lora_ga needs float32 base weights (model.param_dtype=float32, got "
+                f"{cfg.model.param_dtype}): the residual W - s B A would lose the adjustment in a 16-bit weight"
+            )
+        if lora.use_dora:
+            raise ConfigError("lora.init=lora_ga with lora.use_dora is not supported")
+    if lora.init == "eva" and lora.use_dora:
+        raise ConfigError("lora.init=eva with lora.use_dora is not supported")
+    if cfg.init_from and lora.from_data:
+        raise ConfigError(f"init_from gives the adapters; it cannot be combined with lora.init={lora.init}")
 
 
 def random_model_config(cfg: RunConfig, vocab_size: int, **numerics) -> Any:
