@@ -53,7 +53,7 @@ MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # GPT-2's ad
 QKV = ("q", "k", "v")  # the slices of a fused projection an adapter may target alone
 FUSED = ("c_attn",)  # modules whose output is q, k, v side by side (GPT-2's)
 ALL_LINEAR = "all-linear"  # PEFT's target: every linear module of the blocks (the LM head is never adapted)
-INITS = ("kaiming", "gaussian", "zeros", "pissa", "pissa_niter_<K>", "olora", "eva", "lora_ga")
+INITS = ("kaiming", "gaussian", "zeros", "pissa", "pissa_niter_<K>", "olora", "eva", "lora_ga", "adalora")
 BASE_CHANGING = ("pissa", "olora", "lora_ga")  # inits that move part of W into the adapter (the base: a residual)
 FROM_DATA = ("eva", "lora_ga")  # inits computed from the run's first training batches (`jlora.training.run.build`)
 LORA_GA_DIRECTIONS = ("ArBr", "A2rBr", "ArB2r", "random")
@@ -212,7 +212,8 @@ class LoraConfig:
         (N(0, 1/r^2), the LoRA paper's) or "zeros" (A = B = 0, for debugging only); or from
         the weight itself, with the base replaced by the residual W - scaling B A so the model
         is unchanged at step 0: "pissa" (top-r SVD), "pissa_niter_K" (randomised SVD, K power
-        iterations), "olora" (QR). Such adapters are made by `jlora.init_adapters`. Two read the
+        iterations), "olora" (QR). Such adapters are made by `jlora.init_adapters`. "adalora": AdaLoRA's
+        SVD-shaped adapter (A, B ~ N(0, 0.02), E = 0, scaling alpha / (r + 1e-5); `adalora`). Two read the
         training data (a run makes them before step 0, `jlora.training.run.build.initial_lora`): "eva"
         (A from a PCA of each layer's inputs, the ranks redistributed; `eva`) and "lora_ga" (A, B from the
         SVD of the averaged gradient of W, on a residual base; `lora_ga`).
@@ -329,8 +330,14 @@ class LoraConfig:
         return float(pattern_value(self.alpha_pattern, path, self.alpha))
 
     def scaling_for(self, path: str, r: int | None = None) -> float:
-        """alpha / r (or alpha / sqrt(r)) for the adapter at `path`; `r` defaults to `rank_for`."""
-        return _scale(self.alpha_for(path), self.rank_for(path) if r is None else r, self.rslora)
+        """alpha / r (or alpha / sqrt(r)) for the adapter at `path`; `r` defaults to `rank_for`.
+
+        AdaLoRA's (init "adalora") is PEFT's lora_alpha / (init_r + 1e-5), whatever its pruning leaves.
+        """
+        r = self.rank_for(path) if r is None else r
+        if self.init == "adalora":
+            return self.alpha_for(path) / (r + 1e-5)
+        return _scale(self.alpha_for(path), r, self.rslora)
 
     def replace(self, **changes) -> LoraConfig:
         return dataclasses.replace(self, **changes)

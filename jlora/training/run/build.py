@@ -244,7 +244,7 @@ def solo_trainer(run: Run, init: dict | None = None) -> Trainer:
     run, lora = initial_lora(run, init)
     variables = {"params": run.start_params, "lora": lora}
     mask = trainable_mask(variables, bias=cfg.trainable.bias, modules_to_save=cfg.trainable.modules_to_save)
-    optimizer = make_optimizer(cfg.optim, partition(variables, mask)[0])
+    optimizer = make_optimizer(cfg.optim, partition(variables, mask)[0], adalora=cfg.adalora)
     return Trainer(
         run,
         init_state(variables, mask, optimizer),
@@ -266,7 +266,15 @@ def checkpoint_meta(run: Run, step: int, identity: dict) -> dict:
         "tokenizer": tokenizer_source(run.cfg),
         "base_model": identity,
         "trainable": {"bias": run.cfg.trainable.bias, "modules_to_save": list(run.cfg.trainable.modules_to_save)},
+        **adalora_meta(run.cfg),
     }
+
+
+def adalora_meta(cfg: RunConfig) -> dict:
+    """An AdaLoRA run's schedule for its checkpoints (``total_step`` resolved), which PEFT's format records."""
+    if cfg.adalora is None:
+        return {}
+    return {"adalora": dataclasses.asdict(dataclasses.replace(cfg.adalora, total_step=cfg.adalora.steps(cfg.steps)))}
 
 
 def adapter_of(trainable: dict, start_leaves: dict | None = None, init: dict | None = None) -> dict:
