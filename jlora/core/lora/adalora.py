@@ -82,16 +82,16 @@ class AdaLoraConfig:
         for name, low in ints.items():
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
-                raise ConfigError(f"adalora.{name} must be an integer >= {low}, got {value!r}")
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.target_r > self.init_r:
-            raise ConfigError(f"adalora.target_r={self.target_r} must be <= init_r={self.init_r}")
+            raise ConfigError(f"target_r={self.target_r} must be <= init_r={self.init_r}")
         for name in ("beta1", "beta2"):
             if not 0 < getattr(self, name) < 1:
-                raise ConfigError(f"adalora.{name} must be in (0, 1), got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be in (0, 1), got {getattr(self, name)!r}")
         if not self.orth_reg_weight >= 0:
-            raise ConfigError(f"adalora.orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
+            raise ConfigError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
         if self.total_step is not None and self.total_step <= 0:
-            raise ConfigError(f"adalora.total_step must be > 0 or null (the run's steps), got {self.total_step!r}")
+            raise ConfigError(f"total_step must be > 0 or null (the run's steps), got {self.total_step!r}")
 
     def steps(self, run_steps: int | None = None) -> int:
         """T, the schedule's length: ``total_step``, else the run's steps; checked to leave a budgeting phase."""

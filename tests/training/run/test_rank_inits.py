@@ -1,5 +1,5 @@
-"""Runs whose adapters start from the data: EVA and LoRA-GA resume exactly without reading a batch again, and
-their PEFT exports load in PEFT with jlora's logits."""
+"""Runs that choose ranks: EVA and LoRA-GA (made from the data) resume exactly without reading a batch again,
+AdaLoRA resumes exactly with its allocator; their PEFT exports load in PEFT with jlora's logits."""
 
 import json
 
@@ -9,6 +9,7 @@ import torch
 from peft import PeftModel
 from transformers import GPT2LMHeadModel
 
+import jlora
 from jlora.cli import main
 from jlora.core.lora.config import pattern_value
 from jlora.training.records.artifacts import load_run
@@ -28,7 +29,7 @@ def losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
-def run_twice(tmp_path, overrides: list[str], monkeypatch, probe: str) -> tuple:
+def run_twice(tmp_path, overrides: list[str], monkeypatch, probe: str | None) -> tuple:
     """(paused-and-resumed run, uninterrupted run): the resumed half must not call `probe` (build's data probe)."""
     cfg = load_run_config("default", [*TWO_LAYERS, *overrides])
     train(cfg, tmp_path / "reference", progress=False)
@@ -37,14 +38,15 @@ def run_twice(tmp_path, overrides: list[str], monkeypatch, probe: str) -> tuple:
     def refuse(*args, **kwargs):
         raise AssertionError(f"a resumed run called {probe} again")
 
-    monkeypatch.setattr(build, probe, refuse)
+    if probe is not None:
+        monkeypatch.setattr(build, probe, refuse)
     train(cfg, tmp_path / "resumed", progress=False)
     return tmp_path / "resumed", tmp_path / "reference"
 
 
-def peft_logits(run, tmp_path) -> tuple[np.ndarray, dict]:
-    out = tmp_path / "peft"
-    assert main(["export", str(run), "--peft", str(out)]) == 0
+def peft_logits(run, tmp_path, *flags: str) -> tuple[np.ndarray, dict]:
+    out = tmp_path / f"peft{'-'.join(flags)}"
+    assert main(["export", str(run), "--peft", str(out), *flags]) == 0
     model = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(out / "base"), out).eval()
     with torch.no_grad():
         return model(torch.tensor(IDS)).logits.numpy(), json.loads((out / "adapter_config.json").read_text())
@@ -91,9 +93,34 @@ def test_a_lora_ga_run_starts_from_the_base_model(tmp_path):
     assert first["lora_ga"] == pytest.approx(first["kaiming"], abs=1e-5)
 
 
+ADALORA = "adalora={init_r: 6, target_r: 2, tinit: 1, tfinal: 1, deltaT: 1}"
+
+
+def test_an_adalora_run_prunes_in_the_step_resumes_exactly_and_exports_both_ways(tmp_path, monkeypatch):
+    resumed, reference = run_twice(tmp_path, [ADALORA, "lora.target_modules=[c_attn, c_fc]"], monkeypatch, None)
+    assert losses(resumed) == losses(reference)  # the allocator's state (EMAs, final mask) resumes too
+    meta = json.loads((resumed / "checkpoints" / "4" / "meta" / "metadata").read_text())
+    assert meta["lora_config"]["init"] == "adalora" and meta["lora_config"]["r"] == 6
+    assert meta["adalora"]["total_step"] == 4
+    model, params, lora, _, _ = load_run(resumed)
+    alive = [int((np.asarray(a["E"]) != 0).sum()) for a in jlora.flatten_adapters(lora).values()]
+    assert sum(alive) <= 2 * 4 < 6 * 4  # the final budget: target_r per module on average
+    ours = jlora_logits(resumed)
+    theirs, config = peft_logits(resumed, tmp_path)
+    assert config["peft_type"] == "ADALORA" and config["total_step"] == 4
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+    theirs, config = peft_logits(resumed, tmp_path, "--as-lora")
+    assert config["peft_type"] == "LORA"
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        (["adalora={init_r: 4, target_r: 6}"], "adalora: target_r=6 must be <= init_r=4"),
+        (["adalora={tinit: 2, tfinal: 2}"], "adalora.tinit=2 + tfinal=2 must be < the schedule's 4 steps"),
+        (["adalora={target_r: 2}", "lora.use_dora=true"], "adalora: cannot be combined with lora.use_dora"),
+        (["lora.init=adalora"], "lora.init=adalora needs an adalora: section"),
         (
             ["lora.init=eva", "lora.eva.rho=3"],
             "EVA offers h.0.attn.c_attn round(r * rho) = 36 components but its input",
