@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--as-lora",
         action="store_true",
-        help="an AdaLoRA run's adapter as a plain PEFT LoRA (its kept triplets' ranks in rank_pattern)",
+        help="an AdaLoRA run's adapter as a plain PEFT LoRA, its kept triplets' ranks in rank_pattern "
+        "(default: PEFT's AdaLoRA format)",
     )
     export.add_argument("--member", type=parse_one_member, metavar="K", help=ONE_MEMBER)
     export.set_defaults(handler=_lazy("jlora.cli.export", "export_command"))
