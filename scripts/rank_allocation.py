@@ -68,7 +68,8 @@ def main(argv=None) -> dict:
             continue
         bar.set_postfix_str(name)
         if name == "energy":
-            trained[name] = al.train_energy(cfg, out, probe_steps=args.probe_steps or max(cfg.steps // 5, 1))
+            probe_steps = args.probe_steps or max(cfg.steps // 5, 1)
+            trained[name] = al.train_energy(cfg, out, task.run.params, probe_steps=probe_steps)
         else:
             trained[name] = al.train_single(name, cfg, out)
         bar.update(1)

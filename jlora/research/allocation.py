@@ -118,15 +118,18 @@ def energy_ranks(
     return ranks
 
 
-def train_energy(cfg: RunConfig, out: Path, *, probe_steps: int, progress: bool = False) -> dict:
-    """jlora's allocation: a probe at PROBE_FACTOR x r for `probe_steps` steps, its dW's spectra turned into a
-    rank_pattern at the uniform run's parameter budget (`energy_ranks`), then the run: {"run", "seconds", "probe"}."""
+def train_energy(cfg: RunConfig, out: Path, params: Mapping, *, probe_steps: int, progress: bool = False) -> dict:
+    """jlora's allocation: a probe at PROBE_FACTOR x r (at most a module's width) for `probe_steps` steps, its dW's
+    spectra turned into a rank_pattern at the uniform run's parameter budget (`energy_ranks`), then the run:
+    {"run", "seconds", "probe"}. `params`: the base's (their shapes)."""
     r = cfg.lora.r
     start = time.perf_counter()
     high = PROBE_FACTOR * r
-    probe_cfg = training_config(
-        with_overrides(cfg, [f"lora.r={high}", f"lora.alpha={2 * high}", f"steps={probe_steps}"])
-    )
+    narrow = {p: min(adapted_shape(params, p)) for p in cfg.lora.module_paths(params)}
+    pattern = {p: w for p, w in narrow.items() if w < high}
+    alphas = {p: 2.0 * w for p, w in pattern.items()}
+    probe_lora = cfg.lora.replace(r=high, alpha=2.0 * high, rank_pattern=pattern, alpha_pattern=alphas)
+    probe_cfg = training_config(dataclasses.replace(cfg, steps=probe_steps, lora=probe_lora))
     train(probe_cfg, out / "energy_probe", progress=progress)
     _, params, lora, _, _ = load_run(out / "energy_probe")
     figures = delta_svd(lora)
