@@ -196,3 +196,21 @@ def test_adalora_settings_are_checked():
         AdaLoraConfig(tinit=5, tfinal=5).steps(10)
     with pytest.raises(ConfigError, match="beta1 must be in"):
         AdaLoraConfig(beta1=1.0)
+
+
+def test_combining_an_adalora_adapter_reads_it_as_its_plain_form():
+    from jlora.core.algebra.combine import combine_adapters
+
+    config = jlora.GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2)
+    params = jlora.init_params(jax.random.key(0), config)
+    lora = jlora.init_lora(jax.random.key(1), jlora.LoraConfig(r=4, alpha=8, init="adalora"), params)
+    e = jnp.asarray([1.0, 0.0, 2.0, 0.5])
+    lora = jlora.unflatten_adapters({p: {**a, "E": e} for p, a in jlora.flatten_adapters(lora).items()})
+    _, combined = combine_adapters([lora], method="linear", weights=[1.0])
+    assert "E" not in jlora.flatten_adapters(combined)["h.0.attn.c_attn"]
+    model, ids = jlora.GPT2(config), np.arange(8)[None] % 11
+    np.testing.assert_allclose(
+        model.apply({"params": params, "lora": combined}, ids),
+        model.apply({"params": params, "lora": lora}, ids),
+        atol=1e-6,
+    )
