@@ -22,7 +22,7 @@ parameters, so the budget goes to the singular values with the most energy per p
 first, until the uniform run's parameter count is spent. Unlike EVA (which looks at what enters a layer)
 it looks at what the task asks of the layer; unlike AdaLoRA it decides once, before the real run.
 
->>> energy_ranks({"a": [3.0, 1.0], "b": [2.0, 0.5]}, {"a": 10, "b": 20}, budget=30)
+>>> energy_ranks({"a": [3.0, 1.0], "b": [2.0, 0.5]}, {"a": 10, "b": 20}, budget=40)
 {'a': 2, 'b': 1}
 """
 
