@@ -130,9 +130,13 @@ def test_the_config_reference_has_every_key():
     from jlora.training.run.search import SearchConfig
 
     keys = plain_keys(RunConfig().to_dict()) + ["population.members", "population.grid"]
+    from jlora.core.lora.adalora import AdaLoraConfig
+
     keys += [f"search.{key}" for key in SearchConfig().__dataclass_fields__]
+    keys += [f"adalora.{key}" for key in AdaLoraConfig().__dataclass_fields__]
     keys.remove("population")
     keys.remove("search")
+    keys.remove("adalora")
     assert sorted(rows) == sorted(keys)
     assert rows["lora.r"][:3] == ["`int`", "`8`", ""] and rows["steps"][1:3] == ["`100`", "`400`"]  # defaults
     assert rows["eval_batches"][:2] == ["`int | None`", "`null`"]

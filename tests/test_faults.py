@@ -189,7 +189,7 @@ CASES = {
     "config_not_utf8": Case(
         "train {tmp}/c.yaml --out {tmp}/out", 2, "cannot read config file", write("c.yaml", b"\xff")
     ),
-    "unknown_key": Case(T + " --set lr=1e-3", 2, "unknown key 'lr'; valid: adapter_seed, batch_size"),
+    "unknown_key": Case(T + " --set lr=1e-3", 2, "unknown key 'lr'; valid: adalora, adapter_seed, batch_size"),
     "unknown_nested_key": Case(T + " --set lora.rank=4", 2, "unknown key 'lora.rank'; valid: alpha"),
     "int_given_text": Case(T + " --set steps=ten", 2, "steps must be int, got 'ten'"),
     "int_given_float": Case(T + " --set lora.r=2.5", 2, "lora.r must be int, got 2.5"),
@@ -563,7 +563,7 @@ def config_fields(cls: type = None, prefix: str = "") -> dict[str, object]:
 
 def wrong_value(key: str, default: object) -> str:
     """A YAML value of the wrong type for a field with this default: a mapping for a list or an optional, and so on."""
-    if key in ("population", "search"):  # an optional section: a mapping would be read as one
+    if key in ("population", "search", "adalora"):  # an optional section: a mapping would be read as one
         return "[1, 2]"
     if default is None or isinstance(default, tuple | list):
         return "{x: 1}"

@@ -13,7 +13,9 @@ goes to PEFT as the rank-2r LoRA that equals it on the unmodified base (as PEFT 
 such adapters for sharing); the merged model is the residual base plus the adapter.
 
 A population run holds several adapters; ``--member K`` exports member K, at its own rank
-(``--member best``: a finished search's winner).
+(``--member best``: a finished search's winner). An AdaLoRA run goes out in PEFT's AdaLoRA format
+(``peft_type: ADALORA``), or with ``--as-lora`` as the plain LoRA equal to it, each module at the rank
+its pruning left (``rank_pattern``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from jlora.core.lora.adalora import AdaLoraConfig
 from jlora.exchange.folders import check_new_folder, new_folder
 from jlora.exchange.hf_checkpoint import resolve
 from jlora.exchange.merged import save_merged, write_merged
@@ -45,7 +48,7 @@ def export_command(args: Any) -> int:
     name, source = artifact.base, artifact.tokenizer  # the run's tokenizer: "bytes", the base's (its name) or another
     about = f"{run_dir} (step {artifact.step}, base {name})"
     if args.peft:
-        export_peft(Path(args.peft), artifact, adapter, load_tokenizer(source))
+        export_peft(Path(args.peft), artifact, adapter, load_tokenizer(source), as_lora=getattr(args, "as_lora", False))
         print(f"PEFT adapter of {about} -> {args.peft}")
         if name == "random":
             base = Path(args.peft) / "base"
@@ -67,9 +70,12 @@ def export_command(args: Any) -> int:
     return 0
 
 
-def export_peft(out: Path, artifact: Artifact, adapter: TrainedAdapter, tokenizer: Any) -> None:
+def export_peft(
+    out: Path, artifact: Artifact, adapter: TrainedAdapter, tokenizer: Any, *, as_lora: bool = False
+) -> None:
     """The adapter and its tokenizer as a PEFT folder; a random base goes with it, in ``out/base`` (a PiSSA /
-    OLoRA adapter as the plain LoRA equal to it on the unmodified base)."""
+    OLoRA adapter as the plain LoRA equal to it on the unmodified base; an AdaLoRA one in PEFT's AdaLoRA
+    format, or with `as_lora` as a plain LoRA)."""
     name = artifact.base
     if name == "random":
         recorded = str(out.resolve() / "base")
@@ -84,7 +90,15 @@ def export_peft(out: Path, artifact: Artifact, adapter: TrainedAdapter, tokenize
             modules_to_save=adapter.leaves or None,
             tokenizer=tokenizer,
             init=adapter.init,
+            adalora=adalora_of(adapter.meta),
+            as_lora=as_lora,
         )
         if name == "random":
             model, params = artifact.load_base()
             write_merged(tmp / "base", model.config, params, tokenizer=tokenizer)
+
+
+def adalora_of(meta: dict | None) -> AdaLoraConfig | None:
+    """The ``adalora:`` settings a run's checkpoint records (None: not an AdaLoRA run)."""
+    recorded = (meta or {}).get("adalora")
+    return None if recorded is None else AdaLoraConfig(**recorded)

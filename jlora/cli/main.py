@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--peft", metavar="OUT_DIR", help=f"write adapter_config.json + adapter_model.safetensors {one}")
     where.add_argument("--merged", metavar="OUT_DIR", help=f"write a GPT-2 checkpoint with the adapter merged in {one}")
     export.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    export.add_argument(
+        "--as-lora",
+        action="store_true",
+        help="an AdaLoRA run's adapter as a plain PEFT LoRA, its kept triplets' ranks in rank_pattern "
+        "(default: PEFT's AdaLoRA format)",
+    )
     export.add_argument("--member", type=parse_one_member, metavar="K", help=ONE_MEMBER)
     export.set_defaults(handler=_lazy("jlora.cli.export", "export_command"))
 

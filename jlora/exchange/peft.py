@@ -50,9 +50,11 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from jlora.core.lora.adalora import AdaLoraConfig, as_plain, kept
 from jlora.core.lora.adapter import (
     SCALE,
     adapters_by_module,
+    flatten_adapters,
     scaling_of,
     split_slice,
     unflatten_adapters,
@@ -256,6 +258,8 @@ def save_peft(
     tokenizer: Any = None,
     init: Mapping | None = None,
     overwrite: bool = False,
+    adalora: AdaLoraConfig | None = None,
+    as_lora: bool = False,
 ) -> Path:
     """Write `lora` as a PEFT LoRA folder that ``PeftModel.from_pretrained(base, out_dir)`` loads: `write_peft`
     into a new folder `out_dir` (an existing non-empty one needs `overwrite`), whole or not at all
@@ -269,6 +273,8 @@ def save_peft(
             modules_to_save=modules_to_save,
             tokenizer=tokenizer,
             init=init,
+            adalora=adalora,
+            as_lora=as_lora,
         )
     return Path(out_dir)
 
@@ -282,6 +288,8 @@ def write_peft(
     modules_to_save: Mapping | None = None,
     tokenizer: Any = None,
     init: Mapping | None = None,
+    adalora: AdaLoraConfig | None = None,
+    as_lora: bool = False,
 ) -> None:
     """The files of a PEFT LoRA folder, written into the existing (empty) `folder`.
 
@@ -297,12 +305,23 @@ def write_peft(
         folder carries the tokenizer the adapter was trained with (None: none).
       init: for a PiSSA / OLoRA adapter (``cfg.changes_base``), its initial factors A0, B0:
         the folder then holds the rank-2r LoRA on the unmodified base that equals it.
+      adalora: for an AdaLoRA adapter (``cfg.init == "adalora"``), the run's ``adalora:`` section: the folder is
+        PEFT's AdaLoRA format (``peft_type: ADALORA``, `write_adalora`).
+      as_lora: an AdaLoRA adapter goes out instead as the plain LoRA equal to it, its kept triplets'
+        ranks in ``rank_pattern`` (`adalora_as_lora`).
 
     Raises:
       CheckpointError: something PEFT cannot represent, or non-finite values, before anything is written.
     """
     from safetensors.numpy import save_file
 
+    if cfg.init == "adalora":
+        if not as_lora:
+            if adalora is None:
+                raise CheckpointError("an AdaLoRA adapter needs its adalora: settings (adalora=) for PEFT's format")
+            args = dict(base_model_name_or_path=base_model_name_or_path, modules_to_save=modules_to_save)
+            return write_adalora(folder, lora, cfg, adalora, tokenizer=tokenizer, **args)
+        lora, cfg = adalora_as_lora(lora, cfg)
     if cfg.changes_base:
         if init is None:
             raise CheckpointError(
@@ -328,6 +347,138 @@ def write_peft(
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer is not None:
         save_tokenizer(tokenizer, folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# AdaLoRA (peft_type ADALORA): A, E, B as parameters, pruned by a rank pattern
+
+
+def adalora_as_lora(lora: Mapping, cfg: LoraConfig) -> tuple[dict, LoraConfig]:
+    """An AdaLoRA tree as the plain LoRA equal to it: A' = diag(E) A on the kept triplets, B on theirs, each
+    module's rank and alpha (its scale times that rank) in the patterns; a module with none left is dropped."""
+    plain, ranks = as_plain(lora)
+    kept = [p for p, r in ranks.items() if r > 0]
+    if not kept:
+        raise CheckpointError("every AdaLoRA triplet is masked (E = 0 everywhere); there is no update to export")
+    scale = {p: float(scaling_of(a, p)) for p, a in flatten_adapters(plain).items()}
+    targets = {} if len(kept) == len(ranks) else targets_for(kept, every_layer=False)
+    plain_cfg = cfg.replace(
+        init="kaiming",
+        rank_pattern={p: ranks[p] for p in kept},
+        alpha_pattern={p: scale[p] * ranks[p] for p in kept},
+        **targets,
+    )
+    return plain, plain_cfg
+
+
+def adalora_config(
+    lora: Mapping, cfg: LoraConfig, adalora: AdaLoraConfig, *, base_model_name_or_path: str | None, saved: list
+) -> dict:
+    """The ``adapter_config.json`` of PEFT's AdaLoRA: its schedule keys, lora_alpha, and the rank pattern (every
+    module's mask over its init_r triplets, under ``<module>.lora_E``) that sizes the saved tensors."""
+    family = family_of_paths(list(flatten_adapters(lora)))
+    pattern = {f"{family.hf_prefix}{p}.lora_E": np.asarray(kept(a)).tolist() for p, a in flatten_adapters(lora).items()}
+    paths = list(flatten_adapters(lora))
+    return {
+        "peft_type": "ADALORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "init_r": cfg.r,
+        "target_r": adalora.target_r,
+        "tinit": adalora.tinit,
+        "tfinal": adalora.tfinal,
+        "deltaT": adalora.deltaT,
+        "beta1": adalora.beta1,
+        "beta2": adalora.beta2,
+        "orth_reg_weight": adalora.orth_reg_weight,
+        "total_step": adalora.total_step or None,
+        "lora_alpha": int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": _target_modules(paths, cfg),
+        "rank_pattern": pattern,
+        "fan_in_fan_out": family.name == "gpt2",
+        "bias": "none",
+        "modules_to_save": saved or None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+
+
+def write_adalora(
+    folder: Path,
+    lora: Mapping,
+    cfg: LoraConfig,
+    adalora: AdaLoraConfig,
+    *,
+    base_model_name_or_path: str | None,
+    modules_to_save: Mapping | None = None,
+    tokenizer: Any = None,
+) -> None:
+    """Write an AdaLoRA tree into `folder` in PEFT's format: ``<module>.lora_A`` (k, d_in), ``.lora_E`` (k, 1),
+    ``.lora_B`` (d_out, k) for the k kept triplets (`jlora.core.lora.adalora.kept`), as PEFT's
+    ``save_pretrained`` prunes them."""
+    from safetensors.numpy import save_file
+
+    adapters = flatten_adapters(lora)
+    if adalora.total_step is None:
+        raise CheckpointError("PEFT's AdaLoRA needs total_step: give the run's (adalora.total_step)")
+    family = family_of_paths(list(adapters))
+    saved = _check_savable(modules_to_save or {}, set(adapters), family)
+    config = adalora_config(lora, cfg, adalora, base_model_name_or_path=base_model_name_or_path, saved=saved)
+    tensors = {}
+    for path, adapter in adapters.items():
+        keep = np.asarray(kept(adapter))
+        name = f"{PREFIX}{family.hf_prefix}{path}"
+        tensors[f"{name}.lora_A"] = np.asarray(adapter["A"], np.float32)[keep]
+        tensors[f"{name}.lora_E"] = np.asarray(adapter["E"], np.float32)[keep][:, None]
+        tensors[f"{name}.lora_B"] = np.asarray(adapter["B"], np.float32)[:, keep]
+    trained = {k: v for k, v in (modules_to_save or {}).items() if v is not None}
+    for key, value in family.state_from_params(trained).items():
+        tensors[PREFIX + key] = np.asarray(value, np.float32)
+    bad = [k for k, v in tensors.items() if not np.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"refusing to export non-finite values in {', '.join(bad[:3])}")
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    save_file(tensors, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    if tokenizer is not None:
+        save_tokenizer(tokenizer, folder)
+
+
+def load_adalora(directory: Path, config: Mapping) -> PeftAdapter:
+    """A PEFT AdaLoRA folder as jlora's: each module's kept triplets back at their places among its init_r, the
+    masked ones 0 (E = 0: no update), so the tree has the shapes AdaLoRA trains with."""
+    tensors, _ = _read_tensors(directory)
+    flat, trained = _sort_tensors(tensors, directory / ADAPTER_WEIGHTS, dora=False)
+    file = directory / ADAPTER_CONFIG
+    init_r, alpha = _number(config, "init_r", file, int), _number(config, "lora_alpha", file)
+    family = family_of_paths(list(flat))
+    pattern = config.get("rank_pattern") or {}
+    lora = {}
+    for path, adapter in flat.items():
+        keep = np.asarray(pattern.get(f"{family.hf_prefix}{path}.lora_E", [True] * init_r), bool)
+        if keep.shape != (init_r,) or int(keep.sum()) != adapter["A"].shape[0] or "E" not in adapter:
+            raise CheckpointError(
+                f"AdaLoRA adapter {path}: lora_A {adapter['A'].shape} does not fit its rank pattern "
+                f"over init_r={init_r}"
+            )
+        a = np.zeros((init_r, adapter["A"].shape[1]), np.float32)
+        b = np.zeros((adapter["B"].shape[0], init_r), np.float32)
+        e = np.zeros((init_r,), np.float32)
+        a[keep], b[:, keep], e[keep] = adapter["A"], adapter["B"], adapter["E"].reshape(-1)
+        lora[path] = {"A": a, "E": e, "B": b}
+    every_layer = _every_layer(config.get("target_modules"), config.get("layers_to_transform"))
+    cfg = LoraConfig(
+        r=init_r,
+        alpha=alpha,
+        dropout=float(config.get("lora_dropout") or 0.0),
+        init="adalora",
+        **targets_for(list(lora), every_layer),
+    )
+    if cfg.module_paths(_model_paths(lora)) != tuple(lora):
+        raise CheckpointError(f"cannot express the adapters of {directory} as a LoraConfig")
+    lora = with_scaling(_to_jax(unflatten_adapters(lora)), cfg)
+    return PeftAdapter(cfg, lora, _to_jax(trained or None))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,15 +544,16 @@ def _read_tensors(directory: Path) -> tuple[dict[str, np.ndarray], dict[str, str
 
 
 def _adapter_key(key: str) -> tuple[str, str] | None:
-    """PEFT tensor name -> (module path, "A", "B" or "m"), e.g. ("h.0.attn.c_attn", "A"); None: not LoRA."""
+    """PEFT tensor name -> (module path, "A", "B", "m" or AdaLoRA's "E"), e.g. ("h.0.attn.c_attn", "A"); None: not
+    LoRA. AdaLoRA's factors are parameters, not layers: ``...c_attn.lora_A`` without ``.weight``."""
     m = re.fullmatch(
-        r"(?:base_model\.model\.)?(?:transformer\.|model\.)?(.+)\.(lora_A\.weight|lora_B\.weight"
+        r"(?:base_model\.model\.)?(?:transformer\.|model\.)?(.+)\.(lora_A|lora_B|lora_E"
         r"|lora_magnitude_vector)(?:\.weight)?",  # older PEFT saved the magnitude as ...lora_magnitude_vector.weight
         key,
     )
     if not m:
         return None
-    return m.group(1), {"lora_A.weight": "A", "lora_B.weight": "B", "lora_magnitude_vector": "m"}[m.group(2)]
+    return m.group(1), {"lora_A": "A", "lora_B": "B", "lora_E": "E", "lora_magnitude_vector": "m"}[m.group(2)]
 
 
 def _as_jlora_slices(flat: dict, cfg: LoraConfig) -> dict | None:
@@ -503,6 +655,8 @@ def load_peft(directory: str | os.PathLike) -> PeftAdapter:
     """
     directory = Path(directory)
     config = read_adapter_config(directory)
+    if config.get("peft_type") == "ADALORA":
+        return load_adalora(directory, config)
     _check_supported(config)
     tensors, metadata = _read_tensors(directory)
 

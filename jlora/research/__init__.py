@@ -1,5 +1,6 @@
 """Research on top of training: what a trained update looks like, and experiments that test claims.
 
+    allocation.py    every way of choosing r at one budget (EVA, AdaLoRA, LoRA-GA, PiSSA, jlora's), trained, scored
     diagnose.py      spectrum of every adapter's dW, phi(i, j) between two runs, telemetry over steps
     experiments.py   in-memory tasks and fits for sweeps (a population at once); a full fine-tune's dW
     fastfood.py      the Fastfood transform: a D x d random projection applied in O(D log d)

@@ -167,9 +167,14 @@ def heatmaps(
     xlabel: str = "j",
     ylabel: str = "i",
     title: str | None = None,
+    vmax: float = 1.0,
+    label: str = "phi(i, j)",
+    column_labels: Sequence[str] | None = None,
+    row_labels: Sequence[str] | None = None,
 ) -> Path:
-    """One heat map per entry {name: (n_i, n_j) values in [0, 1]}, row i from the top, as in the
-    LoRA paper's subspace-similarity figure; i and j count from 1."""
+    """One heat map per entry {name: (n_i, n_j) values in [0, vmax]}, row i from the top, as in the
+    LoRA paper's subspace-similarity figure; i and j count from 1 (`row_labels`, `column_labels`: the axes'
+    names instead)."""
     rows, cols = _grid(len(grids))
     fig = Figure(figsize=(3.4 * cols, 3.0 * rows), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
@@ -178,13 +183,17 @@ def heatmaps(
         grid = np.asarray(grid, np.float64)
         n_i, n_j = grid.shape
         extent = (0.5, n_j + 0.5, n_i + 0.5, 0.5)
-        image = ax.imshow(grid, vmin=0.0, vmax=1.0, aspect="auto", extent=extent, interpolation="nearest")
+        image = ax.imshow(grid, vmin=0.0, vmax=vmax, aspect="auto", extent=extent, interpolation="nearest")
         ax.set_title(name, fontsize=9)
+        if column_labels is not None:
+            ax.set_xticks(range(1, n_j + 1), column_labels, rotation=45, ha="right", fontsize=7)
+        if row_labels is not None:
+            ax.set_yticks(range(1, n_i + 1), row_labels, fontsize=7)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
     _hide_unused(axes, len(grids))
     if image is not None:
-        fig.colorbar(image, ax=list(axes[: len(grids)]), shrink=0.8, label="phi(i, j)")
+        fig.colorbar(image, ax=list(axes[: len(grids)]), shrink=0.8, label=label)
     return _save(fig, path, title)
 
 

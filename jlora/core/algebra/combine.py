@@ -57,7 +57,15 @@ import jax
 import jax.numpy as jnp
 
 from jlora.core.algebra import task_vectors as tv
-from jlora.core.lora.adapter import SCALE, Adapter, flatten_adapters, scaling_of, split_slice, unflatten_adapters
+from jlora.core.lora.adapter import (
+    SCALE,
+    Adapter,
+    factors,
+    flatten_adapters,
+    scaling_of,
+    split_slice,
+    unflatten_adapters,
+)
 from jlora.core.lora.config import QKV, LoraConfig, path_order, targets_for
 from jlora.core.lora.merge import delta_w
 from jlora.core.lora.svd import factored_svd
@@ -158,6 +166,8 @@ def adapters_by_path(adapters: Adapters) -> dict[str, list[tuple[int, Adapter, j
                     f"adapter {i} is a DoRA adapter ({path} has a magnitude m); DoRA magnitudes rescale the base's "
                     "output and neither combine nor stack: use plain LoRA adapters"
                 )
+            if "E" in adapter:  # AdaLoRA's B diag(E) A: the plain adapter (diag(E) A, B)
+                adapter = {**{k: v for k, v in adapter.items() if k != "E"}, "A": factors(adapter)[0]}
             by_path[path].append((i, adapter, scaling_of(adapter, path)))
     for path, present in by_path.items():
         (i0, first, _), *rest = present

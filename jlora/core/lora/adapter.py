@@ -21,7 +21,8 @@ A slice adapter of a fused projection (GPT-2's q, k, v thirds of c_attn) sits on
 ``lora[...]["c_attn"]["q"] = {"A": (r, D), "B": (D, r), "scaling": ()}``. So one path names a
 module everywhere, and `flatten_adapters` gives ``{"h.0.attn.c_attn": {"A": ..., "B": ..., "scaling": ...}}``.
 An adapter may hold more, and every function here carries its other leaves along: DoRA's
-magnitude ``"m": (d_out,)`` (`jlora.core.lora.dora`) sits beside them.
+magnitude ``"m": (d_out,)`` (`jlora.core.lora.dora`) sits beside them, and AdaLoRA's singular values
+``"E": (r,)`` (`jlora.core.lora.adalora`), which make the update ``scaling * B diag(E) A`` (`factors`).
 
 `init_lora` makes the adapters whose B starts at 0 (the base is untouched); PiSSA and
 OLoRA start from the weight itself and change the base, so `jlora.core.lora.residual.init_adapters`
@@ -113,6 +114,19 @@ def adapted_shape(params: Mapping, path: str) -> tuple[int, int]:
     return cols.stop - cols.start, d_in
 
 
+def factors(adapter: Mapping) -> tuple[jax.Array, jax.Array]:
+    """(A, B) of the update ``scaling * B A``: an SVD-shaped adapter's (AdaLoRA's, `jlora.core.lora.adalora`)
+    A is diag(E) A.
+
+    >>> adapter = {"A": jnp.ones((2, 3)), "E": jnp.asarray([2.0, 0.0]), "B": jnp.ones((4, 2))}
+    >>> factors(adapter)[0].tolist()
+    [[2.0, 2.0, 2.0], [0.0, 0.0, 0.0]]
+    """
+    if "E" in adapter:
+        return adapter["A"] * adapter["E"][..., None].astype(adapter["A"].dtype), adapter["B"]
+    return adapter["A"], adapter["B"]
+
+
 def _init_a(key: jax.Array, init: str, r: int, d_in: int, dtype) -> jax.Array:
     if init == "kaiming":  # torch's kaiming_uniform_(a=sqrt(5)) on (r, d_in): U(-1/sqrt(d_in), 1/sqrt(d_in))
         bound = 1.0 / math.sqrt(d_in)
@@ -146,6 +160,11 @@ def init_lora(key: jax.Array, model_or_cfg: Any, params: Mapping, dtype=jnp.floa
       ConfigError: `cfg.init` changes the base (PiSSA, OLoRA): use `init_adapters`.
     """
     cfg = as_lora_config(model_or_cfg)
+    if cfg.init == "eva":
+        raise ConfigError(
+            "LoRA init 'eva' takes A from the inputs of the training data: jlora.core.update.probes.eva_adapters"
+            "(model, params, cfg, batches) makes the adapters (a run does it before step 0)"
+        )
     if cfg.changes_base:
         raise ConfigError(
             f"LoRA init {cfg.init!r} replaces the base weights by a residual: use "
@@ -159,6 +178,14 @@ def init_lora(key: jax.Array, model_or_cfg: Any, params: Mapping, dtype=jnp.floa
             raise ConfigError(
                 f"LoRA rank r={r} exceeds {path}'s width ({d_in} -> {d_out}); valid: r <= {min(d_in, d_out)}"
             )
+        if cfg.init == "adalora":  # PEFT's AdaLoRA: A, B ~ N(0, 0.02), E = 0
+            a_key, b_key = jax.random.split(jax.random.fold_in(key, i))
+            flat[path] = {
+                "A": 0.02 * jax.random.normal(a_key, (r, d_in), dtype),
+                "E": jnp.zeros((r,), dtype),
+                "B": 0.02 * jax.random.normal(b_key, (d_out, r), dtype),
+            }
+            continue
         flat[path] = {
             "A": _init_a(jax.random.fold_in(key, i), cfg.init, r, d_in, dtype),
             "B": jnp.zeros((d_out, r), dtype),
@@ -235,14 +262,15 @@ def adapter_delta(x: jax.Array, adapter: Mapping, path: str = "") -> jax.Array:
     (``"scaling": (N, K)``, `stacked_lora_delta`).
     """
     scale = scaling_of(adapter, path)
-    if adapter["A"].ndim == 3:
+    a, b = factors(adapter)
+    if a.ndim == 3:
         if jnp.ndim(scale) != 2:
             raise ValueError(
                 f"stacked adapters{' at ' + path if path else ''} need per-row weights: "
                 "use jlora.core.algebra.mixed.mixed_variables"
             )
-        return stacked_lora_delta(x, adapter["A"], adapter["B"], scale)
-    return lora_delta(x, adapter["A"], adapter["B"], scale)
+        return stacked_lora_delta(x, a, b, scale)
+    return lora_delta(x, a, b, scale)
 
 
 def module_delta(x: jax.Array, node: Mapping, d_out: int, path: str = "") -> jax.Array:

@@ -53,8 +53,11 @@ MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # GPT-2's ad
 QKV = ("q", "k", "v")  # the slices of a fused projection an adapter may target alone
 FUSED = ("c_attn",)  # modules whose output is q, k, v side by side (GPT-2's)
 ALL_LINEAR = "all-linear"  # PEFT's target: every linear module of the blocks (the LM head is never adapted)
-INITS = ("kaiming", "gaussian", "zeros", "pissa", "pissa_niter_<K>", "olora")
-BASE_CHANGING = ("pissa", "olora")  # inits that move part of W into the adapter (the base becomes a residual)
+INITS = ("kaiming", "gaussian", "zeros", "pissa", "pissa_niter_<K>", "olora", "eva", "lora_ga", "adalora")
+BASE_CHANGING = ("pissa", "olora", "lora_ga")  # inits that move part of W into the adapter (the base: a residual)
+FROM_DATA = ("eva", "lora_ga")  # inits computed from the run's first training batches (`jlora.training.run.build`)
+LORA_GA_DIRECTIONS = ("ArBr", "A2rBr", "ArB2r", "random")
+LORA_GA_SCALES = ("stable", "weight_svd", "gd_scale", "unit")
 _REGEX_CHARS = set("\\[](){}*+?|^$")
 
 
@@ -129,6 +132,71 @@ def pattern_value(pattern: Mapping[str, float], path: str, default):
     return default
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check(ok, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaConfig:
+    """EVA's settings (``init="eva"``; `jlora.core.lora.eva`), PEFT's ``EvaConfig`` with its defaults.
+
+    Attributes:
+      rho: each adapted layer is offered round(r * rho) components (>= 1; 1: no redistribution).
+      tau: a component has converged when its cosine with the previous batch's estimate is >= tau.
+      whiten: divide each component by the square root of its singular value.
+      adjust_scaling_factors: alpha follows the new rank (alpha * r_new / r), so the scaling stays alpha / r.
+      use_label_mask: only the positions of completion tokens feed the PCA (PEFT's label mask); else every token.
+      batches: the most training batches the PCA reads (jlora's; PEFT cycles its loader until convergence).
+    """
+
+    rho: float = 2.0
+    tau: float = 0.99
+    whiten: bool = False
+    adjust_scaling_factors: bool = True
+    use_label_mask: bool = True
+    batches: int = 100
+
+    def __post_init__(self):
+        _check(_is_number(self.rho) and self.rho >= 1.0, f"lora.eva.rho must be >= 1, got {self.rho!r}")
+        _check(_is_number(self.tau) and 0.0 <= self.tau <= 1.0, f"lora.eva.tau must be in [0, 1], got {self.tau!r}")
+        _check(_is_int(self.batches) and self.batches > 0, f"lora.eva.batches must be > 0, got {self.batches!r}")
+        for name in ("whiten", "adjust_scaling_factors", "use_label_mask"):
+            _check(isinstance(getattr(self, name), bool), f"lora.eva.{name} must be true or false")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraGAConfig:
+    """LoRA-GA's settings (``init="lora_ga"``; `jlora.core.lora.lora_ga`), PEFT's ``LoraGAConfig`` with its defaults.
+
+    Attributes:
+      direction: which of the gradient's 2r singular vectors A and B take: "ArB2r" (A the first r right
+        vectors, B the left vectors r..2r), "A2rBr", "ArBr" (alternating), "random".
+      scale: "stable" (B times d_out^(1/4) / sqrt(stable_gamma)), "weight_svd", "gd_scale" or "unit".
+      stable_gamma: gamma of the "stable" scale.
+      batches: training batches whose full-weight gradients are averaged (jlora's; PEFT's is the user's loop).
+    """
+
+    direction: str = "ArB2r"
+    scale: str = "stable"
+    stable_gamma: int = 16
+    batches: int = 4
+
+    def __post_init__(self):
+        _check(self.direction in LORA_GA_DIRECTIONS, f"lora.lora_ga.direction must be one of {LORA_GA_DIRECTIONS}")
+        _check(self.scale in LORA_GA_SCALES, f"lora.lora_ga.scale must be one of {LORA_GA_SCALES}")
+        _check(_is_number(self.stable_gamma) and self.stable_gamma > 0, "lora.lora_ga.stable_gamma must be > 0")
+        _check(_is_int(self.batches) and self.batches > 0, f"lora.lora_ga.batches must be > 0, got {self.batches!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """Which modules get a rank-`r` adapter and how the update is scaled.
@@ -144,9 +212,15 @@ class LoraConfig:
         (N(0, 1/r^2), the LoRA paper's) or "zeros" (A = B = 0, for debugging only); or from
         the weight itself, with the base replaced by the residual W - scaling B A so the model
         is unchanged at step 0: "pissa" (top-r SVD), "pissa_niter_K" (randomised SVD, K power
-        iterations), "olora" (QR). Such adapters are made by `jlora.init_adapters`.
+        iterations), "olora" (QR). Such adapters are made by `jlora.init_adapters`. "adalora": AdaLoRA's
+        SVD-shaped adapter (A, B ~ N(0, 0.02), E = 0, scaling alpha / (r + 1e-5); `adalora`). Two read the
+        training data (a run makes them before step 0, `jlora.training.run.build.initial_lora`): "eva"
+        (A from a PCA of each layer's inputs, the ranks redistributed; `eva`) and "lora_ga" (A, B from the
+        SVD of the averaged gradient of W, on a residual base; `lora_ga`).
       rank_pattern, alpha_pattern: per-module overrides, keyed like PEFT's.
       use_dora: DoRA, a trained magnitude per output feature of each adapted module.
+      eva: EVA's settings (with init "eva").
+      lora_ga: LoRA-GA's settings (with init "lora_ga").
     """
 
     r: int = 8
@@ -159,8 +233,17 @@ class LoraConfig:
     rank_pattern: Mapping[str, int] = FrozenDict()
     alpha_pattern: Mapping[str, float] = FrozenDict()
     use_dora: bool = False
+    eva: EvaConfig = EvaConfig()
+    lora_ga: LoraGAConfig = LoraGAConfig()
 
     def __post_init__(self):
+        for name, kind in (("eva", EvaConfig), ("lora_ga", LoraGAConfig)):
+            value = getattr(self, name)
+            if isinstance(value, Mapping):  # from a dict (to_dict's, a checkpoint's meta)
+                fields = {f.name for f in dataclasses.fields(kind)}
+                _check(set(value) <= fields, f"unknown lora.{name} key(s) {sorted(set(value) - fields)}")
+                object.__setattr__(self, name, kind(**value))
+            _check(isinstance(getattr(self, name), kind), f"lora.{name} must be a mapping of {kind.__name__}'s keys")
         _check_types(self)
         targets = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -198,6 +281,11 @@ class LoraConfig:
     def changes_base(self) -> bool:
         """Whether the init moves part of W into the adapter, so the base becomes a residual (PiSSA, OLoRA)."""
         return self.init.startswith(BASE_CHANGING)
+
+    @property
+    def from_data(self) -> bool:
+        """Whether the init reads the training data (EVA, LoRA-GA): a run makes such adapters, not `init_lora`."""
+        return self.init in FROM_DATA
 
     @property
     def power_iterations(self) -> int | None:
@@ -242,8 +330,14 @@ class LoraConfig:
         return float(pattern_value(self.alpha_pattern, path, self.alpha))
 
     def scaling_for(self, path: str, r: int | None = None) -> float:
-        """alpha / r (or alpha / sqrt(r)) for the adapter at `path`; `r` defaults to `rank_for`."""
-        return _scale(self.alpha_for(path), self.rank_for(path) if r is None else r, self.rslora)
+        """alpha / r (or alpha / sqrt(r)) for the adapter at `path`; `r` defaults to `rank_for`.
+
+        AdaLoRA's (init "adalora") is PEFT's lora_alpha / (init_r + 1e-5), whatever its pruning leaves.
+        """
+        r = self.rank_for(path) if r is None else r
+        if self.init == "adalora":
+            return self.alpha_for(path) / (r + 1e-5)
+        return _scale(self.alpha_for(path), r, self.rslora)
 
     def replace(self, **changes) -> LoraConfig:
         return dataclasses.replace(self, **changes)
@@ -310,14 +404,6 @@ def targets_for(paths, every_layer: bool = True) -> dict:
     return {"target_modules": tuple(re.escape(p) for p in paths), "layers": None}
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
 def _check_types(cfg: LoraConfig) -> None:
     """Each field's type, so a wrong one is a one-line ConfigError rather than a TypeError later."""
     targets = (cfg.target_modules,) if isinstance(cfg.target_modules, str) else cfg.target_modules
@@ -344,11 +430,6 @@ def _valid_targets(paths) -> str:
     block = next((p for p in paths if block_of(p) is not None), "h.0")
     prefix = block[: block.index(f".{block_of(block)}")]
     return ", ".join(kinds) + f", {ALL_LINEAR} (or a suffix / regex of {prefix}.<i>.<module>)"
-
-
-def _check(ok, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
 
 
 def _scale(alpha: float, r: int, rslora: bool) -> float:

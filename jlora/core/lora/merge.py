@@ -41,7 +41,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora.core.lora.adapter import SCALE, adapters_by_module, output_columns, scaling_of
+from jlora.core.lora.adapter import SCALE, adapters_by_module, factors, output_columns, scaling_of
 from jlora.core.lora.dora import magnitude_scale
 from jlora.tree import get_path, has_path, replace_paths
 
@@ -84,7 +84,7 @@ def _new_kernels(
         for path, adapter in adapters.items():
             scaling = adapter[SCALE]
             cols = output_columns(path, kernel.shape[1])
-            update = sign * delta_w(adapter["A"], adapter["B"], scaling).T
+            update = sign * delta_w(*factors(adapter), scaling).T
             if "m" in adapter:  # DoRA: m / n from the weight before the update
                 acc = acc.at[:, cols].set((acc[:, cols] + update) * magnitude_scale(acc[:, cols], adapter, scaling))
             else:

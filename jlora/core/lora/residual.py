@@ -72,12 +72,22 @@ def _mm(x: jax.Array, y: jax.Array) -> jax.Array:
 def randomized_svd(w: jax.Array, r: int, niter: int, key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """An approximate top-r SVD of w (m, n): (u (m, r), s (r,), vt (r, n)), as ``torch.svd_lowrank(w, r, niter)``.
 
-    A Gaussian sketch of r columns, `niter` power (subspace) iterations, then the exact SVD of
-    the r-row projection (Halko et al. 2009, Algorithms 4.4 and 5.1).
+    A Gaussian sketch of r columns drawn from `key`, then `sketched_svd`.
+    """
+    n = min(w.shape)  # the sketch multiplies w's tall form (m >= n) from the right
+    return sketched_svd(w, jax.random.normal(key, (n, r), w.dtype), niter)
+
+
+@partial(jax.jit, static_argnums=2)
+def sketched_svd(w: jax.Array, sketch: jax.Array, niter: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The randomised SVD of w (m, n) from a given Gaussian sketch (min(m, n), r): (u (m, r), s (r,), vt (r, n)).
+
+    `niter` power (subspace) iterations, then the exact SVD of the r-row projection (Halko et al. 2009,
+    Algorithms 4.4 and 5.1), step for step as ``torch.svd_lowrank``: the same sketch gives its result.
     """
     transposed = w.shape[0] < w.shape[1]
     a = w.T if transposed else w  # (m >= n)
-    q = jnp.linalg.qr(_mm(a, jax.random.normal(key, (a.shape[1], r), a.dtype)))[0]
+    q = jnp.linalg.qr(_mm(a, sketch.astype(a.dtype)))[0]
     for _ in range(niter):
         q = jnp.linalg.qr(_mm(a.T, q))[0]
         q = jnp.linalg.qr(_mm(a, q))[0]
@@ -118,6 +128,11 @@ def initial_factors(key: jax.Array, cfg: LoraConfig, params: Mapping) -> dict[st
     Each adapter draws from ``fold_in(key, index)`` in path order (only the randomised SVD
     draws). Raises ConfigError if a rank exceeds min(d_out, d_in) of its weight.
     """
+    if cfg.init == "lora_ga":
+        raise ConfigError(
+            "LoRA-GA's factors come from gradients: jlora.core.lora.lora_ga.lora_ga_init(key, cfg, params, grads), "
+            "then init_adapters(key, cfg, params, init=those factors)"
+        )
     flat = {}
     for i, path in enumerate(cfg.module_paths(params)):
         kernel = get_path(params, split_slice(path)[0])["kernel"]

@@ -53,7 +53,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from jlora.core.lora.adapter import flatten_adapters, output_columns, scaling_of, split_slice
+from jlora.core.lora.adapter import factors, flatten_adapters, output_columns, scaling_of, split_slice
 from jlora.tree import get_path
 
 HIGHEST = jax.lax.Precision.HIGHEST  # diagnostics: no reduced-precision matmul passes on GPU/TPU
@@ -147,8 +147,8 @@ def _figures(adapters: dict, scalings: dict, weights: dict | None) -> dict:
         groups.setdefault((adapter["A"].shape, adapter["B"].shape), []).append(path)
     out = {}
     for paths in groups.values():
-        a = jnp.stack([adapters[p]["A"].astype(jnp.float32) for p in paths])
-        b = jnp.stack([adapters[p]["B"].astype(jnp.float32) for p in paths])
+        a = jnp.stack([factors(adapters[p])[0].astype(jnp.float32) for p in paths])
+        b = jnp.stack([factors(adapters[p])[1].astype(jnp.float32) for p in paths])
         u, s, vt = jax.vmap(factored_svd)(a, b, jnp.stack([scalings[p] for p in paths]))
         s = jnp.pad(s, ((0, 0), (0, a.shape[1] - s.shape[1])))  # r > min(d_out, d_in): the rest are 0
         figs = jax.vmap(spectrum)(s)

@@ -50,6 +50,7 @@ from typing import Any
 import jax
 import optax
 
+from jlora.core.lora.adalora import AdaLoraConfig, add_orthogonal_gradient, allocate
 from jlora.core.lora.adapter import SCALE, flatten_adapters, split_slice
 from jlora.errors import ConfigError
 from jlora.tree import path_names
@@ -221,8 +222,9 @@ def param_labels(tree: PyTree) -> PyTree:
 
 
 def decay_mask(tree: PyTree) -> PyTree:
-    """True on matrices (A, B, kernels, embeddings), False on biases and LayerNorm scales."""
-    return jax.tree.map(lambda x: x.ndim >= 2, tree)
+    """True on matrices (A, B, kernels, embeddings) and AdaLoRA's E (PEFT's lora_E is a (r, 1) matrix, which
+    Hugging Face's Trainer decays), False on biases and LayerNorm scales."""
+    return jax.tree_util.tree_map_with_path(lambda kp, x: x.ndim >= 2 or path_names(kp)[-1] == "E", tree)
 
 
 def count_params(tree: PyTree) -> int:
@@ -236,6 +238,7 @@ def make_optimizer(
     *,
     lr: float | jax.Array | None = None,
     loraplus_ratio: float | jax.Array | None = None,
+    adalora: AdaLoraConfig | None = None,
 ) -> optax.GradientTransformation:
     """The AdamW chain (see the module doc) for the `trainable` partition of the variables.
 
@@ -245,18 +248,28 @@ def make_optimizer(
 
     `lr` and `loraplus_ratio` replace ``cfg``'s; they may be traced values (a population's
     members each have their own under one `vmap`, `jlora.core.update.population`).
+
+    `adalora` (the run's ``adalora:`` section) puts AdaLoRA's training around the chain
+    (`jlora.core.lora.adalora`): the orthogonality penalty's gradient first, and after the update the
+    importance scores and the masking of E::
+
+        add_orthogonal_gradient -> clip -> allocate(scale_by_adam -> decay -> LoRA+ -> learning rate)
     """
     if not jax.tree.leaves(trainable):
         raise ConfigError("nothing to train: the trainable partition has no leaves (is the LoRA tree empty?)")
     ratio = cfg.loraplus_ratio if loraplus_ratio is None else loraplus_ratio
-    chain = []
+    chain, update = [], []
+    if adalora is not None and adalora.orth_reg_weight:
+        chain.append(add_orthogonal_gradient(adalora.orth_reg_weight))
     if cfg.clip_norm is not None:
         chain.append(optax.clip_by_global_norm(cfg.clip_norm))
-    chain.append(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
+    update.append(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
     if cfg.weight_decay:
-        chain.append(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask))
+        update.append(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask))
     if ratio is not None:
         factors = {"A": optax.identity(), "B": optax.scale(ratio), "base": optax.identity()}
-        chain.append(optax.partition(factors, param_labels))
-    chain.append(optax.scale_by_learning_rate(learning_rate(cfg, lr)))
-    return optax.chain(*chain)
+        update.append(optax.partition(factors, param_labels))
+    update.append(optax.scale_by_learning_rate(learning_rate(cfg, lr)))
+    if adalora is not None:
+        return optax.chain(*chain, allocate(optax.chain(*update), adalora, cfg.total_steps))
+    return optax.chain(*chain, *update)

@@ -189,7 +189,9 @@ def check_finite(adapter: TrainedAdapter) -> None:
 def _member(tree: Mapping, meta: Mapping, member: int | None, source: Path) -> TrainedAdapter:
     lora, leaves, own_meta = load_member(tree, meta, member)
     label = str(source) if member is None else f"{source} {member} {own_meta['member']['name']}"
-    return TrainedAdapter(label, lora, lora_config_of(own_meta), leaves or {}, tree.get("init"), own_meta)
+    config = lora_config_of(own_meta)
+    init = tree.get("init") if config.changes_base else None  # an EVA checkpoint's only serves a resume
+    return TrainedAdapter(label, lora, config, leaves or {}, init, own_meta)
 
 
 def _has_tokenizer(directory: Path) -> bool:

@@ -10,10 +10,12 @@ A run directory holds::
 The frozen base is never saved: it is the checkpoint the run started from, named in `meta`
 with a hash of its weights. The adapters' factors are saved (A, B, DoRA's m); their scales
 follow from the LoRA config in `meta`, and every loader here gives the adapters back with them
-(`jlora.core.lora.adapter.with_scaling`). A PiSSA / OLoRA run trains on a residual of that base; its
-checkpoints add the initial factors (``init``, the adapters at step 0), from which
+(`jlora.core.lora.adapter.with_scaling`). A PiSSA / OLoRA / LoRA-GA run trains on a residual of that base;
+its checkpoints add the initial factors (``init``, the adapters at step 0), from which
 `load_checkpoint` (and a resumed run) rebuilds the residual exactly as training made it
-(`jlora.core.lora.residual.residual_params`). `adapter` and `meta` alone restore the adapter::
+(`jlora.core.lora.residual.residual_params`). An EVA run's checkpoints keep its initial factors too: a
+resumed run takes its ranks from them instead of reading the data again.
+`adapter` and `meta` alone restore the adapter::
 
     lora, base_leaves, meta = load_adapter("RUN_DIR/checkpoints/100")        # jlora
     tree = ocp.StandardCheckpointer().restore("RUN_DIR/checkpoints/100/adapter")  # plain Orbax
@@ -282,12 +284,14 @@ def load_base(meta: Mapping, base: str | None = None, *, allow_different_weights
 
 
 def load_init(checkpoint_dir: str | Path) -> dict | None:
-    """The initial factors {"h": ... {"A", "B"}} a PiSSA / OLoRA checkpoint keeps (None for other inits)."""
+    """The initial factors {"h": ... {"A", "B"}} a PiSSA / OLoRA / LoRA-GA / EVA checkpoint keeps (None for other
+    inits)."""
     return read_checkpoint(checkpoint_dir)[0].get("init")
 
 
 def find_init(run_dir: str | Path) -> dict | None:
-    """A PiSSA / OLoRA run's initial factors from its newest checkpoint that reads back (None: none has them).
+    """A PiSSA / OLoRA / LoRA-GA / EVA run's initial factors from its newest checkpoint that reads back (None: none
+    has them).
 
     Every checkpoint of a run keeps the same factors; a damaged newer one is passed over here
     (`restore_newest` sets it aside when the run resumes).

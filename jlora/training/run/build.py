@@ -2,7 +2,8 @@
 
     run = build_run(cfg)              # tokenizer, base (model, params), tokenized train / validation data
     run, lora = initial_lora(run)     # fresh adapters (A random, B = 0; PiSSA / OLoRA: from W, on the
-                                      # residual base), or cfg.init_from's PEFT adapter
+                                      # residual base; EVA, LoRA-GA: from the first batches), or
+                                      # cfg.init_from's PEFT adapter
     run.start_params                  # the base as training starts: params with the adapter's saved modules
     trainer = solo_trainer(run)       # the state at step 0 and how to compile its step (a population:
                                       # jlora.training.run.population.population_trainer)
@@ -20,24 +21,29 @@ in every checkpoint beside the trained leaves, so the checkpoint restores the mo
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import itertools
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 
-from jlora.core.lora.adapter import without_scaling
+from jlora.core.lora.adapter import flatten_adapters, split_slice, with_scaling, without_scaling
+from jlora.core.lora.eva import resolved as eva_config
+from jlora.core.lora.lora_ga import lora_ga_init
 from jlora.core.lora.residual import factors_of, init_adapters
 from jlora.core.models.family import config_to_dict, family_of
 from jlora.core.update.mesh import Placement, mesh_placement
 from jlora.core.update.optim import make_optimizer, partition, trainable_mask
 from jlora.core.update.population import Member
+from jlora.core.update.probes import eva_adapters, weight_gradients
 from jlora.core.update.step import EvalStep, TrainState, TrainStep, init_state, make_eval_step, make_train_step
 from jlora.errors import ConfigError, JloraError, RunDirError
 from jlora.exchange.hf_checkpoint import load_model
 from jlora.training.data.batching import Layout
 from jlora.training.data.prompt import chat_example
-from jlora.training.data.rows import TokenizedData, tokenize
+from jlora.training.data.rows import TokenizedData, batch_at, tokenize
 from jlora.training.data.sources import read_examples
 from jlora.training.data.tokenizer import load_tokenizer
 from jlora.training.records.checkpoint import committed_steps
@@ -59,8 +65,9 @@ class Run:
     """What a run is built from (everything but the training state).
 
     `val` is None when the config names no validation data; `start_leaves` holds the base
-    leaves the run starts from in place of the base's (an ``init_from`` adapter's modules_to_save). A PiSSA / OLoRA
-    run's `params` are the residual base and `init` the initial factors they were made with (else None).
+    leaves the run starts from in place of the base's (an ``init_from`` adapter's modules_to_save). A PiSSA / OLoRA /
+    LoRA-GA run's `params` are the residual base and `init` the initial factors they were made with; an EVA run's
+    `init` its initial factors and its model's LoRA config EVA's (else None).
     """
 
     cfg: RunConfig
@@ -173,13 +180,63 @@ def initial_lora(run: Run, init: dict | None = None) -> tuple[Run, dict]:
     A PiSSA / OLoRA init takes A and B from the base weights and returns the run on the
     residual base, with `run.init` the factors; `init` (a checkpoint's) gives those factors
     instead of computing them, so a resumed run trains on the very residual it started with.
+    The inits that read the data take it from the run's first training batches, those of steps
+    0, 1, ...: EVA (`eva_start`: the run's LoRA config becomes EVA's, its ranks in the patterns)
+    and LoRA-GA (`lora_ga_start`: a residual base, as PiSSA's). Their checkpoints keep the initial
+    factors too, so a resumed run reads no batch again.
     """
     if run.cfg.init_from:
         return start_from_peft(run)
-    params, lora = init_adapters(init_key(adapter_seed(run.cfg)), run.model, run.params, init=init)
-    if not run.model.lora.changes_base:
+    key, cfg = init_key(adapter_seed(run.cfg)), run.model.lora
+    if cfg.init == "eva":
+        return eva_start(run, init)
+    if cfg.init == "lora_ga" and init is None:
+        init = lora_ga_start(run, key)
+    params, lora = init_adapters(key, run.model, run.params, init=init)
+    if not cfg.changes_base:
         return run, lora
     return dataclasses.replace(run, params=params, init=factors_of(lora)), lora
+
+
+def first_batches(run: Run) -> Iterator[dict]:
+    """The run's training batches from step 0 on, as the steps will read them (unshaped)."""
+    return (batch_at(run.train, i, run.cfg.batch_size, run.cfg.seed) for i in itertools.count())
+
+
+def eva_start(run: Run, init: dict | None = None) -> tuple[Run, dict]:
+    """(run with EVA's LoRA config, its adapters): a PCA of each adapted layer's inputs over the first
+    batches (`jlora.core.update.probes.eva_adapters`); `init` (a checkpoint's factors) gives the adapters
+    and their ranks without reading a batch."""
+    cfg = run.model.lora
+    if init is None:
+        from tqdm.auto import tqdm
+
+        with tqdm(total=cfg.eva.batches, desc="EVA", unit="batch", leave=False, disable=not sys.stderr.isatty()) as bar:
+            found = eva_adapters(run.model, run.params, cfg, first_batches(run), progress=lambda *_: bar.update(1))
+        if not found.converged:
+            print(
+                f"jlora: EVA read {found.batches} batches (lora.eva.batches) before every layer's components "
+                f"converged (cosine >= tau={cfg.eva.tau}); it uses them as they are",
+                file=sys.stderr,
+            )
+        resolved, lora = found.config, found.lora
+    else:
+        flat = flatten_adapters(init)
+        ranks = {p: flat[p]["A"].shape[0] if p in flat else 0 for p in cfg.module_paths(run.params)}
+        resolved = eva_config(cfg, ranks, run.params)
+        lora = with_scaling(init, resolved)
+    run = dataclasses.replace(run, model=run.model.clone(lora=resolved), init=factors_of(lora))
+    return run, lora
+
+
+def lora_ga_start(run: Run, key: jax.Array) -> dict:
+    """LoRA-GA's initial factors {adapter path: {"A", "B"}}: the gradients of the adapted kernels averaged over
+    the first ``lora.lora_ga.batches`` batches (`jlora.core.update.probes.weight_gradients`), then their SVD."""
+    cfg = run.model.lora
+    modules = tuple(dict.fromkeys(split_slice(p)[0] for p in cfg.module_paths(run.params)))
+    batches = itertools.islice(first_batches(run), cfg.lora_ga.batches)
+    grads = weight_gradients(run.model, run.params, batches, modules)
+    return lora_ga_init(key, cfg, run.params, grads)
 
 
 def init_key(seed: int) -> jax.Array:
@@ -202,7 +259,7 @@ def trainer_of(run: Run, variables: dict, mask: PyTree) -> Trainer:
     dropout keys of its adapter seed: a solo run's, and what the research scripts train (a full fine-tune, a
     member alone) through the same step."""
     cfg = run.cfg
-    optimizer = make_optimizer(cfg.optim, partition(variables, mask)[0])
+    optimizer = make_optimizer(cfg.optim, partition(variables, mask)[0], adalora=cfg.adalora)
     return Trainer(
         run,
         init_state(variables, mask, optimizer),
@@ -230,7 +287,15 @@ def checkpoint_meta(run: Run, step: int, identity: dict) -> dict:
         "tokenizer": tokenizer_source(run.cfg),
         "base_model": identity,
         "trainable": {"bias": run.cfg.trainable.bias, "modules_to_save": list(run.cfg.trainable.modules_to_save)},
+        **adalora_meta(run.cfg),
     }
+
+
+def adalora_meta(cfg: RunConfig) -> dict:
+    """An AdaLoRA run's schedule for its checkpoints (``total_step`` resolved), which PEFT's format records."""
+    if cfg.adalora is None:
+        return {}
+    return {"adalora": dataclasses.asdict(dataclasses.replace(cfg.adalora, total_step=cfg.adalora.steps(cfg.steps)))}
 
 
 def adapter_of(trainable: dict, start_leaves: dict | None = None, init: dict | None = None) -> dict:

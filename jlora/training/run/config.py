@@ -23,7 +23,8 @@ from typing import Any
 
 import yaml
 
-from jlora.core.lora.config import LoraConfig
+from jlora.core.lora.adalora import AdaLoraConfig
+from jlora.core.lora.config import QKV, LoraConfig
 from jlora.core.models.family import family_of
 from jlora.core.models.gpt2 import NUMERICS
 from jlora.core.update.optim import OptimConfig
@@ -139,12 +140,20 @@ class RunConfig:
     telemetry: int | None = None  # every this many steps, the spectrum of each adapter's dW (None: off)
     eval: EvalConfig = EvalConfig()
     mesh: MeshConfig = MeshConfig()  # the devices: data parallel, and the base sharded (FSDP) over mesh.fsdp
+    adalora: AdaLoraConfig | None = None  # AdaLoRA (PEFT's keys): the adapters become its SVD-shaped ones at
+    # rank init_r (lora.init: adalora), pruned to target_r on average while they train
 
     def __post_init__(self):
         if self.steps <= 0:
             raise ConfigError(f"steps must be > 0, got {self.steps}")
         if self.optim.total_steps != self.steps:  # the schedule's length is the run's
             object.__setattr__(self, "optim", dataclasses.replace(self.optim, total_steps=self.steps))
+        if self.adalora is not None:  # the adapters' rank and form are AdaLoRA's (PEFT ignores r too)
+            try:
+                lora = self.lora.replace(r=self.adalora.init_r, init="adalora")
+            except ConfigError as e:
+                raise ConfigError(f"lora: {e}") from None
+            object.__setattr__(self, "lora", lora)
 
     def to_dict(self) -> dict:
         plain = _to_plain(self)
@@ -276,6 +285,8 @@ def _check_values(cfg: RunConfig) -> None:
             lora.module_paths(shapes)  # a target the model lacks: one line now
     if cfg.mesh.fsdp < 1:
         raise ConfigError(f"mesh.fsdp must be >= 1 (1: every device holds the whole base), got {cfg.mesh.fsdp}")
+    _check_init(cfg)
+    _check_adalora(cfg)
     if cfg.telemetry is not None and cfg.telemetry <= 0:
         raise ConfigError(f"telemetry must be > 0 (every N steps) or null, got {cfg.telemetry}")
     forgetting = cfg.eval.forgetting
@@ -287,11 +298,57 @@ def _check_values(cfg: RunConfig) -> None:
         if cfg.lora.use_dora or cfg.lora.changes_base:
             variant = "lora.use_dora" if cfg.lora.use_dora else f"lora.init={cfg.lora.init}"
             raise ConfigError(f"{variant} is not available in a population (its members share one unchanged base)")
+        if cfg.lora.from_data:
+            raise ConfigError(
+                f"lora.init={cfg.lora.init} is not available in a population (its members are made from a seed); "
+                "train it alone, or give a member its rank_pattern"
+            )
         population_members(cfg)  # its errors now, before anything is loaded
     if cfg.search is not None:
         cfg.search.check(cfg)
     if cfg.model.name == "random":
         check_length(random_model_config(cfg, vocab_size=257), cfg.seq_len)
+
+
+def _check_init(cfg: RunConfig) -> None:
+    """What the inits that read the data cannot take, in one line (`jlora.core.lora.config.FROM_DATA`)."""
+    lora = cfg.lora
+    if lora.init == "lora_ga":
+        if cfg.model.param_dtype != "float32":
+            raise ConfigError(
+                f"lora.init=lora_ga needs float32 base weights (model.param_dtype=float32, got "
+                f"{cfg.model.param_dtype}): the residual W - s B A would lose the adjustment in a 16-bit weight"
+            )
+        if lora.use_dora:
+            raise ConfigError("lora.init=lora_ga with lora.use_dora is not supported")
+    if lora.init == "eva" and lora.use_dora:
+        raise ConfigError("lora.init=eva with lora.use_dora is not supported")
+    if cfg.init_from and lora.from_data:
+        raise ConfigError(f"init_from gives the adapters; it cannot be combined with lora.init={lora.init}")
+
+
+def _check_adalora(cfg: RunConfig) -> None:
+    """What AdaLoRA cannot be combined with, in one line (its schedule's own checks: `AdaLoraConfig.steps`)."""
+    lora = cfg.lora
+    if cfg.adalora is None:
+        if lora.init == "adalora":
+            raise ConfigError("lora.init=adalora needs an adalora: section (init_r, target_r, tinit, tfinal, ...)")
+        return
+    cfg.adalora.steps(cfg.steps)
+    others = {
+        "lora.use_dora": lora.use_dora,
+        "lora.rslora": lora.rslora,
+        "lora.rank_pattern": bool(lora.rank_pattern),
+        "lora.alpha_pattern": bool(lora.alpha_pattern),
+        "population": cfg.population is not None,
+        "telemetry": cfg.telemetry is not None,
+        "init_from": bool(cfg.init_from),
+    }
+    for key, given in others.items():
+        if given:
+            raise ConfigError(f"adalora: cannot be combined with {key} (AdaLoRA sets each module's rank and scale)")
+    if any(t.rsplit(".", 1)[-1] in QKV for t in lora.target_modules):
+        raise ConfigError("adalora: adapts whole modules (PEFT's SVD layers), not q/k/v slices; target c_attn")
 
 
 def random_model_config(cfg: RunConfig, vocab_size: int, **numerics) -> Any:

@@ -90,7 +90,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, until: 
     if cfg.batch_size % n_devices:
         raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {n_devices} devices")
     identity = ckpt.base_identity(run.base_name, run.params)  # the original base, also under PiSSA / OLoRA
-    init = ckpt.find_init(run_dir) if cfg.lora.changes_base else None  # PiSSA / OLoRA: the residual it trained on
+    # PiSSA / OLoRA / LoRA-GA: the residual it trained on; EVA: its ranks (neither reads a batch again)
+    init = ckpt.find_init(run_dir) if cfg.lora.changes_base or cfg.lora.from_data else None
     trainer = population_trainer(run) if cfg.population else solo_trainer(run, init)
     run, members = trainer.run, trainer.members
     placement_of(cfg, trainer).tree_shardings(run.params)  # a base weight fsdp cannot split: one line, now
