@@ -10,7 +10,7 @@ The package is layered; a layer imports only the layers below it (tests/test_lay
     jlora.research     diagnose, experiments, planted rank, plots       (training, exchange, core)
     jlora.training     the run behind `jlora train`: data, loop, hooks, checkpoints, metrics
     jlora.exchange     Hugging Face checkpoints, PEFT folders, merged export            (core)
-    jlora.core         LoRA config and tree, GPT-2, merge, SVD, optimizer, train step, decoding
+    jlora.core         the adapter value, GPT-2 and Llama families, merge, SVD, update, algebra, decoding
     jlora.tree, jlora.errors    path helpers and the error hierarchy          (nothing of jlora)
 
 The names below are the public surface, grouped as the package is: the model and its

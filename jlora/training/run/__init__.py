@@ -9,10 +9,12 @@
     hooks.py        the metrics log (jsonl, TensorBoard, progress bar), telemetry
     evaluate.py     validation loss, perplexity, exact match (with a progress callback), forgetting
     interrupt.py    SIGINT / SIGTERM as stop requests (shared by every process of a run)
-    train.py        train(cfg, run_dir): the pieces above, resumable
+    session.py      a run in progress: the stage training its live members, its records, its hooks
+                    (log, evaluation, rung, telemetry, checkpoint, progress) as named methods
+    train.py        train(cfg, run_dir): the run built once, a Session resumed and looped
 
-    load_run_config ─> build_run ─> solo_trainer | population_trainer ─> train_steps ─> run_hooks
-                                                          (a search: search_steps)   (log, evaluate, rung, checkpoint)
+    load_run_config ─> build_run ─> solo_trainer | population_trainer ─> Session ─> run_hooks(steps, hooks)
+                                                 (a search: search_steps)  (log, evaluation, rung, checkpoint)
 
 Reads batches from `jlora.training.data` and writes through `jlora.training.records`.
 """

@@ -4,6 +4,7 @@
     mean_loss(eval_step, variables, val_data, batch_size=8, feed=lambda b: shape_batch(b, layout))
     exact_match(greedy_predictor(model), variables, val_data, n=64, batch_size=8, layout=layout)
     make_forgetting(trainer, ...)(state)                    # loss, base loss, KL(base || adapted) on held-out text
+    make_evaluator(trainer, eval_step, layout=layout)(state)  # all of them, as a run's evaluation hook computes them
 
 A population's eval step and predictor (`jlora.core.update.population`) give each figure as a (K,)
 array, one per member, through the same functions. `mean_loss` and `exact_match` take
@@ -31,7 +32,7 @@ from jlora.core.models.gpt2 import GPT2
 from jlora.core.update.loss import loss_argmax
 from jlora.core.update.mesh import Placement, fetch, mesh_placement, put
 from jlora.core.update.optim import combine, partition
-from jlora.core.update.step import EvalStep, compile_eval, host_inputs, step_inputs
+from jlora.core.update.step import EvalStep, TrainState, compile_eval, host_inputs, step_inputs
 from jlora.training.data.batching import Layout, shape_batch
 from jlora.training.data.rows import TokenizedData, eval_batches
 
@@ -217,3 +218,59 @@ def make_forgetting(trainer, feed: Callable[[dict], dict], *, placement: Placeme
         return dict(zip(("forget_loss", "forget_base_loss", "forget_kl"), means, strict=True))
 
     return forgetting
+
+
+def make_evaluator(trainer, eval_step: EvalStep, *, layout: Layout, progress: bool = False):
+    """``evaluate(state) -> {"val_loss", "val_ppl"[, "exact_match"][, "forget_*"]}``: floats, or (K,)
+    arrays for a population; {} without validation or forgetting data.
+
+    Batches are shaped by `layout` and placed on the eval step's mesh; forgetting's text is never packed
+    (its forward passes read plain rows). With `progress`, a bar counts the evaluation's batches (and is
+    cleared when it ends).
+    """
+    from tqdm.auto import tqdm
+
+    run = trainer.run
+    cfg, placement = run.cfg, eval_step.placement
+    predict = greedy_predictor(run.model, trainer.axes, placement=placement)
+    feed = lambda batch: shape_batch(batch, layout)  # noqa: E731
+    forgetting = None
+    if run.forgetting is not None:
+        rows = dataclasses.replace(layout, pack=False)
+        forgetting = make_forgetting(trainer, lambda batch: shape_batch(batch, rows), placement=placement)
+
+    def evaluate(state: TrainState) -> dict:
+        total = 0
+        if run.val is not None:
+            total += n_batches(len(run.val), cfg.batch_size, cfg.eval_batches)
+            total += n_batches(min(cfg.exact_match, len(run.val)), cfg.batch_size)
+        if forgetting is not None:
+            total += n_batches(len(run.forgetting), cfg.batch_size, cfg.eval_batches)
+        out = {}
+        with tqdm(total=total, desc="evaluating", unit="batch", leave=False, disable=not progress) as bar:
+            if run.val is not None:
+                loss = mean_loss(
+                    eval_step,
+                    state,
+                    run.val,
+                    cfg.batch_size,
+                    max_batches=cfg.eval_batches,
+                    feed=feed,
+                    progress=bar.update,
+                )
+                out.update(loss_and_perplexity(loss))
+                if cfg.exact_match:
+                    out["exact_match"] = exact_match(
+                        predict,
+                        state.variables,
+                        run.val,
+                        cfg.exact_match,
+                        cfg.batch_size,
+                        layout=layout,
+                        progress=bar.update,
+                    )
+            if forgetting is not None:
+                out.update(forgetting(state, progress=bar.update))
+        return out
+
+    return evaluate

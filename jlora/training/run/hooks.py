@@ -2,8 +2,8 @@
 
     MetricsLog   each update's metrics, fetched in windows: metrics.jsonl, TensorBoard, progress bar
     Telemetry    every N updates, the spectrum of each adapter's dW and its drift (jlora.core.analysis.telemetry)
-    evaluation   validation loss, perplexity and exact match            (a closure built in `train`)
-    checkpoint   the adapter and optimizer state, with the run's meta  (a closure built in `train`)
+    evaluation   validation loss, perplexity and exact match            (`Session.evaluation`)
+    checkpoint   the adapter and optimizer state, with the run's meta  (`Session.checkpoint`)
 
 A population's step gives every metric with a member axis (K,); `member_rows` turns such values
 into one row per member, each with its ``member`` index (its place in the run's population, which a
