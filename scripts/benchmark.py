@@ -31,7 +31,9 @@ The systems: ``jlora`` (the config's batch layout), PEFT in float32 (``peft``) a
 ``torch.autocast(bfloat16)`` (``peft-bf16``: what a PEFT user with a recent Xeon or a GPU may pick;
 reported, not a target), chosen with ``--peft``; ``--variant NAME:KEY=VALUE,...`` adds jlora workers
 with other config values (``--variant b16:data.buckets=16 --variant packed:data.pack=true`` measures
-the batch layouts against each other in the same rounds).
+the batch layouts against each other in the same rounds). ``--against NAME=PATH`` adds jlora as another
+checkout has it (``git worktree add /tmp/old <commit>``; its own benchmark worker, on its own code),
+stepped in the same rounds: how a change moved the step's speed.
 
 Useful FLOPs of a step, counted by hand (n useful tokens, m loss positions, rows of length l_i,
 L layers, D width, V vocabulary, r rank; a multiply-add is 2 FLOPs)::
@@ -333,6 +335,18 @@ def parse_variants(specs: list[str]) -> dict[str, list[str]]:
     return out
 
 
+def parse_against(specs: list[str]) -> dict[str, Path]:
+    """``NAME=PATH`` -> {"jlora@NAME": the checkout at PATH} (one that holds scripts/benchmark.py)."""
+    out = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        checkout = Path(path).expanduser().resolve()
+        if not sep or not name or not (checkout / "scripts" / "benchmark.py").is_file():
+            raise ValueError(f"--against expects NAME=PATH to a jlora checkout, got {spec!r}")
+        out[f"jlora@{name}"] = checkout
+    return out
+
+
 def build(args):
     """The system this worker hosts (``--worker NAME``), built on the workload's batches."""
     batches = workload_batches(args)
@@ -372,10 +386,16 @@ def compare(args) -> dict:
     flops = [useful_flops(b, args) for b in batches]
     padded = sum(b["attention_mask"].shape[0] * (b["attention_mask"].sum(axis=1).max() + 1) for b in batches[1:])
     print(f"\n== {args.workload}: useful tokens per step {statistics.mean(tokens[1:]):.0f} | load {load_average():.2f}")
-    names = [*parse_variants(args.variant), *("peft-bf16" if d == "bfloat16" else "peft" for d in args.peft)]
+    against = parse_against(args.against)
+    names = [*parse_variants(args.variant), *against, *("peft-bf16" if d == "bfloat16" else "peft" for d in args.peft)]
     workers = {}
     for name in names:  # one at a time: no two compile together
-        workers[name] = Worker(__file__, name, argv)
+        if name in against:  # the other checkout's worker: its script, its package, the same settings
+            checkout = against[name]
+            env = {"PYTHONPATH": str(checkout)}
+            workers[name] = Worker(str(checkout / "scripts" / "benchmark.py"), "jlora", argv, env=env)
+        else:
+            workers[name] = Worker(__file__, name, argv)
         info = workers[name].info
         built = f"{info['shapes']} step shapes compiled in {info['compile_s']:.1f} s" if "shapes" in info else "built"
         print(f"{name} ready in {workers[name].ready_s:.0f} s: {built} ({info['dtype']}) | load {load_average():.2f}")
@@ -440,6 +460,7 @@ def main(argv=None) -> int:
         help="PEFT's rows: float32, bfloat16 (autocast), both (default) or '' for none",
     )
     parser.add_argument("--variant", action="append", default=[], help="NAME:KEY=VALUE,... another jlora worker")
+    parser.add_argument("--against", action="append", default=[], help="NAME=PATH: jlora from another checkout too")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--quick", action="store_true", help="a 1-layer, 32-wide model, one round (a check)")
     parser.add_argument("--model", help="a real model: a Hugging Face folder, a GGUF file or smollm2 (default: random)")
@@ -451,6 +472,7 @@ def main(argv=None) -> int:
         parser.error(f"--peft takes float32 and/or bfloat16, got {','.join(args.peft)}")
     try:
         parse_variants(args.variant)
+        parse_against(args.against)
     except ValueError as e:
         parser.error(str(e))
     if args.model:
