@@ -44,7 +44,7 @@ def save_merged(
     tokenizer: Any = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write the adapted model as a Hugging Face GPT-2 checkpoint.
+    """Write the adapted model as a Hugging Face checkpoint of its family (GPT-2, Llama, ...).
 
     Args:
       out_dir: the folder to create (an existing non-empty one needs `overwrite`).
