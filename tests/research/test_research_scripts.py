@@ -225,7 +225,7 @@ def test_data_size_sweep(quick):
     [
         ("intrinsic_dimension", ["--dims", "16,x"], "--dims: '16,x' is not a comma-separated list of positive ints"),
         ("intrinsic_dimension", ["--planted", "0,4"], "--planted: '0,4' is not"),
-        ("intrinsic_dimension", ["--lr=-1e-3"], "--lr: '-1e-3' is not a comma-separated list of positive, finite floats"),
+        ("intrinsic_dimension", ["--lr=-1e-3"], "--lr: '-1e-3' is not a comma-separated list of positive, finite"),
         ("data_size_sweep", ["--sizes", "100,"], "--sizes: '100,' is not"),
         ("data_size_sweep", ["--ranks", "two"], "--ranks: 'two' is not"),
     ],
