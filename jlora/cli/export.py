@@ -48,7 +48,7 @@ def export_command(args: Any) -> int:
     name, source = artifact.base, artifact.tokenizer  # the run's tokenizer: "bytes", the base's (its name) or another
     about = f"{run_dir} (step {artifact.step}, base {name})"
     if args.peft:
-        export_peft(Path(args.peft), artifact, adapter, load_tokenizer(source), as_lora=getattr(args, "as_lora", False))
+        export_peft(Path(args.peft), artifact, adapter, load_tokenizer(source), as_lora=args.as_lora)
         print(f"PEFT adapter of {about} -> {args.peft}")
         if name == "random":
             base = Path(args.peft) / "base"
